@@ -1,0 +1,87 @@
+"""Value types shared by the policy core, the proxy, approvals and telemetry."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class Action(StrEnum):
+    """What a rule (or the default) says about a destination."""
+
+    ALLOW = "allow"
+    DENY = "deny"
+    APPROVAL = "approval"
+
+
+class Reason(StrEnum):
+    """Why a decision was taken. A closed set: it is a log field and a metric label.
+
+    Denials the agent sees use the contract's reasons; the extra members cover the
+    outcomes the contract leaves open and are documented in the README.
+    """
+
+    RULE = "rule"                        # a rule decided (allow or deny)
+    DEFAULT = "default"                  # no rule matched: default_action
+    PRIVATE_ADDRESS = "private_address"  # literal or resolved address in a blocked class
+    SNI_MISMATCH = "sni_mismatch"        # ClientHello SNI differs from the CONNECT authority / missing / not TLS
+    HOST_MISMATCH = "host_mismatch"      # Host header or inner request target differs from the authority
+    APPROVAL_DENIED = "approval_denied"  # a person (or a deny grant) said no
+    APPROVAL_TIMEOUT = "approval_timeout"
+    APPROVAL_PENDING = "approval_pending"  # hold: false, answered at once
+    BAD_REQUEST = "bad_request"          # unparsable host, bad port, malformed request
+    APPROVED = "approved"                # allowed by a human decision or a live grant
+    INSPECT = "inspect"                  # CONNECT opened for inspection; each inner request is decided
+    PROXY_AUTH = "proxy_auth"            # 407: credentials missing or wrong for a client that needs them
+    CLIENT_CLOSED = "client_closed"      # the client hung up while its request was held
+    INTERNAL_ERROR = "internal_error"    # fail closed on any internal error on the decision path
+    UPSTREAM_ERROR = "upstream_error"    # allowed, but the upstream failed (502, decision stays allow)
+
+
+@dataclass(frozen=True, slots=True)
+class RuleRef:
+    """A rule as named in decisions and events: name, file and line (1-based)."""
+
+    name: str
+    action: Action
+    file: str
+    line: int
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    """What is being decided. `host` is already normalised (see hosts.normalize_host).
+
+    `method`/`path` are None for a CONNECT decided on its authority alone (a tunnel);
+    `addresses` are the resolved (or literal) IPs, canonical text, empty when unknown
+    (e.g. `portcullis check`, which does no DNS).
+    """
+
+    host: str
+    port: int
+    scheme: str | None = None
+    method: str | None = None
+    path: str | None = None
+    client_address: str | None = None
+    client_user: str | None = None
+    addresses: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The policy's answer. `rule` decided; `matched` are every other rule that matched.
+
+    `action` may be APPROVAL: the proxy then asks the approvals service, which turns it
+    into allow or deny. `client_name` is the matched client group (first in config order).
+    """
+
+    action: Action
+    reason: Reason
+    rule: RuleRef | None = None
+    matched: tuple[RuleRef, ...] = ()
+    client_name: str | None = None
+    private_class: str | None = None  # which private class refused it, when reason is private_address
+    inspect: bool = False             # a CONNECT whose host has method/path rules (or tls.inspect: always)
+    raw_tcp: bool = False             # the deciding allow rule permits non-TLS bytes in the tunnel
+    detail: str | None = None         # one human sentence, for check/explain and denial messages
+    extra: dict[str, str] = field(default_factory=dict)

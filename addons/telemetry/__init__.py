@@ -1,0 +1,1 @@
+"""Telemetry: the event stream (JSON lines, OCSF, OpenTelemetry) and Prometheus metrics."""

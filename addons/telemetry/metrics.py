@@ -1,0 +1,49 @@
+"""Every Prometheus metric Portcullis exports, in one place. Labels are bounded sets only:
+never a host, URL, client address or id."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+PREFIX = "portcullis_"
+
+
+class Metrics:
+    """One registry per process (and per test): no global state, no duplicate registration."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            PREFIX + "requests", "Egress decisions by verdict and reason.",
+            ["decision", "reason", "enforced"], registry=r,
+        )
+        self.decision_seconds = Histogram(
+            PREFIX + "decision_duration_seconds", "Time to decide (DNS included, approval waits excluded).",
+            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 5.0),
+            registry=r,
+        )
+        self.approvals_pending = Gauge(PREFIX + "approvals_pending", "Approvals waiting for a person.", registry=r)
+        self.approval_requests = Counter(
+            PREFIX + "approval_requests", "Approvals opened, by outcome.",
+            ["outcome"], registry=r,
+        )
+        self.approval_wait_seconds = Histogram(
+            PREFIX + "approval_wait_seconds", "How long requests waited for a person, by outcome.",
+            ["outcome"], buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600), registry=r,
+        )
+        self.webhook_deliveries = Counter(
+            PREFIX + "webhook_deliveries", "Webhook delivery attempts by result.",
+            ["result"], registry=r,
+        )
+        self.rule_reloads = Counter(
+            PREFIX + "rule_reloads", "Rule reloads by result.", ["result"], registry=r,
+        )
+        self.rules_loaded = Gauge(PREFIX + "rules_loaded", "Rules in the policy in force.", registry=r)
+        self.events_dropped = Counter(
+            PREFIX + "events_dropped", "Events that could not be written to a sink.", ["sink"], registry=r,
+        )
+        self.tunnels_open = Gauge(PREFIX + "tunnels_open", "CONNECT tunnels currently open.", registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
