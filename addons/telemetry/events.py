@@ -1,28 +1,48 @@
-"""The event stream: one structured event per decision and per lifecycle fact.
-
-MINIMAL FIRST VERSION (lead): the public API below is the contract the proxy and the
-approvals service call. The telemetry work fills in structlog rendering, OCSF, OTLP, the
-file sink with reopen, and fail-closed/open handling behind the same methods.
-"""
+"""The event stream: one structured event per decision and per lifecycle fact, built with structlog."""
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import json
 import sys
-from dataclasses import asdict
+import threading
+from collections.abc import Callable, Mapping, MutableMapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
+import structlog
+
 from addons.policy.config import TelemetryConfig
+from addons.policy.model import Reason
+from addons.telemetry.fields import clean, escape_all, nest, strip_query
 from addons.telemetry.metrics import Metrics
+from addons.telemetry.otel import OtelBridge
 from addons.telemetry.record import DecisionRecord
+from addons.telemetry.sinks import FileSink, StreamSink
 
 SCHEMA = "portcullis.event/v1"
+EVENT_TYPES = (
+    "egress.decision", "tunnel.closed", "approval.requested", "approval.decided",
+    "rules.reloaded", "rules.reload_failed", "webhook.failed", "proxy.started", "proxy.stopped",
+)
+# Metric label values are clamped to these bounded sets: a caller can never put a host in a label.
+DECISIONS = frozenset({"allow", "deny"})
+REASONS = frozenset(r.value for r in Reason)
+_ENVELOPE = ("schema", "timestamp", "event")
+_WARN_EVENTS = frozenset({"rules.reload_failed", "webhook.failed"})
+
+Processor = Callable[[Any, str, MutableMapping[str, Any]], Any]
 
 
 class Telemetry:
-    """Emits events and owns the metrics. One instance per running proxy."""
+    """Emits events and owns the metrics. One instance per running proxy.
+
+    Nothing raised while building, rendering or writing an event ever reaches the caller:
+    it is counted in `portcullis_events_dropped_total{sink}`; with `on_write_error: closed`
+    `healthy()` turns False until a write succeeds again, and the proxy denies meanwhile.
+    """
 
     def __init__(
         self,
@@ -30,36 +50,228 @@ class Telemetry:
         base_dir: Path | None = None,
         metrics: Metrics | None = None,
         stream: TextIO | None = None,
+        *,
+        otel: OtelBridge | None = None,
     ) -> None:
+        """`otel` overrides the OTLP exporter built from OTEL_* (tests pass an in-memory one)."""
         self.config = config or TelemetryConfig()
         self.base_dir = base_dir or Path.cwd()
         self.metrics = metrics or Metrics()
         self.stream = stream if stream is not None else sys.stdout
+        log = self.config.log
+        self._fail_closed = log.on_write_error == "closed"
+        self._format = log.format
+        self._lock = threading.RLock()   # the approvals service may emit from a worker thread
+        self._ok = True
+        self._closed = False
+        self._stdout = StreamSink(self.stream)
+        self._file: FileSink | None = None
+        if log.file:
+            path = Path(log.file)
+            self._file = FileSink(path if path.is_absolute() else self.base_dir / path)
+        self._to_ocsf: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+        if self._format == "ocsf":
+            from addons.telemetry.ocsf import to_ocsf
+            self._to_ocsf = to_ocsf
+        self._console: Processor | None = None
+        if self._format == "console" and _isatty(self.stream):
+            self._console = structlog.dev.ConsoleRenderer(colors=True)
+        self._json = structlog.processors.JSONRenderer(
+            serializer=json.dumps, ensure_ascii=True, separators=(",", ":"), default=str,
+        )
+        self.otel = otel
+        if self.otel is None and self.config.otlp:
+            self.otel = OtelBridge.from_env(on_error=self._otel_dropped)
+        processors: list[Processor] = [_envelope]
+        if self.otel is not None:
+            processors.append(self.otel)
+        processors.append(_to_doc)
+        # A private BoundLogger: no global structlog configuration, which other code may own.
+        self._log = structlog.BoundLogger(_Dispatch(self._write), processors, {})
+
+    # ---- public API -------------------------------------------------------------------
 
     def decision(self, rec: DecisionRecord) -> None:
         """Exactly one `egress.decision` event and the request metrics for one decision."""
-        self.metrics.requests.labels(rec.decision, rec.reason, str(rec.enforced).lower()).inc()
-        if rec.latency_s is not None:
-            self.metrics.decision_seconds.observe(rec.latency_s)
-        fields = asdict(rec)
+        try:
+            decision = rec.decision if rec.decision in DECISIONS else "other"
+            reason = rec.reason if rec.reason in REASONS else "other"
+            self.metrics.requests.labels(decision, reason, str(bool(rec.enforced)).lower()).inc()
+            if rec.latency_s is not None:
+                self.metrics.decision_seconds.observe(rec.latency_s)
+        except Exception:  # noqa: BLE001 - metrics must never break the decision path
+            self._dropped("metrics")
+        try:
+            fields = decision_fields(rec)
+        except Exception:  # noqa: BLE001
+            self._dropped("render")
+            return
         self.emit("egress.decision", **fields)
 
     def emit(self, event: str, **fields: Any) -> None:
-        """Any event: adds schema, timestamp and event name; writes one line."""
-        doc = {"schema": SCHEMA, "timestamp": _now(), "event": event, **fields}
-        self.stream.write(json.dumps(doc, separators=(",", ":"), default=str) + "\n")
-        self.stream.flush()
+        """Any event: adds schema, timestamp and event name; writes one line per sink.
+
+        Fields may be nested dicts (`client={"address": ...}`) or dotted keys
+        (`**{"client.address": ...}`); both are written as nested objects.
+        """
+        try:
+            level = _level(event, fields)
+            with self._lock:
+                getattr(self._log, level)(event, **fields)
+        except Exception:  # noqa: BLE001 - an event that cannot be built is counted, never raised
+            self._dropped("render")
 
     def healthy(self) -> bool:
         """False when events cannot be written and the sink is set to fail closed."""
-        return True
+        return self._ok or not self._fail_closed
 
     def reopen(self) -> None:
         """Reopen file sinks (SIGHUP, log rotation)."""
+        with self._lock:
+            if self._file is not None:
+                self._file.reopen()
 
     def close(self) -> None:
-        """Flush and close every sink (after proxy.stopped)."""
+        """Flush and close every sink (after proxy.stopped); flushes the OTLP exporter."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            if self.otel is not None:
+                self.otel.shutdown()
+            self._stdout.close()
+            if self._file is not None:
+                self._file.close()
+
+    # ---- internals --------------------------------------------------------------------
+
+    def _write(self, doc: dict[str, Any]) -> None:
+        out = self._to_ocsf(doc) if self._to_ocsf is not None else doc
+        line = str(self._json(None, "info", dict(out)))
+        ok = True
+        sinks: list[StreamSink | FileSink] = [self._stdout]
+        if self._file is not None:
+            sinks.append(self._file)
+        for sink in sinks:
+            try:
+                if sink is self._stdout and self._console is not None:
+                    sink.write(str(self._console(None, "info", escape_all(_flat(doc)))))
+                else:
+                    sink.write(line)
+            except Exception:  # noqa: BLE001 - OSError, closed stream, encoding: all the same to us
+                ok = False
+                self._dropped(sink.name)
+        self._ok = ok
+
+    def _dropped(self, sink: str) -> None:
+        with contextlib.suppress(Exception):  # the counter is the last resort
+            self.metrics.events_dropped.labels(sink).inc()
+        if sink in ("stdout", "file", "render"):
+            self._ok = False
+
+    def _otel_dropped(self) -> None:
+        self._dropped("otlp")
 
 
-def _now() -> str:
+class _Dispatch:
+    """The structlog 'logger': receives the finished event dict and hands it to the sinks."""
+
+    def __init__(self, write: Callable[[dict[str, Any]], None]) -> None:
+        self._write = write
+
+    def _call(self, doc: dict[str, Any]) -> None:
+        self._write(doc)
+
+    info = warning = error = msg = _call
+
+
+def _envelope(_logger: Any, _method: str, ed: MutableMapping[str, Any]) -> dict[str, Any]:
+    """schema, timestamp, event first; then the caller's fields, nested and cleaned."""
+    event = str(ed.pop("event", ""))
+    for key in _ENVELOPE:
+        ed.pop(key, None)
+    body = clean(nest(ed))
+    return {"schema": SCHEMA, "timestamp": now_rfc3339(), "event": clean(event), **body}
+
+
+def _to_doc(_logger: Any, _method: str, ed: MutableMapping[str, Any]) -> tuple[tuple[()], dict[str, Any]]:
+    return (), {"doc": dict(ed)}
+
+
+def _level(event: str, fields: Mapping[str, Any]) -> str:
+    if fields.get("reason") == Reason.INTERNAL_ERROR:
+        return "error"
+    if event in _WARN_EVENTS or fields.get("decision") == "deny":
+        return "warning"
+    return "info"
+
+
+def decision_fields(rec: DecisionRecord) -> dict[str, Any]:
+    """The `egress.decision` fields of one DecisionRecord (nested, in schema order)."""
+    return {
+        "decision": rec.decision,
+        "reason": rec.reason,
+        "enforced": rec.enforced,
+        "rule": rec.rule,
+        "rule_file": rec.rule_file,
+        "rule_line": rec.rule_line,
+        "matched_rules": list(rec.matched_rules),
+        "client": {"address": rec.client_address, "port": rec.client_port,
+                   "name": rec.client_name, "user": rec.client_user},
+        "destination": {"host": rec.host, "port": rec.port, "ip": rec.ip,
+                        "registered_domain": registered_domain(rec.host)},
+        "request": {"scheme": rec.scheme, "method": rec.method,
+                    "path": strip_query(rec.path) if rec.path is not None else None},
+        "approval_id": rec.approval_id,
+        "flow_id": rec.flow_id,
+        "layer": rec.layer,
+        "status": rec.status,
+        "latency_ms": _ms(rec.latency_s),
+        "approval_wait_ms": _ms(rec.approval_wait_s),
+        "detail": rec.detail,
+    }
+
+
+_rd_func: Callable[[str], str | None] | None = None
+
+
+def registered_domain(host: str) -> str | None:
+    """The registrable domain (policy.hosts, offline PSL); None for IP literals or when unknown."""
+    global _rd_func
+    if _rd_func is None:
+        try:
+            mod = importlib.import_module("addons.policy.hosts")
+            _rd_func = mod.registered_domain
+        except (ImportError, AttributeError):
+            return None  # the policy module is not there yet: retry on the next event
+    try:
+        rd = _rd_func(host)
+    except Exception:  # noqa: BLE001 - an odd host never breaks an event
+        return None
+    return str(rd) if rd else None
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000.0, 3)
+
+
+def _flat(doc: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Dotted keys for the console renderer (one `key=value` per fact)."""
+    out: dict[str, Any] = {}
+    for k, v in doc.items():
+        if isinstance(v, Mapping):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _isatty(stream: TextIO) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
+def now_rfc3339() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
