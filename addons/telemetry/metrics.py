@@ -23,7 +23,9 @@ class Metrics:
             buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 5.0),
             registry=r,
         )
-        self.approvals_pending = Gauge(PREFIX + "approvals_pending", "Approvals waiting for a person.", registry=r)
+        self.approvals_pending = Gauge(
+            PREFIX + "approvals_pending", "Approvals waiting for a person.", registry=r,
+        )
         self.approval_requests = Counter(
             PREFIX + "approval_requests", "Approvals opened, by outcome.",
             ["outcome"], registry=r,
