@@ -1,0 +1,1 @@
+"""Human approvals: hold and coalesce requests, store, webhooks, admin API, page, CLI."""
