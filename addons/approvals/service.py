@@ -231,7 +231,8 @@ class ApprovalService:
         self.store.insert(a)
         live = self._track(a, asyncio.get_running_loop())
         self._gauge()
-        self.telemetry.emit("approval.requested", approval_id=a.id, **_event_fields(a), flow_id=req.flow_id)
+        self.telemetry.emit("approval.requested", approval_id=a.id, **_event_fields(a), flow_id=req.flow_id,
+                            decide_url=f"{self.admin_url}/approvals/{a.id}")
         assert self._sender is not None
         self._sender.send(a.id, self.payload(a), a.expires_at, lambda: self._is_pending(a.id))
         return live
@@ -364,7 +365,7 @@ class ApprovalService:
         self.telemetry.metrics.approval_requests.labels(v.reason.value).inc()
         self.telemetry.emit("approval.decided", approval_id=a.id, **_event_fields(a), decision=decision,
                             scope=scope, by=by, reason=text, outcome=v.reason.value,
-                            waited_s=round(now - a.created_at, 3))
+                            wait_s=round(max(0.0, now - a.created_at), 3))
 
     # Queries (admin API)
 

@@ -135,11 +135,12 @@ class WebhookSender:
 
     async def _deliver(self, ep: Endpoint, msg_id: str, approval_id: str, body: bytes,
                        expires_at: float, still_pending: Callable[[], bool]) -> None:
-        attempt, last = 0, ""
+        attempt, last, status = 0, "", None
         m = self.telemetry.metrics.webhook_deliveries
         while True:
             attempt += 1
             retry_after: float | None = None
+            status = None
             ts = int(self.clock())
             headers = {"content-type": "application/json", "webhook-id": msg_id,
                        "webhook-timestamp": str(ts), "webhook-signature": sign(ep.key, msg_id, ts, body),
@@ -154,7 +155,7 @@ class WebhookSender:
                     return
                 if status == 410:
                     m.labels("gone").inc()
-                    self._failed(ep, approval_id, attempt, last, "gone")
+                    self._failed(ep, approval_id, attempt, status, "endpoint answered 410 Gone", "gone")
                     return
                 if status in _THROTTLE:
                     retry_after = _retry_after(resp.headers.get("retry-after"))
@@ -166,16 +167,18 @@ class WebhookSender:
             if self.clock() + delay >= expires_at or not still_pending():
                 m.labels("failed").inc()
                 if still_pending():
-                    self._failed(ep, approval_id, attempt, last, "expired")
+                    self._failed(ep, approval_id, attempt, status, f"gave up at expiry; last: {last}",
+                                 "expired")
                 return
             m.labels("retry").inc()
             await asyncio.sleep(delay)
             if not still_pending():  # decided meanwhile: nobody needs the notification any more
                 return
 
-    def _failed(self, ep: Endpoint, approval_id: str, attempts: int, last: str, why: str) -> None:
-        self.telemetry.emit("webhook.failed", approval_id=approval_id, **{"webhook.url": redact_url(ep.url)},
-                            attempts=attempts, error=last, result=why)
+    def _failed(self, ep: Endpoint, approval_id: str, attempts: int, status: int | None, error: str,
+                why: str) -> None:
+        self.telemetry.emit("webhook.failed", approval_id=approval_id, url=redact_url(ep.url),
+                            attempt=attempts, status=status, error=error, final=True, result=why)
 
 
 def _retry_after(value: str | None) -> float | None:

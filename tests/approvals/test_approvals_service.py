@@ -1,0 +1,237 @@
+"""ApprovalService in-process: holding, coalescing, decisions, scopes, timeouts, hang-ups, restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from approvals_support import alive, request, wait_until
+from ruamel.yaml import YAML
+
+from addons.approvals.service import DecideError
+from addons.policy.config import RuleFile
+from addons.policy.model import Reason
+from addons.telemetry.validate import validate_event
+
+SPEC_PAYLOAD_KEYS = {"type", "id", "client", "host", "port", "scheme", "method", "path", "rule", "created_at",
+                     "expires_at", "decide_url"}
+
+
+def gauge(svc, name="portcullis_approvals_pending", **labels):
+    return svc.telemetry.metrics.registry.get_sample_value(name, labels or None) or 0.0
+
+
+async def test_200_concurrent_requests_share_one_approval_and_one_webhook(make_service, receiver, events):
+    """200 held requests for one client/host/port: one pending approval, one webhook, one event each."""
+    svc = await make_service(timeout=10, webhooks=[receiver.url])
+    tasks = [asyncio.create_task(svc.resolve(request(flow_id=f"f{i}"), alive)) for i in range(200)]
+    await wait_until(lambda: len(svc.store.pending()) == 1 and svc.waiters(svc.store.pending()[0]) == 200)
+    approval = svc.store.pending()[0]
+    await asyncio.wait_for(receiver.arrived.wait(), 5)
+    assert gauge(svc) == 1.0
+    await svc.decide(approval.id, "allow", "once", "alice", "build needs it")
+    outcomes = await asyncio.gather(*tasks)
+    assert {(o.allowed, o.reason, o.approval_id, o.scope, o.decided_by) for o in outcomes} == {
+        (True, Reason.APPROVED, approval.id, "once", "alice")}
+    assert len(receiver.deliveries()) == 1
+    hook = receiver.deliveries()[0]
+    assert hook["verified"]
+    assert set(hook["body"]) == SPEC_PAYLOAD_KEYS
+    assert hook["body"]["id"] == approval.id and hook["body"]["host"] == "unknown.example"
+    assert hook["body"]["decide_url"].endswith(f"/approvals/{approval.id}")
+    assert len(events.of("approval.requested")) == 1
+    decided = events.of("approval.decided")
+    assert len(decided) == 1
+    assert decided[0]["decision"] == "allow" and decided[0]["scope"] == "once" and decided[0]["by"] == "alice"
+    assert decided[0]["destination"]["host"] == "unknown.example"
+    for e in events.all():
+        validate_event(e)
+    assert gauge(svc) == 0.0
+    assert gauge(svc, "portcullis_approval_wait_seconds_count", outcome="approved") == 200
+
+
+async def test_different_ports_and_clients_get_separate_approvals(make_service):
+    svc = await make_service(hold=False)
+    a = await svc.resolve(request(port=443), alive)
+    b = await svc.resolve(request(port=8443), alive)
+    c = await svc.resolve(request(client="10.0.0.6"), alive)
+    d = await svc.resolve(request(port=443), alive)
+    assert len({a.approval_id, b.approval_id, c.approval_id}) == 3
+    assert d.approval_id == a.approval_id
+
+
+async def test_deny_once_releases_waiters_and_the_next_request_asks_again(make_service):
+    svc = await make_service(timeout=10)
+    task = asyncio.create_task(svc.resolve(request(), alive))
+    await wait_until(lambda: bool(svc.store.pending()))
+    first = svc.store.pending()[0]
+    await svc.decide(first.id, "deny", "once", "bob", None)
+    out = await task
+    assert (out.allowed, out.reason, out.approval_id) == (False, Reason.APPROVAL_DENIED, first.id)
+    again = asyncio.create_task(svc.resolve(request(), alive))
+    await wait_until(lambda: bool(svc.store.pending()))
+    assert svc.store.pending()[0].id != first.id
+    again.cancel()
+
+
+async def test_timeout_denies_and_a_late_decision_gets_410(make_service, events):
+    svc = await make_service(timeout=0.3)
+    out = await svc.resolve(request(), alive)
+    assert (out.allowed, out.reason) == (False, Reason.APPROVAL_TIMEOUT)
+    assert svc.store.get(out.approval_id).state == "expired"
+    with pytest.raises(DecideError) as e:
+        await svc.decide(out.approval_id, "allow", "once", "late", None)
+    assert e.value.status == 410
+    decided = events.of("approval.decided")
+    assert len(decided) == 1 and decided[0]["outcome"] == "approval_timeout"
+    assert gauge(svc) == 0.0
+
+
+async def test_expiry_without_waiters_is_swept(make_service, events):
+    """hold: false leaves nobody waiting; the approval still expires on time and is logged once."""
+    svc = await make_service(timeout=0.2, hold=False)
+    out = await svc.resolve(request(), alive)
+    await wait_until(lambda: svc.store.get(out.approval_id).state == "expired")
+    assert len(events.of("approval.decided")) == 1
+
+
+async def test_hold_false_answers_pending_then_an_approved_retry_passes_once(make_service):
+    svc = await make_service(hold=False, timeout=60)
+    first = await svc.resolve(request(), alive)
+    assert (first.allowed, first.reason) == (False, Reason.APPROVAL_PENDING)
+    assert first.retry_after is not None and 1 <= first.retry_after <= 30
+    again = await svc.resolve(request(), alive)
+    assert again.approval_id == first.approval_id and again.reason == Reason.APPROVAL_PENDING
+    await svc.decide(first.approval_id, "allow", "once", "carol", None)
+    retry = await svc.resolve(request(), alive)
+    assert (retry.allowed, retry.reason, retry.approval_id) == (True, Reason.APPROVED, first.approval_id)
+    assert retry.decided_by == "carol"
+    after = await svc.resolve(request(), alive)  # `once` is used up
+    assert after.reason == Reason.APPROVAL_PENDING and after.approval_id != first.approval_id
+
+
+async def test_session_grant_covers_that_client_host_port_until_it_expires(make_service):
+    svc = await make_service(hold=False, session_ttl=0.4)
+    pend = await svc.resolve(request(), alive)
+    await svc.decide(pend.approval_id, "allow", "session", "dan", "ok for now")
+    for _ in range(3):
+        out = await svc.resolve(request(), alive)
+        assert (out.allowed, out.reason, out.scope) == (True, Reason.APPROVED, "session")
+    assert (await svc.resolve(request(client="10.0.0.9"), alive)).reason == Reason.APPROVAL_PENDING
+    assert (await svc.resolve(request(port=80), alive)).reason == Reason.APPROVAL_PENDING
+    await asyncio.sleep(0.45)
+    expired = await svc.resolve(request(), alive)
+    assert expired.reason == Reason.APPROVAL_PENDING
+    svc._sweep()
+    assert svc.store.grants(0) == []  # the swept grant is gone from the file, not just ignored
+
+
+async def test_deny_for_session_refuses_at_once(make_service):
+    svc = await make_service(timeout=10)
+    task = asyncio.create_task(svc.resolve(request(), alive))
+    await wait_until(lambda: bool(svc.store.pending()))
+    await svc.decide(svc.store.pending()[0].id, "deny", "session", "eve", None)
+    assert (await task).reason == Reason.APPROVAL_DENIED
+    out = await svc.resolve(request(), alive)
+    assert (out.allowed, out.reason, out.scope) == (False, Reason.APPROVAL_DENIED, "session")
+    assert svc.store.pending() == []
+
+
+async def test_client_hang_up_frees_the_waiter(make_service):
+    """A client that goes away stops waiting within a poll or two, long before the timeout."""
+    svc = await make_service(timeout=30, poll=0.05)
+    state = {"alive": True}
+    task = asyncio.create_task(svc.resolve(request(), lambda: state["alive"]))
+    await wait_until(lambda: bool(svc.store.pending()) and svc.waiters(svc.store.pending()[0]) == 1)
+    t0 = time.monotonic()
+    state["alive"] = False
+    out = await asyncio.wait_for(task, 5)
+    assert out.reason == Reason.CLIENT_CLOSED and not out.allowed
+    assert time.monotonic() - t0 < 25  # freed, not held until the 30 s timeout
+    a = svc.store.pending()[0]
+    assert svc.waiters(a) == 0 and a.state == "pending"
+    # Nobody is held any more, so an `once` allow applies to the client's retry.
+    await svc.decide(a.id, "allow", "once", "fay", None)
+    assert (await svc.resolve(request(), alive)).allowed
+
+
+async def test_restart_keeps_pending_approvals_and_grants(make_service, tmp_path):
+    svc1 = await make_service(hold=False, timeout=60, session_ttl=600)
+    pend = await svc1.resolve(request(host="pending.example"), alive)
+    other = await svc1.resolve(request(host="session.example"), alive)
+    await svc1.decide(other.approval_id, "allow", "session", "gus", None)
+    await svc1.stop()
+
+    svc2 = await make_service(hold=True, timeout=60, session_ttl=600)
+    assert [a.id for a in svc2.store.pending()] == [pend.approval_id]
+    assert gauge(svc2) == 1.0
+    assert (await svc2.resolve(request(host="session.example"), alive)).allowed
+    await svc2.decide(pend.approval_id, "allow", "once", "hal", None)
+    retry = await svc2.resolve(request(host="pending.example"), alive)
+    assert (retry.allowed, retry.approval_id) == (True, pend.approval_id)
+
+
+async def test_restart_expires_approvals_that_ran_out_while_down(make_service, events):
+    svc1 = await make_service(hold=False, timeout=0.2)
+    pend = await svc1.resolve(request(), alive)
+    await svc1.stop()
+    await asyncio.sleep(0.25)
+    svc2 = await make_service(hold=False, timeout=0.2)
+    assert svc2.store.get(pend.approval_id).state == "expired"
+    with pytest.raises(DecideError) as e:
+        await svc2.decide(pend.approval_id, "allow", "once", None, None)
+    assert e.value.status == 410
+
+
+async def test_first_decision_wins(make_service):
+    svc = await make_service(hold=False)
+    pend = await svc.resolve(request(), alive)
+    results = await asyncio.gather(
+        svc.decide(pend.approval_id, "allow", "once", "a", None),
+        svc.decide(pend.approval_id, "deny", "session", "b", None), return_exceptions=True)
+    assert not isinstance(results[0], Exception)
+    assert isinstance(results[1], DecideError) and results[1].status == 409
+    assert results[1].approval.decision == "allow" and results[1].approval.decided_by == "a"
+    assert svc.store.get(pend.approval_id).state == "allowed"
+
+
+async def test_always_appends_a_valid_rule_with_who_when_why(make_service, tmp_path):
+    svc = await make_service(timeout=10)
+    task = asyncio.create_task(svc.resolve(request(host="api.example.org", port=8443, client_name="ci"),
+                                           alive))
+    await wait_until(lambda: bool(svc.store.pending()))
+    a = svc.store.pending()[0]
+    await svc.decide(a.id, "allow", "always", "ivy", "the build\nneeds it")
+    assert (await task).allowed
+    text = (tmp_path / "rules/approved.yaml").read_text()
+    assert "# approved by ivy at " in text and ": the build needs it" in text
+    doc = RuleFile.model_validate(YAML(typ="safe").load(text))
+    [rule] = doc.rules
+    assert (rule.action, rule.hosts, rule.ports) == ("allow", ["api.example.org"], [8443])
+    assert rule.clients == ["ci"]
+    assert a.id[4:12] in rule.name
+    # Until the reload picks the rule up, the client's retry passes on a short bridging grant.
+    assert (await svc.resolve(request(host="api.example.org", port=8443, client_name="ci"), alive)).allowed
+
+
+async def test_always_refuses_to_clobber_a_broken_rule_file(make_service, tmp_path):
+    svc = await make_service(hold=False)
+    path = tmp_path / "rules/approved.yaml"
+    path.parent.mkdir(parents=True)
+    broken = "rules:\n  - name: x\n   bad: [\n"
+    path.write_text(broken)
+    pend = await svc.resolve(request(), alive)
+    with pytest.raises(DecideError) as e:
+        await svc.decide(pend.approval_id, "allow", "always", "jo", None)
+    assert e.value.status == 500 and "not valid YAML" in e.value.message
+    assert path.read_text() == broken
+    assert svc.store.get(pend.approval_id).state == "pending"  # nothing was decided
+
+
+async def test_resolve_fails_closed_on_internal_error(make_service):
+    svc = await make_service()
+    svc.store._db.close()  # a broken store must deny, never allow or raise into the proxy
+    out = await svc.resolve(request(), alive)
+    assert (out.allowed, out.reason) == (False, Reason.INTERNAL_ERROR)
+    svc._store = None
