@@ -21,7 +21,7 @@ REFUSE = (5, "Refuse")
 CLOSE = (2, "Close")
 SEVERITY = {1: "Informational", 2: "Low", 3: "Medium", 4: "High"}
 STATUS = {0: "Unknown", 1: "Success", 2: "Failure"}
-ACTION = {1: "Allowed", 2: "Denied", 3: "Observed", 99: "Pending Approval"}
+ACTION = {1: "Allowed", 2: "Denied", 99: "Pending Approval"}
 DISPOSITION = {1: "Allowed", 2: "Blocked", 8: "Approved", 14: "Delayed", 15: "Detected", 25: "Rejected",
                27: "Error"}
 # Tunnel refusals seen before any HTTP layer exists (ClientHello SNI, non-TLS first bytes).
@@ -60,7 +60,7 @@ def outcome_ids(decision: str | None, reason: str | None, enforced: bool = True)
     if decision == "allow":
         return 1, 1, 1, 1
     if not enforced:
-        return 3, 15, 2, 1   # audit mode: the deny was observed and logged, the request went through
+        return 1, 15, 2, 1   # audit mode: the request went through; the would-be deny is "Detected"
     return 2, 2, 3, 2
 
 
@@ -68,7 +68,7 @@ def _decision(doc: dict[str, Any]) -> dict[str, Any]:
     ids = outcome_ids(doc.get("decision"), doc.get("reason"), bool(doc.get("enforced", True)))
     if doc.get("reason") in _NO_HTTP_REASONS and doc.get("layer") == "connect":
         return _network(doc, REFUSE, ids, f"Refused tunnel: {doc.get('reason')}")
-    verdict = {1: "Allowed", 2: "Blocked", 3: "Observed", 99: "Held"}[ids[0]]
+    verdict = "Audited" if ids[1] == 15 else {1: "Allowed", 2: "Blocked", 99: "Held"}[ids[0]]
     return _http(doc, ids, verdict)
 
 
