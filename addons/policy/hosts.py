@@ -1,0 +1,385 @@
+"""Host normalisation, IP literal canonicalisation, address classes and the host-pattern grammar."""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+import idna
+import tldextract
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class HostError(ValueError):
+    """A host name, IP literal or host pattern that cannot be used; the message says why."""
+
+
+# Offline public suffix list: never the module-level tldextract.extract (it fetches and caches).
+_PSL = tldextract.TLDExtract(
+    suffix_list_urls=(), cache_dir=None, fallback_to_snapshot=True, include_psl_private_domains=True
+)
+
+# Dots that IDNA (UTS 46) maps to '.'; we replace them first so labels split the same way everywhere.
+_UNICODE_DOTS = str.maketrans({"\u3002": ".", "\uff0e": ".", "\uff61": "."})
+# An ASCII label as we accept it. '_' is allowed: real hostnames carry it and browsers/curl accept it;
+# it is compared exactly, so it opens no bypass.
+_ASCII_LABEL = re.compile(r"^[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?$")
+_ASCII_HOST_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789.-_")
+_NUMERIC_PART = re.compile(r"^(?:0[xX][0-9a-fA-F]*|[0-9]+)$")
+
+
+# ---------------------------------------------------------------------------------------------
+# IP literals
+
+
+def _parse_ipv4_number(part: str) -> int:
+    """One part of an inet_aton-style IPv4 spelling: decimal, 0x hex or 0-led octal."""
+    if part[:2] in ("0x", "0X"):
+        return int(part[2:], 16) if len(part) > 2 else 0
+    if len(part) > 1 and part[0] == "0":
+        if not all(c in "01234567" for c in part):
+            raise HostError(f"bad octal number {part!r} in an IPv4 address")
+        return int(part, 8)
+    return int(part, 10)
+
+
+def _parse_ipv4(host: str) -> ipaddress.IPv4Address | None:
+    """The WHATWG URL IPv4 parser: None if the host is not meant as an IPv4 literal.
+
+    A host whose last label is numeric (decimal or 0x hex) is an IPv4 literal or an error,
+    never a name: `127.1`, `0x7f.1`, `0177.0.0.1`, `2130706433` are all 127.0.0.1, and
+    `1.2.3.4.5` or `1.2.3.256` are errors (a browser or curl would not resolve them as names).
+    """
+    parts = host.split(".")
+    if parts and parts[-1] == "" and len(parts) > 1:
+        parts.pop()
+    if not parts or not _NUMERIC_PART.match(parts[-1]):
+        return None
+    if len(parts) > 4:
+        raise HostError(f"{host!r} looks like an IPv4 address but has more than four parts")
+    if not all(_NUMERIC_PART.match(p) for p in parts):
+        raise HostError(f"{host!r} mixes numbers and names in an IPv4 address")
+    numbers = [_parse_ipv4_number(p) for p in parts]
+    if any(n > 255 for n in numbers[:-1]) or numbers[-1] >= 256 ** (5 - len(numbers)):
+        raise HostError(f"{host!r} is out of range for an IPv4 address")
+    value = numbers[-1]
+    for i, n in enumerate(numbers[:-1]):
+        value += n << (8 * (3 - i))
+    return ipaddress.IPv4Address(value)
+
+
+def _parse_ipv6(text: str) -> IPAddress:
+    """An IPv6 literal without brackets; a %zone (or URL-encoded %25zone) is dropped."""
+    if "%" in text:
+        text, _, zone = text.partition("%")
+        if not zone:
+            raise HostError("empty IPv6 zone id")
+    try:
+        addr = ipaddress.IPv6Address(text)
+    except ValueError as e:
+        raise HostError(f"bad IPv6 address {text!r}: {e}") from None
+    mapped = addr.ipv4_mapped
+    return mapped if mapped is not None else addr
+
+
+def parse_ip(raw: str) -> IPAddress | None:
+    """The canonical address of an IP literal in any accepted spelling, or None for a name."""
+    text = raw.strip()
+    if text.startswith("[") or text.endswith("]"):
+        if not (text.startswith("[") and text.endswith("]")):
+            raise HostError(f"unbalanced brackets in {raw!r}")
+        return _parse_ipv6(text[1:-1])
+    if ":" in text:
+        return _parse_ipv6(text)
+    return _parse_ipv4(text)
+
+
+# ---------------------------------------------------------------------------------------------
+# Names
+
+
+def _normalize_name(text: str) -> str:
+    """Lower case, trailing dot dropped, IDNA A-label (punycode) form; raises HostError."""
+    if not text.isascii():
+        text = text.translate(_UNICODE_DOTS)
+        try:
+            text = idna.uts46_remap(text, std3_rules=False, transitional=False)
+        except idna.IDNAError as e:
+            raise HostError(f"bad international name: {e}") from None
+    text = text.lower()
+    if text.endswith("."):
+        text = text[:-1]
+    if not text:
+        raise HostError("empty host")
+    if len(text) > 253:
+        raise HostError("host name longer than 253 characters")
+    labels = text.split(".")
+    out = []
+    for label in labels:
+        if not label:
+            raise HostError(f"empty label in {text!r}")
+        if label.isascii() and not label.startswith("xn--"):
+            if not _ASCII_LABEL.match(label):
+                raise HostError(f"bad label {label!r}: use letters, digits, '-' (not at the ends) and '_'")
+            out.append(label)
+            continue
+        try:
+            alabel = idna.alabel(label).decode("ascii") if not label.isascii() else label
+            idna.ulabel(alabel)  # round-trip checks a punycode label is well formed
+        except (idna.IDNAError, UnicodeError) as e:
+            raise HostError(f"bad international label {label!r}: {e}") from None
+        out.append(alabel)
+    result = ".".join(out)
+    if len(result) > 253:
+        raise HostError("host name longer than 253 characters")
+    return result
+
+
+@functools.lru_cache(maxsize=65536)
+def normalize_host(raw: str) -> str:
+    """The one comparable form of a host: canonical IP text, or a lower-case IDNA name.
+
+    IP literals come first, in every spelling (decimal, hex, octal, short forms, brackets,
+    IPv6 zone ids, IPv4-mapped IPv6 becomes IPv4); IPv6 is returned without brackets.
+    Names: lower case, one trailing dot dropped, unicode dots mapped, UTS 46 + punycode.
+    Raises HostError (a ValueError) with a message for anything unusable.
+    """
+    if not isinstance(raw, str):
+        raise HostError("host must be a string")
+    if not raw or raw != raw.strip():
+        raise HostError("empty host" if not raw.strip() else "host has surrounding spaces")
+    if any(c in raw for c in "/@\\?# \t\r\n"):
+        raise HostError(f"{raw!r} is not a host name (contains '/', '@', '?', '#', a space or similar)")
+    text = raw.translate(_UNICODE_DOTS) if not raw.isascii() else raw
+    addr = parse_ip(text)
+    if addr is not None:
+        return str(addr)
+    if text.isascii() and not set(text.lower()) <= _ASCII_HOST_CHARS:
+        raise HostError(f"{raw!r} contains characters not allowed in a host name")
+    name = _normalize_name(text)
+    # A unicode spelling may map to digits only after UTS 46 (e.g. fullwidth digits): re-check.
+    if parse_ip(name) is not None:
+        return str(parse_ip(name))
+    return name
+
+
+def is_ip(host: str) -> bool:
+    """True when a normalised host is an IP literal."""
+    if not host:
+        return False
+    if ":" in host:
+        return True
+    return host[-1].isdigit() and _parse_ipv4_quiet(host)
+
+
+def _parse_ipv4_quiet(host: str) -> bool:
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=65536)
+def registered_domain(host: str) -> str | None:
+    """The registrable domain (private PSL section on) of a normalised name; None for IPs/unknown."""
+    if not host or is_ip(host):
+        return None
+    r = _PSL.extract_str(host)
+    if not r.suffix or not r.domain:
+        return None
+    return f"{r.domain}.{r.suffix}"
+
+
+def is_public_suffix(name: str) -> bool:
+    """True when a normalised name is itself a public suffix (ICANN or private section)."""
+    r = _PSL.extract_str(name)
+    return r.domain == "" and r.suffix == name
+
+
+# ---------------------------------------------------------------------------------------------
+# Address classes
+
+_METADATA = frozenset(
+    ipaddress.ip_address(a) for a in ("169.254.169.254", "169.254.170.2", "100.100.100.200",
+                                      "168.63.129.16", "fd00:ec2::254", "fd00:ec2::23")
+)
+_V4_CLASSES: tuple[tuple[str, ipaddress.IPv4Network], ...] = tuple(
+    (name, ipaddress.IPv4Network(net)) for name, net in (
+        ("unspecified", "0.0.0.0/32"),
+        ("reserved", "0.0.0.0/8"),            # "this network"
+        ("private", "10.0.0.0/8"),
+        ("cgnat", "100.64.0.0/10"),
+        ("loopback", "127.0.0.0/8"),
+        ("link_local", "169.254.0.0/16"),
+        ("private", "172.16.0.0/12"),
+        ("reserved", "192.0.0.0/24"),         # IETF protocol assignments
+        ("reserved", "192.0.2.0/24"),         # TEST-NET-1
+        ("reserved", "192.88.99.0/24"),       # deprecated 6to4 relay anycast
+        ("private", "192.168.0.0/16"),
+        ("reserved", "198.18.0.0/15"),        # benchmarking
+        ("reserved", "198.51.100.0/24"),      # TEST-NET-2
+        ("reserved", "203.0.113.0/24"),       # TEST-NET-3
+        ("multicast", "224.0.0.0/4"),
+        ("broadcast", "255.255.255.255/32"),
+        ("reserved", "240.0.0.0/4"),
+    )
+)
+_V6_CLASSES: tuple[tuple[str, ipaddress.IPv6Network], ...] = tuple(
+    (name, ipaddress.IPv6Network(net)) for name, net in (
+        ("unspecified", "::/128"),
+        ("loopback", "::1/128"),
+        ("reserved", "::/8"),                 # incl. deprecated IPv4-compatible ::a.b.c.d
+        ("reserved", "64:ff9b:1::/48"),       # local-use NAT64
+        ("reserved", "100::/64"),             # discard-only
+        ("reserved", "2001:db8::/32"),        # documentation
+        ("reserved", "2001:2::/48"),          # benchmarking
+        ("reserved", "2001:10::/28"),         # ORCHID
+        ("reserved", "3fff::/20"),            # documentation (RFC 9637)
+        ("ula", "fc00::/7"),
+        ("link_local", "fe80::/10"),
+        ("reserved", "fec0::/10"),            # deprecated site-local
+        ("multicast", "ff00::/8"),
+    )
+)
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+_6TO4 = ipaddress.IPv6Network("2002::/16")
+_TEREDO = ipaddress.IPv6Network("2001::/32")
+
+
+def _embedded_v4(addr: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 form carries (mapped, NAT64, 6to4, Teredo), if any."""
+    if addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    if addr in _NAT64:
+        return ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF)
+    if addr.sixtofour is not None:
+        return addr.sixtofour
+    if addr.teredo is not None:
+        return addr.teredo[1]  # the client's address; the server part is checked by the caller too
+    return None
+
+
+@functools.lru_cache(maxsize=16384)
+def classify_address(ip: str) -> str | None:
+    """The private class of an address (canonical or any accepted spelling), None if public.
+
+    Classes: loopback, unspecified, private, link_local, metadata, cgnat, ula, multicast,
+    broadcast, reserved. IPv6 forms embedding an IPv4 address are classified by it.
+    Raises HostError when `ip` is not an IP literal.
+    """
+    addr = parse_ip(ip)
+    if addr is None:
+        raise HostError(f"{ip!r} is not an IP address")
+    return classify_ip(addr)
+
+
+def classify_ip(addr: IPAddress) -> str | None:
+    if addr in _METADATA:
+        return "metadata"
+    if isinstance(addr, ipaddress.IPv4Address):
+        for name, net in _V4_CLASSES:
+            if addr in net:
+                return name
+        return None
+    if addr.is_unspecified:
+        return "unspecified"
+    if addr.is_loopback:
+        return "loopback"
+    # Embedded IPv4 first: NAT64 64:ff9b::/96 lies inside the reserved ::/8 block.
+    if addr.teredo is not None:
+        server, client = addr.teredo
+        return classify_ip(client) or classify_ip(server)
+    embedded = _embedded_v4(addr)
+    if embedded is not None:
+        return classify_ip(embedded)
+    for name, net6 in _V6_CLASSES:
+        if addr in net6:
+            return name
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Host patterns (rule `hosts:` entries)
+
+PatternKind = Literal["exact", "below", "apex_below", "ip", "cidr"]
+
+
+@dataclass(frozen=True, slots=True)
+class HostPattern:
+    """One compiled `hosts:` entry. `value` is the normalised name, or the network for ip/cidr."""
+
+    kind: PatternKind
+    value: str
+    network: IPNetwork | None = None
+
+    def __str__(self) -> str:
+        if self.kind == "below":
+            return f"*.{self.value}"
+        if self.kind == "apex_below":
+            return f"**.{self.value}"
+        return self.value
+
+
+def _to_v4_if_mapped(net: IPNetwork) -> IPNetwork:
+    if isinstance(net, ipaddress.IPv6Network) and net.prefixlen >= 96 and net.network_address.ipv4_mapped:
+        return ipaddress.IPv4Network((int(net.network_address) & 0xFFFFFFFF, net.prefixlen - 96))
+    return net
+
+
+def parse_pattern(raw: str) -> HostPattern:
+    """Compile a `hosts:` entry: a name, `*.name`, `**.name`, an IP literal or a CIDR.
+
+    No other wildcard exists; a wildcard directly over a public suffix is an error.
+    """
+    if not isinstance(raw, str) or not raw.strip():
+        raise HostError("empty host entry")
+    text = raw.strip()
+    if "/" in text:
+        addr_text, _, bits = text.partition("/")
+        addr = parse_ip(addr_text)
+        if addr is None or not bits.isdigit():
+            raise HostError(f"bad CIDR {raw!r}: use address/prefix, e.g. 10.20.0.0/16")
+        if ":" in addr_text and isinstance(addr, ipaddress.IPv4Address):
+            if int(bits) < 96:  # an IPv4-mapped prefix shorter than the mapping itself
+                raise HostError(f"bad CIDR {raw!r}: an IPv4-mapped prefix needs /96 or longer")
+            bits = str(int(bits) - 96)
+        try:
+            net: IPNetwork = ipaddress.ip_network(f"{addr}/{int(bits)}", strict=True)
+        except ValueError as e:
+            raise HostError(f"bad CIDR {raw!r}: {e}") from None
+        net = _to_v4_if_mapped(net)
+        return HostPattern("cidr", str(net), net)
+    kind: PatternKind = "exact"
+    base = text
+    if text.startswith("**."):
+        kind, base = "apex_below", text[3:]
+    elif text.startswith("*."):
+        kind, base = "below", text[2:]
+    if "*" in base:
+        raise HostError(f"bad wildcard {raw!r}: only a leading '*.' or '**.' is allowed (e.g. *.example.com)")
+    try:
+        addr = parse_ip(base)
+    except HostError:
+        addr = None
+        if kind != "exact":
+            raise HostError(f"bad wildcard {raw!r}: a wildcard must stand over a name") from None
+        raise
+    if addr is not None:
+        if kind != "exact":
+            raise HostError(f"bad wildcard {raw!r}: a wildcard cannot stand over an IP address")
+        net = _to_v4_if_mapped(ipaddress.ip_network(addr))
+        return HostPattern("ip", str(addr), net)
+    try:
+        name = normalize_host(base)
+    except HostError as e:
+        raise HostError(f"bad host {raw!r}: {e}") from None
+    if kind != "exact" and is_public_suffix(name):
+        raise HostError(f"wildcard {raw!r} stands directly over the public suffix {name!r}; "
+                        f"name the domains you mean (e.g. **.example.{name})")
+    return HostPattern(kind, name)
