@@ -1,0 +1,148 @@
+"""Standard Webhooks signatures and the retrying sender, against a real loopback receiver."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import time
+
+import pytest
+from approvals_support import SECRET, alive, request, wait_until
+
+from addons.approvals.errors import ApprovalError
+from addons.approvals.webhook import VerifyError, parse_secret, redact_url, sign, verify
+
+KEY = base64.b64decode(SECRET.removeprefix("whsec_"))
+BODY = b'{"type":"approval.requested","id":"apr_1"}'
+
+
+def headers_for(msg_id: str, ts: int, body: bytes, key: bytes = KEY) -> dict[str, str]:
+    return {"webhook-id": msg_id, "webhook-timestamp": str(ts), "webhook-signature": sign(key, msg_id, ts, body)}
+
+
+def test_signature_is_hmac_sha256_of_id_timestamp_body():
+    """Computed independently here with hmac/hashlib, as a receiver in another language would."""
+    mac = hmac.new(KEY, b"msg_1.1700000000." + BODY, hashlib.sha256).digest()
+    assert sign(KEY, "msg_1", 1700000000, BODY) == "v1," + base64.b64encode(mac).decode()
+
+
+def test_verify_accepts_a_genuine_webhook_and_rotated_secrets():
+    now = int(time.time())
+    h = headers_for("msg_1", now, BODY)
+    verify(SECRET, h, BODY)
+    verify(["whsec_" + base64.b64encode(b"x" * 32).decode(), SECRET], h, BODY)  # old + new during rotation
+    verify(SECRET, {k.upper(): v for k, v in h.items()}, BODY)  # header names are case-insensitive
+    multi = dict(h, **{"webhook-signature": "v1,AAAA " + h["webhook-signature"]})
+    verify(SECRET, multi, BODY)
+
+
+@pytest.mark.parametrize("case", ["tampered_body", "tampered_id", "stale", "future", "wrong_secret",
+                                  "missing_header", "bad_timestamp", "no_v1"])
+def test_verify_rejects(case):
+    now = int(time.time())
+    h, body = headers_for("msg_1", now, BODY), BODY
+    if case == "tampered_body":
+        body = BODY.replace(b"apr_1", b"apr_2")
+    elif case == "tampered_id":
+        h["webhook-id"] = "msg_2"
+    elif case == "stale":
+        h = headers_for("msg_1", now - 301, BODY)
+    elif case == "future":
+        h = headers_for("msg_1", now + 301, BODY)
+    elif case == "wrong_secret":
+        h = headers_for("msg_1", now, BODY, key=b"y" * 32)
+    elif case == "missing_header":
+        del h["webhook-signature"]
+    elif case == "bad_timestamp":
+        h["webhook-timestamp"] = "soon"
+    elif case == "no_v1":
+        h["webhook-signature"] = h["webhook-signature"].replace("v1,", "v1a,")
+    with pytest.raises(VerifyError):
+        verify(SECRET, h, body)
+
+
+@pytest.mark.parametrize("bad", ["", "abc", "whsec_", "whsec_!!notbase64!!", "whsec_" + base64.b64encode(b"k").decode(),
+                                 base64.b64encode(b"z" * 32).decode()])
+def test_malformed_secret_is_rejected_with_a_clear_error(bad):
+    with pytest.raises(ApprovalError, match="whsec_|base64|short"):
+        parse_secret(bad)
+
+
+async def test_service_refuses_to_start_with_a_malformed_or_missing_secret(make_service, receiver, monkeypatch):
+    monkeypatch.setenv("PORTCULLIS_TEST_WEBHOOK_SECRET", "not-a-secret")
+    with pytest.raises(ApprovalError, match="PORTCULLIS_TEST_WEBHOOK_SECRET"):
+        await make_service(webhooks=[receiver.url])
+    monkeypatch.delenv("PORTCULLIS_TEST_WEBHOOK_SECRET")
+    with pytest.raises(ApprovalError, match="is not set"):
+        await make_service(webhooks=[receiver.url])
+
+
+def test_redact_url_drops_credentials_and_query():
+    assert redact_url("https://u:p@hooks.example.com:8443/x?token=abc#f") == "https://hooks.example.com:8443/x"
+
+
+def deliveries(svc, result):
+    return svc.telemetry.metrics.registry.get_sample_value(
+        "portcullis_webhook_deliveries_total", {"result": result}) or 0.0
+
+
+async def test_retries_after_500_with_the_same_webhook_id_then_stops_on_200(make_service, receiver):
+    receiver.replies = [500, 503]
+    svc = await make_service(hold=False, timeout=30, webhooks=[receiver.url])
+    await svc.resolve(request(), alive)
+    await wait_until(lambda: len(receiver.deliveries()) == 3)
+    await wait_until(lambda: not svc._sender._tasks)
+    got = receiver.deliveries()
+    assert len(got) == 3 and all(g["verified"] for g in got)
+    assert len({g["headers"]["webhook-id"] for g in got}) == 1
+    assert all(g["body"] == got[0]["body"] for g in got)
+    assert (deliveries(svc, "retry"), deliveries(svc, "success")) == (2.0, 1.0)
+
+
+async def test_410_stops_retries_and_is_reported(make_service, receiver, events):
+    receiver.replies = [410, 500, 500]
+    svc = await make_service(hold=False, timeout=30, webhooks=[receiver.url])
+    pend = await svc.resolve(request(), alive)
+    await wait_until(lambda: not svc._sender._tasks)
+    assert len(receiver.deliveries()) == 1
+    [failed] = events.of("webhook.failed")
+    assert failed["approval_id"] == pend.approval_id and failed["status"] == 410 and failed["result"] == "gone"
+    assert deliveries(svc, "gone") == 1.0
+
+
+async def test_redirects_are_not_followed_and_retries_end_at_expiry(make_service, receiver, events):
+    receiver.redirect_to = "/moved"
+    svc = await make_service(hold=False, timeout=0.6, webhooks=[receiver.url + "?token=s3cret"])
+    pend = await svc.resolve(request(), alive)
+    expires = svc.store.get(pend.approval_id).expires_at
+    await wait_until(lambda: not svc._sender._tasks)
+    assert receiver.deliveries("/moved") == []
+    attempts = receiver.deliveries()
+    assert len(attempts) >= 2  # retried ...
+    assert all(int(a["headers"]["webhook-timestamp"]) <= expires for a in attempts)  # ... but not past expiry
+    [failed] = events.of("webhook.failed")
+    assert failed["result"] == "expired" and failed["status"] == 307
+    assert "s3cret" not in failed["url"] and "?" not in failed["url"]
+    assert deliveries(svc, "failed") == 1.0
+
+
+async def test_every_endpoint_gets_its_own_delivery(make_service, receiver):
+    svc = await make_service(hold=False, webhooks=[receiver.url, receiver.url + "?second"])
+    await svc.resolve(request(), alive)
+    await wait_until(lambda: len(receiver.deliveries()) == 2)
+    ids = {g["headers"]["webhook-id"] for g in receiver.deliveries()}
+    assert len(ids) == 2 and all(g["verified"] for g in receiver.deliveries())
+
+
+async def test_retries_stop_once_the_approval_is_decided(make_service, receiver):
+    receiver.replies = [500] * 1000
+    svc = await make_service(hold=False, timeout=30, webhooks=[receiver.url])
+    svc._sender.backoff_base = 0.2
+    pend = await svc.resolve(request(), alive)
+    await wait_until(lambda: len(receiver.deliveries()) >= 1)
+    await svc.decide(pend.approval_id, "deny", "once", None, None)
+    await asyncio.wait_for(asyncio.gather(*svc._sender._tasks), 5)
+    n = len(receiver.deliveries())
+    assert n < 10
