@@ -58,7 +58,8 @@ async def test_404_for_an_unknown_id(setup):
 
 
 @pytest.mark.parametrize("body", [
-    b"not json", b"[]", b'{"decision": "maybe"}', b'{"scope": "once"}', b'{"decision": "allow", "scope": "forever"}',
+    b"not json", b"[]", b'{"decision": "maybe"}', b'{"scope": "once"}',
+    b'{"decision": "allow", "scope": "forever"}',
     b'{"decision": "allow", "extra": 1}', b'{"decision": "allow", "by": 7}', b'{"decision": true}',
     "{\"decision\": \"allow\", \"reason\": \"\xff\"}".encode("latin-1"),
 ])

@@ -19,7 +19,8 @@ BODY = b'{"type":"approval.requested","id":"apr_1"}'
 
 
 def headers_for(msg_id: str, ts: int, body: bytes, key: bytes = KEY) -> dict[str, str]:
-    return {"webhook-id": msg_id, "webhook-timestamp": str(ts), "webhook-signature": sign(key, msg_id, ts, body)}
+    return {"webhook-id": msg_id, "webhook-timestamp": str(ts),
+            "webhook-signature": sign(key, msg_id, ts, body)}
 
 
 def test_signature_is_hmac_sha256_of_id_timestamp_body():
@@ -63,14 +64,15 @@ def test_verify_rejects(case):
         verify(SECRET, h, body)
 
 
-@pytest.mark.parametrize("bad", ["", "abc", "whsec_", "whsec_!!notbase64!!", "whsec_" + base64.b64encode(b"k").decode(),
+@pytest.mark.parametrize("bad", ["", "abc", "whsec_", "whsec_!!notbase64!!",
+                                 "whsec_" + base64.b64encode(b"k").decode(),
                                  base64.b64encode(b"z" * 32).decode()])
 def test_malformed_secret_is_rejected_with_a_clear_error(bad):
     with pytest.raises(ApprovalError, match="whsec_|base64|short"):
         parse_secret(bad)
 
 
-async def test_service_refuses_to_start_with_a_malformed_or_missing_secret(make_service, receiver, monkeypatch):
+async def test_service_refuses_to_start_with_a_bad_or_missing_secret(make_service, receiver, monkeypatch):
     monkeypatch.setenv("PORTCULLIS_TEST_WEBHOOK_SECRET", "not-a-secret")
     with pytest.raises(ApprovalError, match="PORTCULLIS_TEST_WEBHOOK_SECRET"):
         await make_service(webhooks=[receiver.url])
@@ -108,7 +110,8 @@ async def test_410_stops_retries_and_is_reported(make_service, receiver, events)
     await wait_until(lambda: not svc._sender._tasks)
     assert len(receiver.deliveries()) == 1
     [failed] = events.of("webhook.failed")
-    assert failed["approval_id"] == pend.approval_id and failed["status"] == 410 and failed["result"] == "gone"
+    assert failed["approval_id"] == pend.approval_id
+    assert (failed["status"], failed["result"]) == (410, "gone")
     assert deliveries(svc, "gone") == 1.0
 
 
