@@ -195,8 +195,9 @@ def _endpoints(doc: dict[str, Any], out: dict[str, Any]) -> None:
                              ("port", dest.get("port")), ("ip", dest.get("ip"))) if v is not None}
     if src:
         out["src_endpoint"] = src
-    if dst:
-        out["dst_endpoint"] = dst
+    if dst or not src:
+        # OCSF needs one endpoint; an event without either still names its (unknown) destination.
+        out["dst_endpoint"] = dst or {"name": "unknown"}
 
 
 def _unmapped(doc: dict[str, Any], out: dict[str, Any]) -> None:

@@ -19,7 +19,9 @@ class TtyIO(io.StringIO):
         return True
 
 
-def make(tmp_path: Path | None = None, stream: io.StringIO | None = None, **telemetry: Any) -> tuple[Telemetry, io.StringIO]:
+def make(
+    tmp_path: Path | None = None, stream: io.StringIO | None = None, **telemetry: Any
+) -> tuple[Telemetry, io.StringIO]:
     out = stream if stream is not None else io.StringIO()
     cfg = TelemetryConfig.model_validate(telemetry)
     return Telemetry(cfg, base_dir=tmp_path, stream=out), out
@@ -30,63 +32,213 @@ def lines(out: io.StringIO) -> list[dict[str, Any]]:
 
 
 def record(**kw: Any) -> DecisionRecord:
-    base: dict[str, Any] = dict(
-        decision="deny", reason="rule", enforced=True, host="pastebin.com", port=443, flow_id="flow-1",
-        rule="no-paste-sites", rule_file="rules/base.yaml", rule_line=12, matched_rules=("no-paste-sites",),
-        client_address="10.0.1.5", client_port=50123, client_name="ci-agents", client_user=None,
-        ip="203.0.113.7", scheme="https", method="GET", path="/raw/AbCd", approval_id=None, status=403,
-        layer="inspected", latency_s=0.00042, approval_wait_s=None, detail=None,
-    )
+    base: dict[str, Any] = {
+        "decision": "deny",
+        "reason": "rule",
+        "enforced": True,
+        "host": "pastebin.com",
+        "port": 443,
+        "flow_id": "flow-1",
+        "rule": "no-paste-sites",
+        "rule_file": "rules/base.yaml",
+        "rule_line": 12,
+        "matched_rules": ("no-paste-sites",),
+        "client_address": "10.0.1.5",
+        "client_port": 50123,
+        "client_name": "ci-agents",
+        "client_user": None,
+        "ip": "203.0.113.7",
+        "scheme": "https",
+        "method": "GET",
+        "path": "/raw/AbCd",
+        "approval_id": None,
+        "status": 403,
+        "layer": "inspected",
+        "latency_s": 0.00042,
+        "approval_wait_s": None,
+        "detail": None,
+    }
     base.update(kw)
     return DecisionRecord(**base)
 
 
 # One decision of every kind the proxy produces (HTTP, CONNECT, inspected; every outcome).
 DECISIONS: list[DecisionRecord] = [
-    record(decision="allow", reason="rule", host="pypi.org", rule="package-registries", status=None,
-           method="GET", path="/simple/", scheme="https", layer="inspected"),
-    record(decision="allow", reason="rule", host="files.pythonhosted.org", method="CONNECT", path=None,
-           scheme=None, layer="connect", status=None, rule="package-registries"),
-    record(decision="deny", reason="default", host="example.org", method="GET", path="/", scheme="http",
-           layer="http", rule=None, rule_file=None, rule_line=None, matched_rules=()),
-    record(decision="deny", reason="private_address", host="169.254.169.254", port=80, ip="169.254.169.254",
-           method="GET", path="/latest/meta-data/", scheme="http", layer="http", rule=None, rule_file=None,
-           rule_line=None),
-    record(decision="deny", reason="sni_mismatch", host="github.com", method="CONNECT", path=None, scheme=None,
-           layer="connect", detail="SNI evil.com != authority github.com"),
+    record(
+        decision="allow",
+        reason="rule",
+        host="pypi.org",
+        rule="package-registries",
+        status=None,
+        method="GET",
+        path="/simple/",
+        scheme="https",
+        layer="inspected",
+    ),
+    record(
+        decision="allow",
+        reason="rule",
+        host="files.pythonhosted.org",
+        method="CONNECT",
+        path=None,
+        scheme=None,
+        layer="connect",
+        status=None,
+        rule="package-registries",
+    ),
+    record(
+        decision="deny",
+        reason="default",
+        host="example.org",
+        method="GET",
+        path="/",
+        scheme="http",
+        layer="http",
+        rule=None,
+        rule_file=None,
+        rule_line=None,
+        matched_rules=(),
+    ),
+    record(
+        decision="deny",
+        reason="private_address",
+        host="169.254.169.254",
+        port=80,
+        ip="169.254.169.254",
+        method="GET",
+        path="/latest/meta-data/",
+        scheme="http",
+        layer="http",
+        rule=None,
+        rule_file=None,
+        rule_line=None,
+    ),
+    record(
+        decision="deny",
+        reason="sni_mismatch",
+        host="github.com",
+        method="CONNECT",
+        path=None,
+        scheme=None,
+        layer="connect",
+        detail="SNI evil.com != authority github.com",
+    ),
     record(decision="deny", reason="host_mismatch", host="github.com", layer="inspected"),
-    record(decision="deny", reason="approval_denied", host="api.github.com", method="POST", path="/repos/o/r/pulls",
-           approval_id="apr-1", approval_wait_s=12.5, rule="github-writes"),
-    record(decision="deny", reason="approval_timeout", host="api.github.com", method="PUT", approval_id="apr-2",
-           approval_wait_s=120.0),
-    record(decision="deny", reason="approval_pending", host="api.github.com", method="PATCH", approval_id="apr-3"),
-    record(decision="allow", reason="approved", host="api.github.com", method="DELETE", approval_id="apr-4",
-           status=None),
-    record(decision="deny", reason="internal_error", host="x.example", method="HEAD", status=403,
-           detail="policy raised"),
-    record(decision="deny", reason="bad_request", host="", port=0, method="OPTIONS", path=None, layer="http",
-           scheme=None),
-    record(decision="deny", reason="default", host="audit.example", enforced=False, status=None, method="TRACE"),
+    record(
+        decision="deny",
+        reason="approval_denied",
+        host="api.github.com",
+        method="POST",
+        path="/repos/o/r/pulls",
+        approval_id="apr-1",
+        approval_wait_s=12.5,
+        rule="github-writes",
+    ),
+    record(
+        decision="deny",
+        reason="approval_timeout",
+        host="api.github.com",
+        method="PUT",
+        approval_id="apr-2",
+        approval_wait_s=120.0,
+    ),
+    record(
+        decision="deny", reason="approval_pending", host="api.github.com", method="PATCH", approval_id="apr-3"
+    ),
+    record(
+        decision="allow",
+        reason="approved",
+        host="api.github.com",
+        method="DELETE",
+        approval_id="apr-4",
+        status=None,
+    ),
+    record(
+        decision="deny",
+        reason="internal_error",
+        host="x.example",
+        method="HEAD",
+        status=403,
+        detail="policy raised",
+    ),
+    record(
+        decision="deny",
+        reason="bad_request",
+        host="",
+        port=0,
+        method="OPTIONS",
+        path=None,
+        layer="http",
+        scheme=None,
+    ),
+    record(
+        decision="deny", reason="default", host="audit.example", enforced=False, status=None, method="TRACE"
+    ),
     record(decision="allow", reason="rule", host="odd.example", method="PROPFIND", status=None),
     record(decision="deny", reason="proxy_auth", host="pypi.org", status=407, client_user="reviewer"),
 ]
 
 OTHER_EVENTS: list[tuple[str, dict[str, Any]]] = [
-    ("tunnel.closed", {"flow_id": "flow-2", "bytes_up": 517, "bytes_down": 48213, "duration_s": 1.25}),
-    ("approval.requested", {"approval_id": "apr-1", "client": {"address": "10.0.1.5", "name": "ci-agents"},
-                            "destination": {"host": "api.github.com", "port": 443},
-                            "request": {"scheme": "https", "method": "POST", "path": "/repos/o/r/pulls"},
-                            "rule": "github-writes", "expires_at": "2026-11-22T10:02:00Z"}),
-    ("approval.decided", {"approval_id": "apr-1", "decision": "allow", "scope": "session", "by": "alice",
-                          "destination.host": "api.github.com", "destination.port": 443}),
-    ("approval.decided", {"approval_id": "apr-2", "decision": "deny", "scope": None, "by": None,
-                          "reason": "approval_timeout"}),
+    (
+        "tunnel.closed",
+        {
+            "flow_id": "flow-2",
+            "bytes_up": 517,
+            "bytes_down": 48213,
+            "duration_s": 1.25,
+            "client": {"address": "10.0.1.5", "port": 50123, "name": "ci-agents"},
+            "destination": {"host": "files.pythonhosted.org", "port": 443},
+        },
+    ),
+    (
+        "approval.requested",
+        {
+            "approval_id": "apr-1",
+            "client": {"address": "10.0.1.5", "name": "ci-agents"},
+            "destination": {"host": "api.github.com", "port": 443},
+            "request": {"scheme": "https", "method": "POST", "path": "/repos/o/r/pulls"},
+            "rule": "github-writes",
+            "expires_at": "2026-11-22T10:02:00Z",
+        },
+    ),
+    (
+        "approval.decided",
+        {
+            "approval_id": "apr-1",
+            "decision": "allow",
+            "scope": "session",
+            "by": "alice",
+            "destination.host": "api.github.com",
+            "destination.port": 443,
+        },
+    ),
+    (
+        "approval.decided",
+        {"approval_id": "apr-2", "decision": "deny", "scope": None, "by": None, "reason": "approval_timeout"},
+    ),
     ("approval.decided", {"approval_id": "apr-5", "decision": "deny", "scope": "once", "by": "bob"}),
     ("rules.reloaded", {"rules": 12, "files": ["rules/base.yaml"], "trigger": "watch"}),
     ("rules.reload_failed", {"error": "rules/base.yaml:3:5: unknown key 'hostz'", "trigger": "sighup"}),
-    ("webhook.failed", {"approval_id": "apr-1", "url": "https://hooks.example.com/p", "attempt": 3,
-                        "status": 500, "error": "HTTP 500", "final": False}),
-    ("proxy.started", {"listen": "127.0.0.1:8080", "admin": "127.0.0.1:9090", "mode": "enforce",
-                       "version": "0.1.0", "rules": 12}),
+    (
+        "webhook.failed",
+        {
+            "approval_id": "apr-1",
+            "url": "https://hooks.example.com/p",
+            "attempt": 3,
+            "status": 500,
+            "error": "HTTP 500",
+            "final": False,
+        },
+    ),
+    (
+        "proxy.started",
+        {
+            "listen": "127.0.0.1:8080",
+            "admin": "127.0.0.1:9090",
+            "mode": "enforce",
+            "version": "0.1.0",
+            "rules": 12,
+        },
+    ),
     ("proxy.stopped", {"reason": "SIGTERM", "uptime_s": 3600.5}),
 ]

@@ -28,8 +28,12 @@ def test_every_decision_kind_is_one_valid_event() -> None:
         assert ev["timestamp"].endswith("Z")
         assert (ev["decision"], ev["reason"], ev["flow_id"]) == (rec.decision, rec.reason, rec.flow_id)
         assert ev["destination"]["host"] == rec.host and ev["destination"]["port"] == rec.port
-        assert ev["client"] == {"address": rec.client_address, "port": rec.client_port,
-                                "name": rec.client_name, "user": rec.client_user}
+        assert ev["client"] == {
+            "address": rec.client_address,
+            "port": rec.client_port,
+            "name": rec.client_name,
+            "user": rec.client_user,
+        }
         assert ev["request"]["method"] == rec.method
 
 
@@ -44,8 +48,12 @@ def test_every_other_event_type_validates() -> None:
 
 def test_dotted_keys_and_nested_dicts_end_up_nested() -> None:
     t, out = make()
-    t.emit("approval.requested", approval_id="a1", client={"name": "ci"},
-           **{"client.address": "10.0.0.9", "destination.host": "h.example", "destination.port": 443})
+    t.emit(
+        "approval.requested",
+        approval_id="a1",
+        client={"name": "ci"},
+        **{"client.address": "10.0.0.9", "destination.host": "h.example", "destination.port": 443},
+    )
     (ev,) = lines(out)
     assert ev["client"] == {"name": "ci", "address": "10.0.0.9"}
     assert ev["destination"] == {"host": "h.example", "port": 443}
@@ -55,9 +63,18 @@ def test_dotted_keys_and_nested_dicts_end_up_nested() -> None:
 def test_no_query_string_no_credentials_no_header_values() -> None:
     t, out = make()
     t.decision(record(path="/search?q=secret&token=abc#frag"))
-    t.emit("webhook.failed", approval_id="a1", url="https://user:pw@hooks.example.com/p?sig=xyz", attempt=1,
-           headers={"Authorization": "Bearer s3cr3t"}, proxy_authorization="Basic Zm9vOmJhcg==",
-           password="hunter2", status=None, error="timeout", final=False)
+    t.emit(
+        "webhook.failed",
+        approval_id="a1",
+        url="https://user:pw@hooks.example.com/p?sig=xyz",
+        attempt=1,
+        headers={"Authorization": "Bearer s3cr3t"},
+        proxy_authorization="Basic Zm9vOmJhcg==",
+        password="hunter2",
+        status=None,
+        error="timeout",
+        final=False,
+    )
     text = out.getvalue()
     for secret in ("secret", "token=abc", "frag", "user:pw", "sig=xyz", "s3cr3t", "Zm9vOmJhcg", "hunter2"):
         assert secret not in text
@@ -72,9 +89,14 @@ def test_schema_rejects_a_forged_or_broken_event() -> None:
     t.decision(record())
     (ev,) = lines(out)
     validate_event(ev)
-    for mutate in (lambda e: e.update(decision="maybe"), lambda e: e.pop("flow_id"),
-                   lambda e: e.update(injected=True), lambda e: e["request"].update(path="/a?b=1"),
-                   lambda e: e.update(schema="portcullis.event/v0"), lambda e: e.update(event="nope")):
+    for mutate in (
+        lambda e: e.update(decision="maybe"),
+        lambda e: e.pop("flow_id"),
+        lambda e: e.update(injected=True),
+        lambda e: e["request"].update(path="/a?b=1"),
+        lambda e: e.update(schema="portcullis.event/v0"),
+        lambda e: e.update(event="nope"),
+    ):
         bad = json.loads(json.dumps(ev))
         mutate(bad)
         with pytest.raises(EventSchemaError):
@@ -87,11 +109,11 @@ def test_a_field_that_cannot_render_is_counted_never_raised() -> None:
             raise RuntimeError("no")
 
     t, out = make()
-    t.emit("proxy.started", listen=Boom())          # must not raise into the caller
+    t.emit("proxy.started", listen=Boom())  # must not raise into the caller
     assert t.metrics.events_dropped.labels("render")._value.get() == 1
     assert out.getvalue() == ""
-    assert not t.healthy()                           # fail closed by default
-    t.emit("proxy.stopped")                          # the next good event restores health
+    assert not t.healthy()  # fail closed by default
+    t.emit("proxy.stopped")  # the next good event restores health
     assert t.healthy()
     assert len(lines(out)) == 1
 
@@ -112,13 +134,19 @@ def test_exactly_one_line_per_decision_under_threads() -> None:
     events = validate_lines(out.getvalue())
     ids = [e["flow_id"] for e in events]
     assert len(ids) == len(set(ids)) == n_threads * per_thread
-    total = sum(s.value for m in t.metrics.registry.collect() if m.name == "portcullis_requests"
-                for s in m.samples if s.name.endswith("_total"))
+    total = sum(
+        s.value
+        for m in t.metrics.registry.collect()
+        if m.name == "portcullis_requests"
+        for s in m.samples
+        if s.name.endswith("_total")
+    )
     assert total == n_threads * per_thread
 
 
 def test_console_format_on_a_tty_is_readable_and_one_line(tmp_path: object) -> None:
     from tel_helpers import TtyIO
+
     t, out = make(stream=TtyIO(), log={"format": "console"})
     t.decision(record(host="evil.example\r\n\x1b[31mFAKE event=egress.decision decision=allow"))
     text = out.getvalue()
