@@ -1,0 +1,117 @@
+"""The approval page over HTTP: login cookie flags, CSRF, no side-effecting GET, security headers."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+import httpx
+import pytest
+from approvals_support import TOKEN, alive, request, wait_until
+
+from addons.policy.model import Reason
+
+
+def hidden(html: str, name: str = "csrf") -> str:
+    m = re.search(rf"name='{name}' value='([^']+)'", html)
+    assert m, html
+    return m.group(1)
+
+
+async def login(client: httpx.AsyncClient, token: str = TOKEN) -> httpx.Response:
+    page = await client.get("/")
+    return await client.post("/login", data={"token": token, "csrf": hidden(page.text)})
+
+
+@pytest.fixture
+async def page_setup(make_service, admin_server):
+    svc = await make_service(timeout=30)
+    admin = await admin_server(svc)
+    async with httpx.AsyncClient(base_url=admin.url, trust_env=False) as client:
+        yield svc, client
+
+
+async def test_login_sets_an_httponly_samesite_strict_cookie(page_setup):
+    _, client = page_setup
+    first = await client.get("/")
+    assert first.status_code == 200 and "name='token'" in first.text and "Pending" not in first.text
+    assert first.headers["X-Frame-Options"] == "DENY"
+    assert "frame-ancestors 'none'" in first.headers["Content-Security-Policy"]
+    assert first.headers["Cache-Control"] == "no-store"
+    r = await login(client)
+    assert r.status_code == 303
+    cookie = next(v for v in r.headers.get_list("set-cookie") if v.startswith("portcullis_session="))
+    assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and "Path=/" in cookie
+    assert TOKEN not in cookie  # the cookie carries a MAC'd session, never the admin token itself
+    listing = await client.get("/")
+    assert "<h2>Pending</h2>" in listing.text
+
+
+async def test_wrong_token_and_missing_login_csrf_are_refused(page_setup):
+    _, client = page_setup
+    assert (await login(client, token="wrong")).status_code == 401
+    client.cookies.clear()
+    r = await client.post("/login", data={"token": TOKEN, "csrf": "forged"})
+    assert r.status_code == 403 and "portcullis_session" not in r.headers.get("set-cookie", "")
+
+
+async def test_forged_session_cookie_is_not_a_login(page_setup):
+    _, client = page_setup
+    client.cookies.set("portcullis_session", "9999999999.abcd.0000")
+    assert "name='token'" in (await client.get("/")).text
+
+
+async def test_decide_needs_the_csrf_token_and_same_origin(page_setup):
+    svc, client = page_setup
+    held = asyncio.create_task(svc.resolve(request(host="page.example"), alive))
+    await wait_until(lambda: bool(svc.store.pending()))
+    a = svc.store.pending()[0]
+    await login(client)
+    page = await client.get("/")
+    assert "page.example" in page.text and a.id in page.text
+    csrf = hidden(page.text)
+    url = f"/ui/approvals/{a.id}"
+    assert (await client.post(url, data={"action": "allow:once"})).status_code == 403
+    assert (await client.post(url, data={"action": "allow:once", "csrf": "0" * 64})).status_code == 403
+    cross = await client.post(url, data={"action": "allow:once", "csrf": csrf},
+                              headers={"Origin": "http://evil.example"})
+    assert cross.status_code == 403
+    assert (await client.get(url)).status_code == 405  # no side-effecting GET
+    assert svc.store.get(a.id).state == "pending" and not held.done()
+    ok = await client.post(url, data={"action": "allow:session", "csrf": csrf, "by": "pat", "reason": "r"},
+                           headers={"Origin": str(client.base_url).rstrip("/")})
+    assert ok.status_code == 200 and "Allowed (session)" in ok.text
+    out = await held
+    assert (out.allowed, out.reason, out.scope, out.decided_by) == (True, Reason.APPROVED, "session", "pat")
+    again = await client.post(url, data={"action": "deny:once", "csrf": csrf})
+    assert again.status_code == 409 and "already decided" in again.text
+
+
+async def test_decide_without_login_is_refused(page_setup):
+    svc, client = page_setup
+    pend = asyncio.create_task(svc.resolve(request(), alive))
+    await wait_until(lambda: bool(svc.store.pending()))
+    r = await client.post(f"/ui/approvals/{svc.store.pending()[0].id}", data={"action": "allow:once"})
+    assert r.status_code == 401
+    assert svc.store.pending()
+    pend.cancel()
+
+
+async def test_page_escapes_what_the_agent_controls(page_setup):
+    svc, client = page_setup
+    evil = request(host="x.example", path="/<script>alert(1)</script>")
+    held = asyncio.create_task(svc.resolve(evil, alive))
+    await wait_until(lambda: bool(svc.store.pending()))
+    await login(client)
+    text = (await client.get("/")).text
+    assert "<script>" not in text and "&lt;script&gt;" in text
+    held.cancel()
+
+
+async def test_page_without_a_token_configured_says_how_to_set_it(make_service, admin_server):
+    svc = await make_service()
+    admin = await admin_server(svc, token=None)
+    async with httpx.AsyncClient(base_url=admin.url, trust_env=False) as client:
+        r = await client.get("/")
+        assert r.status_code == 401 and "PORTCULLIS_ADMIN_TOKEN" in r.text
+        assert (await client.post("/login", data={"token": "", "csrf": ""})).status_code in (401, 403)
