@@ -1,0 +1,1 @@
+"""The admin HTTP server (health, readiness, metrics, and routes other parts add)."""

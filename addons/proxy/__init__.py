@@ -1,0 +1,1 @@
+"""The enforcing proxy: `portcullis run`, the mitmproxy addon and its helpers."""

@@ -1,0 +1,56 @@
+"""Authority parsing and the Host/target consistency checks (host_mismatch)."""
+
+from __future__ import annotations
+
+from addons.policy.hosts import normalize_host
+
+DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+
+
+class AuthorityError(ValueError):
+    """An authority (Host header, request target) that cannot be parsed."""
+
+
+def split_authority(raw: str, allow_zero: bool = False) -> tuple[str, int | None]:
+    """`host`, `host:port`, `[v6]`, `[v6]:port` -> (host text, port or None). Strict on the port
+    (`allow_zero`: port 0 means "any free port", for listen addresses)."""
+    raw = raw.strip()
+    if not raw or any(c in raw for c in " \t\r\n/\\@?#"):
+        raise AuthorityError(f"bad authority {raw!r}")
+    if raw.startswith("["):
+        end = raw.find("]")
+        if end < 0:
+            raise AuthorityError(f"bad authority {raw!r}")
+        host, rest = raw[: end + 1], raw[end + 1 :]
+        if not rest:
+            return host, None
+        if not rest.startswith(":"):
+            raise AuthorityError(f"bad authority {raw!r}")
+        return host, _port(rest[1:], raw, allow_zero)
+    if raw.count(":") == 1:
+        host, port = raw.split(":")
+        return host, _port(port, raw, allow_zero)
+    if ":" in raw:  # a bare IPv6 address without brackets is not a valid Host header
+        raise AuthorityError(f"bad authority {raw!r}")
+    return raw, None
+
+
+def _port(text: str, raw: str, allow_zero: bool = False) -> int:
+    if not text.isascii() or not text.isdigit() or len(text) > 5:
+        raise AuthorityError(f"bad port in {raw!r}")
+    port = int(text)
+    if not (0 if allow_zero else 1) <= port <= 65535:
+        raise AuthorityError(f"bad port in {raw!r}")
+    return port
+
+
+def same_destination(header_value: str, host: str, port: int, scheme: str) -> bool:
+    """Does a Host header (or :authority) name exactly `host`:`port` (host already normalised)?"""
+    try:
+        h, p = split_authority(header_value)
+        norm = normalize_host(h)
+    except ValueError:
+        return False
+    if p is None:
+        p = DEFAULT_PORTS.get(scheme, port)
+    return norm == host and p == port

@@ -1,0 +1,268 @@
+"""`portcullis run`: one process with a minimal mitmproxy Master, the Portcullis addon and the admin server."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib
+import ipaddress
+import logging
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+from mitmproxy import master as mmaster
+from mitmproxy import options
+from mitmproxy.addons import core, next_layer, proxyserver, tlsconfig
+
+from addons.admin.server import AdminConfigError, AdminServer, RouteAdder, check_token_policy
+from addons.policy.load import LoadedConfig, PolicyError, load_config
+from addons.proxy.addon import Portcullis
+from addons.proxy.approvals import ApprovalGate
+from addons.proxy.auth import AuthConfigError, ProxyAuth
+from addons.proxy.ca import ensure_ca
+from addons.proxy.hostcheck import AuthorityError, split_authority
+from addons.proxy.pinning import PinStore
+from addons.proxy.reload import PolicyHolder
+from addons.proxy.responses import install_error_pages
+from addons.proxy.verdict import Decider
+from addons.telemetry.events import Telemetry
+
+log = logging.getLogger("portcullis")
+
+
+class StartupError(Exception):
+    """A problem found before listening: printed as one line, exit status 2."""
+
+
+def parse_hostport(text: str, what: str) -> tuple[str, int]:
+    try:
+        host, port = split_authority(text, allow_zero=True)
+    except AuthorityError as e:
+        raise StartupError(f"{what}: {e} (expected HOST:PORT)") from e
+    if port is None:
+        raise StartupError(f"{what}: {text!r} has no port (expected HOST:PORT)")
+    return host.strip("[]"), port
+
+
+def upstream_bundle(loaded: LoadedConfig, ca_dir: Path) -> str | None:
+    """tls.upstream_ca is trusted in addition to the system roots: write one combined bundle."""
+    extra = loaded.config.tls.upstream_ca
+    if not extra:
+        return None
+    import certifi
+
+    path = loaded.resolve_path(extra)
+    try:
+        extra_pem = path.read_text()
+    except OSError as e:
+        raise StartupError(f"{loaded.path}: tls.upstream_ca: cannot read {path}: {e}") from e
+    bundle = ca_dir / "upstream-trust.pem"
+    bundle.write_text(Path(certifi.where()).read_text() + "\n" + extra_pem)
+    return str(bundle)
+
+
+def local_addresses() -> set[str]:
+    """This host's addresses (for the 'never connect to myself' check when listening on 0.0.0.0)."""
+    out = {"127.0.0.1", "::1"}
+    with contextlib.suppress(OSError):
+        for info in socket.getaddrinfo(socket.gethostname(), None):
+            out.add(str(info[4][0]).split("%", 1)[0])
+    return out
+
+
+class Lifecycle:
+    """mitmproxy addon for start/stop: admin server, approvals, watcher, proxy.started/stopped."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.rt = runtime
+
+    async def running(self) -> None:
+        await self.rt.on_running()
+
+    async def done(self) -> None:
+        await self.rt.on_done()
+
+
+class Runtime:
+    """Everything one `portcullis run` owns, wired together."""
+
+    def __init__(self, loaded: LoadedConfig, listen: tuple[str, int], admin: tuple[str, int],
+                 token: str | None, auth: ProxyAuth, ca_dir: Path, bundle: str | None) -> None:
+        self.loaded = loaded
+        self.listen = listen
+        self.admin_addr = admin
+        self.token = token
+        self.ca_dir = ca_dir
+        self.bundle = bundle
+        cfg = loaded.config
+        self.telemetry = Telemetry(cfg.telemetry, loaded.base_dir)
+        self.holder = PolicyHolder(loaded, self.telemetry)
+        self.gate = ApprovalGate(cfg.approvals, loaded.base_dir, self.telemetry)
+        self.pins = PinStore()
+        self.own: set[tuple[str, int]] = set()
+        self.decider = Decider(self.holder, self.gate, self.pins, cfg.mode == "audit", self.telemetry.healthy,
+                               lambda: self.own)
+        self.addon = Portcullis(self.decider, self.telemetry, auth, self.pins)
+        self.admin: AdminServer | None = None
+        self.master: mmaster.Master | None = None
+        self.proxy_up = False
+        self.exit_code = 0
+        self._tasks: list[asyncio.Task[Any]] = []
+
+    def route_adders(self) -> list[RouteAdder]:
+        adders: list[RouteAdder] = []
+        try:
+            api = importlib.import_module("addons.approvals.api")
+        except ImportError:
+            return adders
+        if self.gate.service is not None and hasattr(api, "add_routes"):
+            service, token = self.gate.service, self.token
+            adders.append(lambda app: api.add_routes(app, service, token))
+        return adders
+
+    def build_master(self) -> mmaster.Master:
+        opts = options.Options(listen_host=self.listen[0], listen_port=self.listen[1], mode=["regular"],
+                               confdir=str(self.ca_dir))
+        m = mmaster.Master(opts)
+        # Only what Portcullis needs (notes §8): every extra addon costs hook dispatch on every event.
+        m.addons.add(core.Core(), proxyserver.Proxyserver(), next_layer.NextLayer(), tlsconfig.TlsConfig(),
+                     self.addon, Lifecycle(self))
+        m.options.update(
+            connection_strategy="eager",    # decide before connecting; a failed connect is a clean 502
+            rawtcp=False,                   # no silent raw relay: tunnels are ours to decide (next_layer)
+            websocket=True,
+            stream_large_bodies="1m",       # decided on headers; big bodies stream, never buffered whole
+            ssl_verify_upstream_trusted_ca=self.bundle,
+        )
+        self.master = m
+        return m
+
+    async def on_running(self) -> None:
+        assert self.master is not None
+        ps = self.master.addons.get("proxyserver")
+        addrs = list(ps.listen_addrs()) if ps else []
+        if not addrs:
+            print(f"portcullis: cannot listen on {self.listen[0]}:{self.listen[1]}", file=sys.stderr)
+            self.exit_code = 1
+            self.master.shutdown()
+            return
+        for a in addrs:
+            self._add_own(str(a[0]), int(a[1]))
+        self.admin = AdminServer(self.admin_addr[0], self.admin_addr[1], self.token, self.telemetry.metrics.render,
+                                 self.ready, self.route_adders())
+        try:
+            admin_bound = await self.admin.start()
+        except Exception as e:
+            print(f"portcullis: cannot start the admin server on {self.admin_addr[0]}:{self.admin_addr[1]}: {e}",
+                  file=sys.stderr)
+            self.exit_code = 1
+            self.master.shutdown()
+            return
+        self._add_own(*admin_bound)
+        if self.gate.service is not None:  # webhook decide_url links point at the bound admin port
+            self.gate.service.admin_url = f"http://{_fmt(admin_bound[0])}:{admin_bound[1]}"
+        self.proxy_up = True
+        self._tasks.append(asyncio.create_task(self.holder.watch()))
+        self.telemetry.emit(
+            "proxy.started",
+            listen=[f"{_fmt(str(a[0]))}:{a[1]}" for a in addrs],
+            admin=f"{_fmt(admin_bound[0])}:{admin_bound[1]}",
+            mode=self.loaded.config.mode,
+            rule_count=self.holder.policy.rule_count,
+            pid=os.getpid(),
+        )
+
+    def _add_own(self, host: str, port: int) -> None:
+        try:
+            ip = ipaddress.ip_address(host.split("%", 1)[0])
+        except ValueError:
+            return
+        hosts = local_addresses() if ip.is_unspecified else {str(ip)}
+        self.own.update((h, port) for h in hosts)
+
+    def ready(self) -> bool:
+        return self.proxy_up and self.holder.policy is not None
+
+    async def on_done(self) -> None:
+        self.proxy_up = False
+        self.holder.stop()
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        if self.admin is not None:
+            await self.admin.stop()
+        with contextlib.suppress(Exception):
+            await self.gate.stop()
+        self.telemetry.emit("proxy.stopped", exit_code=self.exit_code)
+        self.telemetry.close()
+
+    def sighup(self) -> None:
+        self.telemetry.reopen()
+        self._tasks.append(asyncio.create_task(self.holder.reload("sighup")))
+
+
+def _fmt(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def prepare(args: argparse.Namespace) -> Runtime:
+    """Everything that can fail before listening. Raises StartupError / PolicyError."""
+    loaded = load_config(args.config)
+    cfg = loaded.config
+    listen = parse_hostport(args.listen or cfg.listen, "listen")
+    admin = parse_hostport(args.admin or cfg.admin.listen, "admin.listen")
+    token = os.environ.get(cfg.admin.token_env) or None
+    try:
+        check_token_policy(admin[0], token, cfg.admin.token_env)
+        auth = ProxyAuth(cfg)
+    except (AdminConfigError, AuthConfigError) as e:
+        raise StartupError(f"{loaded.path}: {e}") from e
+    ca_dir = loaded.resolve_path(cfg.tls.ca_dir)
+    try:
+        ensure_ca(ca_dir)
+    except OSError as e:
+        raise StartupError(f"{loaded.path}: tls.ca_dir: cannot create the CA in {ca_dir}: {e}") from e
+    return Runtime(loaded, listen, admin, token, auth, ca_dir, upstream_bundle(loaded, ca_dir))
+
+
+async def _serve(rt: Runtime) -> int:
+    try:
+        await rt.gate.start()  # store + webhook secrets: a problem here is a config error, before listening
+    except Exception as e:
+        print(f"{rt.loaded.path}: approvals: {e}", file=sys.stderr)
+        rt.telemetry.close()
+        return 2
+    install_error_pages()
+    m = rt.build_master()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, m.shutdown)
+    loop.add_signal_handler(signal.SIGHUP, rt.sighup)
+    await m.run()
+    return rt.exit_code
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """`portcullis run --config FILE [--listen H:P] [--admin H:P]`."""
+    logging.basicConfig(stream=sys.stderr, level=logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        rt = prepare(args)
+    except PolicyError as e:
+        for line in e.errors:
+            print(line, file=sys.stderr)
+        return 2
+    except StartupError as e:
+        print(str(e), file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"{args.config}:1:1: cannot read: {e}", file=sys.stderr)
+        return 2
+    return asyncio.run(_serve(rt))

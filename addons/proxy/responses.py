@@ -1,0 +1,127 @@
+"""The answers the proxy writes itself: 403 denials, 407 proxy-auth challenges, 502 upstream failures."""
+
+from __future__ import annotations
+
+import json
+
+from mitmproxy import http
+
+from addons.policy.model import Reason
+
+DECISION_HEADER = "X-Portcullis-Decision"
+REASON_HEADER = "X-Portcullis-Reason"
+
+# One sentence per reason that a person or an agent can act on.
+_MESSAGES: dict[str, str] = {
+    Reason.RULE: "Rule '{rule}' denies {dest}; ask an operator to change the rules if this access is needed.",
+    Reason.DEFAULT: "No rule allows {dest} and the default action is to deny; ask an operator to add an allow rule.",
+    Reason.PRIVATE_ADDRESS: "{dest} is a private, local or metadata address ({detail}), which is never reachable "
+    "through this proxy.",
+    Reason.SNI_MISMATCH: "The TLS server name in the tunnel to {dest} is missing or differs from the CONNECT host; "
+    "connect with the real host name.",
+    Reason.HOST_MISMATCH: "The Host header or request target differs from the destination {dest}; send requests "
+    "only to the host you connected to.",
+    Reason.APPROVAL_DENIED: "A person denied access to {dest}.",
+    Reason.APPROVAL_TIMEOUT: "Access to {dest} needs approval and none was given in time; retry later or ask an "
+    "operator.",
+    Reason.APPROVAL_PENDING: "Access to {dest} needs approval (id {approval_id}); retry after it is approved.",
+    Reason.BAD_REQUEST: "The request could not be understood as a proxy request to {dest} ({detail}).",
+    Reason.PROXY_AUTH: "Proxy credentials are missing or wrong; send a valid Proxy-Authorization header.",
+    Reason.CLIENT_CLOSED: "The client closed the connection while access to {dest} was waiting for approval.",
+    Reason.INTERNAL_ERROR: "The proxy could not decide on {dest} because of an internal error; the request was "
+    "refused to stay safe.",
+}
+
+
+def message_for(reason: str, host: str, port: int | None, rule: str | None, approval_id: str | None,
+                detail: str | None) -> str:
+    dest = f"{host}:{port}" if port else host
+    tmpl = _MESSAGES.get(reason, "Access to {dest} was denied ({reason}).")
+    return tmpl.format(dest=dest, rule=rule or "-", approval_id=approval_id or "-", detail=detail or reason,
+                       reason=reason)
+
+
+def _json(doc: dict[str, object]) -> bytes:
+    return (json.dumps(doc, separators=(",", ":")) + "\n").encode()
+
+
+def deny_response(
+    reason: str,
+    host: str,
+    port: int | None,
+    rule: str | None = None,
+    approval_id: str | None = None,
+    detail: str | None = None,
+    retry_after: int | None = None,
+    status: int = 403,
+) -> http.Response:
+    """403 (or 407 for proxy auth) with both X-Portcullis headers, a JSON body and a telling reason phrase."""
+    body = {
+        "error": "egress_denied",
+        "host": host,
+        "port": port,
+        "reason": reason,
+        "rule": rule,
+        "approval_id": approval_id,
+        "message": message_for(reason, host, port, rule, approval_id, detail),
+    }
+    headers = {
+        "Content-Type": "application/json",
+        DECISION_HEADER: "deny",
+        REASON_HEADER: reason,
+        "Cache-Control": "no-store",
+    }
+    if retry_after is not None:
+        headers["Retry-After"] = str(retry_after)
+    if status == 407:
+        headers["Proxy-Authenticate"] = 'Basic realm="portcullis"'
+    resp = http.Response.make(status, _json(body), headers)
+    resp.reason = f"Blocked by Portcullis: {reason} ({rule or 'none'})"
+    return resp
+
+
+def upstream_error_body(host: str | None, port: int | None, message: str) -> bytes:
+    return _json({
+        "error": "upstream_failed",
+        "host": host,
+        "port": port,
+        "reason": Reason.UPSTREAM_ERROR.value,
+        "message": f"The destination was allowed but the upstream failed: {message}",
+    })
+
+
+def upstream_error_response(host: str | None, port: int | None, message: str) -> http.Response:
+    """502 after an allow: X-Portcullis-Decision stays allow so nobody mistakes it for a denial."""
+    return http.Response.make(
+        502,
+        upstream_error_body(host, port, message),
+        {
+            "Content-Type": "application/json",
+            DECISION_HEADER: "allow",
+            REASON_HEADER: Reason.UPSTREAM_ERROR.value,
+            "Cache-Control": "no-store",
+        },
+    )
+
+
+def _portcullis_error_response(status_code: int, message: str = "") -> bytes:
+    """Replacement for mitmproxy's HTML error page on HTTP/1 connections (no HTML, our headers)."""
+    from mitmproxy.net.http import http1
+
+    if status_code >= 500:
+        resp = upstream_error_response(None, None, message or "no response")
+        resp.status_code = status_code
+    else:
+        resp = deny_response(Reason.BAD_REQUEST.value, "-", None, detail=message or "malformed request",
+                             status=status_code)
+        resp.reason = f"Blocked by Portcullis: {Reason.BAD_REQUEST.value} (none)"
+    resp.headers["Connection"] = "close"
+    return http1.assemble_response(resp)
+
+
+def install_error_pages() -> None:
+    """mitmproxy writes its own HTML page for unparsable requests and failed upstream connects;
+    those paths have no addon hook that can replace the bytes, so swap the page builder itself."""
+    from mitmproxy.proxy.layers.http import _http1
+
+    _http1.make_error_response = _portcullis_error_response

@@ -1,0 +1,557 @@
+"""Reusable end-to-end harness: a real Portcullis proxy subprocess plus loopback upstreams.
+
+Typical use (pytest):
+
+    from tests.harness import Upstreams, PortcullisProc, upstreams  # noqa: F401  (fixture)
+
+    def test_x(upstreams, tmp_path):
+        with PortcullisProc(tmp_path, upstreams, rules=[{"name": "pub", "action": "allow",
+                                                          "hosts": ["public.test"]}]) as p:
+            r = p.curl(f"http://public.test:{upstreams.http_port}/hello")
+            assert r.status == 200
+            ev = p.wait_event("egress.decision")
+
+Upstreams (one set per test session, in a background thread):
+  - 127.0.0.2:http_port   plain HTTP; answers JSON describing the request (method, path, host, headers)
+                          and `/ws` is a websocket echo
+  - 127.0.0.2:tls_port    the same over TLS, cert for public.test, *.public.test (test CA: upstreams.ca_pem)
+  - 127.0.0.3:other_tls_port  TLS with a cert for other.test only
+  - 127.0.0.2:sink_port   raw TCP sink counting every byte it receives (upstreams.sink)
+  - 127.0.0.2:greet_port  raw TCP server that speaks first ("SSH-2.0-test") and echoes
+`network.resolve` maps public.test, *.public.test names used by tests, other.test -> those addresses and
+`network.allow_cidrs` admits 127.0.0.2/32 and 127.0.0.3/32, so 127.0.0.1 stays private.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import ipaddress
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+PUBLIC_IP = "127.0.0.2"
+OTHER_IP = "127.0.0.3"
+START_TIMEOUT = 20.0
+
+# ---------------------------------------------------------------------------------------------- PKI
+
+
+def make_pki(folder: Path) -> dict[str, Path]:
+    """A throwaway CA and two server certs (public.test + *.public.test, other.test)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    folder.mkdir(parents=True, exist_ok=True)
+    now = dt.datetime.now(dt.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Portcullis Test Upstream CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(days=1))
+          .not_valid_after(now + dt.timedelta(days=30))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
+                                       data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                                       crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    out = {"ca": folder / "test-ca.pem"}
+    out["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+
+    def leaf(tag: str, names: list[str]) -> None:
+        key = ec.generate_private_key(ec.SECP256R1())
+        sans: list[x509.GeneralName] = [x509.DNSName(n) for n in names]
+        cert = (x509.CertificateBuilder()
+                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
+                .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+                .not_valid_before(now - dt.timedelta(days=1)).not_valid_after(now + dt.timedelta(days=30))
+                .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+                .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+                .sign(ca_key, hashes.SHA256()))
+        out[tag + "_cert"] = folder / f"{tag}.crt"
+        out[tag + "_key"] = folder / f"{tag}.key"
+        out[tag + "_cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        out[tag + "_key"].write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                        serialization.PrivateFormat.PKCS8,
+                                                        serialization.NoEncryption()))
+
+    leaf("public", ["public.test", "*.public.test"])
+    leaf("other", ["other.test"])
+    return out
+
+
+# ------------------------------------------------------------------------------------------ upstreams
+
+
+@dataclass
+class Sink:
+    """What the raw TCP sink saw."""
+
+    connections: int = 0
+    bytes: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def snapshot(self) -> tuple[int, int]:
+        with self.lock:
+            return self.connections, self.bytes
+
+
+class Upstreams:
+    """Loopback servers in a background event loop. Start with `start()`, stop with `stop()`."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.pki = make_pki(folder / "pki")
+        self.ca_pem = self.pki["ca"]
+        self.requests: list[dict[str, Any]] = []
+        self.sink = Sink()
+        self.http_port = self.tls_port = self.other_tls_port = self.sink_port = self.greet_port = 0
+        self.closed_port = _free_port(PUBLIC_IP)  # nothing listens here: connect is refused
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="upstreams", daemon=True)
+        self._cleanups: list[Any] = []
+        self._lock = threading.Lock()
+
+    def start(self) -> Upstreams:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(15)
+        return self
+
+    def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(self._stop(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+    def clear(self) -> None:
+        with self._lock:
+            self.requests.clear()
+        with self.sink.lock:
+            self.sink.connections = self.sink.bytes = 0
+
+    def seen(self, pred: Callable[[dict[str, Any]], bool] | None = None) -> list[dict[str, Any]]:
+        with self._lock:
+            return [r for r in self.requests if pred is None or pred(r)]
+
+    async def _start(self) -> None:
+        from aiohttp import web
+
+        async def handle(request: web.Request) -> web.StreamResponse:
+            if request.path == "/ws":
+                ws = web.WebSocketResponse()
+                await ws.prepare(request)
+                async for msg in ws:
+                    if msg.type == 1:  # TEXT
+                        await ws.send_str("echo:" + msg.data)
+                return ws
+            body = await request.read()
+            peer = request.transport.get_extra_info("peername") if request.transport else None
+            info = {"server": request.app["name"], "method": request.method, "path": request.path_qs,
+                    "host": request.headers.get("Host"), "headers": dict(request.headers),
+                    "body_len": len(body), "peer_port": peer[1] if peer else None}
+            with self._lock:
+                self.requests.append(info)
+            return web.json_response(info)
+
+        def app(name: str) -> web.Application:
+            a = web.Application(client_max_size=64 * 1024 * 1024)
+            a["name"] = name
+            a.router.add_route("*", "/{tail:.*}", handle)
+            return a
+
+        def tls_ctx(tag: str) -> ssl.SSLContext:
+            ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ctx.load_cert_chain(self.pki[tag + "_cert"], self.pki[tag + "_key"])
+            return ctx
+
+        async def site(a: web.Application, host: str, ctx: ssl.SSLContext | None) -> int:
+            runner = web.AppRunner(a, access_log=None)
+            await runner.setup()
+            s = web.TCPSite(runner, host, 0, ssl_context=ctx)
+            await s.start()
+            self._cleanups.append(runner.cleanup)
+            return int(s._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
+
+        self.http_port = await site(app("http"), PUBLIC_IP, None)
+        self.tls_port = await site(app("tls"), PUBLIC_IP, tls_ctx("public"))
+        self.other_tls_port = await site(app("other"), OTHER_IP, tls_ctx("other"))
+
+        async def sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            with self.sink.lock:
+                self.sink.connections += 1
+            while data := await reader.read(65536):
+                with self.sink.lock:
+                    self.sink.bytes += len(data)
+            writer.close()
+
+        async def greet(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write(b"SSH-2.0-test\r\n")
+            await writer.drain()
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+            writer.close()
+
+        for handler, attr in ((sink, "sink_port"), (greet, "greet_port")):
+            srv = await asyncio.start_server(handler, PUBLIC_IP, 0)
+            setattr(self, attr, int(srv.sockets[0].getsockname()[1]))
+            self._cleanups.append(_closer(srv))
+
+    async def _stop(self) -> None:
+        for c in reversed(self._cleanups):
+            with contextlib.suppress(Exception):
+                await c()
+
+
+def _closer(srv: asyncio.Server) -> Callable[[], Any]:
+    async def close() -> None:
+        srv.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(srv.wait_closed(), 2)
+    return close
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def upstreams(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upstreams]:
+    """One set of loopback upstreams for the whole session (cleared before each use by PortcullisProc)."""
+    u = Upstreams(tmp_path_factory.mktemp("upstreams")).start()
+    yield u
+    u.stop()
+
+
+# ------------------------------------------------------------------------------------------- the proxy
+
+
+@dataclass
+class Reply:
+    """An HTTP answer as a client saw it."""
+
+    status: int
+    reason: str
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+@dataclass
+class CurlResult:
+    exit_code: int
+    status: int | None
+    headers: dict[str, str]
+    body: bytes
+    stderr: str
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def base_config(u: Upstreams, folder: Path, **over: Any) -> dict[str, Any]:
+    """A config for tests: loopback everything, the test names resolved statically, the test CA trusted."""
+    cfg: dict[str, Any] = {
+        # Real ports come from the command line (127.0.0.1:0) and the proxy.started event.
+        "listen": "127.0.0.1:8080",
+        "admin": {"listen": "127.0.0.1:9090", "token_env": "PORTCULLIS_TEST_ADMIN_TOKEN"},
+        "rules": ["rules/"],
+        "default_action": "deny",
+        "mode": "enforce",
+        "approvals": {"timeout": "5s", "hold": True, "store": "sqlite:///state/portcullis.db",
+                      "persist_to": "rules/approved.yaml"},
+        "network": {
+            "block_private": True,
+            "allow_cidrs": [f"{PUBLIC_IP}/32", f"{OTHER_IP}/32"],
+            "resolve": {"public.test": PUBLIC_IP, "api.public.test": PUBLIC_IP, "www.public.test": PUBLIC_IP,
+                        "deep.api.public.test": PUBLIC_IP, "other.test": OTHER_IP,
+                        "blocked.test": PUBLIC_IP, "approve.test": PUBLIC_IP},
+        },
+        "tls": {"inspect": "auto", "ca_dir": "certs/", "upstream_ca": str(u.ca_pem)},
+        "telemetry": {"log": {"format": "json"}, "metrics": True, "otlp": False},
+    }
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(cfg.get(k), dict):
+            cfg[k] = {**cfg[k], **v}
+        else:
+            cfg[k] = v
+    return cfg
+
+
+class PortcullisProc:
+    """`portcullis run` in a subprocess (optionally inside a fresh network namespace with only lo up).
+
+    Events (the JSON lines on stdout) are collected in `self.events`; stderr goes to `stderr.log`.
+    """
+
+    def __init__(self, folder: Path, u: Upstreams | None, rules: list[dict[str, Any]] | None = None,
+                 config: dict[str, Any] | None = None, env: dict[str, str] | None = None, netns: bool = False,
+                 extra_rule_files: dict[str, str] | None = None) -> None:
+        self.folder = folder
+        self.u = u
+        self.netns = netns
+        self.events: list[dict[str, Any]] = []
+        self._cond = threading.Condition()
+        (folder / "rules").mkdir(parents=True, exist_ok=True)
+        if u is not None and config is None:
+            config = base_config(u, folder)
+        self.config = config or {}
+        self.config_path = folder / "portcullis.yaml"
+        self.config_path.write_text(json.dumps(self.config, indent=1))
+        self.rules_path = folder / "rules" / "main.yaml"
+        self.write_rules(rules or [])
+        for name, text in (extra_rule_files or {}).items():
+            (folder / "rules" / name).write_text(text)
+        self.env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.port = self.admin_port = 0
+        self.exit_code: int | None = None
+
+    def write_rules(self, rules: list[dict[str, Any]], path: Path | None = None) -> None:
+        tmp = (path or self.rules_path).with_suffix(".tmp")
+        tmp.write_text(json.dumps({"rules": rules}, indent=1))
+        os.replace(tmp, path or self.rules_path)
+
+    # -- lifecycle
+    def command(self) -> list[str]:
+        cmd = [sys.executable, "-m", "addons.cli", "run", "--config", str(self.config_path),
+               "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"]
+        if self.netns:
+            cmd = ["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$@"', "sh", *cmd]
+        return cmd
+
+    def start(self, wait: bool = True) -> PortcullisProc:
+        if self.u is not None:
+            self.u.clear()
+        self._stderr = open(self.folder / "stderr.log", "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(self.command(), cwd=REPO, env=self.env, stdout=subprocess.PIPE,
+                                     stderr=self._stderr, stdin=subprocess.DEVNULL)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        if wait:
+            ev = self.wait_event("proxy.started", timeout=START_TIMEOUT)
+            self.port = int(ev["listen"][0].rsplit(":", 1)[1])
+            self.admin_port = int(ev["admin"].rsplit(":", 1)[1])
+        return self
+
+    def _read(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        for line in self.proc.stdout:
+            try:
+                doc = json.loads(line)
+            except ValueError:
+                continue
+            with self._cond:
+                self.events.append(doc)
+                self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.proc is None:
+            return self.exit_code or 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.exit_code = self.proc.returncode
+        self._reader.join(5)
+        self._stderr.close()
+        self.proc = None
+        return self.exit_code
+
+    def __enter__(self) -> PortcullisProc:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stderr_text(self) -> str:
+        return (self.folder / "stderr.log").read_text(errors="replace")
+
+    # -- events
+    def find(self, event: str | None = None, **match: Any) -> list[dict[str, Any]]:
+        with self._cond:
+            evs = list(self.events)
+        return [e for e in evs if (event is None or e.get("event") == event) and _matches(e, match)]
+
+    def wait_event(self, event: str, timeout: float = 10.0, count: int = 1, **match: Any) -> dict[str, Any]:
+        """Wait until `count` events of this type (matching dotted-key fields) exist; return the last."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                found = [e for e in self.events if e.get("event") == event and _matches(e, match)]
+                if len(found) >= count:
+                    return found[count - 1]
+                left = deadline - time.monotonic()
+                if left <= 0 or (self.proc is not None and self.proc.poll() is not None and not found):
+                    raise AssertionError(f"no {event} {match} within {timeout}s; stderr:\n{self.stderr_text()[-3000:]}")
+                self._cond.wait(min(left, 0.2))
+
+    def decisions(self, **match: Any) -> list[dict[str, Any]]:
+        return self.find("egress.decision", **match)
+
+    # -- clients
+    @property
+    def proxy_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    def curl(self, url: str, *args: str, timeout: float = 15.0) -> CurlResult:
+        """curl through the proxy (test CA and proxy CA trusted); inside the netns when netns=True."""
+        out = self.folder / f"curl-body-{time.monotonic_ns()}"
+        cmd = ["curl", "-sS", "-x", self.proxy_url, "-D", "-", "-o", str(out), "--max-time", str(timeout),
+               "--cacert", str(self.trust_bundle()), *args, url]
+        p = subprocess.run(self.wrap(cmd), capture_output=True, timeout=timeout + 5, check=False)
+        body = out.read_bytes() if out.exists() else b""
+        with contextlib.suppress(OSError):
+            out.unlink()
+        status, headers = _last_head(p.stdout.decode("latin-1"))
+        return CurlResult(p.returncode, status, headers, body, p.stderr.decode(errors="replace"))
+
+    def wrap(self, cmd: list[str]) -> list[str]:
+        """Run a client command in the proxy's network namespace when it has one."""
+        if self.netns:
+            assert self.proc is not None
+            return ["nsenter", "-t", str(self.proc.pid), "-n", *cmd]
+        return cmd
+
+    def trust_bundle(self) -> Path:
+        """The test upstream CA plus the proxy's interception CA, for clients."""
+        bundle = self.folder / "client-trust.pem"
+        if not bundle.exists():
+            parts = [self.u.ca_pem.read_text()] if self.u is not None else []
+            proxy_ca = self.folder / "certs" / "mitmproxy-ca-cert.pem"
+            if proxy_ca.exists():
+                parts.append(proxy_ca.read_text())
+            bundle.write_text("\n".join(parts))
+        return bundle
+
+    def connect(self, timeout: float = 10.0) -> socket.socket:
+        """A raw TCP connection to the proxy (not for netns mode)."""
+        s = socket.create_connection(("127.0.0.1", self.port), timeout=timeout)
+        return s
+
+    def raw(self, data: bytes, timeout: float = 10.0) -> Reply:
+        """Send raw bytes on a fresh connection; read one response."""
+        with self.connect(timeout) as s:
+            s.sendall(data)
+            return read_reply(s)
+
+    def connect_tunnel(self, authority: str, headers: str = "", timeout: float = 10.0) -> tuple[socket.socket, Reply]:
+        """CONNECT on a fresh connection; returns the socket (tunnel if 2xx) and the CONNECT reply."""
+        s = self.connect(timeout)
+        s.sendall(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n{headers}\r\n".encode())
+        return s, read_reply(s, head_only_2xx=True)
+
+
+def _matches(e: dict[str, Any], match: dict[str, Any]) -> bool:
+    for k, want in match.items():
+        cur: Any = e
+        for part in k.replace("__", ".").split("."):
+            if not isinstance(cur, dict) or part not in cur:
+                return False
+            cur = cur[part]
+        if cur != want:
+            return False
+    return True
+
+
+def _last_head(text: str) -> tuple[int | None, dict[str, str]]:
+    """The last response head in curl's -D output (after any CONNECT 200 / 100 Continue)."""
+    blocks = [b for b in text.replace("\r\n", "\n").split("\n\n") if b.startswith("HTTP/")]
+    if not blocks:
+        return None, {}
+    lines = blocks[-1].split("\n")
+    status = int(lines[0].split()[1])
+    headers: dict[str, str] = {}
+    for ln in lines[1:]:
+        if ":" in ln:
+            k, v = ln.split(":", 1)
+            headers[k.strip().lower()] = v.strip()
+    return status, headers
+
+
+def read_reply(s: socket.socket, head_only_2xx: bool = False) -> Reply:
+    """Read one HTTP/1.x response from a socket (Content-Length or until close)."""
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        chunk = s.recv(65536)
+        if not chunk:
+            raise ConnectionError(f"connection closed before a full response head: {buf!r}")
+        buf += chunk
+    head, rest = buf.split(b"\r\n\r\n", 1)
+    lines = head.decode("latin-1").split("\r\n")
+    _, code, *reason = lines[0].split(" ", 2)
+    headers: dict[str, str] = {}
+    for ln in lines[1:]:
+        k, _, v = ln.partition(":")
+        headers[k.strip().lower()] = v.strip()
+    status = int(code)
+    if head_only_2xx and 200 <= status < 300:
+        return Reply(status, reason[0] if reason else "", headers, rest)
+    length = headers.get("content-length")
+    if length is not None:
+        while len(rest) < int(length):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            rest += chunk
+        body = rest[: int(length)]
+    else:
+        while chunk := s.recv(65536):
+            rest += chunk
+        body = rest
+    return Reply(status, reason[0] if reason else "", headers, body)
+
+
+def tls_client_hello(server_name: str | None) -> bytes:
+    """A real TLS ClientHello record (for raw-socket SNI tests), made with no network."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(inc, out, server_hostname=server_name)
+    with contextlib.suppress(ssl.SSLWantReadError):
+        obj.do_handshake()
+    return out.read()
+
+
+def assert_denied(reply: Reply | CurlResult, reason: str, status: int = 403) -> dict[str, Any]:
+    """Status, both X-Portcullis headers and the body's reason; returns the body."""
+    assert reply.status == status, (reply.status, reply.headers, reply.body[:300])
+    assert reply.headers.get("x-portcullis-decision") == "deny", reply.headers
+    assert reply.headers.get("x-portcullis-reason") == reason, reply.headers
+    body = json.loads(reply.body)
+    assert body["reason"] == reason and body["error"] == "egress_denied", body
+    return dict(body)
+
+
+def is_loopback(ip: str) -> bool:
+    return ipaddress.ip_address(ip).is_loopback
