@@ -1,0 +1,135 @@
+"""OpenTelemetry export: events as OTel log records (in-memory, and OTLP/HTTP to a loopback receiver)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+from aiohttp import web
+from opentelemetry._logs import SeverityNumber
+from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
+from opentelemetry.sdk._logs import LoggerProvider
+from opentelemetry.sdk._logs.export import InMemoryLogRecordExporter, SimpleLogRecordProcessor
+from opentelemetry.sdk.resources import Resource
+from tel_helpers import DECISIONS, OTHER_EVENTS, lines, make, record
+
+from addons.policy.config import TelemetryConfig
+from addons.telemetry.events import Telemetry
+from addons.telemetry.otel import OtelBridge
+
+
+def _memory() -> tuple[OtelBridge, InMemoryLogRecordExporter]:
+    exp = InMemoryLogRecordExporter()
+    provider = LoggerProvider(resource=Resource.create({"service.name": "portcullis-test"}))
+    provider.add_log_record_processor(SimpleLogRecordProcessor(exp))
+    return OtelBridge(provider), exp
+
+
+def test_every_event_becomes_one_log_record_with_semconv_names() -> None:
+    bridge, exp = _memory()
+    import io
+
+    out = io.StringIO()
+    t = Telemetry(TelemetryConfig(), stream=out, otel=bridge)
+    for rec in DECISIONS:
+        t.decision(rec)
+    for name, fields in OTHER_EVENTS:
+        t.emit(name, **fields)
+    logs = exp.get_finished_logs()
+    native = lines(out)
+    assert len(logs) == len(native) == len(DECISIONS) + len(OTHER_EVENTS)
+    for rec, ev in zip(logs, native, strict=True):
+        assert rec.log_record.event_name == ev["event"] and rec.log_record.body == ev["event"]
+    first = logs[0].log_record
+    attrs = dict(first.attributes or {})
+    r = DECISIONS[0]
+    assert attrs["server.address"] == r.host and attrs["server.port"] == r.port
+    assert attrs["client.address"] == r.client_address and attrs["client.port"] == r.client_port
+    assert attrs["http.request.method"] == r.method and attrs["url.scheme"] == r.scheme
+    assert attrs["url.path"] == r.path
+    assert attrs["portcullis.decision"] == "allow" and attrs["portcullis.reason"] == "rule"
+    assert attrs["portcullis.rule"] == r.rule and attrs["portcullis.flow_id"] == r.flow_id
+    assert list(attrs["portcullis.matched_rules"]) == list(r.matched_rules)
+    assert not any(v is None for v in attrs.values())
+    assert first.severity_number == SeverityNumber.INFO
+
+
+def test_severity_follows_the_outcome_and_unknown_methods_are_other() -> None:
+    bridge, exp = _memory()
+    t, _ = make()
+    t = Telemetry(TelemetryConfig(), stream=t.stream, otel=bridge)
+    t.decision(record(decision="deny", reason="default"))
+    t.decision(record(decision="deny", reason="internal_error"))
+    t.decision(record(decision="allow", method="PROPFIND"))
+    deny, err, odd = (x.log_record for x in exp.get_finished_logs())
+    assert deny.severity_number == SeverityNumber.WARN and err.severity_number == SeverityNumber.ERROR
+    assert odd.attributes is not None
+    assert odd.attributes["http.request.method"] == "_OTHER"
+    assert odd.attributes["http.request.method_original"] == "PROPFIND"
+
+
+def test_an_exporter_failure_never_breaks_the_local_line() -> None:
+    class Broken:
+        def emit(self, **_: object) -> None:
+            raise RuntimeError("collector exploded")
+
+    bridge, _ = _memory()
+    bridge._logger = Broken()  # type: ignore[assignment]
+    dropped: list[int] = []
+    bridge._on_error = lambda: dropped.append(1)
+    t, out = make()
+    t = Telemetry(TelemetryConfig(), stream=out, otel=bridge)
+    t.decision(record())
+    assert len(lines(out)) == 1 and dropped == [1] and t.healthy()
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[tuple[str, list[ExportLogsServiceRequest]]]:
+    got: list[ExportLogsServiceRequest] = []
+
+    async def logs(request: web.Request) -> web.Response:
+        msg = ExportLogsServiceRequest()
+        msg.ParseFromString(await request.read())
+        got.append(msg)
+        return web.Response(status=200, content_type="application/x-protobuf", body=b"")
+
+    app = web.Application()
+    app.router.add_post("/v1/logs", logs)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        yield f"http://127.0.0.1:{port}", got
+    finally:
+        await runner.cleanup()
+
+
+async def test_otlp_http_export_end_to_end(
+    receiver: tuple[str, list[ExportLogsServiceRequest]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url, got = receiver
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", url)  # the exporter appends /v1/logs
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "portcullis-e2e")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    for var in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    t, out = make(otlp=True)
+    for rec in DECISIONS[:5]:
+        t.decision(rec)
+    t.emit("proxy.stopped", reason="test")
+    # close() force-flushes from this thread; run it off the loop so the receiver can answer.
+    await asyncio.wait_for(asyncio.to_thread(t.close), timeout=20)
+    records = [lr for req in got for rl in req.resource_logs for sl in rl.scope_logs for lr in sl.log_records]
+    assert len(records) == 6 == len(lines(out))
+    names = [r.event_name for r in records]
+    assert names == ["egress.decision"] * 5 + ["proxy.stopped"]
+    res = {kv.key: kv.value.string_value for kv in got[0].resource_logs[0].resource.attributes}
+    assert res["service.name"] == "portcullis-e2e"
+    attrs = {kv.key: kv.value for kv in records[0].attributes}
+    assert attrs["server.address"].string_value == DECISIONS[0].host
+    assert attrs["server.port"].int_value == DECISIONS[0].port
+    assert attrs["portcullis.decision"].string_value == "allow"
+    assert records[0].body.string_value == "egress.decision"
