@@ -43,6 +43,7 @@ class Rule:
     paths: tuple[str, ...] | None = None
     clients: frozenset[str] | None = None
     raw_tcp: bool = False
+    hosts_raw: tuple[str, ...] = ()  # the entries as written, for `validate` to show normalised forms
     _path_re: re.Pattern[str] | None = field(default=None, compare=False)
 
     @property

@@ -44,7 +44,7 @@ class LoadedConfig:
 
 
 @dataclass
-class _Errors:
+class ErrorList:
     """Errors collected across files, sorted by (file order, line, column) at the end."""
 
     items: list[tuple[int, int, int, str]] = field(default_factory=list)
@@ -72,7 +72,7 @@ def _yaml() -> YAML:
     return y
 
 
-def _read_yaml(path: Path, shown: str, errors: _Errors) -> tuple[bool, Any]:
+def read_yaml(path: Path, shown: str, errors: ErrorList) -> tuple[bool, Any]:
     """(ok, data). A missing/unreadable file or a YAML syntax error is recorded and ok is False."""
     try:
         text = path.read_text(encoding="utf-8")
@@ -117,7 +117,7 @@ def _loc_text(loc: Sequence[Any]) -> str:
     return ".".join(str(p) for p in loc if not (isinstance(p, str) and ("[" in p or "-" in p)))
 
 
-def _validate(model: type[BaseModel], data: Any, shown: str, errors: _Errors) -> Any:
+def validate_model(model: type[BaseModel], data: Any, shown: str, errors: ErrorList) -> Any:
     try:
         return model.model_validate(data)
     except ValidationError as e:
@@ -161,7 +161,7 @@ def _network(text: str) -> IPNetwork:
     return pat.network
 
 
-def _settings(cfg: Config, data: Any, shown: str, errors: _Errors) -> Settings:
+def _settings(cfg: Config, data: Any, shown: str, errors: ErrorList) -> Settings:
     """Check and parse the config values the policy needs; record every problem with its position."""
     self_addresses: list[str] = []
     listens: tuple[tuple[tuple[str, ...], str], ...] = ((("listen",), cfg.listen),
@@ -229,7 +229,7 @@ def _settings(cfg: Config, data: Any, shown: str, errors: _Errors) -> Settings:
 
 
 def _rule_paths(config: Config, base_dir: Path, data: Any, shown_cfg: str,
-                errors: _Errors) -> list[tuple[Path, str]]:
+                errors: ErrorList) -> list[tuple[Path, str]]:
     """(path, shown path) of every rule file, in order. Folders: *.yaml/*.yml, sorted, not recursive."""
     out: list[tuple[Path, str]] = []
     for i, entry in enumerate(config.rules):
@@ -261,7 +261,7 @@ def _ref_file(path: Path, base_dir: Path) -> str:
 
 
 def _compile_rule(m: RuleModel, node: Any, order: int, line: int, ref_file: str, shown: str,
-                  settings: Settings, errors: _Errors) -> Rule | None:
+                  settings: Settings, errors: ErrorList) -> Rule | None:
     ok = True
     patterns: list[HostPattern] = []
     for j, raw in enumerate(m.hosts):
@@ -305,6 +305,7 @@ def _compile_rule(m: RuleModel, node: Any, order: int, line: int, ref_file: str,
         ports=frozenset(m.ports) if m.ports is not None else None, methods=methods,
         paths=tuple(m.paths) if m.paths is not None else None,
         clients=frozenset(m.clients) if m.clients is not None else None, raw_tcp=m.raw_tcp,
+        hosts_raw=tuple(m.hosts),
         _path_re=compile_paths(m.paths) if m.paths is not None else None,
     )
 
@@ -317,12 +318,12 @@ class _RuleLoad:
     names: dict[str, str] = field(default_factory=dict)  # rule name -> "path:line" of its first definition
 
 
-def _load_rules(paths: list[tuple[Path, str]], base_dir: Path, settings: Settings, errors: _Errors,
+def _load_rules(paths: list[tuple[Path, str]], base_dir: Path, settings: Settings, errors: ErrorList,
                 explicit: frozenset[Path] = frozenset()) -> _RuleLoad:
     out = _RuleLoad()
     for path, shown in paths:
         out.files.append(path)
-        ok, data = _read_yaml(path, shown, errors)
+        ok, data = read_yaml(path, shown, errors)
         if not ok or data is None:
             continue
         if not isinstance(data, CommentedMap):
@@ -331,7 +332,7 @@ def _load_rules(paths: list[tuple[Path, str]], base_dir: Path, settings: Setting
         if "cases" in data and "rules" not in data and path not in explicit:
             out.skipped.append(path)  # a `portcullis test` file living next to the rules
             continue
-        model = _validate(RuleFile, data, shown, errors)
+        model = validate_model(RuleFile, data, shown, errors)
         if model is None:
             continue
         ref_file = _ref_file(path, base_dir)
@@ -353,7 +354,7 @@ def _load_rules(paths: list[tuple[Path, str]], base_dir: Path, settings: Setting
 
 def load_policy(config: Config, base_dir: Path, *, config_shown: str | None = None) -> Policy:
     """Compile every rule file the config names into a Policy; raises PolicyError with ALL errors."""
-    errors = _Errors()
+    errors = ErrorList()
     shown_cfg = config_shown or str(base_dir / "portcullis.yaml")
     settings = _settings(config, None, shown_cfg, errors)
     policy, _ = _build(config, None, base_dir, shown_cfg, settings, errors)
@@ -363,7 +364,7 @@ def load_policy(config: Config, base_dir: Path, *, config_shown: str | None = No
 
 
 def _build(config: Config, data: Any, base_dir: Path, shown_cfg: str, settings: Settings,
-           errors: _Errors) -> tuple[Policy, _RuleLoad]:
+           errors: ErrorList) -> tuple[Policy, _RuleLoad]:
     paths = _rule_paths(config, base_dir, data, shown_cfg, errors)
     explicit = frozenset(base_dir / e for e in config.rules if (base_dir / e).is_file())
     loaded = _load_rules(paths, base_dir, settings, errors, explicit)
@@ -382,15 +383,15 @@ def load_config_report(path: str | Path) -> LoadReport:
     """load_config plus what was skipped (for `portcullis validate`)."""
     cfg_path = Path(path)
     shown = str(path)
-    errors = _Errors()
-    ok, data = _read_yaml(cfg_path, shown, errors)
+    errors = ErrorList()
+    ok, data = read_yaml(cfg_path, shown, errors)
     if not ok:
         raise PolicyError(errors.sorted())
     if data is None:
         data = CommentedMap()
     if not isinstance(data, CommentedMap):
         raise PolicyError([f"{shown}:1:1: the config file is a YAML mapping (key: value lines)"])
-    config = _validate(Config, data, shown, errors)
+    config = validate_model(Config, data, shown, errors)
     if config is None:
         raise PolicyError(errors.sorted())
     base_dir = cfg_path.parent
