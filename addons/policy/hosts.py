@@ -196,10 +196,17 @@ def registered_domain(host: str) -> str | None:
     return f"{r.domain}.{r.suffix}"
 
 
+def public_suffix_section(name: str) -> Literal["icann", "private"] | None:
+    """Which PSL section lists a normalised name as a public suffix, or None if it is not one."""
+    r = _PSL.extract_str(name)
+    if r.domain == "" and r.suffix == name:
+        return "private" if r.is_private else "icann"
+    return None
+
+
 def is_public_suffix(name: str) -> bool:
     """True when a normalised name is itself a public suffix (ICANN or private section)."""
-    r = _PSL.extract_str(name)
-    return r.domain == "" and r.suffix == name
+    return public_suffix_section(name) is not None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -332,10 +339,12 @@ def _to_v4_if_mapped(net: IPNetwork) -> IPNetwork:
     return net
 
 
-def parse_pattern(raw: str) -> HostPattern:
+def parse_pattern(raw: str, *, deny: bool = False) -> HostPattern:
     """Compile a `hosts:` entry: a name, `*.name`, `**.name`, an IP literal or a CIDR.
 
-    No other wildcard exists; a wildcard directly over a public suffix is an error.
+    No other wildcard exists; a wildcard directly over a public suffix is an error. With
+    `deny`, a wildcard over a PSL *private-section* suffix (`**.ngrok.io`, `*.github.io`) is
+    accepted: denying every tenant of a hosting service can only narrow access.
     """
     if not isinstance(raw, str) or not raw.strip():
         raise HostError("empty host entry")
@@ -379,7 +388,9 @@ def parse_pattern(raw: str) -> HostPattern:
         name = normalize_host(base)
     except HostError as e:
         raise HostError(f"bad host {raw!r}: {e}") from None
-    if kind != "exact" and is_public_suffix(name):
-        raise HostError(f"wildcard {raw!r} stands directly over the public suffix {name!r}; "
+    section = public_suffix_section(name) if kind != "exact" else None
+    if section == "icann" or (section == "private" and not deny):
+        raise HostError(f"wildcard {raw!r} stands directly over the public suffix {name!r} "
+                        f"({'any tenant of a hosting service' if section == 'private' else 'any site'}); "
                         f"name the domains you mean (e.g. **.example.{name})")
     return HostPattern(kind, name)

@@ -266,7 +266,7 @@ def _compile_rule(m: RuleModel, node: Any, order: int, line: int, ref_file: str,
     patterns: list[HostPattern] = []
     for j, raw in enumerate(m.hosts):
         try:
-            patterns.append(parse_pattern(raw))
+            patterns.append(parse_pattern(raw, deny=m.action == "deny"))
         except HostError as e:
             errors.add(shown, *_pos(node, ("hosts", j)), f"rule {m.name!r}: {e}")
             ok = False
@@ -322,16 +322,20 @@ def _load_rules(paths: list[tuple[Path, str]], base_dir: Path, settings: Setting
                 explicit: frozenset[Path] = frozenset()) -> _RuleLoad:
     out = _RuleLoad()
     for path, shown in paths:
-        out.files.append(path)
         ok, data = read_yaml(path, shown, errors)
         if not ok or data is None:
+            out.files.append(path)  # still watched: fixing it triggers a reload
             continue
         if not isinstance(data, CommentedMap):
+            out.files.append(path)
             errors.add(shown, 1, 1, "a rule file is a mapping with a 'rules:' list")
             continue
         if "cases" in data and "rules" not in data and path not in explicit:
             out.skipped.append(path)  # a `portcullis test` file living next to the rules
             continue
+        out.files.append(path)
+        if "rules" in data and data["rules"] is None:
+            data["rules"] = CommentedSeq()  # `rules:` with nothing under it: an empty file
         model = validate_model(RuleFile, data, shown, errors)
         if model is None:
             continue
