@@ -235,3 +235,30 @@ async def test_resolve_fails_closed_on_internal_error(make_service):
     out = await svc.resolve(request(), alive)
     assert (out.allowed, out.reason) == (False, Reason.INTERNAL_ERROR)
     svc._store = None
+
+
+async def test_always_rule_is_accepted_by_the_real_loader_and_decides(make_service, tmp_path):
+    """What the hot reload will see: the config loads and the new rule allows that host:port."""
+    from addons.policy.load import load_config
+    from addons.policy.model import Action, Query
+
+    (tmp_path / "rules").mkdir()
+    (tmp_path / "rules/base.yaml").write_text(
+        "rules:\n  - name: base\n    action: deny\n    hosts: [bad.example]\n")
+    cfg = tmp_path / "portcullis.yaml"
+    cfg.write_text(
+        "rules: [rules/]\ndefault_action: approval\nclients:\n  - name: ci\n    cidrs: [10.0.0.0/8]\n")
+    assert load_config(cfg).policy.decide(Query(host="new.example", port=443)).action == Action.APPROVAL
+    svc = await make_service(hold=False)
+    for host, group in (("new.example", None), ("grp.example", "ci")):
+        pend = await svc.resolve(request(host=host, client_name=group), alive)
+        await svc.decide(pend.approval_id, "allow", "always", "ops", None)
+    policy = load_config(cfg).policy
+    d = policy.decide(Query(host="new.example", port=443, client_address="192.0.2.1"))
+    assert d.action == Action.ALLOW and d.rule.name.startswith("approved-new.example-443-")
+    assert d.rule.file.endswith("approved.yaml")
+    assert policy.decide(Query(host="new.example", port=8443)).action == Action.APPROVAL
+    assert policy.decide(Query(host="grp.example", port=443, client_address="10.1.2.3")).action == \
+        Action.ALLOW
+    assert policy.decide(Query(host="grp.example", port=443, client_address="192.0.2.1")).action == \
+        Action.APPROVAL
