@@ -72,3 +72,24 @@ def validate_lines(text: str) -> list[dict[str, Any]]:
 
 def _where(path: Any) -> str:
     return "/".join(map(str, path)) or "<root>"
+
+
+def audit_events(stream: str | list[str], expected_decisions: int | None = None) -> list[dict[str, Any]]:
+    """The end-to-end check a proxy harness runs at teardown on everything the proxy wrote to stdout
+    (or its events file): every line a valid event (no stray log line mixed in), each decision logged
+    once (unique flow_id), and, when given, exactly `expected_decisions` egress.decision events.
+    Every tunnel.closed must follow an egress.decision of the same flow. Returns the events."""
+    text = stream if isinstance(stream, str) else "\n".join(stream)
+    events = validate_lines(text)
+    decisions = [e for e in events if e["event"] == "egress.decision"]
+    flows = [e["flow_id"] for e in decisions]
+    dupes = sorted({f for f in flows if flows.count(f) > 1})
+    if dupes:
+        raise EventSchemaError(f"decision logged more than once for flow(s) {dupes[:5]}")
+    if expected_decisions is not None and len(decisions) != expected_decisions:
+        raise EventSchemaError(f"{len(decisions)} egress.decision events for {expected_decisions} decisions")
+    seen = set(flows)
+    orphans = [e["flow_id"] for e in events if e["event"] == "tunnel.closed" and e["flow_id"] not in seen]
+    if orphans:
+        raise EventSchemaError(f"tunnel.closed without an egress.decision: {orphans[:5]}")
+    return events

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 from pathlib import Path
@@ -242,3 +243,6 @@ OTHER_EVENTS: list[tuple[str, dict[str, Any]]] = [
     ),
     ("proxy.stopped", {"reason": "SIGTERM", "uptime_s": 3600.5}),
 ]
+
+# Each decision its own flow, as the proxy does.
+DECISIONS = [dataclasses.replace(r, flow_id=f"flow-d{i}") for i, r in enumerate(DECISIONS)]
