@@ -179,8 +179,7 @@ class Portcullis:
             return
         rule = v.rule
         st.tunnel = Tunnel(
-            host=req.host, port=req.port, flow_id=flow.id, inspect=v.inspect and v.enforced,
-            raw_tcp=v.raw_tcp or not v.enforced, rule=rule.name if rule else None,
+            host=req.host, port=req.port, flow_id=flow.id, inspect=v.inspect, raw_tcp=v.raw_tcp, rule=rule.name if rule else None,
             rule_file=rule.file if rule else None, rule_line=rule.line if rule else None,
             client_name=v.client_name, client_user=req.client_user, ip=v.ip,
         )
@@ -272,16 +271,11 @@ class Portcullis:
                       client_id=nl.context.client.id, client_address=str(peer[0]) if peer else None,
                       client_port=int(peer[1]) if peer else None, client_user=t.client_user,
                       flow_id=t.flow_id, layer="connect")
-        enforced = not self.decider.audit
-        v = Verdict(False, "deny", Reason.SNI_MISMATCH.value, t.host, t.port, enforced=enforced,
-                    client_name=t.client_name, ip=t.ip, detail=detail)
-        self._log(req, v)
-        if enforced:
-            t.refused = True
-            nl.layer = CloseClientLayer(nl.context)
-        else:
-            t.layer_decided = True
-            nl.layer = CountingTunnelLayer(nl.context, t)
+        v = Verdict(False, "deny", Reason.SNI_MISMATCH.value, t.host, t.port, client_name=t.client_name,
+                    ip=t.ip, detail=detail)
+        self._log(req, v)  # enforced even in audit mode: a mismatched SNI is a bypass, not a rule question
+        t.refused = True
+        nl.layer = CloseClientLayer(nl.context)
 
     # ---- pinning ------------------------------------------------------------------------------------
     def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:

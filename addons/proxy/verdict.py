@@ -17,6 +17,10 @@ from addons.telemetry.record import DecisionRecord
 
 log = logging.getLogger(__name__)
 
+# Audit mode audits the rules: these verdicts are logged with enforced=false and let through. Safety
+# checks (private destinations, Host/SNI mismatch, malformed requests, auth, internal errors) always hold.
+AUDITED = frozenset({Reason.RULE.value, Reason.DEFAULT.value, Reason.APPROVAL_PENDING.value})
+
 
 @dataclass
 class Verdict:
@@ -89,13 +93,15 @@ class Decider:
                 refusal(req, Reason.INTERNAL_ERROR, detail="the event log cannot be written"),
                 latency_s=time.monotonic() - t0)
         policy = self.holder.policy
-        q = Query(host=req.host, port=req.port, scheme=req.scheme, method=req.method, path=req.path,
-                  client_address=req.client_address, client_user=req.client_user)
+        tunnel = req.layer == "connect"  # a CONNECT is decided on its authority alone (method None)
+        q = Query(host=req.host, port=req.port, scheme=req.scheme, method=None if tunnel else req.method,
+                  path=None if tunnel else req.path, client_address=req.client_address, client_user=req.client_user)
         d = policy.decide(q)
         pin: Pin | None = None
         unresolvable: str | None = None
-        if d.action is not Action.DENY:
-            # Resolve only names the rules do not already refuse: no DNS query leaks a denied name.
+        if d.action is not Action.DENY or (self.audit and d.reason.value in AUDITED):
+            # Resolve only names the rules do not already refuse: no DNS query leaks a denied name
+            # (in audit mode a rule denial still goes through, so it needs its checked address too).
             pin = self.pins.get(req.client_id, req.host, req.port)
             if pin is None:
                 try:
@@ -108,7 +114,7 @@ class Decider:
             if pin is not None:
                 d = policy.decide(dataclasses.replace(q, addresses=pin.addresses))
                 own = self.self_addresses()
-                if d.action is not Action.DENY and any((a, req.port) in own for a in pin.addresses):
+                if d.reason is not Reason.PRIVATE_ADDRESS and any((a, req.port) in own for a in pin.addresses):
                     d = Decision(Action.DENY, Reason.PRIVATE_ADDRESS, client_name=d.client_name,
                                  private_class="self", detail="the destination is this proxy itself")
         latency = time.monotonic() - t0
@@ -121,7 +127,7 @@ class Decider:
             v.status = 502
             v.detail = unresolvable
             v.passes = False
-        if self.audit and not v.passes and v.status == 403:
+        if self.audit and not v.passes and v.status == 403 and v.reason in AUDITED:
             v.passes, v.enforced, v.status = True, False, None
         if v.passes and pin is not None:
             self.pins.put(req.client_id, pin)
