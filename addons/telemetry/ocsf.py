@@ -28,7 +28,8 @@ DISPOSITION = {1: "Allowed", 2: "Blocked", 8: "Approved", 14: "Delayed", 15: "De
 _NO_HTTP_REASONS = frozenset({"sni_mismatch"})
 # Native fields carried into `unmapped` as they are (the OCSF object has no place for them).
 _UNMAPPED = ("enforced", "reason", "rule_file", "rule_line", "matched_rules", "layer", "latency_ms",
-             "approval_wait_ms", "detail", "approval_id", "flow_id", "scope", "by", "decision")
+             "approval_wait_ms", "detail", "approval_id", "flow_id", "scope", "by", "decision", "outcome",
+             "wait_s", "inspected")
 
 
 def to_ocsf(doc: dict[str, Any]) -> dict[str, Any]:
@@ -76,7 +77,7 @@ def _approval_decided(doc: dict[str, Any]) -> dict[str, Any]:
     decision = str(doc.get("decision") or doc.get("outcome") or "")
     if decision in ("allow", "approved"):
         ids, word = (1, 8, 1, 1), "approved"
-    elif decision in ("timeout", "expired") or doc.get("reason") == "approval_timeout":
+    elif "approval_timeout" in (doc.get("outcome"), doc.get("reason")) or decision in ("timeout", "expired"):
         ids, word = (2, 2, 2, 2), "timed out"
     else:
         ids, word = (2, 25, 3, 2), "rejected"
@@ -189,6 +190,8 @@ def _outcome(doc: dict[str, Any], out: dict[str, Any], ids: tuple[int, int, int,
 
 def _endpoints(doc: dict[str, Any], out: dict[str, Any]) -> None:
     client, dest = _dict(doc.get("client")), _dict(doc.get("destination"))
+    if not dest and doc.get("host"):   # tunnel.closed's older flat spelling
+        dest = {"host": doc.get("host"), "port": doc.get("port")}
     src = {k: v for k, v in (("ip", client.get("address")), ("port", client.get("port")),
                              ("name", client.get("name"))) if v is not None}
     dst = {k: v for k, v in (("hostname", dest.get("host")), ("domain", dest.get("registered_domain")),

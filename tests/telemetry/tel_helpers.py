@@ -218,7 +218,7 @@ OTHER_EVENTS: list[tuple[str, dict[str, Any]]] = [
         {"approval_id": "apr-2", "decision": "deny", "scope": None, "by": None, "reason": "approval_timeout"},
     ),
     ("approval.decided", {"approval_id": "apr-5", "decision": "deny", "scope": "once", "by": "bob"}),
-    ("rules.reloaded", {"rules": 12, "files": ["rules/base.yaml"], "trigger": "watch"}),
+    ("rules.reloaded", {"rule_count": 12, "files": ["rules/base.yaml"], "trigger": "watch"}),
     ("rules.reload_failed", {"error": "rules/base.yaml:3:5: unknown key 'hostz'", "trigger": "sighup"}),
     (
         "webhook.failed",
@@ -234,14 +234,15 @@ OTHER_EVENTS: list[tuple[str, dict[str, Any]]] = [
     (
         "proxy.started",
         {
-            "listen": "127.0.0.1:8080",
+            "listen": ["127.0.0.1:8080"],
             "admin": "127.0.0.1:9090",
             "mode": "enforce",
             "version": "0.1.0",
-            "rules": 12,
+            "rule_count": 12,
+            "pid": 4242,
         },
     ),
-    ("proxy.stopped", {"reason": "SIGTERM", "uptime_s": 3600.5}),
+    ("proxy.stopped", {"exit_code": 0, "uptime_s": 3600.5}),
 ]
 
 # Each decision its own flow, as the proxy does.

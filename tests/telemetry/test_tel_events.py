@@ -163,7 +163,7 @@ def test_console_format_without_a_tty_writes_json() -> None:
 
 def test_default_stream_is_stdout(capsys: pytest.CaptureFixture[str]) -> None:
     t = Telemetry()
-    t.emit("proxy.started", listen="127.0.0.1:1")
+    t.emit("proxy.started", listen=["127.0.0.1:1"], mode="enforce")
     validate_lines(capsys.readouterr().out)
 
 
