@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from mitmproxy import http
 
@@ -104,24 +105,54 @@ def upstream_error_response(host: str | None, port: int | None, message: str) ->
     )
 
 
+def _error_verdict(status_code: int) -> tuple[str, str]:
+    # mitmproxy answers by itself only for malformed requests (4xx) and failed upstreams (5xx).
+    if status_code >= 500:
+        return "allow", Reason.UPSTREAM_ERROR.value
+    return "deny", Reason.BAD_REQUEST.value
+
+
+def _error_body(status_code: int, message: str) -> bytes:
+    if status_code >= 500:
+        return upstream_error_body(None, None, message or "no response")
+    return _json({"error": "egress_denied", "host": None, "port": None, "reason": Reason.BAD_REQUEST.value,
+                  "rule": None, "approval_id": None,
+                  "message": f"The request could not be understood as a proxy request ({message})."})
+
+
 def _portcullis_error_response(status_code: int, message: str = "") -> bytes:
-    """Replacement for mitmproxy's HTML error page on HTTP/1 connections (no HTML, our headers)."""
+    """Replacement for mitmproxy's HTML error page on HTTP/1 connections (JSON, our headers)."""
     from mitmproxy.net.http import http1
 
-    if status_code >= 500:
-        resp = upstream_error_response(None, None, message or "no response")
-        resp.status_code = status_code
-    else:
-        resp = deny_response(Reason.BAD_REQUEST.value, "-", None, detail=message or "malformed request",
-                             status=status_code)
-        resp.reason = f"Blocked by Portcullis: {Reason.BAD_REQUEST.value} (none)"
-    resp.headers["Connection"] = "close"
-    return http1.assemble_response(resp)
+    decision, reason = _error_verdict(status_code)
+    resp = http.Response.make(status_code, _error_body(status_code, message), {
+        "Content-Type": "application/json", DECISION_HEADER: decision, REASON_HEADER: reason,
+        "Cache-Control": "no-store", "Connection": "close",
+    })
+    if decision == "deny":
+        resp.reason = f"Blocked by Portcullis: {reason} (none)"
+    out: bytes = http1.assemble_response(resp)  # type: ignore[no-untyped-call]
+    return out
 
 
 def install_error_pages() -> None:
     """mitmproxy writes its own HTML page for unparsable requests and failed upstream connects;
-    those paths have no addon hook that can replace the bytes, so swap the page builder itself."""
-    from mitmproxy.proxy.layers.http import _http1
+    those paths have no addon hook that can replace the bytes, so swap the page builders themselves
+    (HTTP/1: the whole response; HTTP/2: the body and the fixed three-header list)."""
+    from mitmproxy import version
+    from mitmproxy.proxy.layers.http import _http1, _http2, _http_h2
 
     _http1.make_error_response = _portcullis_error_response
+    _http2.format_error = _error_body  # type: ignore[assignment]
+    page_headers = [(b"server", version.MITMPROXY.encode()), (b"content-type", b"text/html")]
+    original = _http_h2.BufferedH2Connection.send_headers
+
+    def send_headers(self: Any, stream_id: int, headers: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(headers, list) and len(headers) == 3 and headers[1:] == page_headers:
+            decision, reason = _error_verdict(int(headers[0][1]))
+            headers = [headers[0], (b"content-type", b"application/json"),
+                       (DECISION_HEADER.lower().encode(), decision.encode()),
+                       (REASON_HEADER.lower().encode(), reason.encode())]
+        return original(self, stream_id, headers, *args, **kwargs)
+
+    _http_h2.BufferedH2Connection.send_headers = send_headers  # type: ignore[method-assign]

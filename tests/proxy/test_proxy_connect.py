@@ -1,0 +1,207 @@
+"""CONNECT tunnels through a real proxy: passthrough, SNI checks, raw TCP, inspection, upstream TLS."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import time
+
+import pytest
+
+from tests.harness import PortcullisProc, base_config, read_reply, tls_client_hello
+
+pytestmark = pytest.mark.e2e
+
+RULES = [
+    {"name": "public", "action": "allow", "hosts": ["public.test"]},
+    {"name": "no-blocked", "action": "deny", "hosts": ["blocked.test"]},
+    {"name": "api-reads", "action": "allow", "hosts": ["api.public.test", "wrongcert.test"], "methods": ["GET"],
+     "paths": ["/ok/*"]},
+    {"name": "raw", "action": "allow", "hosts": ["www.public.test"], "raw_tcp": True},
+    {"name": "by-ip", "action": "allow", "hosts": ["127.0.0.2"]},
+]
+
+
+@pytest.fixture(scope="module")
+def proxy(upstreams, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("connect")
+    cfg = base_config(upstreams, folder)
+    cfg["network"]["resolve"]["wrongcert.test"] = "127.0.0.3"
+    with PortcullisProc(folder, upstreams, rules=RULES, config=cfg) as p:
+        yield p
+
+
+def assert_denied(reply, reason: str, rule: str | None = None) -> None:
+    assert reply.status == 403, (reply.status, reply.body[:200])
+    assert reply.headers["x-portcullis-decision"] == "deny"
+    assert reply.headers["x-portcullis-reason"] == reason
+    body = reply.json()
+    assert body["reason"] == reason and body["rule"] == rule and body["error"] == "egress_denied"
+    assert reply.reason == f"Blocked by Portcullis: {reason} ({rule or 'none'})"
+
+
+def closed_by_proxy(s: socket.socket) -> bool:
+    s.settimeout(5)
+    try:
+        return s.recv(1024) == b""
+    except ConnectionResetError:
+        return True
+
+
+def sink_bytes_after(upstreams, fn) -> tuple[int, int]:
+    c0, b0 = upstreams.sink.snapshot()
+    fn()
+    time.sleep(0.3)  # let any relayed bytes land before counting (bounded; the assertion is on bytes)
+    c1, b1 = upstreams.sink.snapshot()
+    return c1 - c0, b1 - b0
+
+
+def test_allowed_tunnel_is_passed_through_without_interception(proxy, upstreams):
+    # Trusting only the upstream's test CA: works only if the proxy did not intercept.
+    r = proxy.curl(f"https://public.test:{upstreams.tls_port}/pt", "--cacert", str(upstreams.ca_pem))
+    assert r.exit_code == 0 and r.status == 200, r.stderr
+    ev = proxy.wait_event("egress.decision", **{"destination.port": upstreams.tls_port, "layer": "connect",
+                                                "destination.host": "public.test"})
+    assert ev["decision"] == "allow" and ev["request"]["method"] == "CONNECT" and ev["request"]["path"] is None
+    closed = proxy.wait_event("tunnel.closed", flow_id=ev["flow_id"])
+    assert closed["bytes_up"] > 0 and closed["bytes_down"] > 0
+
+
+def test_denied_connect_gets_403_before_any_upstream_connection(proxy, upstreams):
+    def go():
+        s, rep = proxy.connect_tunnel(f"blocked.test:{upstreams.sink_port}")
+        s.close()
+        assert_denied(rep, "rule", "no-blocked")
+    conns, nbytes = sink_bytes_after(upstreams, go)
+    assert (conns, nbytes) == (0, 0)
+
+
+def test_default_connect(proxy, upstreams):
+    s, rep = proxy.connect_tunnel(f"nothing.test:{upstreams.tls_port}")
+    s.close()
+    assert_denied(rep, "default")
+
+
+@pytest.mark.parametrize("first", [tls_client_hello("evil.test"), tls_client_hello(None),
+                                   b"GET / HTTP/1.1\r\nHost: public.test\r\n\r\n", b"SSH-2.0-x\r\n"],
+                         ids=["sni-mismatch", "no-sni", "plain-http", "not-tls"])
+def test_bad_first_bytes_close_the_tunnel_and_nothing_reaches_upstream(proxy, upstreams, first):
+    flow = {}
+    n = len(proxy.decisions(reason="sni_mismatch"))
+
+    def go():
+        s, rep = proxy.connect_tunnel(f"public.test:{upstreams.sink_port}")
+        assert rep.status == 200
+        s.sendall(first)
+        assert closed_by_proxy(s)
+        s.close()
+        flow["ev"] = proxy.wait_event("egress.decision", reason="sni_mismatch", count=n + 1)
+    _, nbytes = sink_bytes_after(upstreams, go)
+    assert nbytes == 0
+    ev = flow["ev"]
+    assert ev["decision"] == "deny" and ev["layer"] == "connect" and ev["destination"]["host"] == "public.test"
+    # The same tunnel has exactly two decisions: the CONNECT allow, then this refusal.
+    same = proxy.decisions(flow_id=ev["flow_id"])
+    assert [e["decision"] for e in same] == ["allow", "deny"]
+
+
+def test_raw_tcp_rule_carries_non_tls_bytes(proxy, upstreams):
+    def go():
+        s, rep = proxy.connect_tunnel(f"www.public.test:{upstreams.sink_port}")
+        assert rep.status == 200
+        s.sendall(b"x" * 1000)
+        time.sleep(0.2)
+        s.close()
+    _, nbytes = sink_bytes_after(upstreams, go)
+    assert nbytes == 1000
+
+
+def test_raw_tcp_server_speaks_first(proxy, upstreams):
+    s, rep = proxy.connect_tunnel(f"www.public.test:{upstreams.greet_port}")
+    assert rep.status == 200
+    s.settimeout(5)
+    assert s.recv(100).startswith(b"SSH-2.0-test")
+    s.sendall(b"ping")
+    assert s.recv(100) == b"ping"
+    s.close()
+
+
+def test_server_speaking_first_without_raw_tcp_is_refused(proxy, upstreams):
+    s, rep = proxy.connect_tunnel(f"public.test:{upstreams.greet_port}")
+    assert rep.status == 200
+    assert closed_by_proxy(s)
+    s.close()
+
+
+def test_ip_literal_authority_may_omit_sni(proxy, upstreams):
+    def go():
+        s, rep = proxy.connect_tunnel(f"127.0.0.2:{upstreams.sink_port}")
+        assert rep.status == 200
+        s.sendall(tls_client_hello(None))
+        time.sleep(0.2)
+        s.close()
+    _, nbytes = sink_bytes_after(upstreams, go)
+    assert nbytes > 0
+
+
+def test_upstream_failure_after_allowed_connect_is_502_allow(proxy, upstreams):
+    s, rep = proxy.connect_tunnel(f"public.test:{upstreams.closed_port}")
+    s.close()
+    assert rep.status == 502
+    assert rep.headers["x-portcullis-decision"] == "allow"
+    assert rep.json()["reason"] == "upstream_error"
+
+
+# ---- inspected tunnels (a rule with methods/paths) ------------------------------------------------------
+
+def test_inspected_tunnel_decides_each_request(proxy, upstreams):
+    base = f"https://api.public.test:{upstreams.tls_port}"
+    r = proxy.curl(base + "/ok/1")
+    assert r.exit_code == 0 and r.status == 200, r.stderr
+    ev = proxy.wait_event("egress.decision", **{"request.path": "/ok/1", "layer": "inspected"})
+    assert ev["decision"] == "allow" and ev["rule"] == "api-reads" and ev["request"]["scheme"] == "https"
+    r = proxy.curl(base + "/elsewhere")
+    assert r.status == 403 and r.headers["x-portcullis-reason"] == "default"
+    assert r.json()["reason"] == "default"
+    r = proxy.curl(base + "/ok/1", "-X", "POST", "-d", "x")
+    assert r.status == 403 and r.headers["x-portcullis-decision"] == "deny"
+    assert not upstreams.seen(lambda q: q["path"] == "/elsewhere" or q["method"] == "POST")
+
+
+def tls_tunnel(proxy, authority: str, server_name: str) -> ssl.SSLSocket:
+    s, rep = proxy.connect_tunnel(authority)
+    assert rep.status == 200
+    ctx = ssl.create_default_context(cafile=str(proxy.trust_bundle()))
+    return ctx.wrap_socket(s, server_hostname=server_name)
+
+
+@pytest.mark.parametrize("request_head", [
+    "GET /ok/1 HTTP/1.1\r\nHost: public.test:{port}\r\n\r\n",
+    "GET /ok/1 HTTP/1.1\r\nHost: api.public.test:1\r\n\r\n",
+    "GET https://public.test:{port}/ok/1 HTTP/1.1\r\nHost: api.public.test:{port}\r\n\r\n",
+    "GET https://public.test:{port}/ok/1 HTTP/1.1\r\nHost: public.test:{port}\r\n\r\n",
+], ids=["host-header", "host-port", "absolute-other-host", "absolute-and-host-other"])
+def test_inspected_tunnel_requests_must_name_the_connect_authority(proxy, upstreams, request_head):
+    port = upstreams.tls_port
+    before = len(upstreams.seen())
+    with tls_tunnel(proxy, f"api.public.test:{port}", "api.public.test") as t:
+        t.sendall(request_head.format(port=port).encode())
+        r = read_reply(t)
+    assert_denied(r, "host_mismatch")
+    assert len(upstreams.seen()) == before
+
+
+def test_inspected_tunnel_keepalive(proxy, upstreams):
+    port = upstreams.tls_port
+    with tls_tunnel(proxy, f"api.public.test:{port}", "api.public.test") as t:
+        for i in range(21):
+            t.sendall(f"GET /ok/{i} HTTP/1.1\r\nHost: api.public.test:{port}\r\n\r\n".encode())
+            assert read_reply(t).status == 200, i
+
+
+def test_upstream_tls_is_verified_against_the_name_not_the_pinned_ip(proxy, upstreams):
+    # wrongcert.test is pinned to 127.0.0.3, whose certificate is for other.test only.
+    r = proxy.curl(f"https://wrongcert.test:{upstreams.other_tls_port}/ok/1")
+    assert r.status == 502, (r.status, r.stderr)
+    assert r.headers["x-portcullis-decision"] == "allow"
+    assert not upstreams.seen(lambda q: q["server"] == "other")
