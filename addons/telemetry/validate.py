@@ -83,7 +83,7 @@ def audit_events(stream: str | list[str], expected_decisions: int | None = None)
     events = validate_lines(text)
     decisions = [e for e in events if e["event"] == "egress.decision"]
     flows = [e["flow_id"] for e in decisions]
-    dupes = sorted({f for f in flows if flows.count(f) > 1})
+    dupes = _duplicate_flows(decisions)
     if dupes:
         raise EventSchemaError(f"decision logged more than once for flow(s) {dupes[:5]}")
     if expected_decisions is not None and len(decisions) != expected_decisions:
@@ -93,3 +93,20 @@ def audit_events(stream: str | list[str], expected_decisions: int | None = None)
     if orphans:
         raise EventSchemaError(f"tunnel.closed without an egress.decision: {orphans[:5]}")
     return events
+
+
+def _duplicate_flows(decisions: list[dict[str, Any]]) -> list[str]:
+    """Flows with more than one decision. The one legitimate pair: a tunnel allowed on its CONNECT
+    authority and then refused for what came through it (SNI mismatch / not TLS) on the same flow."""
+    by_flow: dict[str, list[dict[str, Any]]] = {}
+    for e in decisions:
+        by_flow.setdefault(e["flow_id"], []).append(e)
+    bad = []
+    for flow, evs in by_flow.items():
+        if len(evs) == 1:
+            continue
+        pair = len(evs) == 2 and evs[0]["layer"] == evs[1]["layer"] == "connect" and \
+            evs[0]["decision"] == "allow" and evs[1]["reason"] == "sni_mismatch"
+        if not pair:
+            bad.append(flow)
+    return sorted(bad)

@@ -1,0 +1,126 @@
+"""Through a real proxy: every request sent is a decision logged once, stdout is nothing but valid events,
+and hostile Host / path / SNI values cannot forge a field or a line."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from events_audit import audit_events
+
+from tests.harness import PortcullisProc, assert_denied, base_config, tls_client_hello
+
+pytestmark = pytest.mark.e2e
+
+RULES = [
+    {"name": "public", "action": "allow", "hosts": ["public.test"]},
+    {"name": "no-blocked", "action": "deny", "hosts": ["blocked.test"]},
+]
+PLACEHOLDER = "sniplaceholder-0123456789.test"
+
+
+class RawProc(PortcullisProc):
+    """The harness's proxy, keeping every raw stdout line (the harness skips non-JSON ones)."""
+
+    def __init__(self, *a: Any, **kw: Any) -> None:
+        super().__init__(*a, **kw)
+        self.raw_lines: list[str] = []
+
+    def _read(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        for line in self.proc.stdout:
+            text = line.decode("utf-8", "replace")
+            with self._cond:
+                self.raw_lines.append(text)
+            try:
+                doc = json.loads(line)
+            except ValueError:
+                continue
+            with self._cond:
+                self.events.append(doc)
+                self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
+
+
+def _get(host: str, port: int, path: str = "/", host_header: str | None = None) -> bytes:
+    hh = host_header if host_header is not None else f"{host}:{port}"
+    return f"GET http://{host}:{port}{path} HTTP/1.1\r\nHost: {hh}\r\n\r\n".encode()
+
+
+def _hello_with_sni(raw_sni: bytes) -> bytes:
+    hello = tls_client_hello(PLACEHOLDER)
+    assert len(raw_sni) == len(PLACEHOLDER) and hello.count(PLACEHOLDER.encode()) == 1
+    return hello.replace(PLACEHOLDER.encode(), raw_sni)
+
+
+def _send_and_wait_close(p: PortcullisProc, authority: str, first: bytes) -> None:
+    s, rep = p.connect_tunnel(authority)
+    assert rep.status == 200
+    s.sendall(first)
+    s.settimeout(5)
+    try:
+        while s.recv(4096):
+            pass
+    except (ConnectionResetError, TimeoutError):
+        pass
+    s.close()
+
+
+def test_every_request_is_one_valid_event_and_nothing_else(upstreams: Any, tmp_path: Path) -> None:
+    cfg = base_config(upstreams, tmp_path)
+    cfg["telemetry"] = {"log": {"format": "json", "file": "events.jsonl"}, "metrics": True, "otlp": False}
+    hp, tp = upstreams.http_port, upstreams.tls_port
+    expected = 0
+    with RawProc(tmp_path, upstreams, rules=RULES, config=cfg) as p:
+        # 1 allow with a query string that must never be logged
+        r = p.raw(_get("public.test", hp, "/a/b?token=SECRET-Q"))
+        assert r.status == 200
+        # 2-4 denials: rule, default, private address
+        assert_denied(p.raw(_get("blocked.test", hp)), "rule")
+        assert_denied(p.raw(_get("unknown.test", hp)), "default")
+        assert_denied(p.raw(_get("127.0.0.1", p.admin_port, "/healthz")), "private_address")
+        # 5 a hostile path (quotes, braces, escapes a JSON-lines reader might trip on)
+        r = p.raw(_get("public.test", hp, '/x"},{"decision":"allow"}/%0d%0a%1b[31m'))
+        assert r.status == 404  # allowed: the upstream itself answered
+        # 6 a hostile Host header that differs from the target
+        assert_denied(
+            p.raw(_get("public.test", hp, host_header='evil.test"},"decision":"allow')), "host_mismatch"
+        )
+        expected += 6
+        # 7 an allowed tunnel, used and closed: one decision, then tunnel.closed
+        r = p.curl(f"https://public.test:{tp}/pt", "--cacert", str(upstreams.ca_pem))
+        assert r.exit_code == 0 and r.status == 200, r.stderr
+        expected += 1
+        # 8 a tunnel whose SNI is hostile: the CONNECT allow, then the SNI refusal (same flow)
+        evil = b'e"}\r\n\x1b[31m{"event":"x"}\x00\xff.t'
+        evil = evil + b"a" * (len(PLACEHOLDER) - len(evil))
+        _send_and_wait_close(p, f"public.test:{upstreams.sink_port}", _hello_with_sni(evil))
+        expected += 2
+        quoted = b'q"},{"decision":"allow"}.t'
+        quoted = quoted + b"a" * (len(PLACEHOLDER) - len(quoted))
+        _send_and_wait_close(p, f"public.test:{upstreams.sink_port}", _hello_with_sni(quoted))
+        expected += 2
+        p.wait_event("egress.decision", count=expected)
+        p.wait_event("tunnel.closed")
+        time.sleep(0.3)  # bounded: let the last tunnel.closed land before stopping
+    assert p.exit_code == 0
+    with p._cond:
+        raw = list(p.raw_lines)
+    events = audit_events(raw, expected_decisions=expected)  # every stdout line is a valid event
+    assert events[0]["event"] == "proxy.started" and events[-1]["event"] == "proxy.stopped"
+    text = "".join(raw)
+    assert "SECRET-Q" not in text and "token=" not in text
+    assert text.isascii() and "\x1b" not in text and "\r" not in text
+    decisions = [e for e in events if e["event"] == "egress.decision"]
+    assert sum(e["decision"] == "allow" for e in decisions) >= 3
+    forged = [e for e in decisions if e["decision"] == "allow" and "evil" in json.dumps(e)]
+    assert forged == []
+    sni = [e for e in decisions if e["reason"] == "sni_mismatch"]
+    assert len(sni) == 2 and {e["destination"]["host"] for e in sni} == {"public.test"}
+    # the file sink holds the same stream
+    file_events = audit_events((tmp_path / "events.jsonl").read_text(), expected_decisions=expected)
+    assert [e["event"] for e in file_events] == [e["event"] for e in events]
