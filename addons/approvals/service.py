@@ -25,6 +25,8 @@ from addons.telemetry.events import Telemetry
 log = logging.getLogger(__name__)
 
 Key = tuple[str, str, int]
+DEFAULT_ADMIN_URL = "http://127.0.0.1:9090"
+RESEND_GRACE_S = 5.0
 ALWAYS_BRIDGE_S = 60.0  # an `always` grant also covers its client until the hot reload has the new rule
 
 
@@ -89,13 +91,15 @@ class ApprovalService:
     poll_interval = 1.0  # how often a waiter checks that its client is still there
 
     def __init__(self, config: ApprovalsConfig, base_dir: Path, telemetry: Telemetry, *,
-                 clock: Callable[[], float] = time.time, admin_url: str = "http://127.0.0.1:9090",
+                 clock: Callable[[], float] = time.time, admin_url: str | None = None,
                  sweep_interval: float = 30.0, webhook_backoff: float = 0.5) -> None:
         self.config = config
         self.base_dir = base_dir
         self.telemetry = telemetry
         self.clock = clock
-        self.admin_url = admin_url.rstrip("/")  # the launcher may set it once the admin port is bound
+        self._admin_url = (admin_url or DEFAULT_ADMIN_URL).rstrip("/")
+        self._url_known = admin_url is not None
+        self._resend_due = False
         self.sweep_interval = sweep_interval
         self._webhook_backoff = webhook_backoff
         self._store: SqliteStore | None = None
@@ -103,6 +107,17 @@ class ApprovalService:
         self._live: dict[Key, _Live] = {}
         self._decide_lock = asyncio.Lock()
         self._sweeper: asyncio.Task[None] | None = None
+
+    @property
+    def admin_url(self) -> str:
+        """Base of the webhook's decide_url. The launcher sets it once the admin port is bound."""
+        return self._admin_url
+
+    @admin_url.setter
+    def admin_url(self, value: str) -> None:
+        self._admin_url = value.rstrip("/")
+        self._url_known = True
+        self._resend()
 
     @property
     def persist_path(self) -> Path | None:
@@ -137,6 +152,13 @@ class ApprovalService:
         for a in self.store.pending():  # survived a restart: their waiters are gone, the decision is not
             self._track(a, loop)
         self._gauge()
+        # Webhooks cut short by the last shutdown are sent again (same webhook-id: receivers dedupe),
+        # once the decide_url is known, or after a grace period if nobody ever sets it.
+        self._resend_due = True
+        if self._url_known:
+            self._resend()
+        else:
+            loop.call_later(RESEND_GRACE_S, self._resend)
         self._sweeper = loop.create_task(self._sweep_loop())
 
     async def stop(self) -> None:
@@ -233,9 +255,27 @@ class ApprovalService:
         self._gauge()
         self.telemetry.emit("approval.requested", approval_id=a.id, **_event_fields(a), flow_id=req.flow_id,
                             decide_url=f"{self.admin_url}/approvals/{a.id}")
-        assert self._sender is not None
-        self._sender.send(a.id, self.payload(a), a.expires_at, lambda: self._is_pending(a.id))
+        self._notify(a)
         return live
+
+    def _notify(self, a: Approval) -> None:
+        assert self._sender is not None
+        if not self._sender.endpoints:
+            return
+        self._sender.send(a.id, self.payload(a), a.expires_at, lambda: self._is_pending(a.id),
+                          on_done=lambda: self._notified(a.id))
+
+    def _notified(self, approval_id: str) -> None:
+        if self._store is not None:
+            self._store.mark_notified(approval_id)
+
+    def _resend(self) -> None:
+        if not self._resend_due or self._store is None:
+            return
+        self._resend_due = False
+        for a in self.store.pending():
+            if not a.notified and a.expires_at > self.clock():
+                self._notify(a)
 
     def payload(self, a: Approval) -> dict[str, Any]:
         """The thin webhook body: no headers, bodies or query strings."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,8 @@ CREATE TABLE IF NOT EXISTS approvals (
     scope TEXT,
     decided_by TEXT,
     reason TEXT,
-    decided_at REAL
+    decided_at REAL,
+    notified INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS approvals_by_key ON approvals (state, client_key, host, port);
 CREATE TABLE IF NOT EXISTS grants (
@@ -51,7 +52,7 @@ CREATE INDEX IF NOT EXISTS grants_by_key ON grants (client_key, host, port);
 
 _COLUMNS = (
     "id, client_key, client_address, client_name, host, port, scheme, method, path, rule, "
-    "created_at, expires_at, state, decision, scope, decided_by, reason, decided_at"
+    "created_at, expires_at, state, decision, scope, decided_by, reason, decided_at, notified"
 )
 
 
@@ -77,6 +78,7 @@ class Approval:
     decided_by: str | None = None
     reason: str | None = None
     decided_at: float | None = None
+    notified: bool = False  # every webhook endpoint reached a final answer (else re-sent after a restart)
 
     @property
     def key(self) -> tuple[str, str, int]:
@@ -123,6 +125,9 @@ class SqliteStore:
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA busy_timeout=5000")
             self._db.executescript(_SCHEMA)
+            cols = {r[1] for r in self._db.execute("PRAGMA table_info(approvals)")}
+            if "notified" not in cols:  # a store written before webhooks were tracked
+                self._db.execute("ALTER TABLE approvals ADD COLUMN notified INTEGER NOT NULL DEFAULT 0")
         except (OSError, sqlite3.Error) as e:
             raise ApprovalError(f"cannot open the approvals store {path}: {e}") from e
 
@@ -133,10 +138,10 @@ class SqliteStore:
 
     def insert(self, a: Approval) -> None:
         self._db.execute(
-            f"INSERT INTO approvals ({_COLUMNS}) VALUES ({', '.join('?' * 18)})",  # noqa: S608 constants
+            f"INSERT INTO approvals ({_COLUMNS}) VALUES ({', '.join('?' * 19)})",  # noqa: S608 constants
             (a.id, a.client_key, a.client_address, a.client_name, a.host, a.port, a.scheme, a.method,
              a.path, a.rule, a.created_at, a.expires_at, a.state, a.decision, a.scope, a.decided_by,
-             a.reason, a.decided_at),
+             a.reason, a.decided_at, int(a.notified)),
         )
 
     def get(self, approval_id: str) -> Approval | None:
@@ -159,7 +164,7 @@ class SqliteStore:
     def _select(self, where: str, params: tuple[Any, ...]) -> list[Approval]:
         # `where` is always a literal from this module; values go through placeholders.
         rows = self._db.execute(f"SELECT {_COLUMNS} FROM approvals WHERE {where}", params)  # noqa: S608
-        return [Approval(*r) for r in rows.fetchall()]
+        return [_approval(r) for r in rows.fetchall()]
 
     def decide(self, approval_id: str, decision: str, scope: str, by: str | None, reason: str | None,
                now: float) -> bool:
@@ -171,6 +176,9 @@ class SqliteStore:
             (state, decision, scope, by, reason, now, approval_id),
         )
         return cur.rowcount == 1
+
+    def mark_notified(self, approval_id: str) -> None:
+        self._db.execute("UPDATE approvals SET notified = 1 WHERE id = ?", (approval_id,))
 
     def expire(self, approval_id: str, now: float) -> bool:
         """Compare-and-set pending -> expired. False when it was no longer pending."""
@@ -227,6 +235,11 @@ class SqliteStore:
             (now - keep_decided_s,),
         )
         return int(n)
+
+
+def _approval(row: tuple[Any, ...]) -> Approval:
+    # notified is stored as 0/1; everything else maps one to one
+    return replace(Approval(*row[:18]), notified=bool(row[18]))
 
 
 def _grant(row: tuple[Any, ...]) -> Grant:

@@ -122,16 +122,30 @@ class WebhookSender:
             self._client = None
 
     def send(self, approval_id: str, payload: dict[str, Any], expires_at: float,
-             still_pending: Callable[[], bool]) -> None:
-        """Start one delivery task per endpoint (returns at once)."""
+             still_pending: Callable[[], bool], on_done: Callable[[], None] | None = None) -> None:
+        """Start one delivery task per endpoint (returns at once).
+
+        `on_done` runs once every endpoint has a final answer (delivered, 410, or given up),
+        not when delivery was cut short by stop(): then it is re-sent after a restart.
+        """
         body = json.dumps(payload, separators=(",", ":")).encode()
+        left = [len(self.endpoints)]
+
+        def finished(task: asyncio.Task[None]) -> None:
+            self._tasks.discard(task)
+            if task.cancelled() or task.exception() is not None:
+                return
+            left[0] -= 1
+            if left[0] == 0 and on_done is not None:
+                on_done()
+
         for i, ep in enumerate(self.endpoints):
             # webhook-id: stable across the retries of one approval to one endpoint (the idempotency key).
             msg_id = f"msg_{approval_id}_{i}"
             task = asyncio.get_running_loop().create_task(
                 self._deliver(ep, msg_id, approval_id, body, expires_at, still_pending))
             self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            task.add_done_callback(finished)
 
     async def _deliver(self, ep: Endpoint, msg_id: str, approval_id: str, body: bytes,
                        expires_at: float, still_pending: Callable[[], bool]) -> None:

@@ -149,3 +149,27 @@ async def test_retries_stop_once_the_approval_is_decided(make_service, receiver)
     await asyncio.wait_for(asyncio.gather(*svc._sender._tasks), 5)
     n = len(receiver.deliveries())
     assert n < 10
+
+
+async def test_a_webhook_cut_short_by_shutdown_is_sent_again_after_restart(make_service, receiver):
+    """Same webhook-id (receivers dedupe); an approval whose webhook got through is not re-sent."""
+    receiver.replies = [500] * 1000
+    svc1 = await make_service(hold=False, timeout=60, webhooks=[receiver.url])
+    svc1._sender.backoff_base = 5.0
+    cut = await svc1.resolve(request(host="cut.example"), alive)
+    await wait_until(lambda: len(receiver.deliveries()) >= 1)
+    await svc1.stop()
+    first_id = receiver.deliveries()[0]["headers"]["webhook-id"]
+    receiver.replies = []
+    svc2 = await make_service(hold=False, timeout=60, webhooks=[receiver.url])
+    svc2.admin_url = "http://127.0.0.1:19090"  # as the launcher does once the admin port is bound
+    await wait_until(lambda: svc2.store.get(cut.approval_id).notified)
+    resent = receiver.deliveries()[-1]
+    assert resent["verified"] and resent["headers"]["webhook-id"] == first_id
+    assert resent["body"]["decide_url"] == f"http://127.0.0.1:19090/approvals/{cut.approval_id}"
+    n = len(receiver.deliveries())
+    await svc2.stop()
+    svc3 = await make_service(hold=False, timeout=60, webhooks=[receiver.url])
+    svc3.admin_url = "http://127.0.0.1:19091"
+    await asyncio.sleep(0.1)
+    assert len(receiver.deliveries()) == n
