@@ -89,6 +89,7 @@ class ApprovalService:
     """One per proxy process. All methods run on the proxy's event loop."""
 
     poll_interval = 1.0  # how often a waiter checks that its client is still there
+    max_pending_per_client = 100
 
     def __init__(self, config: ApprovalsConfig, base_dir: Path, telemetry: Telemetry, *,
                  clock: Callable[[], float] = time.time, admin_url: str | None = None,
@@ -204,6 +205,11 @@ class ApprovalService:
             self._expire(live)
             live = None
         if live is None:  # no await between the lookup and _open: concurrent requests coalesce
+            if self._open_for(req.client_key) >= self.max_pending_per_client:
+                # An agent spraying new destinations must not flood the approvers' webhook channel.
+                log.warning("client %s has %d pending approvals; not opening more", req.client_key,
+                            self.max_pending_per_client)
+                return ApprovalOutcome(False, Reason.APPROVAL_PENDING, None, retry_after=30)
             live = self._open(req, now)
         if not self.config.hold:
             left = live.approval.expires_at - now
@@ -243,6 +249,9 @@ class ApprovalService:
         return outcome
 
     # Opening, tracking and expiring pending approvals
+
+    def _open_for(self, client_key: str) -> int:
+        return sum(1 for k in self._live if k[0] == client_key)
 
     def _open(self, req: ApprovalRequest, now: float) -> _Live:
         a = Approval(

@@ -262,3 +262,19 @@ async def test_always_rule_is_accepted_by_the_real_loader_and_decides(make_servi
         Action.ALLOW
     assert policy.decide(Query(host="grp.example", port=443, client_address="192.0.2.1")).action == \
         Action.APPROVAL
+
+
+async def test_a_client_cannot_open_unbounded_approvals(make_service, receiver):
+    """Past the per-client cap, requests are answered pending without a new approval or webhook."""
+    svc = await make_service(hold=True, timeout=30, webhooks=[receiver.url])
+    svc.max_pending_per_client = 3
+    held = [asyncio.create_task(svc.resolve(request(host=f"h{i}.example"), alive)) for i in range(3)]
+    await wait_until(lambda: len(svc.store.pending()) == 3)
+    out = await svc.resolve(request(host="h4.example"), alive)
+    assert (out.allowed, out.reason, out.approval_id, out.retry_after) == (False, Reason.APPROVAL_PENDING,
+                                                                          None, 30)
+    other = asyncio.create_task(svc.resolve(request(host="h4.example", client="10.9.9.9"), alive))
+    await wait_until(lambda: len(svc.store.pending()) == 4)  # another client is not affected
+    await wait_until(lambda: len(receiver.deliveries()) == 4)
+    for t in [*held, other]:
+        t.cancel()
