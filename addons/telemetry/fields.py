@@ -7,6 +7,7 @@ import re
 from collections.abc import Mapping
 from datetime import date, datetime
 from enum import Enum
+from functools import lru_cache
 from typing import Any
 
 # Client-controlled strings (Host, path, SNI, user names) are cut to this many characters;
@@ -46,6 +47,7 @@ def clean_url(url: str) -> str:
     return strip_query(_USERINFO.sub(r"\1", url))
 
 
+@lru_cache(maxsize=4096)
 def is_secret_key(key: str) -> bool:
     return bool(_SECRET_KEY.search(key))
 
@@ -78,6 +80,12 @@ def nest(fields: Mapping[str, Any]) -> dict[str, Any]:
 
 def clean(value: Any, key: str = "", depth: int = 0) -> Any:
     """A JSON-safe copy: bounded strings, no secrets, URLs without userinfo or query."""
+    # Exact-type fast paths first: this runs for every field of every event.
+    t = type(value)
+    if value is None or t is bool or t is int:
+        return value
+    if t is str and not key.endswith("url") and key != "path":
+        return value if len(value) <= MAX_STR else value[:MAX_STR] + TRUNCATED
     if depth > MAX_DEPTH:
         return TRUNCATED
     if value is None or isinstance(value, bool | int):

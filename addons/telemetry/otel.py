@@ -9,6 +9,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Mapping, MutableMapping
+from functools import cache
 from typing import Any
 
 from opentelemetry._logs import SeverityNumber
@@ -125,6 +126,7 @@ def _resource() -> Resource:
     return Resource.create(attrs)
 
 
+@cache
 def product_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
     try:
