@@ -119,7 +119,9 @@ def webhook_verify_command(args: argparse.Namespace) -> int:
     headers = {"webhook-id": args.msg_id, "webhook-timestamp": args.timestamp,
                "webhook-signature": args.signature}
     try:
-        verify(secret, headers, body, tolerance_s=args.tolerance)
+        # Several whitespace-separated secrets are accepted while a secret is being rotated.
+        candidates: list[str | bytes] = list(secret.split())
+        verify(candidates, headers, body, tolerance_s=args.tolerance)
     except (VerifyError, ApprovalError) as e:
         print(f"portcullis webhook-verify: invalid: {e}", file=sys.stderr)
         return 1

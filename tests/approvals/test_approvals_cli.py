@@ -75,3 +75,5 @@ async def test_webhook_verify_command(tmp_path):
              "--signature", sign(parse_secret(SECRET), "msg_1", ts - 3600, body)]
     assert (await run(*stale, str(f), env=env))[0] == 1
     assert (await run(*base, str(f), env={"PORTCULLIS_WEBHOOK_SECRET": ""}))[0] == 1
+    rotating = {"PORTCULLIS_WEBHOOK_SECRET": "whsec_" + "b2xkLXNlY3JldC1vbGQtc2VjcmV0LW9sZA==" + " " + SECRET}
+    assert (await run(*base, str(f), env=rotating))[0] == 0
