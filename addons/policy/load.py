@@ -13,7 +13,7 @@ from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
-from addons.policy.config import Config, RuleFile, RuleModel
+from addons.policy.config import Config, RuleModel
 from addons.policy.evaluate import ClientGroup, Policy, Rule, Settings, compile_paths
 from addons.policy.hosts import HostError, HostPattern, IPNetwork, normalize_host, parse_ip, parse_pattern
 from addons.policy.model import Action, RuleRef
@@ -87,6 +87,9 @@ def read_yaml(path: Path, shown: str, errors: ErrorList) -> tuple[bool, Any]:
     except MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         problem = " ".join(str(x) for x in (e.context, e.problem) if x) or "YAML error"
+        ctx = e.context_mark
+        if ctx is not None and mark is not None and ctx.line != mark.line:
+            problem += f" (the construct started at line {ctx.line + 1}, column {ctx.column + 1})"
         if mark is not None:
             errors.add(shown, mark.line + 1, mark.column + 1, problem.replace("\n", " "))
         else:
@@ -113,27 +116,46 @@ def _pos(node: Any, loc: Sequence[Any], value: bool = False) -> tuple[int, int]:
     return line + 1, col + 1
 
 
+_PYDANTIC_TAGS = frozenset({"constrained-str", "str", "int", "bool", "float", "list", "dict"})
+
+
 def _loc_text(loc: Sequence[Any]) -> str:
-    return ".".join(str(p) for p in loc if not (isinstance(p, str) and ("[" in p or "-" in p)))
+    """A pydantic loc as `a.b.0`, without the union/validator tags pydantic inserts."""
+    return ".".join(str(p) for p in loc if not (isinstance(p, str) and ("[" in p or p in _PYDANTIC_TAGS)))
 
 
-def validate_model(model: type[BaseModel], data: Any, shown: str, errors: ErrorList) -> Any:
+def _message(err: Any) -> str:
+    msg = str(err["msg"])
+    value = err.get("input")
+    if err["type"].endswith("_type") and isinstance(value, str | int | float | bool) and value is not None:
+        msg += f" (got {value!r})"
+    return msg
+
+
+def validate_model(model: type[BaseModel], data: Any, shown: str, errors: ErrorList, *,
+                   prefix: tuple[Any, ...] = (), label: str = "") -> Any:
+    """Validate `data` (a ruamel node) against `model`; every error is recorded with its position.
+
+    `prefix` is the loc of `data` inside its file (for messages); `label` starts each message.
+    """
     try:
         return model.model_validate(data)
     except ValidationError as e:
         for err in e.errors(include_url=False):
-            loc = err["loc"]
-            where = _loc_text(loc)
+            loc = tuple(err["loc"])
+            where = _loc_text(loc if label else prefix + loc)
+            lead = f"{label}: " if label else ""
             if err["type"] == "extra_forbidden":
                 line, col = _pos(data, loc)
-                errors.add(shown, line, col, f"unknown key {loc[-1]!r}" + (f" in {_loc_text(loc[:-1])}"
-                                                                             if len(loc) > 1 else ""))
+                parent = _loc_text(loc[:-1] if label else prefix + loc[:-1])
+                errors.add(shown, line, col,
+                           f"{lead}unknown key {loc[-1]!r}" + (f" in {parent}" if parent else ""))
             elif err["type"] == "missing":
                 line, col = _pos(data, loc[:-1])
-                errors.add(shown, line, col, f"{where}: required key is missing")
+                errors.add(shown, line, col, f"{lead}{where}: required key is missing")
             else:
                 line, col = _pos(data, loc, value=True)
-                errors.add(shown, line, col, f"{where}: {err['msg']}")
+                errors.add(shown, line, col, f"{lead}{where}: {_message(err)}")
         return None
 
 
@@ -334,22 +356,33 @@ def _load_rules(paths: list[tuple[Path, str]], base_dir: Path, settings: Setting
             out.skipped.append(path)  # a `portcullis test` file living next to the rules
             continue
         out.files.append(path)
-        if "rules" in data and data["rules"] is None:
-            data["rules"] = CommentedSeq()  # `rules:` with nothing under it: an empty file
-        model = validate_model(RuleFile, data, shown, errors)
-        if model is None:
+        unknown = [k for k in data if k != "rules"]
+        for k in unknown:
+            errors.add(shown, *_pos(data, (k,)), f"unknown key {k!r} (a rule file has only 'rules:')")
+        seq = data.get("rules")
+        if seq is None:
+            continue  # `rules:` with nothing under it, or no key at all: no rules
+        if not isinstance(seq, CommentedSeq):
+            errors.add(shown, *_pos(data, ("rules",), value=True), "rules: must be a list of rules")
             continue
         ref_file = _ref_file(path, base_dir)
-        seq = data.get("rules")
-        for i, m in enumerate(model.rules):
-            node = seq[i]
-            line = seq.lc.item(i)[0] + 1
-            first = out.names.get(m.name)
-            if first is not None:
-                errors.add(shown, *_pos(node, ("name",), value=True),
-                           f"duplicate rule name {m.name!r} (first defined at {first})")
+        for i, node in enumerate(seq):
+            name = node.get("name") if isinstance(node, CommentedMap) else None
+            label = f"rule {name!r}" if isinstance(name, str) and name else f"rules.{i}"
+            if not isinstance(node, CommentedMap):
+                errors.add(shown, *_pos(seq, (i,)), f"{label}: a rule is a mapping (name, action, hosts)")
                 continue
-            out.names[m.name] = f"{shown}:{line}"
+            line = seq.lc.item(i)[0] + 1
+            if isinstance(name, str) and name:
+                first = out.names.get(name)
+                if first is not None:
+                    errors.add(shown, *_pos(node, ("name",), value=True),
+                               f"duplicate rule name {name!r} (first defined at {first})")
+                    continue
+                out.names[name] = f"{shown}:{line}"
+            m = validate_model(RuleModel, node, shown, errors, prefix=("rules", i), label=label)
+            if m is None:
+                continue
             rule = _compile_rule(m, node, len(out.rules), line, ref_file, shown, settings, errors)
             if rule is not None:
                 out.rules.append(rule)
@@ -383,6 +416,46 @@ class LoadReport:
     skipped: tuple[Path, ...]
 
 
+def _plain(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _plain(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_plain(v) for v in node]
+    return node
+
+
+def _prune(data: Any, loc: Sequence[Any]) -> bool:
+    """Delete the deepest existing node on `loc` (its parent item for a missing key)."""
+    trail: list[tuple[Any, Any]] = []
+    node = data
+    for part in loc:
+        if isinstance(node, dict) and part in node or isinstance(node, list) and isinstance(part, int) \
+                and 0 <= part < len(node):
+            trail.append((node, part))
+            node = node[part]
+    if not trail:
+        return False
+    parent, key = trail[-1]
+    del parent[key]
+    return True
+
+
+def _best_effort_config(data: Any) -> Config | None:
+    """The config with every invalid value removed (defaults instead), or None if that fails."""
+    plain = _plain(data)
+    for _ in range(20):  # bounded: each round removes at least one node
+        try:
+            return Config.model_validate(plain)
+        except ValidationError as e:
+            locs = sorted((tuple(err["loc"]) for err in e.errors()), key=str, reverse=True)
+            removed = False
+            for loc in locs:
+                removed = _prune(plain, loc) or removed
+            if not removed:
+                return None
+    return None
+
+
 def load_config_report(path: str | Path) -> LoadReport:
     """load_config plus what was skipped (for `portcullis validate`)."""
     cfg_path = Path(path)
@@ -397,7 +470,10 @@ def load_config_report(path: str | Path) -> LoadReport:
         raise PolicyError([f"{shown}:1:1: the config file is a YAML mapping (key: value lines)"])
     config = validate_model(Config, data, shown, errors)
     if config is None:
-        raise PolicyError(errors.sorted())
+        # Keep going without the broken values, so one run reports every error (config and rules).
+        config = _best_effort_config(data)
+        if config is None:
+            raise PolicyError(errors.sorted())
     base_dir = cfg_path.parent
     settings = _settings(config, data, shown, errors)
     policy, loaded = _build(config, data, base_dir, shown, settings, errors)
