@@ -459,16 +459,41 @@ class PortcullisProc:
         return s
 
     def raw(self, data: bytes, timeout: float = 10.0) -> Reply:
-        """Send raw bytes on a fresh connection; read one response."""
+        """Send raw bytes on a fresh connection; read one response (from inside the netns if any)."""
+        if self.netns:
+            return self.raw_many([data], timeout)[0]
         with self.connect(timeout) as s:
             s.sendall(data)
             return read_reply(s)
+
+    def raw_many(self, requests: list[bytes], timeout: float = 30.0) -> list[Reply]:
+        """`raw()` for many requests (one fresh connection each) in one client process."""
+        if not self.netns:
+            return [self.raw(d) for d in requests]
+        cmd = self.wrap([sys.executable, "-c", "import tests.harness as h; h._raw_main()", str(self.port)])
+        payload = json.dumps([d.decode("latin-1") for d in requests]).encode()
+        p = subprocess.run(cmd, input=payload, capture_output=True, cwd=REPO, timeout=timeout, check=True)
+        return [Reply(d["status"], d["reason"], d["headers"], d["body"].encode("latin-1"))
+                for d in json.loads(p.stdout)]
 
     def connect_tunnel(self, authority: str, headers: str = "", timeout: float = 10.0) -> tuple[socket.socket, Reply]:
         """CONNECT on a fresh connection; returns the socket (tunnel if 2xx) and the CONNECT reply."""
         s = self.connect(timeout)
         s.sendall(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n{headers}\r\n".encode())
         return s, read_reply(s, head_only_2xx=True)
+
+
+def _raw_main() -> None:
+    """`raw_many()` inside a network namespace: each request (JSON list on stdin) on its own
+    connection to 127.0.0.1:argv[1]; the replies as a JSON list."""
+    out = []
+    for text in json.loads(sys.stdin.read()):
+        with socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=10) as s:
+            s.sendall(text.encode("latin-1"))
+            r = read_reply(s, head_only_2xx=True)
+        out.append({"status": r.status, "reason": r.reason, "headers": r.headers,
+                    "body": r.body.decode("latin-1")})
+    print(json.dumps(out))
 
 
 def _matches(e: dict[str, Any], match: dict[str, Any]) -> bool:
