@@ -8,13 +8,13 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable, Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from functools import cache
 from typing import Any
 
 from opentelemetry._logs import SeverityNumber
 from opentelemetry.sdk._logs import LoggerProvider
-from opentelemetry.sdk._logs.export import BatchLogRecordProcessor, LogRecordExporter
+from opentelemetry.sdk._logs.export import BatchLogRecordProcessor, LogRecordExporter, LogRecordExportResult
 from opentelemetry.sdk.resources import Resource
 
 SCOPE = "portcullis.events"
@@ -88,7 +88,7 @@ class OtelBridge:
             from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter
             exporter = OTLPLogExporter()
         provider = LoggerProvider(resource=_resource())
-        provider.add_log_record_processor(BatchLogRecordProcessor(exporter))
+        provider.add_log_record_processor(BatchLogRecordProcessor(_Counting(exporter, on_error)))
         return cls(provider, on_error)
 
     def __call__(self, _logger: Any, method: str, ed: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
@@ -116,6 +116,30 @@ class OtelBridge:
             self.provider.force_flush()
         finally:
             self.provider.shutdown()
+
+
+class _Counting(LogRecordExporter):
+    """Wraps the OTLP exporter so records the collector did not take are counted (events_dropped{otlp})."""
+
+    def __init__(self, inner: LogRecordExporter, on_error: Callable[[], None] | None) -> None:
+        self.inner = inner
+        self.on_error = on_error
+
+    def export(self, batch: Sequence[Any]) -> Any:
+        try:
+            result = self.inner.export(batch)
+        except Exception:  # noqa: BLE001 - a broken exporter is a failed export, nothing more
+            result = LogRecordExportResult.FAILURE
+        if result != LogRecordExportResult.SUCCESS and self.on_error is not None:
+            for _ in batch:
+                self.on_error()
+        return result
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return bool(self.inner.force_flush(timeout_millis))
+
+    def shutdown(self) -> None:
+        self.inner.shutdown()  # type: ignore[no-untyped-call]
 
 
 def _resource() -> Resource:

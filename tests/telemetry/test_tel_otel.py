@@ -133,3 +133,28 @@ async def test_otlp_http_export_end_to_end(
     assert attrs["server.port"].int_value == DECISIONS[0].port
     assert attrs["portcullis.decision"].string_value == "allow"
     assert records[0].body.string_value == "egress.decision"
+
+
+async def test_records_the_collector_refuses_are_counted(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def refuse(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(status=400, text="no")  # not retryable: the exporter gives up at once
+
+    app = web.Application()
+    app.router.add_post("/v1/logs", refuse)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_LOGS_ENDPOINT", f"http://127.0.0.1:{port}/v1/logs")
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+        t, out = make(otlp=True)
+        for rec in DECISIONS[:3]:
+            t.decision(rec)
+        await asyncio.wait_for(asyncio.to_thread(t.close), timeout=20)
+        assert len(lines(out)) == 3 and t.healthy()  # the local stream is complete; OTLP is extra
+        assert t.metrics.events_dropped.labels("otlp")._value.get() == 3
+    finally:
+        await runner.cleanup()
