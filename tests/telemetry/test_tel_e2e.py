@@ -4,6 +4,8 @@ and hostile Host / path / SNI values cannot forge a field or a line."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -124,3 +126,47 @@ def test_every_request_is_one_valid_event_and_nothing_else(upstreams: Any, tmp_p
     # the file sink holds the same stream
     file_events = audit_events((tmp_path / "events.jsonl").read_text(), expected_decisions=expected)
     assert [e["event"] for e in file_events] == [e["event"] for e in events]
+
+
+def _proxy_with_file(upstreams: Any, folder: Path, file: str, **log: Any) -> RawProc:
+    cfg = base_config(upstreams, folder)
+    cfg["telemetry"] = {"log": {"format": "json", "file": file, **log}, "metrics": True, "otlp": False}
+    return RawProc(folder, upstreams, rules=RULES, config=cfg)
+
+
+def test_sighup_moves_the_event_file_like_logrotate(upstreams: Any, tmp_path: Path) -> None:
+    hp = upstreams.http_port
+    log = tmp_path / "events.jsonl"
+    with _proxy_with_file(upstreams, tmp_path, "events.jsonl") as p:
+        assert p.raw(_get("public.test", hp, "/before")).status == 200
+        p.wait_event("egress.decision", count=1)
+        os.rename(log, tmp_path / "events.jsonl.1")  # logrotate: move, then signal
+        assert p.proc is not None
+        p.proc.send_signal(signal.SIGHUP)
+        p.wait_event("rules.reloaded", trigger="sighup")
+        assert p.raw(_get("public.test", hp, "/after")).status == 200
+        p.wait_event("egress.decision", count=2)
+    old = audit_events((tmp_path / "events.jsonl.1").read_text())
+    new = audit_events(log.read_text())
+    assert [e["event"] for e in old] == ["proxy.started", "egress.decision"]
+    assert old[1]["request"]["path"] == "/before"
+    assert [e["event"] for e in new] == ["rules.reloaded", "egress.decision", "proxy.stopped"]
+    assert new[1]["request"]["path"] == "/after"
+
+
+def test_unwritable_event_file_fails_closed(upstreams: Any, tmp_path: Path) -> None:
+    with _proxy_with_file(upstreams, tmp_path, "/dev/full") as p:  # every write: ENOSPC
+        r = p.raw(_get("public.test", upstreams.http_port))
+        body = assert_denied(r, "internal_error")
+        assert body["host"] == "public.test"
+        ev = p.wait_event("egress.decision")  # stdout still carries the decision
+        assert ev["reason"] == "internal_error" and ev["decision"] == "deny"
+    assert p.exit_code == 0
+
+
+def test_unwritable_event_file_fails_open_when_configured(upstreams: Any, tmp_path: Path) -> None:
+    with _proxy_with_file(upstreams, tmp_path, "/dev/full", on_write_error="open") as p:
+        r = p.raw(_get("public.test", upstreams.http_port, "/hello"))
+        assert r.status == 200
+        ev = p.wait_event("egress.decision")
+        assert ev["decision"] == "allow" and ev["reason"] == "rule"
