@@ -224,3 +224,20 @@ def test_200_concurrent_requests_one_webhook_one_approval(tmp_path, upstreams, h
         assert bad == []
         assert len(hooks.got) == 1 and len(p.find("approval.requested")) == 1
         assert len(p.find("egress.decision", reason="approved")) == n
+
+
+def test_the_admin_api_is_not_reachable_through_the_proxy_port(tmp_path, upstreams, hooks):  # noqa: F811
+    """Even with 127.0.0.1 allowed by allow_cidrs and a rule, an agent cannot approve itself via the proxy."""
+    cfg = base_config(upstreams, tmp_path, default_action="approval",
+                      approvals={"timeout": "20s", "hold": False,
+                                 "webhooks": [{"url": hooks.url, "secret_env": SECRET_ENV}]})
+    cfg["network"]["allow_cidrs"] = [*cfg["network"]["allow_cidrs"], "127.0.0.1/32"]
+    rules = [{"name": "loopback", "action": "allow", "hosts": ["127.0.0.1"]}]
+    with PortcullisProc(tmp_path, upstreams, rules=rules, config=cfg, env=ENV) as p:
+        approval_id = assert_denied(p.curl(f"http://approve.test:{upstreams.http_port}/"),
+                                    "approval_pending")["approval_id"]
+        r = p.curl(f"{p.admin_url}/approvals/{approval_id}", "-X", "POST",
+                   "-H", f"Authorization: Bearer {TOKEN}", "-H", "Content-Type: application/json",
+                   "-d", '{"decision": "allow"}')
+        assert_denied(r, "private_address")
+        assert [a["id"] for a in pending(p)] == [approval_id]
