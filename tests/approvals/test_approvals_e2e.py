@@ -17,6 +17,7 @@ import pytest
 from approvals_support import SECRET, SECRET_ENV, TOKEN
 
 from addons.approvals.webhook import VerifyError, verify
+from addons.telemetry.validate import validate_event
 from tests.harness import PortcullisProc, assert_denied, base_config, upstreams  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.e2e
@@ -128,6 +129,8 @@ def test_held_request_is_approved_through_the_webhooks_decide_url(tmp_path, upst
         assert p.wait_event("approval.decided")["by"] == "e2e"
         late = decide(p, body["id"], "deny")
         assert late.status_code == 409 and late.json()["approval"]["decision"] == "allow"
+    for e in p.events:  # every event the run produced matches the shipped schemas
+        validate_event(e)
 
 
 def test_held_request_is_denied(tmp_path, upstreams, hooks):  # noqa: F811
