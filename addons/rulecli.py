@@ -300,7 +300,7 @@ class CaseFile(Strict):
 def _load_cases(path: str) -> tuple[list[Case], list[int]]:
     errors = ErrorList()
     ok, data = read_yaml(Path(path), path, errors)
-    if ok:
+    if ok and isinstance(data, dict):
         model = validate_model(CaseFile, data, path, errors)
         if model is not None and not errors.items:
             seq = data["cases"]

@@ -155,7 +155,7 @@ def validate_model(model: type[BaseModel], data: Any, shown: str, errors: ErrorL
                 errors.add(shown, line, col, f"{lead}{where}: required key is missing")
             else:
                 line, col = _pos(data, loc, value=True)
-                errors.add(shown, line, col, f"{lead}{where}: {_message(err)}")
+                errors.add(shown, line, col, f"{lead}{where + ': ' if where else ''}{_message(err)}")
         return None
 
 

@@ -1,4 +1,4 @@
-"""Policy.decide: matching, precedence, ports, methods, paths, clients, CIDRs, private addresses, inspection."""
+"""Policy.decide: matching, precedence, ports, methods, paths, clients, CIDRs, private, inspection."""
 
 from __future__ import annotations
 
@@ -16,10 +16,20 @@ RULES: list[dict[str, Any]] = [
     {"name": "below", "action": "allow", "hosts": ["*.example.com"]},
     {"name": "apex-below", "action": "allow", "hosts": ["**.npmjs.org"]},
     {"name": "paste", "action": "deny", "hosts": ["**.pastebin.com"]},
-    {"name": "gh-write", "action": "approval", "hosts": ["api.github.com"], "methods": ["post", "PUT"],
-     "paths": ["/repos/*"]},
+    {
+        "name": "gh-write",
+        "action": "approval",
+        "hosts": ["api.github.com"],
+        "methods": ["post", "PUT"],
+        "paths": ["/repos/*"],
+    },
     {"name": "gh-read", "action": "allow", "hosts": ["api.github.com"]},
-    {"name": "gh-admin", "action": "deny", "hosts": ["api.github.com"], "paths": ["/admin/*", "/orgs/*/delete"]},
+    {
+        "name": "gh-admin",
+        "action": "deny",
+        "hosts": ["api.github.com"],
+        "paths": ["/admin/*", "/orgs/*/delete"],
+    },
     {"name": "internal", "action": "allow", "hosts": ["10.20.0.0/16"], "ports": [8443], "clients": ["ci"]},
     {"name": "one-ip", "action": "allow", "hosts": ["8.8.8.8"]},
     {"name": "bad-net", "action": "deny", "hosts": ["203.0.114.0/24", "2001:db9::/32"]},
@@ -40,8 +50,12 @@ CLIENTS = [
 
 @pytest.fixture(scope="module")
 def policy(tmp_path_factory: pytest.TempPathFactory) -> Policy:
-    return make_policy(tmp_path_factory.mktemp("pol"), RULES, clients=CLIENTS,
-                       network={"allow_cidrs": ["10.20.0.0/16", "203.0.114.0/24", "2001:db9::/32"]})
+    return make_policy(
+        tmp_path_factory.mktemp("pol"),
+        RULES,
+        clients=CLIENTS,
+        network={"allow_cidrs": ["10.20.0.0/16", "203.0.114.0/24", "2001:db9::/32"]},
+    )
 
 
 HOST_CASES = [
@@ -110,7 +124,11 @@ def test_decision_names_rule_file_line_and_other_matches(policy: Policy) -> None
     text = (policy.rule_files[0]).read_text().splitlines()
     line = text.index('   "name": "overlap-deny",')  # 0-based index of the name = 1-based line of its '{'
     assert d.rule is not None and (d.rule.name, d.rule.action, d.rule.file, d.rule.line) == (
-        "overlap-deny", Action.DENY, "rules/r.yaml", line)
+        "overlap-deny",
+        Action.DENY,
+        "rules/r.yaml",
+        line,
+    )
     assert [m.name for m in d.matched] == ["below"]
     assert d.detail and "overlap-deny" in d.detail and "evil.example.com" in d.detail
 
@@ -121,11 +139,19 @@ def test_default_detail_is_actionable(policy: Policy) -> None:
     assert d.detail == "No rule matches pastebin.org:443; the default action is deny."
 
 
-@pytest.mark.parametrize(("host", "port", "want"), [
-    ("ports.example.org", 80, "allow"), ("ports.example.org", 8080, "allow"),
-    ("ports.example.org", 443, "deny"), ("ports.example.org", 8081, "deny"),
-    ("pypi.org", 1, "allow"), ("pypi.org", 65535, "allow"), ("pypi.org", 0, "deny"), ("pypi.org", 65536, "deny"),
-])
+@pytest.mark.parametrize(
+    ("host", "port", "want"),
+    [
+        ("ports.example.org", 80, "allow"),
+        ("ports.example.org", 8080, "allow"),
+        ("ports.example.org", 443, "deny"),
+        ("ports.example.org", 8081, "deny"),
+        ("pypi.org", 1, "allow"),
+        ("pypi.org", 65535, "allow"),
+        ("pypi.org", 0, "deny"),
+        ("pypi.org", 65536, "deny"),
+    ],
+)
 def test_ports(policy: Policy, host: str, port: int, want: str) -> None:
     assert policy.decide(q(host, port)).action.value == want
 
@@ -143,9 +169,9 @@ METHOD_PATH = [
     ("GET", "/admin/users", ("deny", "rule", "gh-admin")),
     ("GET", "/admin", ("allow", "rule", "gh-read")),
     ("GET", "/orgs/acme/delete", ("deny", "rule", "gh-admin")),
-    ("GET", "/orgs/a/b/delete", ("deny", "rule", "gh-admin")),   # '*' crosses '/'
+    ("GET", "/orgs/a/b/delete", ("deny", "rule", "gh-admin")),  # '*' crosses '/'
     ("GET", "/orgs/acme/delete/x", ("allow", "rule", "gh-read")),
-    ("GET", "/ADMIN/users", ("allow", "rule", "gh-read")),       # paths are case sensitive
+    ("GET", "/ADMIN/users", ("allow", "rule", "gh-read")),  # paths are case sensitive
     # dot segments and escaped dots cannot walk out of a pattern (or into one)
     ("POST", "/repos/../admin/x", ("deny", "rule", "gh-admin")),
     ("GET", "/repos/%2e%2e/admin/x", ("deny", "rule", "gh-admin")),
@@ -165,11 +191,26 @@ def test_request_matched_lists_other_rules(policy: Policy) -> None:
     assert [m.name for m in d.matched] == ["gh-read"]
 
 
-@pytest.mark.parametrize(("path", "want"), [
-    ("/", "/"), ("", "/"), ("/a/b", "/a/b"), ("/a/./b", "/a/b"), ("/a/../b", "/b"), ("/../../b", "/b"),
-    ("/a/b/..", "/a/"), ("/a/b/.", "/a/b/"), ("/a?x=1", "/a"), ("/a#f", "/a"), ("/%7Euser", "/~user"),
-    ("/a%2Fb", "/a%2Fb"), ("/%2e%2E/x", "/x"), ("a/b", "/a/b"), ("/a//b", "/a//b"),
-])
+@pytest.mark.parametrize(
+    ("path", "want"),
+    [
+        ("/", "/"),
+        ("", "/"),
+        ("/a/b", "/a/b"),
+        ("/a/./b", "/a/b"),
+        ("/a/../b", "/b"),
+        ("/../../b", "/b"),
+        ("/a/b/..", "/a/"),
+        ("/a/b/.", "/a/b/"),
+        ("/a?x=1", "/a"),
+        ("/a#f", "/a"),
+        ("/%7Euser", "/~user"),
+        ("/a%2Fb", "/a%2Fb"),
+        ("/%2e%2E/x", "/x"),
+        ("a/b", "/a/b"),
+        ("/a//b", "/a//b"),
+    ],
+)
 def test_normalize_path(path: str, want: str) -> None:
     assert normalize_path(path) == want
 
@@ -191,17 +232,31 @@ CLIENT_CASES = [
 
 
 @pytest.mark.parametrize(("addr", "user", "host", "port", "want"), CLIENT_CASES)
-def test_clients(policy: Policy, addr: str | None, user: str | None, host: str, port: int,
-                 want: tuple[str, str, str | None]) -> None:
+def test_clients(
+    policy: Policy,
+    addr: str | None,
+    user: str | None,
+    host: str,
+    port: int,
+    want: tuple[str, str, str | None],
+) -> None:
     d = policy.decide(q(host, port, client_address=addr, client_user=user))
     assert summary(d) == want
 
 
-@pytest.mark.parametrize(("addr", "user", "name"), [
-    ("10.0.1.5", None, "ci"), ("10.0.2.5", None, "wide"), ("10.0.1.5", "rev", "reviewer"),
-    (None, "rev", "reviewer"), ("192.0.2.1", None, None), (None, None, None), ("garbage", None, None),
-    ("10.0.1.5", "other", "ci"),
-])
+@pytest.mark.parametrize(
+    ("addr", "user", "name"),
+    [
+        ("10.0.1.5", None, "ci"),
+        ("10.0.2.5", None, "wide"),
+        ("10.0.1.5", "rev", "reviewer"),
+        (None, "rev", "reviewer"),
+        ("192.0.2.1", None, None),
+        (None, None, None),
+        ("garbage", None, None),
+        ("10.0.1.5", "other", "ci"),
+    ],
+)
 def test_client_name(policy: Policy, addr: str | None, user: str | None, name: str | None) -> None:
     assert policy.client_name(addr, user) == name
     assert policy.decide(q("pypi.org", client_address=addr, client_user=user)).client_name == name
@@ -213,15 +268,20 @@ def test_groups_override(policy: Policy) -> None:
 
 # -- deny IP/CIDR entries also match names through their resolved addresses ----------------------
 
-@pytest.mark.parametrize(("addresses", "want"), [
-    (("203.0.114.9",), ("deny", "rule", "bad-net")),
-    (("93.184.216.34", "203.0.114.9"), ("deny", "rule", "bad-net")),
-    (("2001:db9::5",), ("deny", "rule", "bad-net")),
-    (("93.184.216.34",), ("allow", "rule", "allow-resolved")),
-    ((), ("allow", "rule", "allow-resolved")),
-])
-def test_deny_cidr_matches_resolved_name(policy: Policy, addresses: tuple[str, ...],
-                                         want: tuple[str, str, str | None]) -> None:
+
+@pytest.mark.parametrize(
+    ("addresses", "want"),
+    [
+        (("203.0.114.9",), ("deny", "rule", "bad-net")),
+        (("93.184.216.34", "203.0.114.9"), ("deny", "rule", "bad-net")),
+        (("2001:db9::5",), ("deny", "rule", "bad-net")),
+        (("93.184.216.34",), ("allow", "rule", "allow-resolved")),
+        ((), ("allow", "rule", "allow-resolved")),
+    ],
+)
+def test_deny_cidr_matches_resolved_name(
+    policy: Policy, addresses: tuple[str, ...], want: tuple[str, str, str | None]
+) -> None:
     assert summary(policy.decide(q("resolved.example.org", addresses=addresses))) == want
 
 
@@ -233,60 +293,89 @@ def test_allow_cidr_entry_does_not_match_names(policy: Policy) -> None:
 # -- private destinations -------------------------------------------------------------------------
 
 PRIVATE = [
-    ("127.0.0.1", (), "loopback"), ("2130706433", (), "loopback"), ("127.1", (), "loopback"),
-    ("0177.0.0.1", (), "loopback"), ("[::1]", (), "loopback"), ("[::ffff:127.0.0.1]", (), "loopback"),
-    ("localhost", (), "loopback"), ("LOCALHOST.", (), "loopback"), ("foo.localhost", (), "loopback"),
-    ("169.254.169.254", (), "metadata"), ("0xa9fea9fe", (), "metadata"), ("[fd00:ec2::254]", (), "metadata"),
-    ("metadata.google.internal", (), "metadata"), ("METADATA.google.internal.", (), "metadata"),
-    ("100.100.100.200", (), "metadata"), ("168.63.129.16", (), "metadata"),
-    ("10.0.0.1", (), "private"), ("192.168.0.1", (), "private"), ("0.0.0.0", (), "unspecified"),
-    ("100.64.0.1", (), "cgnat"), ("[fc00::1]", (), "ula"), ("224.0.0.1", (), "multicast"),
-    ("255.255.255.255", (), "broadcast"), ("198.18.0.1", (), "reserved"), ("[64:ff9b::a00:1]", (), "private"),
+    ("127.0.0.1", (), "loopback"),
+    ("2130706433", (), "loopback"),
+    ("127.1", (), "loopback"),
+    ("0177.0.0.1", (), "loopback"),
+    ("[::1]", (), "loopback"),
+    ("[::ffff:127.0.0.1]", (), "loopback"),
+    ("localhost", (), "loopback"),
+    ("LOCALHOST.", (), "loopback"),
+    ("foo.localhost", (), "loopback"),
+    ("169.254.169.254", (), "metadata"),
+    ("0xa9fea9fe", (), "metadata"),
+    ("[fd00:ec2::254]", (), "metadata"),
+    ("metadata.google.internal", (), "metadata"),
+    ("METADATA.google.internal.", (), "metadata"),
+    ("100.100.100.200", (), "metadata"),
+    ("168.63.129.16", (), "metadata"),
+    ("10.0.0.1", (), "private"),
+    ("192.168.0.1", (), "private"),
+    ("0.0.0.0", (), "unspecified"),
+    ("100.64.0.1", (), "cgnat"),
+    ("[fc00::1]", (), "ula"),
+    ("224.0.0.1", (), "multicast"),
+    ("255.255.255.255", (), "broadcast"),
+    ("198.18.0.1", (), "reserved"),
+    ("[64:ff9b::a00:1]", (), "private"),
     ("[2002:7f00:1::]", (), "loopback"),
     # a name is judged by every resolved address
-    ("pypi.org", ("10.0.0.5",), "private"), ("pypi.org", ("151.101.0.223", "127.0.0.1"), "loopback"),
-    ("pypi.org", ("::ffff:169.254.169.254",), "metadata"), ("a.example.com", ("169.254.169.254",), "metadata"),
+    ("pypi.org", ("10.0.0.5",), "private"),
+    ("pypi.org", ("151.101.0.223", "127.0.0.1"), "loopback"),
+    ("pypi.org", ("::ffff:169.254.169.254",), "metadata"),
+    ("a.example.com", ("169.254.169.254",), "metadata"),
 ]
 
 
 @pytest.mark.parametrize(("host", "addresses", "cls"), PRIVATE, ids=[f"{h}{list(a)}" for h, a, _ in PRIVATE])
-def test_private_destinations_denied_before_rules(policy: Policy, host: str, addresses: tuple[str, ...],
-                                                  cls: str) -> None:
+def test_private_destinations_denied_before_rules(
+    policy: Policy, host: str, addresses: tuple[str, ...], cls: str
+) -> None:
     d = policy.decide(q(host, addresses=addresses))
     assert (d.action, d.reason, d.private_class, d.rule) == (Action.DENY, Reason.PRIVATE_ADDRESS, cls, None)
     assert d.detail and "allow_cidrs" in d.detail
 
 
-@pytest.mark.parametrize(("host", "addresses", "want"), [
-    ("10.20.3.4", (), ("deny", "default", None)),                  # allowed private range, no rule for client
-    ("pypi.org", ("10.20.0.9",), ("allow", "rule", "exact")),      # resolved inside allow_cidrs
-    ("pypi.org", ("10.20.0.9", "10.21.0.1"), ("deny", "private_address", None)),
-    ("203.0.114.5", (), ("deny", "rule", "bad-net")),              # reserved? no: public, deny rule decides
-])
-def test_allow_cidrs(policy: Policy, host: str, addresses: tuple[str, ...],
-                     want: tuple[str, str, str | None]) -> None:
+@pytest.mark.parametrize(
+    ("host", "addresses", "want"),
+    [
+        ("10.20.3.4", (), ("deny", "default", None)),  # allowed private range, no rule for client
+        ("pypi.org", ("10.20.0.9",), ("allow", "rule", "exact")),  # resolved inside allow_cidrs
+        ("pypi.org", ("10.20.0.9", "10.21.0.1"), ("deny", "private_address", None)),
+        ("203.0.114.5", (), ("deny", "rule", "bad-net")),  # reserved? no: public, deny rule decides
+    ],
+)
+def test_allow_cidrs(
+    policy: Policy, host: str, addresses: tuple[str, ...], want: tuple[str, str, str | None]
+) -> None:
     assert summary(policy.decide(q(host, addresses=addresses))) == want
 
 
 def test_blocked_class_helper(policy: Policy) -> None:
     assert policy.blocked_class("127.0.0.1") == "loopback"
-    assert policy.blocked_class("10.20.0.1") is None      # allow_cidrs
+    assert policy.blocked_class("10.20.0.1") is None  # allow_cidrs
     assert policy.blocked_class("8.8.8.8") is None
     assert policy.blocked_class("::ffff:10.0.0.1") == "private"
     assert policy.blocked_class("not-an-ip") == "invalid"
 
 
 def test_block_private_false(tmp_path: Path) -> None:
-    p = make_policy(tmp_path, [{"name": "lo", "action": "allow", "hosts": ["127.0.0.0/8"]}],
-                    network={"block_private": False})
+    p = make_policy(
+        tmp_path,
+        [{"name": "lo", "action": "allow", "hosts": ["127.0.0.0/8"]}],
+        network={"block_private": False},
+    )
     assert summary(p.decide(q("127.0.0.1"))) == ("allow", "rule", "lo")
     assert p.blocked_class("127.0.0.1") is None
     assert summary(p.decide(q("10.0.0.1"))) == ("deny", "default", None)
 
 
 def test_proxy_own_public_address_is_refused(tmp_path: Path) -> None:
-    p = make_policy(tmp_path, [{"name": "all", "action": "allow", "hosts": ["93.184.216.0/24"]}],
-                    listen="93.184.216.34:8080")
+    p = make_policy(
+        tmp_path,
+        [{"name": "all", "action": "allow", "hosts": ["93.184.216.0/24"]}],
+        listen="93.184.216.34:8080",
+    )
     assert policy_class(p, "93.184.216.34") == "proxy_self"
     assert summary(p.decide(q("93.184.216.35"))) == ("allow", "rule", "all")
 
@@ -307,9 +396,14 @@ def test_internal_error_fails_closed(policy: Policy) -> None:
 
 
 def test_static_resolve_addresses_are_checked(tmp_path: Path) -> None:
-    p = make_policy(tmp_path, [{"name": "pub", "action": "allow", "hosts": ["public.test", "inner.test"]}],
-                    network={"resolve": {"Public.Test.": "127.0.0.2", "inner.test": ["8.8.8.8", "10.0.0.1"]},
-                             "allow_cidrs": ["127.0.0.2/32"]})
+    p = make_policy(
+        tmp_path,
+        [{"name": "pub", "action": "allow", "hosts": ["public.test", "inner.test"]}],
+        network={
+            "resolve": {"Public.Test.": "127.0.0.2", "inner.test": ["8.8.8.8", "10.0.0.1"]},
+            "allow_cidrs": ["127.0.0.2/32"],
+        },
+    )
     assert p.static_resolve("PUBLIC.test") == ("127.0.0.2",)
     assert p.static_resolve("other.test") is None
     assert summary(p.decide(q("public.test"))) == ("allow", "rule", "pub")
@@ -324,13 +418,15 @@ TUNNEL = [
     ("pypi.org", ("allow", "rule", "exact"), False),
     ("pastebin.com", ("deny", "rule", "paste"), False),
     ("nothing.example.org", ("deny", "default", None), False),
-    ("api.github.com", ("allow", "inspect", None), True),   # conditional rules exist for this host
+    ("api.github.com", ("allow", "inspect", None), True),  # conditional rules exist for this host
     ("ssh.github.com", ("allow", "rule", "ssh"), False),
 ]
 
 
 @pytest.mark.parametrize(("host", "want", "inspect"), TUNNEL, ids=[t[0] for t in TUNNEL])
-def test_tunnel_decisions(policy: Policy, host: str, want: tuple[str, str, str | None], inspect: bool) -> None:
+def test_tunnel_decisions(
+    policy: Policy, host: str, want: tuple[str, str, str | None], inspect: bool
+) -> None:
     d = policy.decide(tunnel(host))
     assert summary(d) == want
     assert d.inspect is inspect
@@ -349,45 +445,78 @@ def test_raw_tcp(policy: Policy) -> None:
     assert policy.raw_tcp_allowed("pypi.org", 443, None, None) is False
 
 
-@pytest.mark.parametrize(("rules", "host", "want", "inspect"), [
-    # an unconditional deny decides the tunnel even when conditional rules exist
-    ([{"name": "d", "action": "deny", "hosts": ["x.test"]},
-      {"name": "c", "action": "allow", "hosts": ["x.test"], "methods": ["GET"]}], "x.test", ("deny", "rule", "d"),
-     False),
-    # only conditional denies and a default deny: nothing inside could pass, deny the tunnel
-    ([{"name": "c", "action": "deny", "hosts": ["x.test"], "methods": ["POST"]}], "x.test",
-     ("deny", "default", None), False),
-    # a conditional allow under a default deny: inspect, the requests decide
-    ([{"name": "c", "action": "allow", "hosts": ["x.test"], "paths": ["/ok/*"]}], "x.test",
-     ("allow", "inspect", None), True),
-    # a conditional rule for another port does not force inspection
-    ([{"name": "c", "action": "allow", "hosts": ["x.test"], "paths": ["/ok/*"], "ports": [8443]},
-      {"name": "u", "action": "allow", "hosts": ["x.test"]}], "x.test", ("allow", "rule", "u"), False),
-])
-def test_tunnel_edges(tmp_path: Path, rules: list[dict[str, Any]], host: str,
-                      want: tuple[str, str, str | None], inspect: bool) -> None:
+@pytest.mark.parametrize(
+    ("rules", "host", "want", "inspect"),
+    [
+        # an unconditional deny decides the tunnel even when conditional rules exist
+        (
+            [
+                {"name": "d", "action": "deny", "hosts": ["x.test"]},
+                {"name": "c", "action": "allow", "hosts": ["x.test"], "methods": ["GET"]},
+            ],
+            "x.test",
+            ("deny", "rule", "d"),
+            False,
+        ),
+        # only conditional denies and a default deny: nothing inside could pass, deny the tunnel
+        (
+            [{"name": "c", "action": "deny", "hosts": ["x.test"], "methods": ["POST"]}],
+            "x.test",
+            ("deny", "default", None),
+            False,
+        ),
+        # a conditional allow under a default deny: inspect, the requests decide
+        (
+            [{"name": "c", "action": "allow", "hosts": ["x.test"], "paths": ["/ok/*"]}],
+            "x.test",
+            ("allow", "inspect", None),
+            True,
+        ),
+        # a conditional rule for another port does not force inspection
+        (
+            [
+                {"name": "c", "action": "allow", "hosts": ["x.test"], "paths": ["/ok/*"], "ports": [8443]},
+                {"name": "u", "action": "allow", "hosts": ["x.test"]},
+            ],
+            "x.test",
+            ("allow", "rule", "u"),
+            False,
+        ),
+    ],
+)
+def test_tunnel_edges(
+    tmp_path: Path, rules: list[dict[str, Any]], host: str, want: tuple[str, str, str | None], inspect: bool
+) -> None:
     p = make_policy(tmp_path, rules)
     d = p.decide(tunnel(host))
     assert summary(d) == want and d.inspect is inspect
 
 
 def test_inspect_always(tmp_path: Path) -> None:
-    p = make_policy(tmp_path, [{"name": "a", "action": "allow", "hosts": ["a.test"]},
-                               {"name": "d", "action": "deny", "hosts": ["d.test"]}],
-                    tls={"inspect": "always"}, default_action="approval")
+    p = make_policy(
+        tmp_path,
+        [
+            {"name": "a", "action": "allow", "hosts": ["a.test"]},
+            {"name": "d", "action": "deny", "hosts": ["d.test"]},
+        ],
+        tls={"inspect": "always"},
+        default_action="approval",
+    )
     a = p.decide(tunnel("a.test"))
     assert summary(a) == ("allow", "rule", "a") and a.inspect
     d = p.decide(tunnel("d.test"))
     assert summary(d) == ("deny", "rule", "d") and not d.inspect
     u = p.decide(tunnel("unknown.test"))
-    assert summary(u) == ("allow", "inspect", None) and u.inspect   # approval is asked per request
+    assert summary(u) == ("allow", "inspect", None) and u.inspect  # approval is asked per request
     assert summary(p.decide(q("unknown.test", method="GET", path="/"))) == ("approval", "default", None)
 
 
 def test_precedence_is_independent_of_file_order(tmp_path: Path) -> None:
-    rules = [{"name": "a", "action": "allow", "hosts": ["x.test"]},
-             {"name": "p", "action": "approval", "hosts": ["**.x.test"]},
-             {"name": "d", "action": "deny", "hosts": ["*.test"]}]
+    rules = [
+        {"name": "a", "action": "allow", "hosts": ["x.test"]},
+        {"name": "p", "action": "approval", "hosts": ["**.x.test"]},
+        {"name": "d", "action": "deny", "hosts": ["*.test"]},
+    ]
     for order in (rules, rules[::-1]):
         p = make_policy(tmp_path, order)
         d = p.decide(q("x.test"))
@@ -398,8 +527,13 @@ def test_precedence_is_independent_of_file_order(tmp_path: Path) -> None:
 
 
 def test_first_rule_of_winning_action_decides(tmp_path: Path) -> None:
-    p = make_policy(tmp_path, [{"name": "one", "action": "allow", "hosts": ["**.x.test"]},
-                               {"name": "two", "action": "allow", "hosts": ["x.test"]}])
+    p = make_policy(
+        tmp_path,
+        [
+            {"name": "one", "action": "allow", "hosts": ["**.x.test"]},
+            {"name": "two", "action": "allow", "hosts": ["x.test"]},
+        ],
+    )
     d = p.decide(q("x.test"))
     assert summary(d) == ("allow", "rule", "one") and [m.name for m in d.matched] == ["two"]
 

@@ -34,7 +34,7 @@ NORMALISE = [
     ("例え.テスト", "xn--r8jz45g.xn--zckzah"),
     ("ⓔxample.com", "example.com"),
     ("exa\u200bmple.com", "example.com"),  # zero-width space is mapped away by UTS 46
-    ("faß.de", "xn--fa-hia.de"),           # non-transitional: ß stays
+    ("faß.de", "xn--fa-hia.de"),  # non-transitional: ß stays
     ("a-b.example", "a-b.example"),
     ("a--b.example", "a--b.example"),
     ("r3---sn-abc.googlevideo.com", "r3---sn-abc.googlevideo.com"),
@@ -102,13 +102,52 @@ def test_normalize_host(raw: str, want: str) -> None:
 
 
 BAD_HOSTS = [
-    "", " ", " example.com", "example.com ", "exa mple.com", "example..com", ".example.com", "a.b..",
-    "-example.com", "example-.com", "ex@mple.com", "user@example.com", "example.com/path", "example.com?x",
-    "example.com#f", "example.com\\x", "example.com:443", "exa%6dple.com", "exam!ple.com", "exa*mple.com",
-    "*.example.com", "a" * 64 + ".com", ".".join(["abcdefghi"] * 26) + ".com", "xn--zz.com",
-    "1.2.3.4.5", "1.2.3.256", "256.1.1.1", "4294967296", "0x100000000", "08.1.1.1", "0x7g.0.0.1",
-    "1.2.3.0x", "127.0.0.1..", "foo.123", "example.0x7f", "[::1", "::1]", "[example.com]", "[1::2::3]",
-    "[::ffff:1.2.3.4.5]", "fe80::1%", "12345::1", "[]", "exam\tple.com", "exam\nple.com", "é..com",
+    "",
+    " ",
+    " example.com",
+    "example.com ",
+    "exa mple.com",
+    "example..com",
+    ".example.com",
+    "a.b..",
+    "-example.com",
+    "example-.com",
+    "ex@mple.com",
+    "user@example.com",
+    "example.com/path",
+    "example.com?x",
+    "example.com#f",
+    "example.com\\x",
+    "example.com:443",
+    "exa%6dple.com",
+    "exam!ple.com",
+    "exa*mple.com",
+    "*.example.com",
+    "a" * 64 + ".com",
+    ".".join(["abcdefghi"] * 26) + ".com",
+    "xn--zz.com",
+    "1.2.3.4.5",
+    "1.2.3.256",
+    "256.1.1.1",
+    "4294967296",
+    "0x100000000",
+    "08.1.1.1",
+    "0x7g.0.0.1",
+    "1.2.3.0x",
+    "127.0.0.1..",
+    "foo.123",
+    "example.0x7f",
+    "[::1",
+    "::1]",
+    "[example.com]",
+    "[1::2::3]",
+    "[::ffff:1.2.3.4.5]",
+    "fe80::1%",
+    "12345::1",
+    "[]",
+    "exam\tple.com",
+    "exam\nple.com",
+    "é..com",
 ]
 
 
@@ -120,42 +159,95 @@ def test_normalize_host_rejects(raw: str) -> None:
     assert isinstance(e.value, ValueError)
 
 
-@pytest.mark.parametrize(("host", "want"), [
-    ("127.0.0.1", True), ("::1", True), ("fe80::1", True), ("8.8.8.8", True), ("example.com", False),
-    ("1.example", False), ("example.com1", False), ("localhost", False), ("", False),
-])
+@pytest.mark.parametrize(
+    ("host", "want"),
+    [
+        ("127.0.0.1", True),
+        ("::1", True),
+        ("fe80::1", True),
+        ("8.8.8.8", True),
+        ("example.com", False),
+        ("1.example", False),
+        ("example.com1", False),
+        ("localhost", False),
+        ("", False),
+    ],
+)
 def test_is_ip(host: str, want: bool) -> None:
     assert is_ip(host) is want
 
 
 CLASSES = [
-    ("127.0.0.1", "loopback"), ("127.255.255.254", "loopback"), ("::1", "loopback"),
-    ("0.0.0.0", "unspecified"), ("::", "unspecified"), ("0.1.2.3", "reserved"),
-    ("10.0.0.1", "private"), ("172.16.0.1", "private"), ("172.31.255.255", "private"),
-    ("192.168.1.1", "private"), ("172.32.0.1", None), ("172.15.255.255", None),
-    ("169.254.1.1", "link_local"), ("fe80::1", "link_local"), ("febf::1", "link_local"),
-    ("169.254.169.254", "metadata"), ("169.254.170.2", "metadata"), ("100.100.100.200", "metadata"),
-    ("168.63.129.16", "metadata"), ("fd00:ec2::254", "metadata"), ("::ffff:169.254.169.254", "metadata"),
-    ("100.64.0.1", "cgnat"), ("100.127.255.255", "cgnat"), ("100.128.0.1", None), ("100.63.255.255", None),
-    ("fc00::1", "ula"), ("fd12:3456::1", "ula"), ("224.0.0.1", "multicast"), ("239.255.255.250", "multicast"),
-    ("ff02::1", "multicast"), ("255.255.255.255", "broadcast"), ("240.0.0.1", "reserved"),
-    ("198.18.0.1", "reserved"), ("198.19.255.255", "reserved"), ("192.0.2.1", "reserved"),
-    ("198.51.100.1", "reserved"), ("203.0.113.1", "reserved"), ("192.0.0.8", "reserved"),
-    ("2001:db8::1", "reserved"), ("fec0::1", "reserved"), ("100::1", "reserved"),
+    ("127.0.0.1", "loopback"),
+    ("127.255.255.254", "loopback"),
+    ("::1", "loopback"),
+    ("0.0.0.0", "unspecified"),
+    ("::", "unspecified"),
+    ("0.1.2.3", "reserved"),
+    ("10.0.0.1", "private"),
+    ("172.16.0.1", "private"),
+    ("172.31.255.255", "private"),
+    ("192.168.1.1", "private"),
+    ("172.32.0.1", None),
+    ("172.15.255.255", None),
+    ("169.254.1.1", "link_local"),
+    ("fe80::1", "link_local"),
+    ("febf::1", "link_local"),
+    ("169.254.169.254", "metadata"),
+    ("169.254.170.2", "metadata"),
+    ("100.100.100.200", "metadata"),
+    ("168.63.129.16", "metadata"),
+    ("fd00:ec2::254", "metadata"),
+    ("::ffff:169.254.169.254", "metadata"),
+    ("100.64.0.1", "cgnat"),
+    ("100.127.255.255", "cgnat"),
+    ("100.128.0.1", None),
+    ("100.63.255.255", None),
+    ("fc00::1", "ula"),
+    ("fd12:3456::1", "ula"),
+    ("224.0.0.1", "multicast"),
+    ("239.255.255.250", "multicast"),
+    ("ff02::1", "multicast"),
+    ("255.255.255.255", "broadcast"),
+    ("240.0.0.1", "reserved"),
+    ("198.18.0.1", "reserved"),
+    ("198.19.255.255", "reserved"),
+    ("192.0.2.1", "reserved"),
+    ("198.51.100.1", "reserved"),
+    ("203.0.113.1", "reserved"),
+    ("192.0.0.8", "reserved"),
+    ("2001:db8::1", "reserved"),
+    ("fec0::1", "reserved"),
+    ("100::1", "reserved"),
     # IPv6 forms that embed an IPv4 address are judged by it
-    ("::ffff:10.0.0.1", "private"), ("::ffff:127.0.0.1", "loopback"), ("::ffff:8.8.8.8", None),
-    ("64:ff9b::7f00:1", "loopback"), ("64:ff9b::10.0.0.1", "private"), ("64:ff9b::a9fe:a9fe", "metadata"),
-    ("64:ff9b::8.8.8.8", None), ("2002:7f00:1::", "loopback"), ("2002:a00:1::1", "private"),
-    ("2002:a9fe:a9fe::", "metadata"), ("2002:808:808::", None),
-    ("2001:0:4136:e378:8000:63bf:3fff:fdd2", "reserved"),        # Teredo, client 192.0.2.45
-    ("2001:0:808:808:0:0:f5ff:fffe", "private"),                  # Teredo, client 10.0.0.1
-    ("2001:0:808:808:0:0:f7f7:f7f7", None),                       # Teredo, client 8.8.8.8
-    ("::127.0.0.1", "reserved"),                                  # deprecated IPv4-compatible
+    ("::ffff:10.0.0.1", "private"),
+    ("::ffff:127.0.0.1", "loopback"),
+    ("::ffff:8.8.8.8", None),
+    ("64:ff9b::7f00:1", "loopback"),
+    ("64:ff9b::10.0.0.1", "private"),
+    ("64:ff9b::a9fe:a9fe", "metadata"),
+    ("64:ff9b::8.8.8.8", None),
+    ("2002:7f00:1::", "loopback"),
+    ("2002:a00:1::1", "private"),
+    ("2002:a9fe:a9fe::", "metadata"),
+    ("2002:808:808::", None),
+    ("2001:0:4136:e378:8000:63bf:3fff:fdd2", "reserved"),  # Teredo, client 192.0.2.45
+    ("2001:0:808:808:0:0:f5ff:fffe", "private"),  # Teredo, client 10.0.0.1
+    ("2001:0:808:808:0:0:f7f7:f7f7", None),  # Teredo, client 8.8.8.8
+    ("::127.0.0.1", "reserved"),  # deprecated IPv4-compatible
     # public
-    ("8.8.8.8", None), ("1.1.1.1", None), ("93.184.216.34", None), ("2606:4700::1111", None),
-    ("2a00:1450:4001::200e", None), ("11.0.0.1", None), ("192.169.0.1", None),
+    ("8.8.8.8", None),
+    ("1.1.1.1", None),
+    ("93.184.216.34", None),
+    ("2606:4700::1111", None),
+    ("2a00:1450:4001::200e", None),
+    ("11.0.0.1", None),
+    ("192.169.0.1", None),
     # any spelling is accepted
-    ("2130706433", "loopback"), ("0xa9fea9fe", "metadata"), ("[::1]", "loopback"), ("10.1", "private"),
+    ("2130706433", "loopback"),
+    ("0xa9fea9fe", "metadata"),
+    ("[::1]", "loopback"),
+    ("10.1", "private"),
 ]
 
 
@@ -169,13 +261,25 @@ def test_classify_address_rejects_names() -> None:
         classify_address("example.com")
 
 
-@pytest.mark.parametrize(("host", "want"), [
-    ("example.com", "example.com"), ("a.b.example.com", "example.com"), ("www.bbc.co.uk", "bbc.co.uk"),
-    ("alice.github.io", "alice.github.io"), ("a.alice.github.io", "alice.github.io"),
-    ("bucket.s3.amazonaws.com", "bucket.s3.amazonaws.com"), ("com", None), ("co.uk", None),
-    ("github.io", None), ("localhost", None), ("127.0.0.1", None), ("::1", None),
-    ("xn--bcher-kva.de", "xn--bcher-kva.de"), ("x.example.notatld", None),
-])
+@pytest.mark.parametrize(
+    ("host", "want"),
+    [
+        ("example.com", "example.com"),
+        ("a.b.example.com", "example.com"),
+        ("www.bbc.co.uk", "bbc.co.uk"),
+        ("alice.github.io", "alice.github.io"),
+        ("a.alice.github.io", "alice.github.io"),
+        ("bucket.s3.amazonaws.com", "bucket.s3.amazonaws.com"),
+        ("com", None),
+        ("co.uk", None),
+        ("github.io", None),
+        ("localhost", None),
+        ("127.0.0.1", None),
+        ("::1", None),
+        ("xn--bcher-kva.de", "xn--bcher-kva.de"),
+        ("x.example.notatld", None),
+    ],
+)
 def test_registered_domain(host: str, want: str | None) -> None:
     assert registered_domain(host) == want
 
@@ -189,8 +293,8 @@ PATTERNS = [
     ("*.Bücher.de", "below", "*.xn--bcher-kva.de"),
     ("**.bbc.co.uk", "apex_below", "**.bbc.co.uk"),
     ("*.alice.github.io", "below", "*.alice.github.io"),
-    ("*.internal", "below", "*.internal"),          # not on the PSL: a private zone
-    ("com", "exact", "com"),                        # an exact suffix is just a name
+    ("*.internal", "below", "*.internal"),  # not on the PSL: a private zone
+    ("com", "exact", "com"),  # an exact suffix is just a name
     ("10.20.0.0/16", "cidr", "10.20.0.0/16"),
     ("10.20.0.0/32", "cidr", "10.20.0.0/32"),
     ("0.0.0.0/0", "cidr", "0.0.0.0/0"),
@@ -210,19 +314,43 @@ def test_pattern_valid(raw: str, kind: str, shown: str) -> None:
 
 
 BAD_PATTERNS = [
-    ("*", "only a leading"), ("**", "only a leading"), ("*.", "empty host"), ("**.", "empty host"),
-    ("api.*.x", "only a leading"), ("*x.com", "only a leading"), ("a.**.b", "only a leading"),
-    ("*.*.example.com", "only a leading"), ("***.example.com", "only a leading"),
-    ("example.*", "only a leading"), ("*example.com", "only a leading"), (".example.com", "empty label"),
-    ("*.com", "public suffix"), ("**.com", "public suffix"), ("*.co.uk", "public suffix"),
-    ("**.co.uk", "public suffix"), ("*.uk", "public suffix"), ("*.github.io", "public suffix"),
-    ("**.github.io", "public suffix"), ("*.s3.amazonaws.com", "public suffix"),
-    ("*.githubusercontent.com", "public suffix"), ("*.foo.ck", "public suffix"),
-    ("*.1.2.3.4", "IP address"), ("**.10.0.0.1", "IP address"), ("10.0.0.1/8", "host bits"),
-    ("10.0.0.0/33", "bad CIDR"), ("10.0.0.0/", "bad CIDR"), ("example.com/8", "bad CIDR"),
-    ("10.0.0.0/x", "bad CIDR"), ("::ffff:10.0.0.0/8", "mapped"), ("exa mple.com", "not a host"),
-    ("http://example.com", "is a URL"), ("example.com:443", "not a host"), ("", "empty"), ("  ", "empty"),
-    ("1.2.3.4.5", "four parts"), ("user@example.com", "not a host"),
+    ("*", "only a leading"),
+    ("**", "only a leading"),
+    ("*.", "empty host"),
+    ("**.", "empty host"),
+    ("api.*.x", "only a leading"),
+    ("*x.com", "only a leading"),
+    ("a.**.b", "only a leading"),
+    ("*.*.example.com", "only a leading"),
+    ("***.example.com", "only a leading"),
+    ("example.*", "only a leading"),
+    ("*example.com", "only a leading"),
+    (".example.com", "empty label"),
+    ("*.com", "public suffix"),
+    ("**.com", "public suffix"),
+    ("*.co.uk", "public suffix"),
+    ("**.co.uk", "public suffix"),
+    ("*.uk", "public suffix"),
+    ("*.github.io", "public suffix"),
+    ("**.github.io", "public suffix"),
+    ("*.s3.amazonaws.com", "public suffix"),
+    ("*.githubusercontent.com", "public suffix"),
+    ("*.foo.ck", "public suffix"),
+    ("*.1.2.3.4", "IP address"),
+    ("**.10.0.0.1", "IP address"),
+    ("10.0.0.1/8", "host bits"),
+    ("10.0.0.0/33", "bad CIDR"),
+    ("10.0.0.0/", "bad CIDR"),
+    ("example.com/8", "bad CIDR"),
+    ("10.0.0.0/x", "bad CIDR"),
+    ("::ffff:10.0.0.0/8", "mapped"),
+    ("exa mple.com", "not a host"),
+    ("http://example.com", "is a URL"),
+    ("example.com:443", "not a host"),
+    ("", "empty"),
+    ("  ", "empty"),
+    ("1.2.3.4.5", "four parts"),
+    ("user@example.com", "not a host"),
 ]
 
 

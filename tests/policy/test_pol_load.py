@@ -1,4 +1,4 @@
-"""Loading: every error as path:line:col (one fixture per kind of broken file), folders, persist_to, reload."""
+"""Loading: every error as path:line:col (a fixture per kind of broken file), folders, persist_to."""
 
 from __future__ import annotations
 
@@ -18,7 +18,9 @@ CONFIG_FIXTURES = sorted((DATA / "configs").glob("*.yaml"))
 def expected(fixture: Path, file: str) -> list[str]:
     """The `# expect:` trailer of a fixture (at the end, so line numbers above stay true)."""
     source = fixture / "b.yaml" if fixture.is_dir() else fixture
-    lines = [ln.removeprefix("# expect: ") for ln in source.read_text().splitlines() if ln.startswith("# expect: ")]
+    lines = [
+        ln.removeprefix("# expect: ") for ln in source.read_text().splitlines() if ln.startswith("# expect: ")
+    ]
     assert lines, f"{source} has no '# expect:' lines"
     return [ln.replace("{file}", file).replace("{dir}", str(Path(file).parent)) for ln in lines]
 
@@ -79,7 +81,9 @@ def test_folder_loading(tmp_path: Path) -> None:
     (rules / "b.yml").write_text("rules: [{name: b, action: allow, hosts: [b.test]}]\n")
     (rules / "a.yaml").write_text("rules: [{name: a, action: allow, hosts: [a.test]}]\n")
     (rules / "notes.txt").write_text("not yaml: [")
-    (rules / "sub" / "c.yaml").write_text("rules: [{name: c, action: allow, hosts: [c.test]}]\n")  # not recursive
+    (rules / "sub" / "c.yaml").write_text(
+        "rules: [{name: c, action: allow, hosts: [c.test]}]\n"
+    )  # not recursive
     (rules / "tests.yaml").write_text("cases: [{url: 'https://a.test/', expect: allow}]\n")
     (tmp_path / "c.yaml").write_text("rules: [rules/]\napprovals: {persist_to: null}\n")
     report = load_config_report(tmp_path / "c.yaml")
@@ -94,7 +98,8 @@ def test_a_test_file_named_explicitly_is_an_error(tmp_path: Path) -> None:
     (tmp_path / "t.yaml").write_text("cases: []\n")
     (tmp_path / "c.yaml").write_text("rules: [t.yaml]\n")
     assert load_errors(tmp_path / "c.yaml") == [
-        f"{tmp_path / 't.yaml'}:1:1: unknown key 'cases' (a rule file has only 'rules:')"]
+        f"{tmp_path / 't.yaml'}:1:1: unknown key 'cases' (a rule file has only 'rules:')"
+    ]
 
 
 def test_persist_to_missing_is_fine_and_loaded_when_present(tmp_path: Path) -> None:
@@ -103,14 +108,18 @@ def test_persist_to_missing_is_fine_and_loaded_when_present(tmp_path: Path) -> N
     (tmp_path / "c.yaml").write_text("rules: [rules/]\napprovals: {persist_to: state/approved.yaml}\n")
     assert load_config(tmp_path / "c.yaml").policy.rule_count == 0
     (tmp_path / "state" / "approved.yaml").write_text(
-        "rules:\n  # approved by alice\n  - {name: approved-1, action: allow, hosts: [new.test]}\n")
+        "rules:\n  # approved by alice\n  - {name: approved-1, action: allow, hosts: [new.test]}\n"
+    )
     p = load_config(tmp_path / "c.yaml").policy
     assert summary(p.decide(q("new.test"))) == ("allow", "rule", "approved-1")
     assert p.decide(q("new.test")).rule.file == "state/approved.yaml"  # type: ignore[union-attr]
 
 
 def test_rule_refs_and_normalised_entries(tmp_path: Path) -> None:
-    p = make_policy(tmp_path, "rules:\n  - name: u\n    action: allow\n    hosts: ['Bücher.DE.', '*.ＥＸＡＭＰＬＥ.com']\n")
+    p = make_policy(
+        tmp_path,
+        "rules:\n  - name: u\n    action: allow\n    hosts: ['Bücher.DE.', '*.ＥＸＡＭＰＬＥ.com']\n",
+    )
     [r] = p.rules
     assert (r.ref.file, r.ref.line) == ("rules/r.yaml", 2)
     assert [str(x) for x in r.patterns] == ["xn--bcher-kva.de", "*.example.com"]
@@ -137,10 +146,18 @@ def test_load_policy_for_reload(tmp_path: Path) -> None:
 
 
 def test_config_values_are_parsed(tmp_path: Path) -> None:
-    lc = load_config(write_config(tmp_path, [], listen="[::1]:8080",
-                                  network={"allow_cidrs": ["::ffff:10.1.0.0/112", "192.168.0.7"],
-                                           "resolve": {"A.test": ["127.0.0.2", "0x7f000003"]}},
-                                  clients=[{"name": "a", "cidrs": ["10.0.0.0/8"]}]))
+    lc = load_config(
+        write_config(
+            tmp_path,
+            [],
+            listen="[::1]:8080",
+            network={
+                "allow_cidrs": ["::ffff:10.1.0.0/112", "192.168.0.7"],
+                "resolve": {"A.test": ["127.0.0.2", "0x7f000003"]},
+            },
+            clients=[{"name": "a", "cidrs": ["10.0.0.0/8"]}],
+        )
+    )
     st = lc.policy.settings
     assert [str(n) for n in st.allow_cidrs] == ["10.1.0.0/16", "192.168.0.7/32"]
     assert st.resolve == {"a.test": ("127.0.0.2", "127.0.0.3")}
