@@ -63,33 +63,57 @@ def make_pki(folder: Path) -> dict[str, Path]:
     now = dt.datetime.now(dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Portcullis Test Upstream CA")])
-    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
-          .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(days=1))
-          .not_valid_after(now + dt.timedelta(days=30))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-          .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
-                                       data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                                       crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
-          .sign(ca_key, hashes.SHA256()))
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=1))
+        .not_valid_after(now + dt.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
     out = {"ca": folder / "test-ca.pem"}
     out["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
 
     def leaf(tag: str, names: list[str]) -> None:
         key = ec.generate_private_key(ec.SECP256R1())
         sans: list[x509.GeneralName] = [x509.DNSName(n) for n in names]
-        cert = (x509.CertificateBuilder()
-                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
-                .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-                .not_valid_before(now - dt.timedelta(days=1)).not_valid_after(now + dt.timedelta(days=30))
-                .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-                .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-                .sign(ca_key, hashes.SHA256()))
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
+            .issuer_name(ca_name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(days=1))
+            .not_valid_after(now + dt.timedelta(days=30))
+            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .sign(ca_key, hashes.SHA256())
+        )
         out[tag + "_cert"] = folder / f"{tag}.crt"
         out[tag + "_key"] = folder / f"{tag}.key"
         out[tag + "_cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        out[tag + "_key"].write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                                        serialization.PrivateFormat.PKCS8,
-                                                        serialization.NoEncryption()))
+        out[tag + "_key"].write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
 
     leaf("public", ["public.test", "*.public.test"])
     leaf("other", ["other.test"])
@@ -162,9 +186,15 @@ class Upstreams:
                 return ws
             body = await request.read()
             peer = request.transport.get_extra_info("peername") if request.transport else None
-            info = {"server": request.app["name"], "method": request.method, "path": request.path_qs,
-                    "host": request.headers.get("Host"), "headers": dict(request.headers),
-                    "body_len": len(body), "peer_port": peer[1] if peer else None}
+            info = {
+                "server": request.app["name"],
+                "method": request.method,
+                "path": request.path_qs,
+                "host": request.headers.get("Host"),
+                "headers": dict(request.headers),
+                "body_len": len(body),
+                "peer_port": peer[1] if peer else None,
+            }
             with self._lock:
                 self.requests.append(info)
             return web.json_response(info)
@@ -224,6 +254,7 @@ def _closer(srv: asyncio.Server) -> Callable[[], Any]:
         srv.close()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(srv.wait_closed(), 2)
+
     return close
 
 
@@ -278,14 +309,24 @@ def base_config(u: Upstreams, folder: Path, **over: Any) -> dict[str, Any]:
         "rules": ["rules/"],
         "default_action": "deny",
         "mode": "enforce",
-        "approvals": {"timeout": "5s", "hold": True, "store": "sqlite:///state/portcullis.db",
-                      "persist_to": "rules/approved.yaml"},
+        "approvals": {
+            "timeout": "5s",
+            "hold": True,
+            "store": "sqlite:///state/portcullis.db",
+            "persist_to": "rules/approved.yaml",
+        },
         "network": {
             "block_private": True,
             "allow_cidrs": [f"{PUBLIC_IP}/32", f"{OTHER_IP}/32"],
-            "resolve": {"public.test": PUBLIC_IP, "api.public.test": PUBLIC_IP, "www.public.test": PUBLIC_IP,
-                        "deep.api.public.test": PUBLIC_IP, "other.test": OTHER_IP,
-                        "blocked.test": PUBLIC_IP, "approve.test": PUBLIC_IP},
+            "resolve": {
+                "public.test": PUBLIC_IP,
+                "api.public.test": PUBLIC_IP,
+                "www.public.test": PUBLIC_IP,
+                "deep.api.public.test": PUBLIC_IP,
+                "other.test": OTHER_IP,
+                "blocked.test": PUBLIC_IP,
+                "approve.test": PUBLIC_IP,
+            },
         },
         "tls": {"inspect": "auto", "ca_dir": "certs/", "upstream_ca": str(u.ca_pem)},
         "telemetry": {"log": {"format": "json"}, "metrics": True, "otlp": False},
@@ -304,9 +345,16 @@ class PortcullisProc:
     Events (the JSON lines on stdout) are collected in `self.events`; stderr goes to `stderr.log`.
     """
 
-    def __init__(self, folder: Path, u: Upstreams | None, rules: list[dict[str, Any]] | None = None,
-                 config: dict[str, Any] | None = None, env: dict[str, str] | None = None, netns: bool = False,
-                 extra_rule_files: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        u: Upstreams | None,
+        rules: list[dict[str, Any]] | None = None,
+        config: dict[str, Any] | None = None,
+        env: dict[str, str] | None = None,
+        netns: bool = False,
+        extra_rule_files: dict[str, str] | None = None,
+    ) -> None:
         self.folder = folder
         self.u = u
         self.netns = netns
@@ -334,8 +382,18 @@ class PortcullisProc:
 
     # -- lifecycle
     def command(self) -> list[str]:
-        cmd = [sys.executable, "-m", "addons.cli", "run", "--config", str(self.config_path),
-               "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "addons.cli",
+            "run",
+            "--config",
+            str(self.config_path),
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+        ]
         if self.netns:
             cmd = ["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$@"', "sh", *cmd]
         return cmd
@@ -344,8 +402,14 @@ class PortcullisProc:
         if self.u is not None:
             self.u.clear()
         self._stderr = open(self.folder / "stderr.log", "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(self.command(), cwd=REPO, env=self.env, stdout=subprocess.PIPE,
-                                     stderr=self._stderr, stdin=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            self.command(),
+            cwd=REPO,
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            stdin=subprocess.DEVNULL,
+        )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         if wait:
@@ -408,7 +472,9 @@ class PortcullisProc:
                     return found[count - 1]
                 left = deadline - time.monotonic()
                 if left <= 0 or (self.proc is not None and self.proc.poll() is not None and not found):
-                    raise AssertionError(f"no {event} {match} within {timeout}s; stderr:\n{self.stderr_text()[-3000:]}")
+                    raise AssertionError(
+                        f"no {event} {match} within {timeout}s; stderr:\n{self.stderr_text()[-3000:]}"
+                    )
                 self._cond.wait(min(left, 0.2))
 
     def decisions(self, **match: Any) -> list[dict[str, Any]]:
@@ -426,8 +492,22 @@ class PortcullisProc:
     def curl(self, url: str, *args: str, timeout: float = 15.0) -> CurlResult:
         """curl through the proxy (test CA and proxy CA trusted); inside the netns when netns=True."""
         out = self.folder / f"curl-body-{time.monotonic_ns()}"
-        cmd = ["curl", "-sS", "-x", self.proxy_url, "-D", "-", "-o", str(out), "--max-time", str(timeout),
-               "--cacert", str(self.trust_bundle()), *args, url]
+        cmd = [
+            "curl",
+            "-sS",
+            "-x",
+            self.proxy_url,
+            "-D",
+            "-",
+            "-o",
+            str(out),
+            "--max-time",
+            str(timeout),
+            "--cacert",
+            str(self.trust_bundle()),
+            *args,
+            url,
+        ]
         p = subprocess.run(self.wrap(cmd), capture_output=True, timeout=timeout + 5, check=False)
         body = out.read_bytes() if out.exists() else b""
         with contextlib.suppress(OSError):
@@ -473,10 +553,14 @@ class PortcullisProc:
         cmd = self.wrap([sys.executable, "-c", "import tests.harness as h; h._raw_main()", str(self.port)])
         payload = json.dumps([d.decode("latin-1") for d in requests]).encode()
         p = subprocess.run(cmd, input=payload, capture_output=True, cwd=REPO, timeout=timeout, check=True)
-        return [Reply(d["status"], d["reason"], d["headers"], d["body"].encode("latin-1"))
-                for d in json.loads(p.stdout)]
+        return [
+            Reply(d["status"], d["reason"], d["headers"], d["body"].encode("latin-1"))
+            for d in json.loads(p.stdout)
+        ]
 
-    def connect_tunnel(self, authority: str, headers: str = "", timeout: float = 10.0) -> tuple[socket.socket, Reply]:
+    def connect_tunnel(
+        self, authority: str, headers: str = "", timeout: float = 10.0
+    ) -> tuple[socket.socket, Reply]:
         """CONNECT on a fresh connection; returns the socket (tunnel if 2xx) and the CONNECT reply."""
         s = self.connect(timeout)
         s.sendall(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n{headers}\r\n".encode())
@@ -491,8 +575,9 @@ def _raw_main() -> None:
         with socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=10) as s:
             s.sendall(text.encode("latin-1"))
             r = read_reply(s, head_only_2xx=True)
-        out.append({"status": r.status, "reason": r.reason, "headers": r.headers,
-                    "body": r.body.decode("latin-1")})
+        out.append(
+            {"status": r.status, "reason": r.reason, "headers": r.headers, "body": r.body.decode("latin-1")}
+        )
     print(json.dumps(out))
 
 

@@ -13,7 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 log = logging.getLogger(__name__)
 
-TOKEN_KEY: web.AppKey[str | None] = web.AppKey("portcullis.token", str)  # type: ignore[arg-type]
+TOKEN_KEY: web.AppKey[str | None] = web.AppKey("portcullis.token", str)
 RouteAdder = Callable[[web.Application], None]
 
 
@@ -64,19 +64,28 @@ def require_token(request: web.Request) -> None:
 class AdminServer:
     """Owns the aiohttp app and its listener. `ready()` says whether the proxy can serve."""
 
-    def __init__(self, host: str, port: int, token: str | None, render_metrics: Callable[[], bytes],
-                 ready: Callable[[], bool], route_adders: list[RouteAdder] | None = None) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        token: str | None,
+        render_metrics: Callable[[], bytes],
+        ready: Callable[[], bool],
+        route_adders: list[RouteAdder] | None = None,
+    ) -> None:
         self.host = host
         self.port = port
         self.app = web.Application()
         self.app[TOKEN_KEY] = token
         self._render = render_metrics
         self._ready = ready
-        self.app.add_routes([
-            web.get("/healthz", self._healthz),
-            web.get("/readyz", self._readyz),
-            web.get("/metrics", self._metrics),
-        ])
+        self.app.add_routes(
+            [
+                web.get("/healthz", self._healthz),
+                web.get("/readyz", self._readyz),
+                web.get("/metrics", self._metrics),
+            ]
+        )
         for add in route_adders or []:
             add(self.app)
         self._runner: web.AppRunner | None = None

@@ -80,17 +80,40 @@ class Portcullis:
             flow.response = upstream_error_response(req.host, req.port, v.detail or "upstream failed")
             return
         flow.response = deny_response(
-            v.reason, req.host, req.port, rule=v.rule.name if v.rule else None, approval_id=v.approval_id,
-            detail=v.detail, retry_after=v.retry_after, status=v.status or 403,
+            v.reason,
+            req.host,
+            req.port,
+            rule=v.rule.name if v.rule else None,
+            approval_id=v.approval_id,
+            detail=v.detail,
+            retry_after=v.retry_after,
+            status=v.status or 403,
         )
 
-    def _base_request(self, flow: http.HTTPFlow, host: str, port: int, layer_name: str, user: str | None,
-                      scheme: str | None, method: str | None, path: str | None) -> Request:
+    def _base_request(
+        self,
+        flow: http.HTTPFlow,
+        host: str,
+        port: int,
+        layer_name: str,
+        user: str | None,
+        scheme: str | None,
+        method: str | None,
+        path: str | None,
+    ) -> Request:
         peer = flow.client_conn.peername
         return Request(
-            host=host, port=port, scheme=scheme, method=method, path=path, client_id=flow.client_conn.id,
-            client_address=str(peer[0]) if peer else None, client_port=int(peer[1]) if peer else None,
-            client_user=user, flow_id=flow.id, layer=layer_name,
+            host=host,
+            port=port,
+            scheme=scheme,
+            method=method,
+            path=path,
+            client_id=flow.client_conn.id,
+            client_address=str(peer[0]) if peer else None,
+            client_port=int(peer[1]) if peer else None,
+            client_user=user,
+            flow_id=flow.id,
+            layer=layer_name,
         )
 
     async def _finish(self, flow: http.HTTPFlow, req: Request, v: Verdict) -> None:
@@ -105,9 +128,16 @@ class Portcullis:
         st = self._conn(flow.client_conn.id)
         tunnel = st.tunnel
         raw_host = flow.request.host
-        req = self._base_request(flow, raw_host, flow.request.port, "inspected" if tunnel else "http",
-                                 tunnel.client_user if tunnel else None, flow.request.scheme,
-                                 flow.request.method, None)
+        req = self._base_request(
+            flow,
+            raw_host,
+            flow.request.port,
+            "inspected" if tunnel else "http",
+            tunnel.client_user if tunnel else None,
+            flow.request.scheme,
+            flow.request.method,
+            None,
+        )
         try:
             req, v = await self._judge_request(flow, req, tunnel)
         except Exception:
@@ -115,8 +145,9 @@ class Portcullis:
             v = refusal(req, Reason.INTERNAL_ERROR, client_name=None)
         await self._finish(flow, req, v)
 
-    async def _judge_request(self, flow: http.HTTPFlow, req: Request,
-                             tunnel: Tunnel | None) -> tuple[Request, Verdict]:
+    async def _judge_request(
+        self, flow: http.HTTPFlow, req: Request, tunnel: Tunnel | None
+    ) -> tuple[Request, Verdict]:
         r = flow.request
         path = _path_only(r.path) if r.method != "CONNECT" else None
         scheme = r.scheme
@@ -132,29 +163,42 @@ class Portcullis:
         try:
             host = normalize_host(r.host)
         except ValueError as e:
-            return req, refusal(req, Reason.BAD_REQUEST, detail=str(e),
-                                client_name=self._client_name(req.client_address, req.client_user))
+            return req, refusal(
+                req,
+                Reason.BAD_REQUEST,
+                detail=str(e),
+                client_name=self._client_name(req.client_address, req.client_user),
+            )
         req = _with(req, host=host)
         cname = self._client_name(req.client_address, req.client_user)
         if r.method == "PRI" or r.path == "*":
             return req, refusal(req, Reason.BAD_REQUEST, detail="not a proxy request", client_name=cname)
         if len(r.headers.get_all("host")) > 1:
-            return req, refusal(req, Reason.BAD_REQUEST, detail="more than one Host header", client_name=cname)
+            return req, refusal(
+                req, Reason.BAD_REQUEST, detail="more than one Host header", client_name=cname
+            )
         # On the proxy port mitmproxy has already turned an origin-form request into one for its Host
         # header (and cleared the HTTP/1 authority), so the target and Host agree by construction there.
-        if tunnel is not None:
-            # Inside a tunnel every request must name exactly the CONNECT authority.
-            if host != tunnel.host or req.port != tunnel.port:
-                return req, refusal(req, Reason.HOST_MISMATCH, client_name=cname,
-                                    detail=f"request names {host}:{req.port} inside a tunnel to "
-                                    f"{tunnel.host}:{tunnel.port}")
+        # Inside a tunnel every request must name exactly the CONNECT authority.
+        if tunnel is not None and (host != tunnel.host or req.port != tunnel.port):
+            return req, refusal(
+                req,
+                Reason.HOST_MISMATCH,
+                client_name=cname,
+                detail=f"request names {host}:{req.port} inside a tunnel to {tunnel.host}:{tunnel.port}",
+            )
         hh = r.host_header
         if r.authority and not same_destination(r.authority, host, req.port, r.scheme):
-            return req, refusal(req, Reason.HOST_MISMATCH, client_name=cname,
-                                detail="the request target names another host")
+            return req, refusal(
+                req, Reason.HOST_MISMATCH, client_name=cname, detail="the request target names another host"
+            )
         if hh is not None and not same_destination(hh, host, req.port, r.scheme):
-            return req, refusal(req, Reason.HOST_MISMATCH, client_name=cname,
-                                detail="the Host header differs from the request target")
+            return req, refusal(
+                req,
+                Reason.HOST_MISMATCH,
+                client_name=cname,
+                detail="the Host header differs from the request target",
+            )
         if r.headers.get("upgrade", "").lower() == "h2c":
             # mitmproxy cannot relay h2c; drop the upgrade so the connection stays HTTP/1 (and judged).
             for name in ("upgrade", "http2-settings"):
@@ -166,8 +210,9 @@ class Portcullis:
     # ---- CONNECT ----------------------------------------------------------------------------------
     async def http_connect(self, flow: http.HTTPFlow) -> None:
         st = self._conn(flow.client_conn.id)
-        req = self._base_request(flow, flow.request.host, flow.request.port, "connect", None, None, "CONNECT",
-                                 None)
+        req = self._base_request(
+            flow, flow.request.host, flow.request.port, "connect", None, None, "CONNECT", None
+        )
         try:
             req, v = await self._judge_connect(flow, req, st)
         except Exception:
@@ -179,13 +224,23 @@ class Portcullis:
             return
         rule = v.rule
         st.tunnel = Tunnel(
-            host=req.host, port=req.port, flow_id=flow.id, inspect=v.inspect, raw_tcp=v.raw_tcp, rule=rule.name if rule else None,
-            rule_file=rule.file if rule else None, rule_line=rule.line if rule else None,
-            client_name=v.client_name, client_user=req.client_user, ip=v.ip,
+            host=req.host,
+            port=req.port,
+            flow_id=flow.id,
+            inspect=v.inspect,
+            raw_tcp=v.raw_tcp,
+            rule=rule.name if rule else None,
+            rule_file=rule.file if rule else None,
+            rule_line=rule.line if rule else None,
+            client_name=v.client_name,
+            client_user=req.client_user,
+            ip=v.ip,
         )
         self.telemetry.metrics.tunnels_open.inc()
 
-    async def _judge_connect(self, flow: http.HTTPFlow, req: Request, st: ConnState) -> tuple[Request, Verdict]:
+    async def _judge_connect(
+        self, flow: http.HTTPFlow, req: Request, st: ConnState
+    ) -> tuple[Request, Verdict]:
         r = flow.request
         if st.tunnel is not None:
             return req, refusal(req, Reason.HOST_MISMATCH, detail="CONNECT inside a tunnel")
@@ -196,8 +251,12 @@ class Portcullis:
         try:
             host = normalize_host(r.host)
         except ValueError as e:
-            return req, refusal(req, Reason.BAD_REQUEST, detail=str(e),
-                                client_name=self._client_name(req.client_address, user))
+            return req, refusal(
+                req,
+                Reason.BAD_REQUEST,
+                detail=str(e),
+                client_name=self._client_name(req.client_address, user),
+            )
         req = _with(req, host=host)
         return req, await self.decider.decide(req, lambda: _client_alive(flow.client_conn))
 
@@ -206,7 +265,9 @@ class Portcullis:
         resp = flow.response
         if resp is not None and resp.status_code == 502 and DECISION_HEADER not in resp.headers:
             msg = resp.get_text(strict=False) or "connect failed"
-            flow.response = upstream_error_response(flow.request.host, flow.request.port, msg.split(" If you")[0])
+            flow.response = upstream_error_response(
+                flow.request.host, flow.request.port, msg.split(" If you")[0]
+            )
             st = self.conns.get(flow.client_conn.id)
             if st is not None and st.tunnel is not None and st.tunnel.flow_id == flow.id:
                 st.tunnel = None
@@ -225,10 +286,10 @@ class Portcullis:
             self._refuse_tunnel(nl, t, "internal error")
 
     def _tunnel_layer(self, nl: layer.NextLayer, t: Tunnel) -> None:
-        data = nl.data_client()
+        data: bytes = nl.data_client()  # type: ignore[no-untyped-call]
         fb = inspect_first_bytes(data)
         if fb.need_more:
-            if not data and nl.data_server():
+            if not data and nl.data_server():  # type: ignore[no-untyped-call]
                 # The server spoke first: not TLS from the client, so only raw_tcp tunnels carry it.
                 if t.raw_tcp and not t.inspect:
                     t.layer_decided = True
@@ -267,12 +328,29 @@ class Portcullis:
     def _refuse_tunnel(self, nl: layer.NextLayer, t: Tunnel, detail: str) -> None:
         """An allowed CONNECT whose first bytes break the rules: a second decision on the same tunnel."""
         peer = nl.context.client.peername
-        req = Request(host=t.host, port=t.port, scheme=None, method="CONNECT", path=None,
-                      client_id=nl.context.client.id, client_address=str(peer[0]) if peer else None,
-                      client_port=int(peer[1]) if peer else None, client_user=t.client_user,
-                      flow_id=t.flow_id, layer="connect")
-        v = Verdict(False, "deny", Reason.SNI_MISMATCH.value, t.host, t.port, client_name=t.client_name,
-                    ip=t.ip, detail=detail)
+        req = Request(
+            host=t.host,
+            port=t.port,
+            scheme=None,
+            method="CONNECT",
+            path=None,
+            client_id=nl.context.client.id,
+            client_address=str(peer[0]) if peer else None,
+            client_port=int(peer[1]) if peer else None,
+            client_user=t.client_user,
+            flow_id=t.flow_id,
+            layer="connect",
+        )
+        v = Verdict(
+            False,
+            "deny",
+            Reason.SNI_MISMATCH.value,
+            t.host,
+            t.port,
+            client_name=t.client_name,
+            ip=t.ip,
+            detail=detail,
+        )
         self._log(req, v)  # enforced even in audit mode: a mismatched SNI is a bypass, not a rule question
         t.refused = True
         nl.layer = CloseClientLayer(nl.context)
@@ -321,10 +399,16 @@ class Portcullis:
         self.telemetry.metrics.tunnels_open.dec()
         if not t.refused:
             try:
-                self.telemetry.emit("tunnel.closed", flow_id=t.flow_id, host=t.host, port=t.port,
-                                    bytes_up=t.bytes_up, bytes_down=t.bytes_down,
-                                    duration_s=round(time.monotonic() - t.started, 3),
-                                    inspected=t.inspect)
+                self.telemetry.emit(
+                    "tunnel.closed",
+                    flow_id=t.flow_id,
+                    host=t.host,
+                    port=t.port,
+                    bytes_up=t.bytes_up,
+                    bytes_down=t.bytes_down,
+                    duration_s=round(time.monotonic() - t.started, 3),
+                    inspected=t.inspect,
+                )
             except Exception:
                 log.exception("could not emit tunnel.closed")
 

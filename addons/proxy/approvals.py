@@ -64,10 +64,19 @@ class ApprovalGate:
         if self.service is None:
             return Outcome(False, Reason.APPROVAL_TIMEOUT.value)
         req = self._request_cls(
-            client_key=ask.client_key, client_address=ask.client_address, client_name=ask.client_name,
-            host=ask.host, port=ask.port, scheme=ask.scheme, method=ask.method, path=ask.path,
-            rule=ask.rule, flow_id=ask.flow_id,
+            client_key=ask.client_key,
+            client_address=ask.client_address,
+            client_name=ask.client_name,
+            host=ask.host,
+            port=ask.port,
+            scheme=ask.scheme,
+            method=ask.method,
+            path=ask.path,
+            rule=ask.rule,
+            flow_id=ask.flow_id,
         )
         out = await self.service.resolve(req, client_alive=client_alive)
         reason = out.reason.value if hasattr(out.reason, "value") else str(out.reason)
-        return Outcome(bool(out.allowed), reason, out.approval_id, out.retry_after, float(out.waited_s or 0.0))
+        return Outcome(
+            bool(out.allowed), reason, out.approval_id, out.retry_after, float(out.waited_s or 0.0)
+        )

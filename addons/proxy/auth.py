@@ -18,9 +18,9 @@ class AuthConfigError(Exception):
 
 
 class AuthResult(Enum):
-    NONE = "none"      # no credentials presented, none required
+    NONE = "none"  # no credentials presented, none required
     OK = "ok"
-    BAD = "bad"        # credentials presented but wrong or malformed, or required and missing
+    BAD = "bad"  # credentials presented but wrong or malformed, or required and missing
 
 
 @dataclass(frozen=True)
@@ -43,8 +43,10 @@ class ProxyAuth:
                 continue
             pw = env.get(client.proxy_auth.password_env)
             if not pw:
-                missing.append(f"client {client.name!r}: environment variable {client.proxy_auth.password_env} "
-                               "(its proxy_auth password) is not set")
+                missing.append(
+                    f"client {client.name!r}: environment variable {client.proxy_auth.password_env} "
+                    "(its proxy_auth password) is not set"
+                )
                 continue
             self._creds[client.proxy_auth.user] = _Cred(client.proxy_auth.user.encode(), pw.encode())
             self._required.extend(ipaddress.ip_network(c, strict=False) for c in client.cidrs)

@@ -24,7 +24,9 @@ def ensure_ca(ca_dir: Path) -> Path:
     ca_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(ca_dir, 0o700)
     if not (ca_dir / f"{BASENAME}-ca.pem").exists():
-        certs.CertStore.create_store(ca_dir, BASENAME, KEY_SIZE, organization="Portcullis", cn="Portcullis CA")
+        certs.CertStore.create_store(
+            ca_dir, BASENAME, KEY_SIZE, organization="Portcullis", cn="Portcullis CA"
+        )
     for name in SECRET_FILES:
         p = ca_dir / name
         if p.exists():

@@ -1,4 +1,4 @@
-"""`portcullis run`: one process with a minimal mitmproxy Master, the Portcullis addon and the admin server."""
+"""`portcullis run`: one process: a minimal mitmproxy Master, the Portcullis addon, the admin server."""
 
 from __future__ import annotations
 
@@ -91,8 +91,16 @@ class Lifecycle:
 class Runtime:
     """Everything one `portcullis run` owns, wired together."""
 
-    def __init__(self, loaded: LoadedConfig, listen: tuple[str, int], admin: tuple[str, int],
-                 token: str | None, auth: ProxyAuth, ca_dir: Path, bundle: str | None) -> None:
+    def __init__(
+        self,
+        loaded: LoadedConfig,
+        listen: tuple[str, int],
+        admin: tuple[str, int],
+        token: str | None,
+        auth: ProxyAuth,
+        ca_dir: Path,
+        bundle: str | None,
+    ) -> None:
         self.loaded = loaded
         self.listen = listen
         self.admin_addr = admin
@@ -105,11 +113,12 @@ class Runtime:
         self.gate = ApprovalGate(cfg.approvals, loaded.base_dir, self.telemetry)
         self.pins = PinStore()
         self.own: set[tuple[str, int]] = set()
-        self.decider = Decider(self.holder, self.gate, self.pins, cfg.mode == "audit", self.telemetry.healthy,
-                               lambda: self.own)
+        self.decider = Decider(
+            self.holder, self.gate, self.pins, cfg.mode == "audit", self.telemetry.healthy, lambda: self.own
+        )
         self.addon = Portcullis(self.decider, self.telemetry, auth, self.pins)
         self.admin: AdminServer | None = None
-        self.master: mmaster.Master | None = None
+        self.master: Any = None
         self.proxy_up = False
         self.exit_code = 0
         self._tasks: list[asyncio.Task[Any]] = []
@@ -125,18 +134,26 @@ class Runtime:
             adders.append(lambda app: api.add_routes(app, service, token))
         return adders
 
-    def build_master(self) -> mmaster.Master:
-        opts = options.Options(listen_host=self.listen[0], listen_port=self.listen[1], mode=["regular"],
-                               confdir=str(self.ca_dir))
-        m = mmaster.Master(opts)
+    def build_master(self) -> Any:
+        opts = options.Options(
+            listen_host=self.listen[0], listen_port=self.listen[1], mode=["regular"], confdir=str(self.ca_dir)
+        )
+        m: Any = mmaster.Master(opts)  # mitmproxy's addon manager and options are untyped
+        proxy_server: Any = proxyserver.Proxyserver
         # Only what Portcullis needs (notes §8): every extra addon costs hook dispatch on every event.
-        m.addons.add(core.Core(), proxyserver.Proxyserver(), next_layer.NextLayer(), tlsconfig.TlsConfig(),
-                     self.addon, Lifecycle(self))
+        m.addons.add(
+            core.Core(),
+            proxy_server(),
+            next_layer.NextLayer(),
+            tlsconfig.TlsConfig(),
+            self.addon,
+            Lifecycle(self),
+        )
         m.options.update(
-            connection_strategy="eager",    # decide before connecting; a failed connect is a clean 502
-            rawtcp=False,                   # no silent raw relay: tunnels are ours to decide (next_layer)
+            connection_strategy="eager",  # decide before connecting; a failed connect is a clean 502
+            rawtcp=False,  # no silent raw relay: tunnels are ours to decide (next_layer)
             websocket=True,
-            stream_large_bodies="1m",       # decided on headers; big bodies stream, never buffered whole
+            stream_large_bodies="1m",  # decided on headers; big bodies stream, never buffered whole
             ssl_verify_upstream_trusted_ca=self.bundle,
         )
         self.master = m
@@ -153,13 +170,19 @@ class Runtime:
             return
         for a in addrs:
             self._add_own(str(a[0]), int(a[1]))
-        self.admin = AdminServer(self.admin_addr[0], self.admin_addr[1], self.token, self.telemetry.metrics.render,
-                                 self.ready, self.route_adders())
+        self.admin = AdminServer(
+            self.admin_addr[0],
+            self.admin_addr[1],
+            self.token,
+            self.telemetry.metrics.render,
+            self.ready,
+            self.route_adders(),
+        )
         try:
             admin_bound = await self.admin.start()
         except Exception as e:
-            print(f"portcullis: cannot start the admin server on {self.admin_addr[0]}:{self.admin_addr[1]}: {e}",
-                  file=sys.stderr)
+            where = f"{self.admin_addr[0]}:{self.admin_addr[1]}"
+            print(f"portcullis: cannot start the admin server on {where}: {e}", file=sys.stderr)
             self.exit_code = 1
             self.master.shutdown()
             return
@@ -251,8 +274,9 @@ async def _serve(rt: Runtime) -> int:
 
 def run_command(args: argparse.Namespace) -> int:
     """`portcullis run --config FILE [--listen H:P] [--admin H:P]`."""
-    logging.basicConfig(stream=sys.stderr, level=logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        stream=sys.stderr, level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         rt = prepare(args)
     except PolicyError as e:

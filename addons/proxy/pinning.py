@@ -37,8 +37,9 @@ async def system_lookup(host: str, port: int) -> list[str]:
     return [str(info[4][0]) for info in infos]
 
 
-async def resolve(host: str, port: int, is_literal: bool, static: tuple[str, ...] | None,
-                  lookup: Lookup = system_lookup) -> tuple[str, ...]:
+async def resolve(
+    host: str, port: int, is_literal: bool, static: tuple[str, ...] | None, lookup: Lookup = system_lookup
+) -> tuple[str, ...]:
     """The addresses to check for `host` (already normalised): the literal, the static answers, or DNS.
 
     Every answer is returned (deduplicated, canonical) so the policy can refuse the whole name

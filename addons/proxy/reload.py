@@ -53,8 +53,12 @@ class PolicyHolder:
             m = self.telemetry.metrics
             m.rule_reloads.labels("success").inc()
             m.rules_loaded.set(new.rule_count)
-            self.telemetry.emit("rules.reloaded", files=[str(f) for f in new.rule_files],
-                                rule_count=new.rule_count, trigger=trigger)
+            self.telemetry.emit(
+                "rules.reloaded",
+                files=[str(f) for f in new.rule_files],
+                rule_count=new.rule_count,
+                trigger=trigger,
+            )
             return True
 
     def _failed(self, errors: list[str], trigger: str) -> bool:
@@ -70,8 +74,9 @@ class PolicyHolder:
         if not paths:
             return
         try:
-            async for changes in awatch(*paths, debounce=DEBOUNCE_MS, step=50, stop_event=self._stop,
-                                        recursive=False):
+            async for changes in awatch(
+                *paths, debounce=DEBOUNCE_MS, step=50, stop_event=self._stop, recursive=False
+            ):
                 if any(Path(p).suffix in (".yaml", ".yml") for _, p in changes):
                     await self.reload("watch")
         except asyncio.CancelledError:

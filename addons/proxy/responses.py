@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
 from mitmproxy import http
@@ -14,35 +15,41 @@ REASON_HEADER = "X-Portcullis-Reason"
 
 # One sentence per reason that a person or an agent can act on.
 _MESSAGES: dict[str, str] = {
-    Reason.RULE: "Rule '{rule}' denies {dest}; ask an operator to change the rules if this access is needed.",
-    Reason.DEFAULT: "No rule allows {dest} and the default action is to deny; ask an operator to add an allow rule.",
-    Reason.PRIVATE_ADDRESS: "{dest} is a private, local or metadata address ({detail}), which is never reachable "
-    "through this proxy.",
-    Reason.SNI_MISMATCH: "The TLS server name in the tunnel to {dest} is missing or differs from the CONNECT host; "
-    "connect with the real host name.",
-    Reason.HOST_MISMATCH: "The Host header or request target differs from the destination {dest}; send requests "
-    "only to the host you connected to.",
+    Reason.RULE: "Rule '{rule}' denies {dest}; ask an operator to change the rules if this access is "
+    "needed.",
+    Reason.DEFAULT: "No rule allows {dest} and the default action is to deny; ask an operator to add an "
+    "allow rule.",
+    Reason.PRIVATE_ADDRESS: "{dest} is a private, local or metadata address ({detail}), which is never "
+    "reachable through this proxy.",
+    Reason.SNI_MISMATCH: "The TLS server name in the tunnel to {dest} is missing or differs from the "
+    "CONNECT host; connect with the real host name.",
+    Reason.HOST_MISMATCH: "The Host header or request target differs from the destination {dest}; send "
+    "requests only to the host you connected to.",
     Reason.APPROVAL_DENIED: "A person denied access to {dest}.",
-    Reason.APPROVAL_TIMEOUT: "Access to {dest} needs approval and none was given in time; retry later or ask an "
-    "operator.",
-    Reason.APPROVAL_PENDING: "Access to {dest} needs approval (id {approval_id}); retry after it is approved.",
+    Reason.APPROVAL_TIMEOUT: "Access to {dest} needs approval and none was given in time; retry later or "
+    "ask an operator.",
+    Reason.APPROVAL_PENDING: "Access to {dest} needs approval (id {approval_id}); retry after it is "
+    "approved.",
     Reason.BAD_REQUEST: "The request could not be understood as a proxy request to {dest} ({detail}).",
     Reason.PROXY_AUTH: "Proxy credentials are missing or wrong; send a valid Proxy-Authorization header.",
-    Reason.CLIENT_CLOSED: "The client closed the connection while access to {dest} was waiting for approval.",
-    Reason.INTERNAL_ERROR: "The proxy could not decide on {dest} because of an internal error; the request was "
-    "refused to stay safe.",
+    Reason.CLIENT_CLOSED: "The client closed the connection while access to {dest} was waiting for "
+    "approval.",
+    Reason.INTERNAL_ERROR: "The proxy could not decide on {dest} because of an internal error; the request "
+    "was refused to stay safe.",
 }
 
 
-def message_for(reason: str, host: str, port: int | None, rule: str | None, approval_id: str | None,
-                detail: str | None) -> str:
+def message_for(
+    reason: str, host: str, port: int | None, rule: str | None, approval_id: str | None, detail: str | None
+) -> str:
     dest = f"{host}:{port}" if port else host
     tmpl = _MESSAGES.get(reason, "Access to {dest} was denied ({reason}).")
-    return tmpl.format(dest=dest, rule=rule or "-", approval_id=approval_id or "-", detail=detail or reason,
-                       reason=reason)
+    return tmpl.format(
+        dest=dest, rule=rule or "-", approval_id=approval_id or "-", detail=detail or reason, reason=reason
+    )
 
 
-def _json(doc: dict[str, object]) -> bytes:
+def _json(doc: Mapping[str, object]) -> bytes:
     return (json.dumps(doc, separators=(",", ":")) + "\n").encode()
 
 
@@ -82,13 +89,15 @@ def deny_response(
 
 
 def upstream_error_body(host: str | None, port: int | None, message: str) -> bytes:
-    return _json({
-        "error": "upstream_failed",
-        "host": host,
-        "port": port,
-        "reason": Reason.UPSTREAM_ERROR.value,
-        "message": f"The destination was allowed but the upstream failed: {message}",
-    })
+    return _json(
+        {
+            "error": "upstream_failed",
+            "host": host,
+            "port": port,
+            "reason": Reason.UPSTREAM_ERROR.value,
+            "message": f"The destination was allowed but the upstream failed: {message}",
+        }
+    )
 
 
 def upstream_error_response(host: str | None, port: int | None, message: str) -> http.Response:
@@ -115,9 +124,17 @@ def _error_verdict(status_code: int) -> tuple[str, str]:
 def _error_body(status_code: int, message: str) -> bytes:
     if status_code >= 500:
         return upstream_error_body(None, None, message or "no response")
-    return _json({"error": "egress_denied", "host": None, "port": None, "reason": Reason.BAD_REQUEST.value,
-                  "rule": None, "approval_id": None,
-                  "message": f"The request could not be understood as a proxy request ({message})."})
+    return _json(
+        {
+            "error": "egress_denied",
+            "host": None,
+            "port": None,
+            "reason": Reason.BAD_REQUEST.value,
+            "rule": None,
+            "approval_id": None,
+            "message": f"The request could not be understood as a proxy request ({message}).",
+        }
+    )
 
 
 def _portcullis_error_response(status_code: int, message: str = "") -> bytes:
@@ -125,10 +142,17 @@ def _portcullis_error_response(status_code: int, message: str = "") -> bytes:
     from mitmproxy.net.http import http1
 
     decision, reason = _error_verdict(status_code)
-    resp = http.Response.make(status_code, _error_body(status_code, message), {
-        "Content-Type": "application/json", DECISION_HEADER: decision, REASON_HEADER: reason,
-        "Cache-Control": "no-store", "Connection": "close",
-    })
+    resp = http.Response.make(
+        status_code,
+        _error_body(status_code, message),
+        {
+            "Content-Type": "application/json",
+            DECISION_HEADER: decision,
+            REASON_HEADER: reason,
+            "Cache-Control": "no-store",
+            "Connection": "close",
+        },
+    )
     if decision == "deny":
         resp.reason = f"Blocked by Portcullis: {reason} (none)"
     out: bytes = http1.assemble_response(resp)  # type: ignore[no-untyped-call]
@@ -143,16 +167,19 @@ def install_error_pages() -> None:
     from mitmproxy.proxy.layers.http import _http1, _http2, _http_h2
 
     _http1.make_error_response = _portcullis_error_response
-    _http2.format_error = _error_body  # type: ignore[assignment]
+    _http2.format_error = _error_body  # type: ignore[attr-defined]
     page_headers = [(b"server", version.MITMPROXY.encode()), (b"content-type", b"text/html")]
     original = _http_h2.BufferedH2Connection.send_headers
 
     def send_headers(self: Any, stream_id: int, headers: Any, *args: Any, **kwargs: Any) -> Any:
         if isinstance(headers, list) and len(headers) == 3 and headers[1:] == page_headers:
             decision, reason = _error_verdict(int(headers[0][1]))
-            headers = [headers[0], (b"content-type", b"application/json"),
-                       (DECISION_HEADER.lower().encode(), decision.encode()),
-                       (REASON_HEADER.lower().encode(), reason.encode())]
+            headers = [
+                headers[0],
+                (b"content-type", b"application/json"),
+                (DECISION_HEADER.lower().encode(), decision.encode()),
+                (REASON_HEADER.lower().encode(), reason.encode()),
+            ]
         return original(self, stream_id, headers, *args, **kwargs)
 
     _http_h2.BufferedH2Connection.send_headers = send_headers  # type: ignore[method-assign]

@@ -17,7 +17,7 @@ from mitmproxy.proxy.layers.tls import parse_client_hello
 class Tunnel:
     """What the proxy knows about one allowed CONNECT tunnel (one per client connection)."""
 
-    host: str                 # normalised authority
+    host: str  # normalised authority
     port: int
     flow_id: str
     inspect: bool
@@ -69,7 +69,7 @@ class FirstBytes:
     tls: bool = False
     sni: str | None = None
     alpn: tuple[bytes, ...] = ()
-    problem: str | None = None   # why these bytes are not an acceptable ClientHello
+    problem: str | None = None  # why these bytes are not an acceptable ClientHello
 
 
 def inspect_first_bytes(data: bytes) -> FirstBytes:

@@ -27,7 +27,7 @@ class Verdict:
     """The outcome of one decision: whether traffic passes, and every fact the event needs."""
 
     passes: bool
-    decision: str                 # what is recorded: allow | deny
+    decision: str  # what is recorded: allow | deny
     reason: str
     host: str
     port: int | None
@@ -39,7 +39,7 @@ class Verdict:
     approval_id: str | None = None
     retry_after: int | None = None
     detail: str | None = None
-    status: int | None = None     # the status the proxy answers with itself (403, 407, 502) or None
+    status: int | None = None  # the status the proxy answers with itself (403, 407, 502) or None
     inspect: bool = False
     raw_tcp: bool = False
     pin: Pin | None = None
@@ -62,22 +62,36 @@ class Request:
     client_port: int | None
     client_user: str | None
     flow_id: str
-    layer: str                    # http | connect | inspected
+    layer: str  # http | connect | inspected
 
 
-def refusal(req: Request, reason: Reason, *, status: int = 403, detail: str | None = None,
-            client_name: str | None = None) -> Verdict:
+def refusal(
+    req: Request,
+    reason: Reason,
+    *,
+    status: int = 403,
+    detail: str | None = None,
+    client_name: str | None = None,
+) -> Verdict:
     """A denial the proxy takes before (or without) asking the policy."""
-    return Verdict(False, "deny", reason.value, req.host, req.port, status=status, detail=detail,
-                   client_name=client_name)
+    return Verdict(
+        False, "deny", reason.value, req.host, req.port, status=status, detail=detail, client_name=client_name
+    )
 
 
 class Decider:
     """Runs the policy, the one DNS resolution, the self-address check and the approval wait."""
 
-    def __init__(self, holder: PolicyHolder, gate: ApprovalGate, pins: PinStore, audit: bool,
-                 healthy: Callable[[], bool], self_addresses: Callable[[], set[tuple[str, int]]],
-                 lookup: Lookup = system_lookup) -> None:
+    def __init__(
+        self,
+        holder: PolicyHolder,
+        gate: ApprovalGate,
+        pins: PinStore,
+        audit: bool,
+        healthy: Callable[[], bool],
+        self_addresses: Callable[[], set[tuple[str, int]]],
+        lookup: Lookup = system_lookup,
+    ) -> None:
         self.holder = holder
         self.gate = gate
         self.pins = pins
@@ -91,11 +105,19 @@ class Decider:
         if not self.healthy():
             return dataclasses.replace(
                 refusal(req, Reason.INTERNAL_ERROR, detail="the event log cannot be written"),
-                latency_s=time.monotonic() - t0)
+                latency_s=time.monotonic() - t0,
+            )
         policy = self.holder.policy
         tunnel = req.layer == "connect"  # a CONNECT is decided on its authority alone (method None)
-        q = Query(host=req.host, port=req.port, scheme=req.scheme, method=None if tunnel else req.method,
-                  path=None if tunnel else req.path, client_address=req.client_address, client_user=req.client_user)
+        q = Query(
+            host=req.host,
+            port=req.port,
+            scheme=req.scheme,
+            method=None if tunnel else req.method,
+            path=None if tunnel else req.path,
+            client_address=req.client_address,
+            client_user=req.client_user,
+        )
         d = policy.decide(q)
         pin: Pin | None = None
         unresolvable: str | None = None
@@ -105,8 +127,9 @@ class Decider:
             pin = self.pins.get(req.client_id, req.host, req.port)
             if pin is None:
                 try:
-                    addrs = await resolve(req.host, req.port, is_ip(req.host), policy.static_resolve(req.host),
-                                          self.lookup)
+                    addrs = await resolve(
+                        req.host, req.port, is_ip(req.host), policy.static_resolve(req.host), self.lookup
+                    )
                 except ResolveError as e:
                     unresolvable = str(e)
                 else:
@@ -114,9 +137,16 @@ class Decider:
             if pin is not None:
                 d = policy.decide(dataclasses.replace(q, addresses=pin.addresses))
                 own = self.self_addresses()
-                if d.reason is not Reason.PRIVATE_ADDRESS and any((a, req.port) in own for a in pin.addresses):
-                    d = Decision(Action.DENY, Reason.PRIVATE_ADDRESS, client_name=d.client_name,
-                                 private_class="self", detail="the destination is this proxy itself")
+                if d.reason is not Reason.PRIVATE_ADDRESS and any(
+                    (a, req.port) in own for a in pin.addresses
+                ):
+                    d = Decision(
+                        Action.DENY,
+                        Reason.PRIVATE_ADDRESS,
+                        client_name=d.client_name,
+                        private_class="self",
+                        detail="the destination is this proxy itself",
+                    )
         latency = time.monotonic() - t0
         v = self._from_decision(req, d, pin)
         v.latency_s = latency
@@ -153,15 +183,23 @@ class Decider:
             private_class=d.private_class,
         )
 
-    async def _approval(self, req: Request, d: Decision, v: Verdict, client_alive: Callable[[], bool]) -> Verdict:
+    async def _approval(
+        self, req: Request, d: Decision, v: Verdict, client_alive: Callable[[], bool]
+    ) -> Verdict:
         if self.audit:
             # Audit never holds: record what would have happened (a hold) and let it pass.
             v.decision, v.reason = "deny", Reason.APPROVAL_PENDING.value
             return v
         ask = Ask(
             client_key=req.client_user or d.client_name or req.client_address or "-",
-            client_address=req.client_address, client_name=d.client_name, host=req.host, port=req.port,
-            scheme=req.scheme, method=req.method, path=req.path, rule=d.rule.name if d.rule else None,
+            client_address=req.client_address,
+            client_name=d.client_name,
+            host=req.host,
+            port=req.port,
+            scheme=req.scheme,
+            method=req.method,
+            path=req.path,
+            rule=d.rule.name if d.rule else None,
             flow_id=req.flow_id,
         )
         out = await self.gate.resolve(ask, client_alive)

@@ -15,8 +15,13 @@ pytestmark = pytest.mark.e2e
 RULES = [
     {"name": "public", "action": "allow", "hosts": ["public.test"]},
     {"name": "no-blocked", "action": "deny", "hosts": ["blocked.test"]},
-    {"name": "api-reads", "action": "allow", "hosts": ["api.public.test", "wrongcert.test"], "methods": ["GET"],
-     "paths": ["/ok/*"]},
+    {
+        "name": "api-reads",
+        "action": "allow",
+        "hosts": ["api.public.test", "wrongcert.test"],
+        "methods": ["GET"],
+        "paths": ["/ok/*"],
+    },
     {"name": "raw", "action": "allow", "hosts": ["www.public.test"], "raw_tcp": True},
     {"name": "by-ip", "action": "allow", "hosts": ["127.0.0.2"]},
 ]
@@ -60,9 +65,13 @@ def test_allowed_tunnel_is_passed_through_without_interception(proxy, upstreams)
     # Trusting only the upstream's test CA: works only if the proxy did not intercept.
     r = proxy.curl(f"https://public.test:{upstreams.tls_port}/pt", "--cacert", str(upstreams.ca_pem))
     assert r.exit_code == 0 and r.status == 200, r.stderr
-    ev = proxy.wait_event("egress.decision", **{"destination.port": upstreams.tls_port, "layer": "connect",
-                                                "destination.host": "public.test"})
-    assert ev["decision"] == "allow" and ev["request"]["method"] == "CONNECT" and ev["request"]["path"] is None
+    ev = proxy.wait_event(
+        "egress.decision",
+        **{"destination.port": upstreams.tls_port, "layer": "connect", "destination.host": "public.test"},
+    )
+    assert (
+        ev["decision"] == "allow" and ev["request"]["method"] == "CONNECT" and ev["request"]["path"] is None
+    )
     closed = proxy.wait_event("tunnel.closed", flow_id=ev["flow_id"])
     assert closed["bytes_up"] > 0 and closed["bytes_down"] > 0
 
@@ -72,6 +81,7 @@ def test_denied_connect_gets_403_before_any_upstream_connection(proxy, upstreams
         s, rep = proxy.connect_tunnel(f"blocked.test:{upstreams.sink_port}")
         s.close()
         assert_denied(rep, "rule", "no-blocked")
+
     conns, nbytes = sink_bytes_after(upstreams, go)
     assert (conns, nbytes) == (0, 0)
 
@@ -82,9 +92,16 @@ def test_default_connect(proxy, upstreams):
     assert_denied(rep, "default")
 
 
-@pytest.mark.parametrize("first", [tls_client_hello("evil.test"), tls_client_hello(None),
-                                   b"GET / HTTP/1.1\r\nHost: public.test\r\n\r\n", b"SSH-2.0-x\r\n"],
-                         ids=["sni-mismatch", "no-sni", "plain-http", "not-tls"])
+@pytest.mark.parametrize(
+    "first",
+    [
+        tls_client_hello("evil.test"),
+        tls_client_hello(None),
+        b"GET / HTTP/1.1\r\nHost: public.test\r\n\r\n",
+        b"SSH-2.0-x\r\n",
+    ],
+    ids=["sni-mismatch", "no-sni", "plain-http", "not-tls"],
+)
 def test_bad_first_bytes_close_the_tunnel_and_nothing_reaches_upstream(proxy, upstreams, first):
     flow = {}
     n = len(proxy.decisions(reason="sni_mismatch"))
@@ -96,10 +113,13 @@ def test_bad_first_bytes_close_the_tunnel_and_nothing_reaches_upstream(proxy, up
         assert closed_by_proxy(s)
         s.close()
         flow["ev"] = proxy.wait_event("egress.decision", reason="sni_mismatch", count=n + 1)
+
     _, nbytes = sink_bytes_after(upstreams, go)
     assert nbytes == 0
     ev = flow["ev"]
-    assert ev["decision"] == "deny" and ev["layer"] == "connect" and ev["destination"]["host"] == "public.test"
+    assert (
+        ev["decision"] == "deny" and ev["layer"] == "connect" and ev["destination"]["host"] == "public.test"
+    )
     # The same tunnel has exactly two decisions: the CONNECT allow, then this refusal.
     same = proxy.decisions(flow_id=ev["flow_id"])
     assert [e["decision"] for e in same] == ["allow", "deny"]
@@ -112,6 +132,7 @@ def test_raw_tcp_rule_carries_non_tls_bytes(proxy, upstreams):
         s.sendall(b"x" * 1000)
         time.sleep(0.2)
         s.close()
+
     _, nbytes = sink_bytes_after(upstreams, go)
     assert nbytes == 1000
 
@@ -140,6 +161,7 @@ def test_ip_literal_authority_may_omit_sni(proxy, upstreams):
         s.sendall(tls_client_hello(None))
         time.sleep(0.2)
         s.close()
+
     _, nbytes = sink_bytes_after(upstreams, go)
     assert nbytes > 0
 
@@ -153,6 +175,7 @@ def test_upstream_failure_after_allowed_connect_is_502_allow(proxy, upstreams):
 
 
 # ---- inspected tunnels (a rule with methods/paths) ------------------------------------------------------
+
 
 def test_inspected_tunnel_decides_each_request(proxy, upstreams):
     base = f"https://api.public.test:{upstreams.tls_port}"
@@ -175,12 +198,16 @@ def tls_tunnel(proxy, authority: str, server_name: str) -> ssl.SSLSocket:
     return ctx.wrap_socket(s, server_hostname=server_name)
 
 
-@pytest.mark.parametrize("request_head", [
-    "GET /ok/1 HTTP/1.1\r\nHost: public.test:{port}\r\n\r\n",
-    "GET /ok/1 HTTP/1.1\r\nHost: api.public.test:1\r\n\r\n",
-    "GET https://public.test:{port}/ok/1 HTTP/1.1\r\nHost: api.public.test:{port}\r\n\r\n",
-    "GET https://public.test:{port}/ok/1 HTTP/1.1\r\nHost: public.test:{port}\r\n\r\n",
-], ids=["host-header", "host-port", "absolute-other-host", "absolute-and-host-other"])
+@pytest.mark.parametrize(
+    "request_head",
+    [
+        "GET /ok/1 HTTP/1.1\r\nHost: public.test:{port}\r\n\r\n",
+        "GET /ok/1 HTTP/1.1\r\nHost: api.public.test:1\r\n\r\n",
+        "GET https://public.test:{port}/ok/1 HTTP/1.1\r\nHost: api.public.test:{port}\r\n\r\n",
+        "GET https://public.test:{port}/ok/1 HTTP/1.1\r\nHost: public.test:{port}\r\n\r\n",
+    ],
+    ids=["host-header", "host-port", "absolute-other-host", "absolute-and-host-other"],
+)
 def test_inspected_tunnel_requests_must_name_the_connect_authority(proxy, upstreams, request_head):
     port = upstreams.tls_port
     before = len(upstreams.seen())

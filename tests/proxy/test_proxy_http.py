@@ -22,8 +22,11 @@ PASSWORD = "s3cret-pw"
 @pytest.fixture(scope="module")
 def proxy(upstreams, tmp_path_factory):
     folder = tmp_path_factory.mktemp("http")
-    cfg = base_config(upstreams, folder,
-                      clients=[{"name": "reviewer", "proxy_auth": {"user": "reviewer", "password_env": "REV_PW"}}])
+    cfg = base_config(
+        upstreams,
+        folder,
+        clients=[{"name": "reviewer", "proxy_auth": {"user": "reviewer", "password_env": "REV_PW"}}],
+    )
     with PortcullisProc(folder, upstreams, rules=RULES, config=cfg, env={"REV_PW": PASSWORD}) as p:
         yield p
 
@@ -65,7 +68,9 @@ def test_default_deny(proxy, upstreams):
     assert_denied(proxy.raw(get("unknown.test", upstreams.http_port)), "default")
 
 
-@pytest.mark.parametrize("host_header", ["blocked.test", "blocked.test:{port}", "public.test:1", "public.test.evil"])
+@pytest.mark.parametrize(
+    "host_header", ["blocked.test", "blocked.test:{port}", "public.test:1", "public.test.evil"]
+)
 def test_host_header_must_match_target(proxy, upstreams, host_header):
     hh = host_header.format(port=upstreams.http_port)
     before = len(upstreams.seen())
@@ -141,9 +146,11 @@ def test_proxy_auth_on_connect(proxy, upstreams):
 
 
 def _ws_handshake(host: str, port: int) -> bytes:
-    return (f"GET http://{host}:{port}/ws HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
-            "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-            "Sec-WebSocket-Version: 13\r\n\r\n").encode()
+    return (
+        f"GET http://{host}:{port}/ws HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
+        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        "Sec-WebSocket-Version: 13\r\n\r\n"
+    ).encode()
 
 
 def _ws_text_frame(text: str) -> bytes:
@@ -163,7 +170,7 @@ def test_websocket_through_an_allowed_host(proxy, upstreams):
         s.sendall(_ws_text_frame("hi"))
         while len(rest) < 2 + len("echo:hi"):
             rest += s.recv(4096)
-        assert rest[2:2 + 7] == b"echo:hi"
+        assert rest[2 : 2 + 7] == b"echo:hi"
     ev = proxy.wait_event("egress.decision", **{"request.path": "/ws", "destination.host": "public.test"})
     assert ev["request"]["scheme"] == "ws"
 
@@ -196,8 +203,15 @@ def test_origin_form_request_is_judged_on_its_host_header(proxy, upstreams):
 
 
 def test_h2c_upgrade_is_stripped(proxy, upstreams):
-    r = proxy.raw(get("public.test", upstreams.http_port, "/h2c",
-                      headers="Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n"))
+    r = proxy.raw(
+        get(
+            "public.test",
+            upstreams.http_port,
+            "/h2c",
+            headers="Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+            "HTTP2-Settings: AAMAAABkAAQAAP__\r\n",
+        )
+    )
     assert r.status == 200
     seen = r.json()["headers"]
     assert "Upgrade" not in seen and "HTTP2-Settings" not in seen
@@ -209,7 +223,12 @@ def test_audit_mode_lets_denied_traffic_through_and_marks_it(upstreams, tmp_path
         r = p.raw(get("blocked.test", upstreams.http_port, "/audited"))
         assert r.status == 200
         ev = p.wait_event("egress.decision", **{"request.path": "/audited"})
-        assert (ev["decision"], ev["reason"], ev["rule"], ev["enforced"]) == ("deny", "rule", "no-blocked", False)
+        assert (ev["decision"], ev["reason"], ev["rule"], ev["enforced"]) == (
+            "deny",
+            "rule",
+            "no-blocked",
+            False,
+        )
         r = p.raw(get("public.test", upstreams.http_port, "/ok"))
         assert r.status == 200
         ev = p.wait_event("egress.decision", **{"request.path": "/ok"})
@@ -217,4 +236,6 @@ def test_audit_mode_lets_denied_traffic_through_and_marks_it(upstreams, tmp_path
         # Audit audits the rules only: safety checks still hold.
         r = p.raw(get("127.0.0.1", p.port, "/self"))
         assert_denied(r, "private_address")
-        assert_denied(p.raw(get("public.test", upstreams.http_port, host_header="blocked.test")), "host_mismatch")
+        assert_denied(
+            p.raw(get("public.test", upstreams.http_port, host_header="blocked.test")), "host_mismatch"
+        )

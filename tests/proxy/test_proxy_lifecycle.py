@@ -21,9 +21,18 @@ pytestmark = pytest.mark.e2e
 ALLOW_PUBLIC = [{"name": "public", "action": "allow", "hosts": ["public.test"]}]
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 20) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "addons.cli", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})}, check=False)
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 20
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "addons.cli", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        check=False,
+    )
 
 
 def get(url: str, token: str | None = None) -> tuple[int, dict[str, str], bytes]:
@@ -39,18 +48,36 @@ def http_get(p: PortcullisProc, host: str, port: int, path: str = "/") -> int:
     return p.raw(f"GET http://{host}:{port}{path} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode()).status
 
 
-@pytest.mark.parametrize(("config_text", "rules_text", "where"), [
-    ("listen: 127.0.0.1:8080\nbogus_key: 1\n", "rules: []\n", "portcullis.yaml:2:1:"),
-    ("rules: [rules/]\n", "rules:\n  - name: x\n    action: maybe\n    hosts: [a.test]\n", "main.yaml:3:13:"),
-    ("rules: [rules/]\n", "rules:\n  - name: x\n    action: allow\n    hosts: ['*.com']\n", "main.yaml:4:"),
-    ("rules: [rules/]\n", "rules: [\n", "main.yaml:"),
-])
+@pytest.mark.parametrize(
+    ("config_text", "rules_text", "where"),
+    [
+        ("listen: 127.0.0.1:8080\nbogus_key: 1\n", "rules: []\n", "portcullis.yaml:2:1:"),
+        (
+            "rules: [rules/]\n",
+            "rules:\n  - name: x\n    action: maybe\n    hosts: [a.test]\n",
+            "main.yaml:3:13:",
+        ),
+        (
+            "rules: [rules/]\n",
+            "rules:\n  - name: x\n    action: allow\n    hosts: ['*.com']\n",
+            "main.yaml:4:",
+        ),
+        ("rules: [rules/]\n", "rules: [\n", "main.yaml:"),
+    ],
+)
 def test_bad_config_exits_2_with_path_line_col_and_never_listens(tmp_path, config_text, rules_text, where):
     (tmp_path / "rules").mkdir()
     (tmp_path / "rules" / "main.yaml").write_text(rules_text)
     (tmp_path / "portcullis.yaml").write_text(config_text)
-    p = run_cli("run", "--config", str(tmp_path / "portcullis.yaml"), "--listen", "127.0.0.1:0",
-                "--admin", "127.0.0.1:0")
+    p = run_cli(
+        "run",
+        "--config",
+        str(tmp_path / "portcullis.yaml"),
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+    )
     assert p.returncode == 2, p.stderr
     assert where in p.stderr
     assert re.search(r"\S+:\d+:\d+: ", p.stderr), p.stderr
@@ -61,8 +88,16 @@ def test_bad_config_exits_2_with_path_line_col_and_never_listens(tmp_path, confi
 def test_non_loopback_admin_without_token_refuses_to_start(tmp_path):
     (tmp_path / "rules").mkdir()
     (tmp_path / "portcullis.yaml").write_text("rules: [rules/]\nadmin: {token_env: PC_TEST_NO_TOKEN}\n")
-    p = run_cli("run", "--config", str(tmp_path / "portcullis.yaml"), "--listen", "127.0.0.1:0",
-                "--admin", "0.0.0.0:0", env={"PC_TEST_NO_TOKEN": ""})
+    p = run_cli(
+        "run",
+        "--config",
+        str(tmp_path / "portcullis.yaml"),
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        "0.0.0.0:0",
+        env={"PC_TEST_NO_TOKEN": ""},
+    )
     assert p.returncode == 2
     assert "PC_TEST_NO_TOKEN" in p.stderr and len(p.stderr.strip().splitlines()) == 1
 
@@ -70,9 +105,18 @@ def test_non_loopback_admin_without_token_refuses_to_start(tmp_path):
 def test_missing_proxy_auth_password_refuses_to_start(tmp_path):
     (tmp_path / "rules").mkdir()
     (tmp_path / "portcullis.yaml").write_text(
-        "rules: [rules/]\nclients:\n  - name: r\n    proxy_auth: {user: r, password_env: PC_TEST_NO_PW}\n")
-    p = run_cli("run", "--config", str(tmp_path / "portcullis.yaml"), "--listen", "127.0.0.1:0",
-                "--admin", "127.0.0.1:0", env={"PC_TEST_NO_PW": ""})
+        "rules: [rules/]\nclients:\n  - name: r\n    proxy_auth: {user: r, password_env: PC_TEST_NO_PW}\n"
+    )
+    p = run_cli(
+        "run",
+        "--config",
+        str(tmp_path / "portcullis.yaml"),
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+        env={"PC_TEST_NO_PW": ""},
+    )
     assert p.returncode == 2 and "PC_TEST_NO_PW" in p.stderr
 
 
@@ -107,7 +151,9 @@ def test_hot_reload_on_file_change_and_sighup_and_a_broken_file_keeps_the_old_po
         assert ev["rule_count"] == 2
         assert http_get(p, "www.public.test", upstreams.http_port) == 200
 
-        p.rules_path.write_text("rules:\n  - name: www\n    action: allow\n    hosts: ['*.com']\n    bogus: 1\n")
+        p.rules_path.write_text(
+            "rules:\n  - name: www\n    action: allow\n    hosts: ['*.com']\n    bogus: 1\n"
+        )
         failed = p.wait_event("rules.reload_failed", timeout=10)
         assert failed["errors"] and all(re.match(r".+main\.yaml:\d+:\d+: ", e) for e in failed["errors"])
         # The old policy (2 rules) is still in force.
@@ -127,9 +173,16 @@ def test_hot_reload_on_file_change_and_sighup_and_a_broken_file_keeps_the_old_po
 
 
 def test_approval_rule_hold_false_answers_pending_at_once(upstreams, tmp_path):
-    cfg = base_config(upstreams, tmp_path, approvals={"timeout": "5s", "hold": False,
-                                                      "store": "sqlite:///state/portcullis.db",
-                                                      "persist_to": "rules/approved.yaml"})
+    cfg = base_config(
+        upstreams,
+        tmp_path,
+        approvals={
+            "timeout": "5s",
+            "hold": False,
+            "store": "sqlite:///state/portcullis.db",
+            "persist_to": "rules/approved.yaml",
+        },
+    )
     rules = [{"name": "ask", "action": "approval", "hosts": ["approve.test"]}]
     with PortcullisProc(tmp_path, upstreams, rules=rules, config=cfg) as p:
         port = upstreams.http_port
@@ -157,13 +210,17 @@ def test_held_request_is_released_by_an_admin_decision(upstreams, tmp_path):
         ev = p.wait_event("approval.requested", timeout=10)
         approval_id = ev.get("approval_id") or ev.get("id")
         assert get(p.admin_url + "/approvals")[0] == 401  # the token is required
-        req = urllib.request.Request(f"{p.admin_url}/approvals/{approval_id}", method="POST",
-                                     data=json.dumps({"decision": "allow", "scope": "once", "by": "test"}).encode(),
-                                     headers={"Authorization": f"Bearer {token}",
-                                              "Content-Type": "application/json"})
+        req = urllib.request.Request(
+            f"{p.admin_url}/approvals/{approval_id}",
+            method="POST",
+            data=json.dumps({"decision": "allow", "scope": "once", "by": "test"}).encode(),
+            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+        )
         with urllib.request.urlopen(req, timeout=5) as resp:  # noqa: S310 - loopback test URL
             assert resp.status == 200
         t.join(10)
         assert result["status"] == 200
         dec = p.wait_event("egress.decision", **{"request.path": "/held"})
-        assert dec["decision"] == "allow" and dec["reason"] == "approved" and dec["approval_id"] == approval_id
+        assert (
+            dec["decision"] == "allow" and dec["reason"] == "approved" and dec["approval_id"] == approval_id
+        )

@@ -27,8 +27,9 @@ PUBLIC_A, PUBLIC_B = "8.8.8.8", "1.1.1.1"
 
 def make(tmp_path: Path, answers: list[list[str]]):
     (tmp_path / "rules").mkdir()
-    (tmp_path / "rules" / "r.yaml").write_text(json.dumps(
-        {"rules": [{"name": "ex", "action": "allow", "hosts": ["**.example.com"]}]}))
+    (tmp_path / "rules" / "r.yaml").write_text(
+        json.dumps({"rules": [{"name": "ex", "action": "allow", "hosts": ["**.example.com"]}]})
+    )
     (tmp_path / "c.yaml").write_text(json.dumps({"rules": ["rules/"], "default_action": "deny"}))
     loaded = load_config(tmp_path / "c.yaml")
     tel = Telemetry(loaded.config.telemetry, tmp_path, stream=io.StringIO())
@@ -40,15 +41,33 @@ def make(tmp_path: Path, answers: list[list[str]]):
         return answers[min(len(calls), len(answers)) - 1]
 
     pins = PinStore()
-    decider = Decider(holder, ApprovalGate(loaded.config.approvals, tmp_path, tel), pins, False, tel.healthy,
-                      lambda: set(), lookup)
+    decider = Decider(
+        holder,
+        ApprovalGate(loaded.config.approvals, tmp_path, tel),
+        pins,
+        False,
+        tel.healthy,
+        lambda: set(),
+        lookup,
+    )
     addon = Portcullis(decider, tel, ProxyAuth(loaded.config, environ={}), pins)
     return decider, addon, pins, calls
 
 
 def req(client_id: str = "c1", host: str = "api.example.com") -> Request:
-    return Request(host=host, port=443, scheme="https", method="GET", path="/", client_id=client_id,
-                   client_address="10.9.9.9", client_port=1234, client_user=None, flow_id="f", layer="http")
+    return Request(
+        host=host,
+        port=443,
+        scheme="https",
+        method="GET",
+        path="/",
+        client_id=client_id,
+        client_address="10.9.9.9",
+        client_port=1234,
+        client_user=None,
+        flow_id="f",
+        layer="http",
+    )
 
 
 async def test_a_name_whose_second_resolution_changes_stays_on_the_first_checked_address(tmp_path):
@@ -61,8 +80,9 @@ async def test_a_name_whose_second_resolution_changes_stays_on_the_first_checked
     # The connect goes to the checked address, with SNI/verification on the name.
     client = tflow.tclient_conn()
     client.id = "c1"
-    data = server_hooks.ServerConnectionHookData(server=connection.Server(address=("api.example.com", 443)),
-                                                 client=client)
+    data = server_hooks.ServerConnectionHookData(
+        server=connection.Server(address=("api.example.com", 443)), client=client
+    )
     addon.server_connect(data)
     assert data.server.address == (PUBLIC_A, 443) and data.server.sni == "api.example.com"
     assert data.server.error is None
@@ -74,8 +94,16 @@ async def test_a_name_whose_second_resolution_changes_stays_on_the_first_checked
     assert pins.get("c2", "api.example.com", 443) is None
 
 
-@pytest.mark.parametrize("answers", [[PUBLIC_A, "10.0.0.5"], ["127.0.0.1", PUBLIC_A], [PUBLIC_B, "::ffff:169.254.169.254"],
-                                     [PUBLIC_A, "fd00::1"], [PUBLIC_A, "100.64.1.1"]])
+@pytest.mark.parametrize(
+    "answers",
+    [
+        [PUBLIC_A, "10.0.0.5"],
+        ["127.0.0.1", PUBLIC_A],
+        [PUBLIC_B, "::ffff:169.254.169.254"],
+        [PUBLIC_A, "fd00::1"],
+        [PUBLIC_A, "100.64.1.1"],
+    ],
+)
 async def test_any_private_answer_refuses_the_name(tmp_path, answers):
     decider, _, pins, _ = make(tmp_path, [answers])
     v = await decider.decide(req(), lambda: True)
@@ -90,8 +118,10 @@ async def test_real_resolver_path_with_mixed_answers(tmp_path, monkeypatch):
 
     async def fake_getaddrinfo(host, port, **kw):
         assert host == "api.example.com"
-        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (PUBLIC_A, port)),
-                (socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::1", port, 0, 0))]
+        return [
+            (socket.AF_INET, socket.SOCK_STREAM, 6, "", (PUBLIC_A, port)),
+            (socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::1", port, 0, 0)),
+        ]
 
     monkeypatch.setattr(loop, "getaddrinfo", fake_getaddrinfo)
     v = await decider.decide(req(), lambda: True)
@@ -117,8 +147,9 @@ async def test_unresolvable_allowed_name_is_502_allow(tmp_path):
 
 def test_server_connect_without_a_decision_is_refused(tmp_path):
     _, addon, _, _ = asyncio.run(_make_async(tmp_path))
-    data = server_hooks.ServerConnectionHookData(server=connection.Server(address=("other.example.com", 443)),
-                                                 client=tflow.tclient_conn())
+    data = server_hooks.ServerConnectionHookData(
+        server=connection.Server(address=("other.example.com", 443)), client=tflow.tclient_conn()
+    )
     addon.server_connect(data)
     assert data.server.error and data.server.address == ("other.example.com", 443)
 
@@ -127,8 +158,10 @@ async def _make_async(tmp_path):
     return make(tmp_path, [[PUBLIC_A]])
 
 
-@pytest.mark.parametrize(("raw", "canon"), [("::ffff:8.8.8.8", "8.8.8.8"), ("fe80::1%eth0", "fe80::1"),
-                                            ("2001:DB8::1", "2001:db8::1")])
+@pytest.mark.parametrize(
+    ("raw", "canon"),
+    [("::ffff:8.8.8.8", "8.8.8.8"), ("fe80::1%eth0", "fe80::1"), ("2001:DB8::1", "2001:db8::1")],
+)
 def test_canonical_ip(raw, canon):
     assert canonical_ip(raw) == canon
 

@@ -10,17 +10,52 @@ from tests.harness import PortcullisProc, base_config
 
 pytestmark = pytest.mark.e2e
 
-LOOPBACK_SPELLINGS = ["127.0.0.1", "2130706433", "0x7f.1", "0177.0.0.1", "127.1", "[::1]",
-                      "[::ffff:127.0.0.1]", "localhost", "LOCALHOST.", "127.0.0.1.", "0x7f000001", "sub.localhost"]
+LOOPBACK_SPELLINGS = [
+    "127.0.0.1",
+    "2130706433",
+    "0x7f.1",
+    "0177.0.0.1",
+    "127.1",
+    "[::1]",
+    "[::ffff:127.0.0.1]",
+    "localhost",
+    "LOCALHOST.",
+    "127.0.0.1.",
+    "0x7f000001",
+    "sub.localhost",
+]
 # Not loopback: asked only from inside a network namespace with nothing but lo.
-OTHER_PRIVATE = ["169.254.169.254", "10.0.0.1", "100.64.0.1", "[fd00::1]", "192.168.1.1", "0.0.0.0", "172.16.0.1",
-                 "100.100.100.200", "168.63.129.16", "[fd00:ec2::254]", "metadata.google.internal",
-                 "[64:ff9b::a9fe:a9fe]", "[2002:a9fe:a9fe::1]", "224.0.0.1", "255.255.255.255", "198.18.0.1",
-                 "240.0.0.1", "[fe80::1]", "mixed.test", "all-private.test"]
+OTHER_PRIVATE = [
+    "169.254.169.254",
+    "10.0.0.1",
+    "100.64.0.1",
+    "[fd00::1]",
+    "192.168.1.1",
+    "0.0.0.0",
+    "172.16.0.1",
+    "100.100.100.200",
+    "168.63.129.16",
+    "[fd00:ec2::254]",
+    "metadata.google.internal",
+    "[64:ff9b::a9fe:a9fe]",
+    "[2002:a9fe:a9fe::1]",
+    "224.0.0.1",
+    "255.255.255.255",
+    "198.18.0.1",
+    "240.0.0.1",
+    "[fe80::1]",
+    "mixed.test",
+    "all-private.test",
+]
 # Everything is allowed by rules, so any refusal here is the private-address check.
-ALLOW_ALL = [{"name": "everything-by-name", "action": "allow",
-              "hosts": ["**.test", "**.localhost", "metadata.google.internal", "localhost"]},
-             {"name": "everything-by-ip", "action": "allow", "hosts": ["0.0.0.0/0", "::/0"]}]
+ALLOW_ALL = [
+    {
+        "name": "everything-by-name",
+        "action": "allow",
+        "hosts": ["**.test", "**.localhost", "metadata.google.internal", "localhost"],
+    },
+    {"name": "everything-by-ip", "action": "allow", "hosts": ["0.0.0.0/0", "::/0"]},
+]
 
 
 def assert_private(reply) -> None:
@@ -95,10 +130,14 @@ def test_the_proxy_itself_is_refused_even_when_loopback_is_allowed(upstreams, tm
     with PortcullisProc(tmp_path, upstreams, rules=ALLOW_ALL, config=cfg) as p:
         r = p.raw(f"GET http://127.0.0.1:{p.port}/ HTTP/1.1\r\nHost: 127.0.0.1:{p.port}\r\n\r\n".encode())
         assert_private(r)
-        r = p.raw(f"GET http://127.0.0.1:{p.admin_port}/healthz HTTP/1.1\r\n"
-                  f"Host: 127.0.0.1:{p.admin_port}\r\n\r\n".encode())
+        r = p.raw(
+            f"GET http://127.0.0.1:{p.admin_port}/healthz HTTP/1.1\r\n"
+            f"Host: 127.0.0.1:{p.admin_port}\r\n\r\n".encode()
+        )
         assert_private(r)
         # ... while an allowed loopback upstream that is not the proxy works
-        r = p.raw(f"GET http://127.0.0.2:{upstreams.http_port}/ HTTP/1.1\r\n"
-                  f"Host: 127.0.0.2:{upstreams.http_port}\r\n\r\n".encode())
+        r = p.raw(
+            f"GET http://127.0.0.2:{upstreams.http_port}/ HTTP/1.1\r\n"
+            f"Host: 127.0.0.2:{upstreams.http_port}\r\n\r\n".encode()
+        )
         assert r.status == 200
