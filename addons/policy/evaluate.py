@@ -90,6 +90,8 @@ def normalize_path(path: str) -> str:
     """The path a rule is matched on: no query or fragment, unreserved %-escapes decoded, dot
     segments removed. Without this, `/repos/../admin` would match `/repos/*` while the server
     serves `/admin`."""
+    if path.startswith("/") and not any(c in path for c in "?#%") and "/." not in path:
+        return path  # the common case: nothing to decode or resolve
     path = path.split("?", 1)[0].split("#", 1)[0] or "/"
     path = _UNRESERVED_ESCAPE.sub(lambda m: unquote(m.group(0)), path)
     out: list[str] = []
@@ -116,6 +118,9 @@ class _NetIndex:
     def __init__(self) -> None:
         self._by_len: dict[int, dict[int, dict[int, list[int]]]] = {4: {}, 6: {}}
 
+    def __bool__(self) -> bool:
+        return bool(self._by_len[4] or self._by_len[6])
+
     def add(self, net: IPNetwork, order: int) -> None:
         table = self._by_len[net.version].setdefault(net.prefixlen, {})
         table.setdefault(int(net.network_address), []).append(order)
@@ -141,6 +146,8 @@ class Policy:
         self._exact: dict[str, list[int]] = {}
         self._below: dict[str, list[int]] = {}
         self._nets = _NetIndex()
+        self._deny_nets = _NetIndex()  # deny IP/CIDR entries: they also match names by resolved address
+        self._blocked_memo: dict[str, str | None] = {}
         for r in self.rules:
             for p in r.patterns:
                 if p.kind == "exact":
@@ -152,6 +159,8 @@ class Policy:
                     self._below.setdefault(p.value, []).append(r.order)
                 elif p.network is not None:
                     self._nets.add(p.network, r.order)
+                    if r.ref.action is Action.DENY:
+                        self._deny_nets.add(p.network, r.order)
 
     # ----------------------------------------------------------------------------------------
     # Helpers other parts call
@@ -178,6 +187,15 @@ class Policy:
         """The private class that refuses this address under block_private/allow_cidrs, else None."""
         if not self.settings.block_private:
             return None
+        memo = self._blocked_memo
+        if ip in memo:
+            return memo[ip]
+        if len(memo) > 65536:
+            memo.clear()  # bounded: a flood of distinct addresses cannot grow it without limit
+        memo[ip] = cls = self._blocked_class(ip)
+        return cls
+
+    def _blocked_class(self, ip: str) -> str | None:
         try:
             addr = parse_ip(ip)
         except HostError:
@@ -289,14 +307,13 @@ class Policy:
                 rest = rest.split(".", 1)[1]
                 orders.update(self._below.get(rest, ()))
             # A deny IP/CIDR entry also matches a name whose resolved addresses fall inside it.
-            for a in addresses:
+            for a in addresses if self._deny_nets else ():
                 try:
                     addr = parse_ip(a)
                 except HostError:
                     continue
                 if addr is not None:
-                    orders.update(o for o in self._nets.lookup(addr)
-                                  if self.rules[o].ref.action is Action.DENY)
+                    orders.update(self._deny_nets.lookup(addr))
         return [self.rules[o] for o in sorted(orders)]
 
     def _decide_tunnel(self, cands: list[Rule], target: str, client: str | None) -> Decision:

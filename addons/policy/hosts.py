@@ -30,6 +30,7 @@ _UNICODE_DOTS = str.maketrans({"\u3002": ".", "\uff0e": ".", "\uff61": "."})
 # it is compared exactly, so it opens no bypass.
 _ASCII_LABEL = re.compile(r"^[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?$")
 _ASCII_HOST_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789.-_")
+_IPV6_CHARS = frozenset("0123456789abcdefABCDEF:.")
 _NUMERIC_PART = re.compile(r"^(?:0[xX][0-9a-fA-F]*|[0-9]+)$")
 
 
@@ -40,7 +41,9 @@ _NUMERIC_PART = re.compile(r"^(?:0[xX][0-9a-fA-F]*|[0-9]+)$")
 def _parse_ipv4_number(part: str) -> int:
     """One part of an inet_aton-style IPv4 spelling: decimal, 0x hex or 0-led octal."""
     if part[:2] in ("0x", "0X"):
-        return int(part[2:], 16) if len(part) > 2 else 0
+        if len(part) == 2:
+            raise HostError(f"empty hex number {part!r} in an IPv4 address")
+        return int(part[2:], 16)
     if len(part) > 1 and part[0] == "0":
         if not all(c in "01234567" for c in part):
             raise HostError(f"bad octal number {part!r} in an IPv4 address")
@@ -87,6 +90,7 @@ def _parse_ipv6(text: str) -> IPAddress:
     return mapped if mapped is not None else addr
 
 
+@functools.lru_cache(maxsize=65536)
 def parse_ip(raw: str) -> IPAddress | None:
     """The canonical address of an IP literal in any accepted spelling, or None for a name."""
     text = raw.strip()
@@ -95,6 +99,8 @@ def parse_ip(raw: str) -> IPAddress | None:
             raise HostError(f"unbalanced brackets in {raw!r}")
         return _parse_ipv6(text[1:-1])
     if ":" in text:
+        if not set(text.partition("%")[0]) <= _IPV6_CHARS:
+            raise HostError(f"{raw!r} is not a host name or IP address (a port does not belong here)")
         return _parse_ipv6(text)
     return _parse_ipv4(text)
 
@@ -286,6 +292,7 @@ def classify_address(ip: str) -> str | None:
     return classify_ip(addr)
 
 
+@functools.lru_cache(maxsize=16384)
 def classify_ip(addr: IPAddress) -> str | None:
     if addr in _METADATA:
         return "metadata"
@@ -349,6 +356,8 @@ def parse_pattern(raw: str, *, deny: bool = False) -> HostPattern:
     if not isinstance(raw, str) or not raw.strip():
         raise HostError("empty host entry")
     text = raw.strip()
+    if "://" in text:
+        raise HostError(f"{raw!r} is a URL; a host entry is a name, `*.name`, `**.name`, an IP or a CIDR")
     if "/" in text:
         addr_text, _, bits = text.partition("/")
         addr = parse_ip(addr_text)
