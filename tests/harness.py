@@ -18,6 +18,7 @@ Upstreams (one set per test session, in a background thread):
   - 127.0.0.3:other_tls_port  TLS with a cert for other.test only
   - 127.0.0.2:sink_port   raw TCP sink counting every byte it receives (upstreams.sink)
   - 127.0.0.2:greet_port  raw TCP server that speaks first ("SSH-2.0-test") and echoes
+  - 127.0.0.2:h2_port     HTTP/2-only TLS server (ALPN h2, same cert as tls_port), JSON answers
 `network.resolve` maps public.test, *.public.test names used by tests, other.test -> those addresses and
 `network.allow_cidrs` admits 127.0.0.2/32 and 127.0.0.3/32, so 127.0.0.1 stays private.
 """
@@ -146,6 +147,7 @@ class Upstreams:
         self.requests: list[dict[str, Any]] = []
         self.sink = Sink()
         self.http_port = self.tls_port = self.other_tls_port = self.sink_port = self.greet_port = 0
+        self.h2_port = 0
         self.closed_port = _free_port(PUBLIC_IP)  # nothing listens here: connect is refused
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="upstreams", daemon=True)
@@ -238,10 +240,47 @@ class Upstreams:
                 await writer.drain()
             writer.close()
 
+        h2_ctx = tls_ctx("public")
+        h2_ctx.set_alpn_protocols(["h2"])
+        srv = await asyncio.start_server(self._h2_conn, PUBLIC_IP, 0, ssl=h2_ctx)
+        self.h2_port = int(srv.sockets[0].getsockname()[1])
+        self._cleanups.append(_closer(srv))
+
         for handler, attr in ((sink, "sink_port"), (greet, "greet_port")):
             srv = await asyncio.start_server(handler, PUBLIC_IP, 0)
             setattr(self, attr, int(srv.sockets[0].getsockname()[1]))
             self._cleanups.append(_closer(srv))
+
+    async def _h2_conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """A tiny HTTP/2-only (ALPN h2) server answering JSON like the HTTP/1 upstreams."""
+        import h2.config
+        import h2.connection
+        import h2.events
+
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding="utf-8"))
+        conn.initiate_connection()
+        writer.write(conn.data_to_send())
+        try:
+            while data := await reader.read(65536):
+                for ev in conn.receive_data(data):
+                    if isinstance(ev, h2.events.RequestReceived):
+                        hdrs = {str(k): str(v) for k, v in ev.headers}
+                        info = {"server": "h2", "method": hdrs.get(":method"), "path": hdrs.get(":path"),
+                                "host": hdrs.get(":authority"), "headers": hdrs, "body_len": 0}
+                        with self._lock:
+                            self.requests.append(info)
+                        body = json.dumps(info).encode()
+                        conn.send_headers(ev.stream_id, [(":status", "200"), ("content-type", "application/json"),
+                                                         ("content-length", str(len(body)))])
+                        conn.send_data(ev.stream_id, body, end_stream=True)
+                    elif isinstance(ev, h2.events.ConnectionTerminated):
+                        break
+                writer.write(conn.data_to_send())
+                await writer.drain()
+        except Exception:  # noqa: S110 - a test server: a broken client connection just ends
+            pass
+        finally:
+            writer.close()
 
     async def _stop(self) -> None:
         for c in reversed(self._cleanups):

@@ -232,3 +232,26 @@ def test_upstream_tls_is_verified_against_the_name_not_the_pinned_ip(proxy, upst
     assert r.status == 502, (r.status, r.stderr)
     assert r.headers["x-portcullis-decision"] == "allow"
     assert not upstreams.seen(lambda q: q["server"] == "other")
+
+
+# ---- HTTP/2 from clients --------------------------------------------------------------------------------
+
+
+def test_http2_through_a_passthrough_tunnel(proxy, upstreams):
+    r = proxy.curl(f"https://public.test:{upstreams.h2_port}/h2pt", "--http2", "--cacert", str(upstreams.ca_pem))
+    assert r.exit_code == 0 and r.status == 200, r.stderr
+    assert r.json()["server"] == "h2"
+
+
+def test_http2_in_an_inspected_tunnel_is_decided_per_request(proxy, upstreams):
+    base = f"https://api.public.test:{upstreams.h2_port}"
+    r = proxy.curl(base + "/ok/h2", "--http2", "-v")
+    assert r.exit_code == 0 and r.status == 200, r.stderr
+    assert "using HTTP/2" in r.stderr and r.json()["server"] == "h2"
+    ev = proxy.wait_event("egress.decision", **{"request.path": "/ok/h2", "layer": "inspected"})
+    assert ev["decision"] == "allow"
+    r = proxy.curl(base + "/denied/h2", "--http2", "-v")
+    assert "using HTTP/2" in r.stderr
+    assert r.status == 403 and r.headers["x-portcullis-decision"] == "deny"
+    assert r.headers["x-portcullis-reason"] == "default" and r.json()["reason"] == "default"
+    assert not upstreams.seen(lambda q: q["path"] == "/denied/h2")
