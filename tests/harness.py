@@ -257,7 +257,9 @@ class Upstreams:
         import h2.connection
         import h2.events
 
-        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding="utf-8"))
+        conn = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=False, header_encoding="utf-8")
+        )
         conn.initiate_connection()
         writer.write(conn.data_to_send())
         try:
@@ -265,13 +267,25 @@ class Upstreams:
                 for ev in conn.receive_data(data):
                     if isinstance(ev, h2.events.RequestReceived):
                         hdrs = {str(k): str(v) for k, v in ev.headers}
-                        info = {"server": "h2", "method": hdrs.get(":method"), "path": hdrs.get(":path"),
-                                "host": hdrs.get(":authority"), "headers": hdrs, "body_len": 0}
+                        info = {
+                            "server": "h2",
+                            "method": hdrs.get(":method"),
+                            "path": hdrs.get(":path"),
+                            "host": hdrs.get(":authority"),
+                            "headers": hdrs,
+                            "body_len": 0,
+                        }
                         with self._lock:
                             self.requests.append(info)
                         body = json.dumps(info).encode()
-                        conn.send_headers(ev.stream_id, [(":status", "200"), ("content-type", "application/json"),
-                                                         ("content-length", str(len(body)))])
+                        conn.send_headers(
+                            ev.stream_id,
+                            [
+                                (":status", "200"),
+                                ("content-type", "application/json"),
+                                ("content-length", str(len(body))),
+                            ],
+                        )
                         conn.send_data(ev.stream_id, body, end_stream=True)
                     elif isinstance(ev, h2.events.ConnectionTerminated):
                         break

@@ -238,7 +238,9 @@ def test_upstream_tls_is_verified_against_the_name_not_the_pinned_ip(proxy, upst
 
 
 def test_http2_through_a_passthrough_tunnel(proxy, upstreams):
-    r = proxy.curl(f"https://public.test:{upstreams.h2_port}/h2pt", "--http2", "--cacert", str(upstreams.ca_pem))
+    r = proxy.curl(
+        f"https://public.test:{upstreams.h2_port}/h2pt", "--http2", "--cacert", str(upstreams.ca_pem)
+    )
     assert r.exit_code == 0 and r.status == 200, r.stderr
     assert r.json()["server"] == "h2"
 
