@@ -360,8 +360,13 @@ class ApprovalService:
             if scope == "always":
                 await self._persist(a, decision, by, reason, now)
             if not self.store.decide(a.id, decision, scope, by, reason, now):
-                raise DecideError(409, "already_decided", "decided concurrently; nothing changed",
-                                  self.store.get(a.id))
+                # Lost a race (expiry while the rule was being written): say what did happen.
+                cur = self.store.get(a.id)
+                note = "; the rule was written to persist_to all the same" if scope == "always" else ""
+                if cur is not None and cur.state == EXPIRED:
+                    msg = f"approval {a.id} expired before the decision{note}"
+                    raise DecideError(410, "expired", msg, cur)
+                raise DecideError(409, "already_decided", f"decided concurrently; nothing changed{note}", cur)
             live = self._live.get(a.key)
             if live is not None and live.approval.id != a.id:
                 live = None

@@ -278,3 +278,21 @@ async def test_a_client_cannot_open_unbounded_approvals(make_service, receiver):
     await wait_until(lambda: len(receiver.deliveries()) == 4)
     for t in [*held, other]:
         t.cancel()
+
+
+async def test_expiry_while_the_always_rule_is_written_is_reported_as_410(make_service, monkeypatch):
+    from addons.approvals import persist
+
+    real = persist.append_rule
+
+    def slow_append(*args, **kw):
+        time.sleep(0.5)  # in the worker thread: the approval's timer fires meanwhile
+        return real(*args, **kw)
+
+    monkeypatch.setattr(persist, "append_rule", slow_append)
+    svc = await make_service(hold=False, timeout=0.3)
+    pend = await svc.resolve(request(), alive)
+    with pytest.raises(DecideError) as e:
+        await svc.decide(pend.approval_id, "allow", "always", "slow", None)
+    assert e.value.status == 410 and "written to persist_to all the same" in e.value.message
+    assert svc.store.get(pend.approval_id).state == "expired"
