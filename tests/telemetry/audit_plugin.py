@@ -63,4 +63,5 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     if TOTALS["proxies"]:
         terminalreporter.write_line(
             f"event audit: {TOTALS['proxies']} proxies, {TOTALS['events']} events "
-            f"({TOTALS['decisions']} decisions), every stdout line a valid event, no decision logged twice")
+            f"({TOTALS['decisions']} decisions), every stdout line a valid event, no decision logged twice"
+        )
