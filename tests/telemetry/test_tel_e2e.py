@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from events_audit import audit_events
 
+from addons.telemetry.report import build
 from tests.harness import PortcullisProc, assert_denied, base_config, tls_client_hello
 
 pytestmark = pytest.mark.e2e
@@ -126,6 +127,13 @@ def test_every_request_is_one_valid_event_and_nothing_else(upstreams: Any, tmp_p
     # the file sink holds the same stream
     file_events = audit_events((tmp_path / "events.jsonl").read_text(), expected_decisions=expected)
     assert [e["event"] for e in file_events] == [e["event"] for e in events]
+    # ... and `portcullis report` turns it into rules to paste
+    with (tmp_path / "events.jsonl").open() as fh:
+        rep = build(fh)
+    assert list(rep.groups) == ["unknown.test"] and rep.groups["unknown.test"].reasons == {"default": 1}
+    assert '"unknown.test"' in rep.groups["unknown.test"].rule_yaml()
+    assert list(rep.denied_by_rule) == ["blocked.test"]
+    assert set(rep.suspicious) == {"127.0.0.1", "public.test"}  # private address; Host/SNI mismatches
 
 
 def _proxy_with_file(upstreams: Any, folder: Path, file: str, **log: Any) -> RawProc:

@@ -9,6 +9,7 @@ from tel_helpers import DECISIONS, OTHER_EVENTS, lines, make, record
 from tel_ocsf_check import ocsf_errors
 
 from addons.telemetry.ocsf import to_ocsf
+from addons.telemetry.validate import validate_event
 
 NATIVE = {"rules.reloaded", "rules.reload_failed", "webhook.failed", "proxy.started", "proxy.stopped"}
 
@@ -28,6 +29,8 @@ def test_every_event_is_valid_ocsf_or_documented_native() -> None:
     ocsf = [e for e in events if "class_uid" in e]
     native = [e for e in events if "class_uid" not in e]
     assert {e["event"] for e in native} == NATIVE
+    for e in native:
+        validate_event(e)  # lifecycle events stay native and valid
     assert len(ocsf) == len(DECISIONS) + len(OTHER_EVENTS) - len(native)
     for ev in ocsf:
         assert ocsf_errors(ev) == [], json.dumps(ev)
