@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
 from events_audit import audit_events
+from prometheus_client.parser import text_string_to_metric_families
 
 from addons.telemetry.report import build
 from tests.harness import PortcullisProc, assert_denied, base_config, tls_client_hello
@@ -47,6 +50,15 @@ class RawProc(PortcullisProc):
                 self._cond.notify_all()
         with self._cond:
             self._cond.notify_all()
+
+
+LABEL_VALUE = re.compile(r"[a-z][a-z0-9_]*|[0-9.e+]+|\+Inf")
+
+
+def _label_values(text: str) -> set[str]:
+    return {
+        v for fam in text_string_to_metric_families(text) for smp in fam.samples for v in smp.labels.values()
+    }
 
 
 def _get(host: str, port: int, path: str = "/", host_header: str | None = None) -> bytes:
@@ -110,6 +122,9 @@ def test_every_request_is_one_valid_event_and_nothing_else(upstreams: Any, tmp_p
         p.wait_event("egress.decision", count=expected)
         p.wait_event("tunnel.closed")
         time.sleep(0.3)  # bounded: let the last tunnel.closed land before stopping
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with opener.open(f"{p.admin_url}/metrics", timeout=10) as resp:
+            metrics_text = resp.read().decode()
     assert p.exit_code == 0
     with p._cond:
         raw = list(p.raw_lines)
@@ -124,6 +139,15 @@ def test_every_request_is_one_valid_event_and_nothing_else(upstreams: Any, tmp_p
     assert forged == []
     sni = [e for e in decisions if e["reason"] == "sni_mismatch"]
     assert len(sni) == 2 and {e["destination"]["host"] for e in sni} == {"public.test"}
+    # /metrics after that traffic: every label value a bounded keyword, none a host, address or id
+    values = _label_values(metrics_text)
+    assert values and all(LABEL_VALUE.fullmatch(v) for v in values), values
+    for e in decisions:
+        for v in (e["destination"]["host"], e["client"]["address"], e["flow_id"], e["destination"]["ip"]):
+            assert v is None or v not in values
+    assert (
+        'portcullis_requests_total{decision="deny",enforced="true",reason="sni_mismatch"} 2.0' in metrics_text
+    )
     # the file sink holds the same stream
     file_events = audit_events((tmp_path / "events.jsonl").read_text(), expected_decisions=expected)
     assert [e["event"] for e in file_events] == [e["event"] for e in events]

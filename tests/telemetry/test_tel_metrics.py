@@ -12,7 +12,7 @@ BOUNDED = {
     "reason": {r.value for r in Reason} | {"other"},
     "enforced": {"true", "false"},
     "sink": {"stdout", "file", "render", "metrics", "otlp"},
-    "outcome": {"approved", "denied", "timeout", "error", "expired", "client_closed"},
+    "outcome": {r.value for r in Reason} | {"approved", "denied", "timeout", "error", "expired"},
     "result": {"success", "failure", "retry", "failed", "gone", "error"},
 }
 HOSTILE_HOSTS = [
