@@ -154,9 +154,9 @@ class Portcullis:
         if r.headers.get("upgrade", "").lower() == "websocket":
             scheme = "wss" if scheme == "https" else "ws"
         req = _with(req, path=path, scheme=scheme)
+        proxy_authz = r.headers.pop("proxy-authorization", None)  # never forwarded upstream
         if tunnel is None:
-            res, user = self.auth.check(r.headers.get("proxy-authorization"), req.client_address)
-            r.headers.pop("proxy-authorization", None)  # never forwarded upstream
+            res, user = self.auth.check(proxy_authz, req.client_address)
             if res is AuthResult.BAD:
                 return req, refusal(req, Reason.PROXY_AUTH, status=407)
             req = _with(req, client_user=user)

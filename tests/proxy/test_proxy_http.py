@@ -239,3 +239,37 @@ def test_audit_mode_lets_denied_traffic_through_and_marks_it(upstreams, tmp_path
         assert_denied(
             p.raw(get("public.test", upstreams.http_port, host_header="blocked.test")), "host_mismatch"
         )
+
+
+def test_a_20mb_upload_streams_through_an_allowed_host(proxy, upstreams):
+    size = 20 * 1024 * 1024
+    with proxy.connect(timeout=30) as s:
+        port = upstreams.http_port
+        s.sendall(
+            f"POST http://public.test:{port}/upload HTTP/1.1\r\nHost: public.test:{port}\r\n"
+            f"Content-Length: {size}\r\n\r\n".encode()
+        )
+        chunk = b"x" * (1024 * 1024)
+        for _ in range(20):
+            s.sendall(chunk)
+        r = read_reply(s)
+    assert r.status == 200 and r.json()["body_len"] == size
+
+
+def test_a_denied_upload_is_refused_on_its_headers(proxy, upstreams):
+    port = upstreams.http_port
+    with proxy.connect() as s:
+        s.sendall(
+            f"POST http://blocked.test:{port}/up HTTP/1.1\r\nHost: blocked.test:{port}\r\n"
+            f"Content-Length: 10\r\n\r\n0123456789".encode()
+        )
+        assert_denied(read_reply(s), "rule", "no-blocked")
+
+
+def test_fail_closed_when_events_cannot_be_written(upstreams, tmp_path):
+    cfg = base_config(upstreams, tmp_path)
+    cfg["telemetry"] = {"log": {"format": "json", "file": "/dev/full", "on_write_error": "closed"}}
+    with PortcullisProc(tmp_path, upstreams, rules=RULES[:2], config=cfg) as p:
+        r = p.raw(get("public.test", upstreams.http_port, "/closed"))
+        assert_denied(r, "internal_error")
+        assert not upstreams.seen(lambda q: q["path"] == "/closed")
