@@ -59,10 +59,18 @@ def queries(n: int, rng: random.Random) -> list[Query]:
         i = rng.randrange(n)
         dom = f"svc{i}.example{i % 50}.com"
         shape = rng.randrange(6)
-        host = {0: dom, 1: f"api.{dom}", 2: f"a.b.{dom}", 3: f"miss{i}.nothing{i % 7}.org",
-                4: f"{10 + (i >> 16) % 200}.{(i >> 8) % 256}.{i % 256}.7", 5: f"x.{dom}.evil.net"}[shape]
+        host = {
+            0: dom,
+            1: f"api.{dom}",
+            2: f"a.b.{dom}",
+            3: f"miss{i}.nothing{i % 7}.org",
+            4: f"{10 + (i >> 16) % 200}.{(i >> 8) % 256}.{i % 256}.7",
+            5: f"x.{dom}.evil.net",
+        }[shape]
         if rng.random() < 0.5:
-            out.append(Query(host=host, port=443, method="GET", path="/v1/items", addresses=("93.184.216.34",)))
+            out.append(
+                Query(host=host, port=443, method="GET", path="/v1/items", addresses=("93.184.216.34",))
+            )
         else:
             out.append(Query(host=host, port=443, addresses=("93.184.216.34",)))
     return out
@@ -86,8 +94,11 @@ def main() -> int:
     ap.add_argument("--sizes", help="comma-separated rule counts (default 10,1000,100000)")
     ap.add_argument("--json-only", action="store_true")
     args = ap.parse_args()
-    sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else (
-        [10, 1000, 10000] if args.quick else [10, 1000, 100000])
+    sizes = (
+        [int(s) for s in args.sizes.split(",")]
+        if args.sizes
+        else ([10, 1000, 10000] if args.quick else [10, 1000, 100000])
+    )
     rounds = 5 if args.quick else 15
     rng = random.Random(1234)
     results = []
@@ -103,16 +114,34 @@ def main() -> int:
             for q in qs[:50]:
                 policy.decide(q)  # warm the normalisation caches like a running proxy
             per = time_decisions(policy.decide, qs, rounds)
-            results.append({"rules": n, "decision_us": round(per * 1e6, 2), "load_s": round(load_s, 3),
-                            "file_bytes": (cfg.parent / "rules" / "gen.yaml").stat().st_size})
+            results.append(
+                {
+                    "rules": n,
+                    "decision_us": round(per * 1e6, 2),
+                    "load_s": round(load_s, 3),
+                    "file_bytes": (cfg.parent / "rules" / "gen.yaml").stat().st_size,
+                }
+            )
     ratio = results[-1]["decision_us"] / results[0]["decision_us"]
     if not args.json_only:
         print(f"{'rules':>8} {'decision µs':>12} {'load s':>8} {'file MB':>8}")
         for r in results:
-            print(f"{r['rules']:>8} {r['decision_us']:>12.2f} {r['load_s']:>8.2f} {r['file_bytes'] / 1e6:>8.2f}")
+            print(
+                f"{r['rules']:>8} {r['decision_us']:>12.2f} {r['load_s']:>8.2f} {r['file_bytes'] / 1e6:>8.2f}"
+            )
         print(f"decision time ratio {results[-1]['rules']}/{results[0]['rules']}: {ratio:.2f} (target <= 2)")
-    print(json.dumps({"bench": "policy", "results": results, "ratio": round(ratio, 3),
-                      "sizes": sizes, "queries": 400, "rounds": rounds}))
+    print(
+        json.dumps(
+            {
+                "bench": "policy",
+                "results": results,
+                "ratio": round(ratio, 3),
+                "sizes": sizes,
+                "queries": 400,
+                "rounds": rounds,
+            }
+        )
+    )
     return 0
 
 

@@ -15,6 +15,7 @@ from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
 from addons.policy.config import Config, RuleModel
 from addons.policy.evaluate import ClientGroup, Policy, Rule, Settings, compile_paths
+from addons.policy.fastyaml import parse_rule_file
 from addons.policy.hosts import HostError, HostPattern, IPNetwork, normalize_host, parse_ip, parse_pattern
 from addons.policy.model import Action, RuleRef
 
@@ -72,8 +73,11 @@ def _yaml() -> YAML:
     return y
 
 
-def read_yaml(path: Path, shown: str, errors: ErrorList) -> tuple[bool, Any]:
-    """(ok, data). A missing/unreadable file or a YAML syntax error is recorded and ok is False."""
+def read_yaml(path: Path, shown: str, errors: ErrorList, *, rule_file: bool = False) -> tuple[bool, Any]:
+    """(ok, data). A missing/unreadable file or a YAML syntax error is recorded and ok is False.
+
+    Rule files first go through the strict fast reader (same tree as ruamel.yaml, or it declines).
+    """
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -82,6 +86,10 @@ def read_yaml(path: Path, shown: str, errors: ErrorList) -> tuple[bool, Any]:
     except (OSError, UnicodeDecodeError) as e:
         errors.add_plain(shown, f"cannot read: {getattr(e, 'strerror', None) or e}")
         return False, None
+    if rule_file:
+        tree = parse_rule_file(text)
+        if tree is not None:
+            return True, tree
     try:
         return True, _yaml().load(text)
     except MarkedYAMLError as e:
@@ -344,7 +352,7 @@ def _load_rules(paths: list[tuple[Path, str]], base_dir: Path, settings: Setting
                 explicit: frozenset[Path] = frozenset()) -> _RuleLoad:
     out = _RuleLoad()
     for path, shown in paths:
-        ok, data = read_yaml(path, shown, errors)
+        ok, data = read_yaml(path, shown, errors, rule_file=True)
         if not ok or data is None:
             out.files.append(path)  # still watched: fixing it triggers a reload
             continue

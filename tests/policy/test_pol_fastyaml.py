@@ -1,0 +1,147 @@
+"""The fast rule-file reader must build exactly ruamel.yaml's tree (values, types, positions) or decline."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pol_helpers import REPO
+from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedMap, CommentedSeq
+
+from addons.policy.fastyaml import parse_rule_file
+
+
+def ruamel(text: str) -> Any:
+    y = YAML(typ="rt")
+    y.allow_duplicate_keys = False
+    return y.load(text)
+
+
+def same(a: Any, b: Any, path: str = "") -> None:
+    """Equal values, equal Python types, equal line/column data at every node."""
+    assert type(a) is type(b), (path, type(a), type(b))
+    if isinstance(a, CommentedMap):
+        assert list(a) == list(b), path
+        assert (a.lc.line, a.lc.col) == (b.lc.line, b.lc.col), path
+        for k in a:
+            assert list(a.lc.data[k]) == list(b.lc.data[k]), (path, k)
+            same(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, CommentedSeq):
+        assert len(a) == len(b), path
+        assert (a.lc.line, a.lc.col) == (b.lc.line, b.lc.col), path
+        for i in range(len(a)):
+            assert list(a.lc.data[i]) == list(b.lc.data[i]), (path, i)
+            same(a[i], b[i], f"{path}[{i}]")
+    else:
+        assert a == b, path
+
+
+def check(text: str) -> bool:
+    """True when the fast reader accepted the text (and then matched ruamel exactly)."""
+    fast = parse_rule_file(text)
+    if fast is None:
+        return False
+    same(fast, ruamel(text))
+    return True
+
+
+FILES = sorted([*(REPO / "rules").glob("*.yaml"), *(REPO / "tests" / "data" / "rules").rglob("*.yaml")])
+
+
+@pytest.mark.parametrize("path", FILES, ids=[p.name for p in FILES])
+def test_repository_files(path: Any) -> None:
+    check(path.read_text())
+
+
+ACCEPTED = [
+    "rules:\n  - name: a\n    action: allow\n    hosts: [a.test]\n",
+    "# c\n\nrules:\n  - name: a  # c\n    action: allow # c\n    hosts: [a.test, 'b', \"c\"]  # c\n",
+    "rules:\n- name: a\n  action: deny\n  hosts: [\"*.x.test\", '**.y.test', 10.0.0.0/8, 1.2.3.4]\n",
+    "rules:\n    - name: a\n      ports: [443, 8443]\n      raw_tcp: true\n      description: words, with:colon  and [brackets]\n",
+    "rules:\n  - name: no\n    action: on\n    hosts: []\n    raw_tcp: false\n",
+    "rules:   \n  - name: Bücher\n    hosts: [bücher.de, 例え.テスト]\n\n\n# trailing\n",
+    "rules:\n  - name: a\n    paths: [\"/repos/*\", '/x y']\n    methods: [POST,PUT]\n",
+    "rules:\n  - name: a#b\n    description: it's 100% ok, [really] {yes} & *fine*\n",
+]
+DECLINED = [
+    "rules:\n  - name: a\n    name: b\n",                 # duplicate key: ruamel reports it
+    "rules:\n  - name: &x a\n",                            # anchors
+    "rules:\n  - name: *x\n",                              # aliases
+    "rules:\n  - name: !!str a\n",                         # tags
+    "rules:\n  - name: \"a\\tb\"\n",                       # escapes
+    "rules:\n  - name: a\n    hosts:\n      - x\n",        # block lists
+    "rules:\n  - name: a\n    hosts: [x,\n      y]\n",      # multi-line flow
+    "rules:\n  - name: 0o17\n", "rules:\n  - name: 1.5\n", "rules:\n  - name: null\n", "rules:\n  - name: ~\n",
+    "rules:\n  - name: True\n", "rules:\n  - ports: [0x1bb]\n", "rules:\n  - ports: [0443]\n",
+    "rules:\n  - name: a\n\tfoo: b\n", "rules:\n  - name: a\r\n", "\ufeffrules:\n  - name: a\n",
+    "rules:\n  - name: a\u2028b\n", "rules:\n  - name: a\x85b\n", "rules:\n  - name: a\x01\n",
+    "rules: []\n", "rules:\n", "", "other: 1\nrules:\n  - name: a\n", "rules:\n  - name: a\nother: 1\n",
+    "rules:\n  - name: a\n   action: b\n", "rules:\n  - name: a\n     action: b\n", "rules:\n  -  name: a\n",
+    "rules:\n  - name: a\n  - name: b\n - name: c\n", "rules:\n  - name: a:b: c\n", "rules:\n  - name: 'it''s'\n",
+    "rules:\n  - name: a\n    hosts: [a b]\n", "rules:\n  - name: a\n    hosts: [a]x\n", "rules:\n  - name: a\n    hosts: [a,]\n",
+    "rules:\n  - name: a\n    hosts: [a]#c\n", "rules:\n  - name: -a\n", "rules:\n  - name: [\n",
+    "rules:\n  - name: a\n...\n", "---\nrules:\n  - name: a\n", "rules:\n  - name:\n", "rules:\n  - name:  a\n",
+    "rules:\n  - name: |\n      x\n", "rules:\n  - name: >\n      x\n", "rules:\n  - {name: a}\n",
+    "rules:\n  - name: a\n    x: {a: b}\n", "rules:\n  - name: a\n    hosts: [[a]]\n", "rules:\n  - name: a\n  b\n",
+]
+
+
+@pytest.mark.parametrize("text", ACCEPTED)
+def test_accepted_shapes_match_ruamel(text: str) -> None:
+    assert check(text)
+
+
+@pytest.mark.parametrize("text", DECLINED)
+def test_everything_else_is_declined(text: str) -> None:
+    assert parse_rule_file(text) is None
+
+
+SCALARS = st.one_of(
+    st.sampled_from(["a.test", "*.b.test", "**.c.test", "10.0.0.0/8", "1.2.3.4", "fd00::/8", "no", "yes", "on",
+                     "true", "false", "null", "~", "443", "0", "017", "1.5", "1e3", "0x1f", ".inf", "-1", "+1",
+                     "Bücher.de", "a b", "a: b", "a #b", "a#b", "x,y", "[x]", "&a", "*a", "!a", "|", ">", "'",
+                     '"', "''", "a'b", "/repos/*", "POST", "", " ", "a:", ":a", "%a", "@a", "`a", "a\\b", "é"]),
+    st.text(alphabet="ab.*:#, '\"[]-_0123456789/\\é", max_size=6),
+)
+
+
+def _render(value: str, style: str) -> str:
+    return {"plain": value, "single": f"'{value}'", "double": f'"{value}"'}[style]
+
+
+styles = st.sampled_from(["plain", "single", "double"])
+entry = st.tuples(st.sampled_from(["name", "action", "hosts", "ports", "methods", "raw_tcp", "description",
+                                   "name"]),
+                  st.one_of(st.tuples(SCALARS, styles),
+                            st.lists(st.tuples(SCALARS, styles), max_size=3)),
+                  st.sampled_from(["", " # c", "  #c", "#c", "  "]))
+
+
+def _rule_text(rules: list[list[tuple[str, Any, str]]], indent: int) -> str:
+    out = ["rules:"]
+    pad = " " * indent
+    for rule in rules:
+        for j, (key, value, tail) in enumerate(rule):
+            if isinstance(value, tuple):
+                text = _render(*value)
+            else:
+                text = "[" + ", ".join(_render(*v) for v in value) + "]"
+            out.append(f"{pad}{'- ' if j == 0 else '  '}{key}: {text}{tail}")
+    return "\n".join(out) + "\n"
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.lists(entry, min_size=1, max_size=4), min_size=1, max_size=3), st.sampled_from([0, 2, 4]))
+def test_fast_reader_agrees_with_ruamel(rules: list[list[tuple[str, Any, str]]], indent: int) -> None:
+    text = _rule_text(rules, indent)
+    fast = parse_rule_file(text)
+    if fast is None:
+        return
+    try:
+        slow = ruamel(text)
+    except Exception as e:  # the fast reader accepted something ruamel rejects
+        raise AssertionError(f"accepted invalid YAML: {text!r}: {e}") from None
+    same(fast, slow)
