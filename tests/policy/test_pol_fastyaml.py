@@ -67,25 +67,53 @@ ACCEPTED = [
     "rules:\n  - name: a#b\n    description: it's 100% ok, [really] {yes} & *fine*\n",
 ]
 DECLINED = [
-    "rules:\n  - name: a\n    name: b\n",                 # duplicate key: ruamel reports it
-    "rules:\n  - name: &x a\n",                            # anchors
-    "rules:\n  - name: *x\n",                              # aliases
-    "rules:\n  - name: !!str a\n",                         # tags
-    "rules:\n  - name: \"a\\tb\"\n",                       # escapes
-    "rules:\n  - name: a\n    hosts:\n      - x\n",        # block lists
-    "rules:\n  - name: a\n    hosts: [x,\n      y]\n",      # multi-line flow
-    "rules:\n  - name: 0o17\n", "rules:\n  - name: 1.5\n", "rules:\n  - name: null\n", "rules:\n  - name: ~\n",
-    "rules:\n  - name: True\n", "rules:\n  - ports: [0x1bb]\n", "rules:\n  - ports: [0443]\n",
-    "rules:\n  - name: a\n\tfoo: b\n", "rules:\n  - name: a\r\n", "\ufeffrules:\n  - name: a\n",
-    "rules:\n  - name: a\u2028b\n", "rules:\n  - name: a\x85b\n", "rules:\n  - name: a\x01\n",
-    "rules: []\n", "rules:\n", "", "other: 1\nrules:\n  - name: a\n", "rules:\n  - name: a\nother: 1\n",
-    "rules:\n  - name: a\n   action: b\n", "rules:\n  - name: a\n     action: b\n", "rules:\n  -  name: a\n",
-    "rules:\n  - name: a\n  - name: b\n - name: c\n", "rules:\n  - name: a:b: c\n", "rules:\n  - name: 'it''s'\n",
-    "rules:\n  - name: a\n    hosts: [a b]\n", "rules:\n  - name: a\n    hosts: [a]x\n", "rules:\n  - name: a\n    hosts: [a,]\n",
-    "rules:\n  - name: a\n    hosts: [a]#c\n", "rules:\n  - name: -a\n", "rules:\n  - name: [\n",
-    "rules:\n  - name: a\n...\n", "---\nrules:\n  - name: a\n", "rules:\n  - name:\n", "rules:\n  - name:  a\n",
-    "rules:\n  - name: |\n      x\n", "rules:\n  - name: >\n      x\n", "rules:\n  - {name: a}\n",
-    "rules:\n  - name: a\n    x: {a: b}\n", "rules:\n  - name: a\n    hosts: [[a]]\n", "rules:\n  - name: a\n  b\n",
+    "rules:\n  - name: a\n    name: b\n",  # duplicate key: ruamel reports it
+    "rules:\n  - name: &x a\n",  # anchors
+    "rules:\n  - name: *x\n",  # aliases
+    "rules:\n  - name: !!str a\n",  # tags
+    'rules:\n  - name: "a\\tb"\n',  # escapes
+    "rules:\n  - name: a\n    hosts:\n      - x\n",  # block lists
+    "rules:\n  - name: a\n    hosts: [x,\n      y]\n",  # multi-line flow
+    "rules:\n  - name: 0o17\n",
+    "rules:\n  - name: 1.5\n",
+    "rules:\n  - name: null\n",
+    "rules:\n  - name: ~\n",
+    "rules:\n  - name: True\n",
+    "rules:\n  - ports: [0x1bb]\n",
+    "rules:\n  - ports: [0443]\n",
+    "rules:\n  - name: a\n\tfoo: b\n",
+    "rules:\n  - name: a\r\n",
+    "\ufeffrules:\n  - name: a\n",
+    "rules:\n  - name: a\u2028b\n",
+    "rules:\n  - name: a\x85b\n",
+    "rules:\n  - name: a\x01\n",
+    "rules: []\n",
+    "rules:\n",
+    "",
+    "other: 1\nrules:\n  - name: a\n",
+    "rules:\n  - name: a\nother: 1\n",
+    "rules:\n  - name: a\n   action: b\n",
+    "rules:\n  - name: a\n     action: b\n",
+    "rules:\n  -  name: a\n",
+    "rules:\n  - name: a\n  - name: b\n - name: c\n",
+    "rules:\n  - name: a:b: c\n",
+    "rules:\n  - name: 'it''s'\n",
+    "rules:\n  - name: a\n    hosts: [a b]\n",
+    "rules:\n  - name: a\n    hosts: [a]x\n",
+    "rules:\n  - name: a\n    hosts: [a,]\n",
+    "rules:\n  - name: a\n    hosts: [a]#c\n",
+    "rules:\n  - name: -a\n",
+    "rules:\n  - name: [\n",
+    "rules:\n  - name: a\n...\n",
+    "---\nrules:\n  - name: a\n",
+    "rules:\n  - name:\n",
+    "rules:\n  - name:  a\n",
+    "rules:\n  - name: |\n      x\n",
+    "rules:\n  - name: >\n      x\n",
+    "rules:\n  - {name: a}\n",
+    "rules:\n  - name: a\n    x: {a: b}\n",
+    "rules:\n  - name: a\n    hosts: [[a]]\n",
+    "rules:\n  - name: a\n  b\n",
 ]
 
 
@@ -100,10 +128,59 @@ def test_everything_else_is_declined(text: str) -> None:
 
 
 SCALARS = st.one_of(
-    st.sampled_from(["a.test", "*.b.test", "**.c.test", "10.0.0.0/8", "1.2.3.4", "fd00::/8", "no", "yes", "on",
-                     "true", "false", "null", "~", "443", "0", "017", "1.5", "1e3", "0x1f", ".inf", "-1", "+1",
-                     "Bücher.de", "a b", "a: b", "a #b", "a#b", "x,y", "[x]", "&a", "*a", "!a", "|", ">", "'",
-                     '"', "''", "a'b", "/repos/*", "POST", "", " ", "a:", ":a", "%a", "@a", "`a", "a\\b", "é"]),
+    st.sampled_from(
+        [
+            "a.test",
+            "*.b.test",
+            "**.c.test",
+            "10.0.0.0/8",
+            "1.2.3.4",
+            "fd00::/8",
+            "no",
+            "yes",
+            "on",
+            "true",
+            "false",
+            "null",
+            "~",
+            "443",
+            "0",
+            "017",
+            "1.5",
+            "1e3",
+            "0x1f",
+            ".inf",
+            "-1",
+            "+1",
+            "Bücher.de",
+            "a b",
+            "a: b",
+            "a #b",
+            "a#b",
+            "x,y",
+            "[x]",
+            "&a",
+            "*a",
+            "!a",
+            "|",
+            ">",
+            "'",
+            '"',
+            "''",
+            "a'b",
+            "/repos/*",
+            "POST",
+            "",
+            " ",
+            "a:",
+            ":a",
+            "%a",
+            "@a",
+            "`a",
+            "a\\b",
+            "é",
+        ]
+    ),
     st.text(alphabet="ab.*:#, '\"[]-_0123456789/\\é", max_size=6),
 )
 
@@ -113,11 +190,11 @@ def _render(value: str, style: str) -> str:
 
 
 styles = st.sampled_from(["plain", "single", "double"])
-entry = st.tuples(st.sampled_from(["name", "action", "hosts", "ports", "methods", "raw_tcp", "description",
-                                   "name"]),
-                  st.one_of(st.tuples(SCALARS, styles),
-                            st.lists(st.tuples(SCALARS, styles), max_size=3)),
-                  st.sampled_from(["", " # c", "  #c", "#c", "  "]))
+entry = st.tuples(
+    st.sampled_from(["name", "action", "hosts", "ports", "methods", "raw_tcp", "description", "name"]),
+    st.one_of(st.tuples(SCALARS, styles), st.lists(st.tuples(SCALARS, styles), max_size=3)),
+    st.sampled_from(["", " # c", "  #c", "#c", "  "]),
+)
 
 
 def _rule_text(rules: list[list[tuple[str, Any, str]]], indent: int) -> str:
