@@ -60,7 +60,7 @@ ACCEPTED = [
     "rules:\n  - name: a\n    action: allow\n    hosts: [a.test]\n",
     "# c\n\nrules:\n  - name: a  # c\n    action: allow # c\n    hosts: [a.test, 'b', \"c\"]  # c\n",
     "rules:\n- name: a\n  action: deny\n  hosts: [\"*.x.test\", '**.y.test', 10.0.0.0/8, 1.2.3.4]\n",
-    "rules:\n    - name: a\n      ports: [443, 8443]\n      raw_tcp: true\n      description: words, with:colon  and [brackets]\n",
+    "rules:\n    - name: a\n      ports: [443, 8443]\n      raw_tcp: true\n      description: w, x:y [z]\n",
     "rules:\n  - name: no\n    action: on\n    hosts: []\n    raw_tcp: false\n",
     "rules:   \n  - name: Bücher\n    hosts: [bücher.de, 例え.テスト]\n\n\n# trailing\n",
     "rules:\n  - name: a\n    paths: [\"/repos/*\", '/x y']\n    methods: [POST,PUT]\n",
