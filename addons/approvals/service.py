@@ -16,7 +16,7 @@ from typing import Any
 
 from addons.approvals import persist
 from addons.approvals.errors import ApprovalError
-from addons.approvals.store import EXPIRED, PENDING, Approval, SqliteStore, store_path
+from addons.approvals.store import ALLOWED, EXPIRED, PENDING, Approval, Store, open_store
 from addons.approvals.webhook import Endpoint, WebhookSender, parse_secret
 from addons.policy.config import ApprovalsConfig
 from addons.policy.model import Reason
@@ -83,6 +83,7 @@ class _Live:
     future: asyncio.Future[_Verdict]
     waiters: int = 0
     timer: asyncio.TimerHandle | None = field(default=None, repr=False)
+    synced: float = 0.0  # monotonic time of the last look at the store
 
 
 class ApprovalService:
@@ -103,7 +104,7 @@ class ApprovalService:
         self._resend_due = False
         self.sweep_interval = sweep_interval
         self._webhook_backoff = webhook_backoff
-        self._store: SqliteStore | None = None
+        self._store: Store | None = None
         self._sender: WebhookSender | None = None
         self._live: dict[Key, _Live] = {}
         self._decide_lock = asyncio.Lock()
@@ -126,7 +127,7 @@ class ApprovalService:
         return None if p is None else self.base_dir / p
 
     @property
-    def store(self) -> SqliteStore:
+    def store(self) -> Store:
         if self._store is None:
             raise ApprovalError("ApprovalService.start() has not been called")
         return self._store
@@ -144,7 +145,7 @@ class ApprovalService:
                 endpoints.append(Endpoint(wh.url, parse_secret(value)))
             except ApprovalError as e:
                 raise ApprovalError(f"webhook secret in {wh.secret_env}: {e}") from e
-        self._store = SqliteStore(store_path(self.config.store, self.base_dir))
+        self._store = open_store(self.config.store, self.base_dir)
         self._sender = WebhookSender(endpoints, self.telemetry, clock=self.clock,
                                      backoff_base=self._webhook_backoff)
         await self._sender.start()
@@ -204,6 +205,9 @@ class ApprovalService:
         if live is not None and live.approval.expires_at <= now:
             self._expire(live)
             live = None
+        if live is None and (shared := self.store.pending_for(req.client_key, req.host, req.port, now)):
+            live = self._track(shared, asyncio.get_running_loop())  # opened by another replica
+            self._gauge()
         if live is None:  # no await between the lookup and _open: concurrent requests coalesce
             if self._open_for(req.client_key) >= self.max_pending_per_client:
                 # An agent spraying new destinations must not flood the approvers' webhook channel.
@@ -237,6 +241,7 @@ class ApprovalService:
                 except TimeoutError:
                     if not client_alive():
                         break
+                    self._sync(live)
         finally:
             live.waiters -= 1
         waited = time.monotonic() - start
@@ -311,10 +316,30 @@ class ApprovalService:
             live.timer.cancel()
         if self._store is None:
             return
+        timeout = _Verdict(False, Reason.APPROVAL_TIMEOUT, None, None)
         if self.store.expire(a.id, self.clock()):
-            self._decided(a, _Verdict(False, Reason.APPROVAL_TIMEOUT, None, None), "deny", None)
+            self._decided(a, timeout, "deny", None)
+            verdict = timeout
+        else:  # decided elsewhere (another replica sharing the store) just before expiry
+            verdict = _stored_verdict(self.store.get(a.id)) or timeout
         if not live.future.done():
-            live.future.set_result(_Verdict(False, Reason.APPROVAL_TIMEOUT, None, None))
+            live.future.set_result(verdict)
+        self._gauge()
+
+    def _sync(self, live: _Live) -> None:
+        """Pick up a decision taken by another process sharing the store (at most once per poll)."""
+        now = time.monotonic()
+        if live.future.done() or now - live.synced < self.poll_interval:
+            return
+        live.synced = now
+        verdict = _stored_verdict(self.store.get(live.approval.id))
+        if verdict is None:
+            return
+        if self._live.get(live.approval.key) is live:
+            del self._live[live.approval.key]
+        if live.timer:
+            live.timer.cancel()
+        live.future.set_result(verdict)
         self._gauge()
 
     def _sweep(self) -> None:
@@ -433,6 +458,16 @@ class ApprovalService:
     def listing(self, recent: int = 50) -> list[Approval]:
         """Pending (oldest first), then the most recent decided or expired ones."""
         return [*self.store.pending(), *self.store.recent(recent)]
+
+
+def _stored_verdict(a: Approval | None) -> _Verdict | None:
+    """The verdict a stored approval carries, or None while it is still pending."""
+    if a is None or a.state == PENDING:
+        return None
+    if a.state == EXPIRED:
+        return _Verdict(False, Reason.APPROVAL_TIMEOUT, None, None)
+    allowed = a.state == ALLOWED
+    return _Verdict(allowed, Reason.APPROVED if allowed else Reason.APPROVAL_DENIED, a.scope, a.decided_by)
 
 
 def rfc3339(ts: float) -> str:

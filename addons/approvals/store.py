@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlite3
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from addons.approvals.errors import ApprovalError
 
@@ -101,13 +101,42 @@ class Grant:
     single_use: bool
 
 
+class Store(Protocol):
+    """What the service needs from a store. Every state change is a compare-and-set."""
+
+    def close(self) -> None: ...
+    def insert(self, a: Approval) -> None: ...
+    def get(self, approval_id: str) -> Approval | None: ...
+    def pending(self) -> list[Approval]: ...
+    def pending_for(self, client_key: str, host: str, port: int, now: float) -> Approval | None: ...
+    def recent(self, limit: int = 100) -> list[Approval]: ...
+    def decide(self, approval_id: str, decision: str, scope: str, by: str | None, reason: str | None,
+               now: float) -> bool: ...
+    def mark_notified(self, approval_id: str) -> None: ...
+    def expire(self, approval_id: str, now: float) -> bool: ...
+    def due(self, now: float) -> list[Approval]: ...
+    def add_grant(self, client_key: str, host: str, port: int, decision: str, scope: str,
+                  approval_id: str | None, now: float, expires_at: float, single_use: bool) -> int: ...
+    def take_grant(self, client_key: str, host: str, port: int, now: float) -> Grant | None: ...
+    def grants(self, now: float) -> list[Grant]: ...
+    def sweep(self, now: float, keep_decided_s: float = 7 * 86400) -> int: ...
+
+
+def open_store(url: str, base_dir: Path) -> Store:
+    """`sqlite:///...` (the embedded default) or `redis://HOST:PORT/DB` (several replicas)."""
+    if url.startswith(("redis://", "rediss://")):
+        from addons.approvals.redis_store import RedisStore
+        return RedisStore(url)
+    return SqliteStore(store_path(url, base_dir))
+
+
 def store_path(url: str, base_dir: Path) -> Path:
     """`sqlite:///rel/path.db` (relative to base_dir) or `sqlite:////abs/path.db` -> a file path."""
     prefix = "sqlite:///"
     if not url.startswith(prefix) or len(url) == len(prefix):
         raise ApprovalError(
-            f"approvals.store {url!r} is not supported: use sqlite:///relative/path.db "
-            "or sqlite:////absolute/path.db (redis:// is not available in this build)"
+            f"approvals.store {url!r} is not supported: use sqlite:///relative/path.db, "
+            "sqlite:////absolute/path.db or redis://HOST:PORT/DB"
         )
     rest = url[len(prefix):]
     return Path(rest) if rest.startswith("/") else base_dir / rest

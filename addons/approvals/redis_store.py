@@ -1,0 +1,222 @@
+"""Redis store for approvals and grants (`approvals.store: redis://HOST:PORT/DB`), for several replicas."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Any
+
+import redis
+
+from addons.approvals.errors import ApprovalError
+from addons.approvals.store import PENDING, Approval, Grant
+
+PREFIX = "portcullis:"
+_SEP = "\x1f"  # cannot occur in a client key, a normalised host or a port
+
+# Compare-and-set pending -> a final state, atomically on the server.
+# KEYS: approval hash, pending zset, recent zset, pending-key index.
+# ARGV: id, state, decided_at, then field/value pairs.
+_TRANSITION = """
+if redis.call('HGET', KEYS[1], 'state') ~= 'pending' then return 0 end
+redis.call('HSET', KEYS[1], 'state', ARGV[2], 'decided_at', ARGV[3])
+for i = 4, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
+if redis.call('GET', KEYS[4]) == ARGV[1] then redis.call('DEL', KEYS[4]) end
+return 1
+"""
+_MARK = "if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'notified', '1') end return 0"
+
+_INT = {"port"}
+_FLOAT = {"created_at", "expires_at", "decided_at"}
+
+
+class RedisStore:
+    """Same contract as SqliteStore. Calls are synchronous (sub-millisecond on a near Redis)."""
+
+    def __init__(self, url: str) -> None:
+        try:
+            # Any: redis-py's return types are unions over RESP versions; with decode_responses
+            # every reply used here is str (or a list/dict of str).
+            self._r: Any = redis.Redis.from_url(url, decode_responses=True, socket_timeout=2.0,
+                                                socket_connect_timeout=2.0)
+            self._r.ping()
+        except (redis.RedisError, ValueError) as e:
+            raise ApprovalError(f"cannot use the approvals store {_safe(url)}: {e}") from e
+        self._transition = self._r.register_script(_TRANSITION)
+        self._mark = self._r.register_script(_MARK)
+
+    def close(self) -> None:
+        self._r.close()
+
+    # Approvals
+
+    def insert(self, a: Approval) -> None:
+        p = self._r.pipeline(transaction=True)
+        p.hset(_apr(a.id), mapping=_encode(a))
+        p.zadd(PREFIX + "pending", {a.id: a.expires_at})
+        p.set(_pkey(a.client_key, a.host, a.port), a.id)
+        p.execute()
+
+    def get(self, approval_id: str) -> Approval | None:
+        return _decode(self._r.hgetall(_apr(approval_id)))
+
+    def _many(self, ids: list[str]) -> list[Approval]:
+        p = self._r.pipeline(transaction=False)
+        for i in ids:
+            p.hgetall(_apr(i))
+        return [a for a in (_decode(h) for h in p.execute()) if a is not None]
+
+    def pending(self) -> list[Approval]:
+        found = self._many(list(self._r.zrange(PREFIX + "pending", 0, -1)))
+        return sorted((a for a in found if a.state == PENDING), key=lambda a: a.created_at)
+
+    def pending_for(self, client_key: str, host: str, port: int, now: float) -> Approval | None:
+        approval_id = self._r.get(_pkey(client_key, host, port))
+        a = self.get(approval_id) if approval_id else None
+        return a if a is not None and a.state == PENDING and a.expires_at > now else None
+
+    def recent(self, limit: int = 100) -> list[Approval]:
+        return self._many(list(self._r.zrevrange(PREFIX + "recent", 0, limit - 1)))
+
+    def decide(self, approval_id: str, decision: str, scope: str, by: str | None, reason: str | None,
+               now: float) -> bool:
+        state = "allowed" if decision == "allow" else "denied"
+        extra = ["decision", decision, "scope", scope]
+        for k, v in (("decided_by", by), ("reason", reason)):
+            if v is not None:
+                extra += [k, v]
+        return self._cas(approval_id, state, now, extra)
+
+    def expire(self, approval_id: str, now: float) -> bool:
+        return self._cas(approval_id, "expired", now, [])
+
+    def _cas(self, approval_id: str, state: str, now: float, extra: list[str]) -> bool:
+        a = self.get(approval_id)
+        if a is None:
+            return False
+        keys = [_apr(approval_id), PREFIX + "pending", PREFIX + "recent", _pkey(a.client_key, a.host, a.port)]
+        return bool(self._transition(keys=keys, args=[approval_id, state, repr(now), *extra]))
+
+    def mark_notified(self, approval_id: str) -> None:
+        self._mark(keys=[_apr(approval_id)])
+
+    def due(self, now: float) -> list[Approval]:
+        ids = list(self._r.zrangebyscore(PREFIX + "pending", "-inf", now))
+        return [a for a in self._many(ids) if a.state == PENDING]
+
+    # Grants
+
+    def add_grant(self, client_key: str, host: str, port: int, decision: str, scope: str,
+                  approval_id: str | None, now: float, expires_at: float, single_use: bool) -> int:
+        gid = int(self._r.incr(PREFIX + "gseq"))
+        g = {"client_key": client_key, "host": host, "port": port, "decision": decision, "scope": scope,
+             "approval_id": approval_id or "", "created_at": repr(now), "expires_at": repr(expires_at),
+             "single_use": int(single_use)}
+        p = self._r.pipeline(transaction=True)
+        p.hset(_grant_key(gid), mapping=g)
+        p.zadd(_grants_for(client_key, host, port), {str(gid): expires_at})
+        p.zadd(PREFIX + "grants", {str(gid): expires_at})
+        p.execute()
+        return gid
+
+    def _grants(self, gids: list[str]) -> list[Grant]:
+        p = self._r.pipeline(transaction=False)
+        for gid in gids:
+            p.hgetall(_grant_key(int(gid)))
+        return [_grant(int(gid), h) for gid, h in zip(gids, p.execute(), strict=True) if h]
+
+    def take_grant(self, client_key: str, host: str, port: int, now: float) -> Grant | None:
+        gids = list(self._r.zrangebyscore(_grants_for(client_key, host, port), f"({now!r}", "+inf"))
+        live = sorted(self._grants(gids), key=lambda g: (g.decision != "deny", g.single_use, -g.created_at))
+        for g in live:
+            if not g.single_use:
+                return g
+            # DEL answers 1 to exactly one caller: a `once` grant is used by one request, across replicas.
+            if self._r.delete(_grant_key(g.id)) == 1:
+                self._drop_grant(g)
+                return g
+        return None
+
+    def _drop_grant(self, g: Grant) -> None:
+        p = self._r.pipeline(transaction=False)
+        p.delete(_grant_key(g.id))
+        p.zrem(_grants_for(g.client_key, g.host, g.port), str(g.id))
+        p.zrem(PREFIX + "grants", str(g.id))
+        p.execute()
+
+    def grants(self, now: float) -> list[Grant]:
+        gids = list(self._r.zrangebyscore(PREFIX + "grants", f"({now!r}", "+inf"))
+        return sorted(self._grants(gids), key=lambda g: g.created_at)
+
+    def sweep(self, now: float, keep_decided_s: float = 7 * 86400) -> int:
+        old = self._grants(list(self._r.zrangebyscore(PREFIX + "grants", "-inf", now)))
+        for g in old:
+            self._drop_grant(g)
+        stale = list(self._r.zrangebyscore(PREFIX + "recent", "-inf", now - keep_decided_s))
+        if stale:
+            p = self._r.pipeline(transaction=False)
+            for i in stale:
+                p.delete(_apr(i))
+                p.zrem(PREFIX + "recent", i)
+            p.execute()
+        return len(old)
+
+
+def _apr(approval_id: str) -> str:
+    return f"{PREFIX}apr:{approval_id}"
+
+
+def _pkey(client_key: str, host: str, port: int) -> str:
+    return f"{PREFIX}pkey:{client_key}{_SEP}{host}{_SEP}{port}"
+
+
+def _grants_for(client_key: str, host: str, port: int) -> str:
+    return f"{PREFIX}grants:{client_key}{_SEP}{host}{_SEP}{port}"
+
+
+def _grant_key(gid: int) -> str:
+    return f"{PREFIX}grant:{gid}"
+
+
+def _encode(a: Approval) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for f in fields(Approval):
+        v = getattr(a, f.name)
+        if v is None:
+            continue
+        out[f.name] = int(v) if isinstance(v, bool) else repr(v) if isinstance(v, float) else v
+    return out
+
+
+def _decode(h: dict[str, str]) -> Approval | None:
+    if not h or "id" not in h:
+        return None
+    kw: dict[str, Any] = {}
+    for f in fields(Approval):
+        v = h.get(f.name)
+        if v is None:
+            kw[f.name] = False if f.name == "notified" else None
+        elif f.name in _INT:
+            kw[f.name] = int(v)
+        elif f.name in _FLOAT:
+            kw[f.name] = float(v)
+        elif f.name == "notified":
+            kw[f.name] = v == "1"
+        else:
+            kw[f.name] = v
+    return Approval(**kw)
+
+
+def _grant(gid: int, h: dict[str, str]) -> Grant:
+    return Grant(gid, h["client_key"], h["host"], int(h["port"]), h["decision"], h["scope"],
+                 h.get("approval_id") or None, float(h["created_at"]), float(h["expires_at"]),
+                 h.get("single_use") == "1")
+
+
+def _safe(url: str) -> str:
+    """The URL without a password."""
+    if "@" in url:
+        scheme, _, rest = url.partition("://")
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url
