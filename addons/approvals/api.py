@@ -10,7 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from addons.approvals import page
 from addons.approvals.auth import NO_TOKEN, token_ok
-from addons.approvals.service import ApprovalService, DecideError, rfc3339
+from addons.approvals.model import DecideError, rfc3339
+from addons.approvals.service import ApprovalService
 from addons.approvals.store import Approval
 
 

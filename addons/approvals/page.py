@@ -12,7 +12,8 @@ from html import escape
 from aiohttp import web
 
 from addons.approvals.auth import NO_TOKEN, token_ok
-from addons.approvals.service import ApprovalService, DecideError, rfc3339
+from addons.approvals.model import DecideError, rfc3339
+from addons.approvals.service import ApprovalService
 from addons.approvals.store import PENDING, Approval
 
 SESSION_COOKIE = "portcullis_session"

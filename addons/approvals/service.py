@@ -10,18 +10,27 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from addons.approvals import persist
 from addons.approvals.errors import ApprovalError
-from addons.approvals.store import ALLOWED, EXPIRED, PENDING, Approval, Store, open_store
+from addons.approvals.model import (  # re-exported: the proxy imports these from here
+    ApprovalOutcome,
+    ApprovalRequest,
+    DecideError,
+    Verdict,
+    event_fields,
+    rfc3339,
+    stored_verdict,
+)
+from addons.approvals.store import EXPIRED, PENDING, Approval, Store, open_store
 from addons.approvals.webhook import Endpoint, WebhookSender, parse_secret
 from addons.policy.config import ApprovalsConfig
 from addons.policy.model import Reason
 from addons.telemetry.events import Telemetry
 
+__all__ = ["ApprovalOutcome", "ApprovalRequest", "ApprovalService", "DecideError", "rfc3339"]
 log = logging.getLogger(__name__)
 
 Key = tuple[str, str, int]
@@ -30,57 +39,12 @@ RESEND_GRACE_S = 5.0
 ALWAYS_BRIDGE_S = 60.0  # an `always` grant also covers its client until the hot reload has the new rule
 
 
-@dataclass(frozen=True)
-class ApprovalRequest:
-    """What the proxy asks about: one request the policy judged `approval`."""
-
-    client_key: str
-    client_address: str | None
-    client_name: str | None
-    host: str
-    port: int
-    scheme: str | None
-    method: str | None
-    path: str | None
-    rule: str | None
-    flow_id: str
-
-
-@dataclass(frozen=True)
-class ApprovalOutcome:
-    """The answer for one request: allowed or not, and why (a Reason the proxy logs)."""
-
-    allowed: bool
-    reason: Reason
-    approval_id: str | None
-    retry_after: int | None = None
-    waited_s: float = 0.0
-    scope: str | None = None
-    decided_by: str | None = None
-
-
-class DecideError(Exception):
-    """A decision that cannot be taken; `status` is the admin API's HTTP status."""
-
-    def __init__(self, status: int, code: str, message: str, approval: Approval | None = None) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message, self.approval = status, code, message, approval
-
-
-@dataclass(frozen=True)
-class _Verdict:
-    allowed: bool
-    reason: Reason
-    scope: str | None
-    by: str | None
-
-
 @dataclass
 class _Live:
     """In-memory side of one pending approval: the future every waiter awaits."""
 
     approval: Approval
-    future: asyncio.Future[_Verdict]
+    future: asyncio.Future[Verdict]
     waiters: int = 0
     timer: asyncio.TimerHandle | None = field(default=None, repr=False)
     synced: float = 0.0  # monotonic time of the last look at the store
@@ -173,7 +137,7 @@ class ApprovalService:
             if live.timer:
                 live.timer.cancel()
             if not live.future.done():  # waiters still held at shutdown are denied, not left hanging
-                live.future.set_result(_Verdict(False, Reason.APPROVAL_TIMEOUT, None, None))
+                live.future.set_result(Verdict(False, Reason.APPROVAL_TIMEOUT, None, None))
         self._live.clear()
         if self._store is not None:
             self._store.close()
@@ -224,7 +188,7 @@ class ApprovalService:
     async def _wait(self, live: _Live, client_alive: Callable[[], bool]) -> ApprovalOutcome:
         start = time.monotonic()
         live.waiters += 1
-        verdict: _Verdict | None = None
+        verdict: Verdict | None = None
         try:
             while verdict is None:
                 if live.future.done():
@@ -267,7 +231,7 @@ class ApprovalService:
         self.store.insert(a)
         live = self._track(a, asyncio.get_running_loop())
         self._gauge()
-        self.telemetry.emit("approval.requested", approval_id=a.id, **_event_fields(a), flow_id=req.flow_id,
+        self.telemetry.emit("approval.requested", approval_id=a.id, **event_fields(a), flow_id=req.flow_id,
                             decide_url=f"{self.admin_url}/approvals/{a.id}")
         self._notify(a)
         return live
@@ -316,12 +280,12 @@ class ApprovalService:
             live.timer.cancel()
         if self._store is None:
             return
-        timeout = _Verdict(False, Reason.APPROVAL_TIMEOUT, None, None)
+        timeout = Verdict(False, Reason.APPROVAL_TIMEOUT, None, None)
         if self.store.expire(a.id, self.clock()):
             self._decided(a, timeout, "deny", None)
             verdict = timeout
         else:  # decided elsewhere (another replica sharing the store) just before expiry
-            verdict = _stored_verdict(self.store.get(a.id)) or timeout
+            verdict = stored_verdict(self.store.get(a.id)) or timeout
         if not live.future.done():
             live.future.set_result(verdict)
         self._gauge()
@@ -332,7 +296,7 @@ class ApprovalService:
         if live.future.done() or now - live.synced < self.poll_interval:
             return
         live.synced = now
-        verdict = _stored_verdict(self.store.get(live.approval.id))
+        verdict = stored_verdict(self.store.get(live.approval.id))
         if verdict is None:
             return
         if self._live.get(live.approval.key) is live:
@@ -349,7 +313,7 @@ class ApprovalService:
             if live is not None and live.approval.id == a.id:
                 self._expire(live)
             elif self.store.expire(a.id, now):
-                self._decided(a, _Verdict(False, Reason.APPROVAL_TIMEOUT, None, None), "deny", None)
+                self._decided(a, Verdict(False, Reason.APPROVAL_TIMEOUT, None, None), "deny", None)
         self.store.sweep(now)
 
     async def _sweep_loop(self) -> None:
@@ -401,7 +365,7 @@ class ApprovalService:
                     live.timer.cancel()
             self._grant(a, decision, scope, now, waiters=live.waiters if live else 0)
             allowed = decision == "allow"
-            verdict = _Verdict(allowed, Reason.APPROVED if allowed else Reason.APPROVAL_DENIED, scope, by)
+            verdict = Verdict(allowed, Reason.APPROVED if allowed else Reason.APPROVAL_DENIED, scope, by)
             if live is not None and not live.future.done():
                 live.future.set_result(verdict)
             self._decided(a, verdict, decision, scope, by=by, text=reason)
@@ -438,11 +402,11 @@ class ApprovalService:
             msg = f"could not write the rule, nothing was decided: {e}"
             raise DecideError(500, "persist_failed", msg, a) from e
 
-    def _decided(self, a: Approval, v: _Verdict, decision: str, scope: str | None, *,
+    def _decided(self, a: Approval, v: Verdict, decision: str, scope: str | None, *,
                  by: str | None = None, text: str | None = None) -> None:
         now = self.clock()
         self.telemetry.metrics.approval_requests.labels(v.reason.value).inc()
-        self.telemetry.emit("approval.decided", approval_id=a.id, **_event_fields(a), decision=decision,
+        self.telemetry.emit("approval.decided", approval_id=a.id, **event_fields(a), decision=decision,
                             scope=scope, by=by, reason=text, outcome=v.reason.value,
                             wait_s=round(max(0.0, now - a.created_at), 3))
 
@@ -458,24 +422,3 @@ class ApprovalService:
     def listing(self, recent: int = 50) -> list[Approval]:
         """Pending (oldest first), then the most recent decided or expired ones."""
         return [*self.store.pending(), *self.store.recent(recent)]
-
-
-def _stored_verdict(a: Approval | None) -> _Verdict | None:
-    """The verdict a stored approval carries, or None while it is still pending."""
-    if a is None or a.state == PENDING:
-        return None
-    if a.state == EXPIRED:
-        return _Verdict(False, Reason.APPROVAL_TIMEOUT, None, None)
-    allowed = a.state == ALLOWED
-    return _Verdict(allowed, Reason.APPROVED if allowed else Reason.APPROVAL_DENIED, a.scope, a.decided_by)
-
-
-def rfc3339(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
-def _event_fields(a: Approval) -> dict[str, Any]:
-    return {"client.address": a.client_address, "client.name": a.client_name, "destination.host": a.host,
-            "destination.port": a.port, "request.scheme": a.scheme, "request.method": a.method,
-            "request.path": a.path, "rule": a.rule, "created_at": rfc3339(a.created_at),
-            "expires_at": rfc3339(a.expires_at)}
