@@ -15,6 +15,13 @@ RULES = [
     {"name": "public", "action": "allow", "hosts": ["public.test"]},
     {"name": "no-blocked", "action": "deny", "hosts": ["blocked.test"]},
     {"name": "reviewer-only", "action": "allow", "hosts": ["www.public.test"], "clients": ["reviewer"]},
+    {"name": "local-only", "action": "allow", "hosts": ["deep.api.public.test"], "clients": ["loopback"]},
+    {"name": "ci-only", "action": "allow", "hosts": ["api.public.test"], "clients": ["ci"]},
+]
+CLIENTS = [
+    {"name": "reviewer", "proxy_auth": {"user": "reviewer", "password_env": "REV_PW"}},
+    {"name": "loopback", "cidrs": ["127.0.0.1/32"]},
+    {"name": "ci", "cidrs": ["10.1.0.0/16"]},
 ]
 PASSWORD = "s3cret-pw"
 
@@ -22,11 +29,7 @@ PASSWORD = "s3cret-pw"
 @pytest.fixture(scope="module")
 def proxy(upstreams, tmp_path_factory):
     folder = tmp_path_factory.mktemp("http")
-    cfg = base_config(
-        upstreams,
-        folder,
-        clients=[{"name": "reviewer", "proxy_auth": {"user": "reviewer", "password_env": "REV_PW"}}],
-    )
+    cfg = base_config(upstreams, folder, clients=CLIENTS)
     with PortcullisProc(folder, upstreams, rules=RULES, config=cfg, env={"REV_PW": PASSWORD}) as p:
         yield p
 
@@ -273,3 +276,11 @@ def test_fail_closed_when_events_cannot_be_written(upstreams, tmp_path):
         r = p.raw(get("public.test", upstreams.http_port, "/closed"))
         assert_denied(r, "internal_error")
         assert not upstreams.seen(lambda q: q["path"] == "/closed")
+
+
+def test_clients_are_identified_by_source_cidr(proxy, upstreams):
+    r = proxy.raw(get("deep.api.public.test", upstreams.http_port, "/cidr"))
+    assert r.status == 200
+    ev = proxy.wait_event("egress.decision", **{"request.path": "/cidr"})
+    assert ev["client"]["name"] == "loopback" and ev["rule"] == "local-only"
+    assert_denied(proxy.raw(get("api.public.test", upstreams.http_port)), "default")
