@@ -51,10 +51,16 @@ class Rule:
         """True when the rule needs the method or path, i.e. TLS inspection, to be judged."""
         return self.methods is not None or self.paths is not None
 
-    def matches_request(self, method: str, path: str) -> bool:
+    def matches_request(self, method: str, paths: tuple[str, str]) -> bool:
+        """Method and path conditions. `paths` are the path as sent and fully %-decoded: a
+        server may read `%2F` as '/', so deny/approval rules match if either form does and
+        allow rules only if both do (the most restrictive reading wins)."""
         if self.methods is not None and method not in self.methods:
             return False
-        return self._path_re is None or self._path_re.fullmatch(path) is not None
+        if self._path_re is None:
+            return True
+        hits = [self._path_re.fullmatch(p) is not None for p in paths]
+        return all(hits) if self.ref.action is Action.ALLOW else any(hits)
 
 
 def compile_paths(paths: Sequence[str]) -> re.Pattern[str]:
@@ -277,7 +283,8 @@ class Policy:
             return self._decide_tunnel(cands, target, client)
         method = q.method.upper()
         path = normalize_path(q.path or "/")
-        matched = [r for r in cands if not r.conditional or r.matches_request(method, path)]
+        decoded = normalize_path(unquote(path)) if "%" in path else path
+        matched = [r for r in cands if not r.conditional or r.matches_request(method, (path, decoded))]
         return self._precedence(matched, target, client)
 
     def _private(self, host: str, literal: bool, addresses: Sequence[str]) -> tuple[str, str] | None:

@@ -59,22 +59,25 @@ def _rule_paths(config: Config, base_dir: Path, data: Any, shown_cfg: str,
                 errors: ErrorList) -> list[tuple[Path, str]]:
     """(path, shown path) of every rule file, in order. Folders: *.yaml/*.yml, sorted, not recursive."""
     out: list[tuple[Path, str]] = []
+    seen: set[Path] = set()
     for i, entry in enumerate(config.rules):
         path = base_dir / entry
         shown = str(Path(shown_cfg).parent / entry)
         if path.is_dir():
             files = sorted(p for p in path.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
-            out.extend((p, str(Path(shown) / p.name)) for p in files)
+            out.extend((p, str(Path(shown) / p.name)) for p in files if p.resolve() not in seen)
+            seen.update(p.resolve() for p in files)
         elif path.is_file():
-            out.append((path, shown))
+            if path.resolve() not in seen:  # the same file named twice is loaded once
+                out.append((path, shown))
+            seen.add(path.resolve())
         else:
             errors.add(shown_cfg, *pos(data, ("rules", i), value=True),
                        f"rules: {entry!r}: no such file or folder")
     # scope=always grants are written to persist_to; load it even when no rules entry covers it.
     if config.approvals.persist_to:
         persist = base_dir / config.approvals.persist_to
-        known = {p.resolve() for p, _ in out}
-        if persist.is_file() and persist.resolve() not in known:
+        if persist.is_file() and persist.resolve() not in seen:
             out.append((persist, str(Path(shown_cfg).parent / config.approvals.persist_to)))
     return out
 

@@ -6,9 +6,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pol_helpers import make_policy, q, summary, tunnel
+from pol_helpers import make_policy, q, summary, tunnel, write_config
 
 from addons.policy.evaluate import Policy, normalize_path
+from addons.policy.load import load_config
 from addons.policy.model import Action, Query, Reason
 
 RULES: list[dict[str, Any]] = [
@@ -178,6 +179,10 @@ METHOD_PATH = [
     ("GET", "/x/./../admin/y", ("deny", "rule", "gh-admin")),
     ("POST", "/admin/../repos/a", ("approval", "rule", "gh-write")),
     ("GET", "/%61dmin/x", ("deny", "rule", "gh-admin")),
+    # an encoded slash may be a separator to the server: deny/approval rules match either reading
+    ("GET", "/admin%2Fusers", ("deny", "rule", "gh-admin")),
+    ("POST", "/repos%2Fo%2Fr", ("approval", "rule", "gh-write")),
+    ("GET", "/x/%2e%2e%2Fadmin%2Fy", ("deny", "rule", "gh-admin")),
 ]
 
 
@@ -542,3 +547,25 @@ def test_first_rule_of_winning_action_decides(tmp_path: Path) -> None:
 def test_default_action(tmp_path: Path, default: str) -> None:
     p = make_policy(tmp_path, [], default_action=default)
     assert summary(p.decide(q("x.test"))) == (default, "default", None)
+
+
+@pytest.mark.parametrize(
+    ("path", "want"),
+    [
+        ("/ok/a", "allow"),
+        ("/ok/a%2Fb", "allow"),
+        ("/ok/a%2F..%2F..%2Fadmin", "deny"),  # allowed as sent, but not once decoded: allow needs both
+        ("/ok%2Fa", "deny"),
+        ("/ok/../admin", "deny"),
+    ],
+)
+def test_allow_paths_need_every_reading_to_match(tmp_path: Path, path: str, want: str) -> None:
+    p = make_policy(tmp_path, [{"name": "ok", "action": "allow", "hosts": ["x.test"], "paths": ["/ok/*"]}])
+    assert p.decide(q("x.test", path=path)).action.value == want
+
+
+def test_same_file_named_twice_is_loaded_once(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path, [{"name": "a", "action": "allow", "hosts": ["a.test"]}])
+    cfg.write_text('rules: [rules/, rules/r.yaml, ./rules]\napprovals: {persist_to: rules/r.yaml}\n')
+    p = load_config(cfg).policy
+    assert p.rule_count == 1 and len(p.rule_files) == 1
