@@ -9,13 +9,42 @@ decision logged once. A harness that knows how many requests a test sent can cal
 from __future__ import annotations
 
 import json
+import re
+import urllib.request
 from typing import Any
 
 import pytest
 
 from addons.telemetry.validate import audit_events
 
-TOTALS = {"proxies": 0, "events": 0, "decisions": 0}
+TOTALS = {"proxies": 0, "events": 0, "decisions": 0, "scrapes": 0}
+LABEL_VALUE = re.compile(r"[a-z][a-z0-9_]*|[0-9.e+]+|\+Inf")
+
+
+def _scrape(proc: Any) -> str | None:
+    """/metrics of a running proxy (not in a private netns: its loopback is not ours)."""
+    if proc.netns or not proc.admin_port or proc.proc.poll() is not None:
+        return None
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(f"http://127.0.0.1:{proc.admin_port}/metrics", timeout=5) as resp:
+            return str(resp.read().decode())
+    except OSError:
+        return None
+
+
+def _check_labels(text: str, events: list[dict[str, Any]]) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    values = {
+        v for fam in text_string_to_metric_families(text) for smp in fam.samples for v in smp.labels.values()
+    }
+    bad = [v for v in values if not LABEL_VALUE.fullmatch(v)]
+    ids = {str(x) for e in events for x in (e.get("flow_id"), e.get("approval_id")) if x}
+    ids |= {str((e.get("destination") or {}).get("host")) for e in events}
+    ids |= {str((e.get("client") or {}).get("address")) for e in events}
+    bad += sorted(values & ids)
+    assert not bad, f"metric label values that are not bounded keywords: {bad[:10]}"
 
 
 def _install() -> None:
@@ -43,9 +72,13 @@ def _install() -> None:
 
     def stop(self: Any, *a: Any, **kw: Any) -> int:
         was_running = self.proc is not None
+        metrics = _scrape(self) if was_running else None
         code: int = orig_stop(self, *a, **kw)
         if was_running:
             events = audit_events(list(self.__dict__.get("raw_lines", [])))
+            if metrics is not None:
+                _check_labels(metrics, events)
+                TOTALS["scrapes"] += 1
             TOTALS["proxies"] += 1
             TOTALS["events"] += len(events)
             TOTALS["decisions"] += sum(e["event"] == "egress.decision" for e in events)
@@ -62,6 +95,7 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     if TOTALS["proxies"]:
         terminalreporter.write_line(
-            f"event audit: {TOTALS['proxies']} proxies, {TOTALS['events']} events "
+            f"event audit: {TOTALS['proxies']} proxies ({TOTALS['scrapes']} /metrics checked), "
+            f"{TOTALS['events']} events "
             f"({TOTALS['decisions']} decisions), every stdout line a valid event, no decision logged twice"
         )
