@@ -205,6 +205,9 @@ def verdict_text(v: Verdict) -> str:
         lines.append(f"=> {v.final.action.value.upper()}")
     else:
         lines += _decision_lines(v.final, "=> ")
+    if v.tunnel is not None and v.request is None and (v.method != "GET" or t.path != "/"):
+        lines.append(f"  note: {host} is not inspected, so the tunnel decision covers every request in it "
+                     "(method and path are not seen)")
     if v.from_resolve:
         lines.append(f"  addresses from network.resolve: {', '.join(v.addresses)}")
     elif parse_ip(t.host) is None:
