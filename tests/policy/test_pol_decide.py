@@ -566,6 +566,24 @@ def test_allow_paths_need_every_reading_to_match(tmp_path: Path, path: str, want
 
 def test_same_file_named_twice_is_loaded_once(tmp_path: Path) -> None:
     cfg = write_config(tmp_path, [{"name": "a", "action": "allow", "hosts": ["a.test"]}])
-    cfg.write_text('rules: [rules/, rules/r.yaml, ./rules]\napprovals: {persist_to: rules/r.yaml}\n')
+    cfg.write_text("rules: [rules/, rules/r.yaml, ./rules]\napprovals: {persist_to: rules/r.yaml}\n")
     p = load_config(cfg).policy
     assert p.rule_count == 1 and len(p.rule_files) == 1
+
+
+@pytest.mark.parametrize(
+    ("host", "want"),
+    [
+        ("paypal.com", "allow"),
+        ("PayPal.com.", "allow"),
+        ("p\u0430ypal.com", "deny"),  # Cyrillic а: a different name (xn--pypal-4ve.com)
+        ("xn--pypal-4ve.com", "deny"),
+        ("раураl.com", "deny"),  # mostly Cyrillic
+        ("bücher.de", "allow"),  # the rule was written in unicode, the query in unicode ...
+        ("xn--bcher-kva.de", "allow"),  # ... or in punycode: the same name
+        ("bucher.de", "deny"),
+    ],
+)
+def test_idn_homographs_are_different_names(tmp_path: Path, host: str, want: str) -> None:
+    p = make_policy(tmp_path, [{"name": "pp", "action": "allow", "hosts": ["paypal.com", "BÜCHER.de"]}])
+    assert p.decide(q(host)).action.value == want
