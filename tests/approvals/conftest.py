@@ -21,6 +21,7 @@ from addons.approvals.service import ApprovalService
 from addons.approvals.webhook import VerifyError, verify
 from addons.policy.config import ApprovalsConfig, WebhookConfig
 from addons.telemetry.events import Telemetry
+from tests.harness import upstreams  # noqa: F401 (session fixture for the e2e tests)
 
 
 class Events:

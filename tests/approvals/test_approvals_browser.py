@@ -60,3 +60,29 @@ async def test_clicking_allow_releases_the_held_request(make_service, admin_serv
     assert (out.allowed, out.reason, out.decided_by) == (True, Reason.APPROVED, "browser-user")
     assert "Nothing is waiting" in await page.locator("#pending").inner_text()
     await page.screenshot(path=str(tmp_path / "approved.png"))
+
+
+@pytest.mark.e2e
+async def test_through_the_real_proxy_clicking_allow_releases_the_held_curl(browser, tmp_path, upstreams):
+    """The whole loop: curl held by `portcullis run`, a person logs in to the page and clicks Allow."""
+    from tests.harness import PortcullisProc, base_config
+
+    cfg = base_config(upstreams, tmp_path, default_action="approval", approvals={"timeout": "30s"})
+    p = PortcullisProc(tmp_path, upstreams, rules=[], config=cfg, env={"PORTCULLIS_TEST_ADMIN_TOKEN": TOKEN})
+    await asyncio.to_thread(p.start)
+    try:
+        held = asyncio.create_task(asyncio.to_thread(p.curl, f"http://approve.test:{upstreams.http_port}/page"))
+        ev = await asyncio.to_thread(p.wait_event, "approval.requested")
+        page = await browser.new_page()
+        await page.goto(p.admin_url + "/")
+        await page.fill("input[name=token]", TOKEN)
+        await page.click("button[type=submit]")
+        row = page.locator(f"tr[data-id='{ev['approval_id']}']")
+        await row.wait_for()
+        assert "approve.test" in await row.inner_text()
+        await row.locator("button[value='allow:once']").click()
+        await page.locator("p.msg").wait_for()
+        res = await asyncio.wait_for(held, 20)
+        assert res.status == 200 and res.json()["path"] == "/page"
+    finally:
+        await asyncio.to_thread(p.stop)

@@ -18,7 +18,7 @@ from approvals_support import SECRET, SECRET_ENV, TOKEN
 
 from addons.approvals.webhook import VerifyError, verify
 from addons.telemetry.validate import validate_event
-from tests.harness import PortcullisProc, assert_denied, base_config, upstreams  # noqa: F401 (fixture)
+from tests.harness import PortcullisProc, assert_denied, base_config
 
 pytestmark = pytest.mark.e2e
 TOKEN_ENV = "PORTCULLIS_TEST_ADMIN_TOKEN"
@@ -79,7 +79,7 @@ def hooks() -> Iterator[HookReceiver]:
     h.close()
 
 
-def proxy(tmp_path, upstreams, hooks, **approvals: Any) -> PortcullisProc:  # noqa: F811
+def proxy(tmp_path, upstreams, hooks, **approvals: Any) -> PortcullisProc:
     cfg = base_config(upstreams, tmp_path, default_action="approval",
                       approvals={"timeout": "20s", **approvals,
                                  "webhooks": [{"url": hooks.url, "secret_env": SECRET_ENV}]})
@@ -107,7 +107,7 @@ def wait_for(pred, timeout: float = 10.0) -> None:
         time.sleep(0.05)
 
 
-def test_held_request_is_approved_through_the_webhooks_decide_url(tmp_path, upstreams, hooks):  # noqa: F811
+def test_held_request_is_approved_through_the_webhooks_decide_url(tmp_path, upstreams, hooks):
     url = f"http://approve.test:{upstreams.http_port}/ok?q=secret"
     with proxy(tmp_path, upstreams, hooks) as p, ThreadPoolExecutor(1) as pool:
         held = pool.submit(p.curl, url)
@@ -133,7 +133,7 @@ def test_held_request_is_approved_through_the_webhooks_decide_url(tmp_path, upst
         validate_event(e)
 
 
-def test_held_request_is_denied(tmp_path, upstreams, hooks):  # noqa: F811
+def test_held_request_is_denied(tmp_path, upstreams, hooks):
     with proxy(tmp_path, upstreams, hooks) as p, ThreadPoolExecutor(1) as pool:
         held = pool.submit(p.curl, f"http://approve.test:{upstreams.http_port}/")
         [hook] = hooks.wait(1)
@@ -142,14 +142,14 @@ def test_held_request_is_denied(tmp_path, upstreams, hooks):  # noqa: F811
         assert body["approval_id"] == hook["body"]["id"]
 
 
-def test_held_request_times_out(tmp_path, upstreams, hooks):  # noqa: F811
+def test_held_request_times_out(tmp_path, upstreams, hooks):
     with proxy(tmp_path, upstreams, hooks, timeout="1s") as p:
         r = p.curl(f"http://approve.test:{upstreams.http_port}/")
         body = assert_denied(r, "approval_timeout")
         assert decide(p, body["approval_id"], "allow").status_code == 410
 
 
-def test_hold_false_answers_pending_and_the_approved_retry_passes(tmp_path, upstreams, hooks):  # noqa: F811
+def test_hold_false_answers_pending_and_the_approved_retry_passes(tmp_path, upstreams, hooks):
     url = f"http://approve.test:{upstreams.http_port}/retry"
     with proxy(tmp_path, upstreams, hooks, hold=False) as p:
         first = p.curl(url)
@@ -160,7 +160,7 @@ def test_hold_false_answers_pending_and_the_approved_retry_passes(tmp_path, upst
         assert_denied(p.curl(url), "approval_pending")  # `once` was used by that retry
 
 
-def test_client_hang_up_frees_the_waiter(tmp_path, upstreams, hooks):  # noqa: F811
+def test_client_hang_up_frees_the_waiter(tmp_path, upstreams, hooks):
     with proxy(tmp_path, upstreams, hooks, timeout="60s") as p:
         r = p.curl(f"http://approve.test:{upstreams.http_port}/", timeout=1)
         assert r.exit_code == 28  # curl gave up after 1 s
@@ -169,7 +169,7 @@ def test_client_hang_up_frees_the_waiter(tmp_path, upstreams, hooks):  # noqa: F
         assert ev["decision"] == "deny"
 
 
-def test_restart_keeps_the_pending_approval_then_the_retry_passes(tmp_path, upstreams, hooks):  # noqa: F811
+def test_restart_keeps_the_pending_approval_then_the_retry_passes(tmp_path, upstreams, hooks):
     url = f"http://approve.test:{upstreams.http_port}/after-restart"
     p = proxy(tmp_path, upstreams, hooks, hold=False)
     with p:
@@ -184,7 +184,7 @@ def test_restart_keeps_the_pending_approval_then_the_retry_passes(tmp_path, upst
         assert ev["approval_id"] == approval_id
 
 
-def test_always_is_written_reloaded_and_survives_a_restart(tmp_path, upstreams, hooks):  # noqa: F811
+def test_always_is_written_reloaded_and_survives_a_restart(tmp_path, upstreams, hooks):
     url = f"http://approve.test:{upstreams.http_port}/always"
     with proxy(tmp_path, upstreams, hooks) as p, ThreadPoolExecutor(1) as pool:
         held = pool.submit(p.curl, url)
@@ -202,7 +202,7 @@ def test_always_is_written_reloaded_and_survives_a_restart(tmp_path, upstreams, 
         assert p2.find("approval.requested") == []
 
 
-def test_200_concurrent_requests_one_webhook_one_approval(tmp_path, upstreams, hooks):  # noqa: F811
+def test_200_concurrent_requests_one_webhook_one_approval(tmp_path, upstreams, hooks):
     n = 200
     with proxy(tmp_path, upstreams, hooks) as p:
         async def one(i: int) -> bytes:
@@ -229,7 +229,7 @@ def test_200_concurrent_requests_one_webhook_one_approval(tmp_path, upstreams, h
         assert len(p.find("egress.decision", reason="approved")) == n
 
 
-def test_the_admin_api_is_not_reachable_through_the_proxy_port(tmp_path, upstreams, hooks):  # noqa: F811
+def test_the_admin_api_is_not_reachable_through_the_proxy_port(tmp_path, upstreams, hooks):
     """Even with 127.0.0.1 allowed by allow_cidrs and a rule, an agent cannot approve itself via the proxy."""
     cfg = base_config(upstreams, tmp_path, default_action="approval",
                       approvals={"timeout": "20s", "hold": False,
@@ -244,3 +244,21 @@ def test_the_admin_api_is_not_reachable_through_the_proxy_port(tmp_path, upstrea
                    "-d", '{"decision": "allow"}')
         assert_denied(r, "private_address")
         assert [a["id"] for a in pending(p)] == [approval_id]
+
+
+def test_cli_allow_releases_a_request_held_by_the_real_proxy(tmp_path, upstreams, hooks):
+    import subprocess
+    import sys
+
+    with proxy(tmp_path, upstreams, hooks) as p, ThreadPoolExecutor(1) as pool:
+        held = pool.submit(p.curl, f"http://approve.test:{upstreams.http_port}/cli")
+        [hook] = hooks.wait(1)
+        env = {**ENV, "PORTCULLIS_TEST_ADMIN_TOKEN": TOKEN}
+        cli = [sys.executable, "-m", "addons.cli", "approvals", "--config", str(p.config_path),
+               "--admin", p.admin_url]
+        opts = {"capture_output": True, "text": True, "env": env, "timeout": 60, "check": False}
+        listed = subprocess.run([*cli, "list"], **opts)
+        assert listed.returncode == 0 and hook["body"]["id"] in listed.stdout, listed.stderr
+        done = subprocess.run([*cli, "allow", hook["body"]["id"], "--by", "cli"], **opts)
+        assert done.returncode == 0, done.stderr
+        assert held.result(15).status == 200
