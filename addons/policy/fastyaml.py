@@ -34,8 +34,8 @@ _BOOL_TAG = "tag:yaml.org,2002:bool"
 _ITEM = re.compile(r"( *)- ([a-z_]+):(?: (.*))?$")
 _KV = re.compile(r"( *)([a-z_]+):(?: (.*))?$")
 # A plain scalar we accept: starts with a letter, digit, '_' or '.', no YAML indicators inside.
-_PLAIN_START = re.compile(r"[A-Za-z0-9_./\u00a0-\U0010ffff]")
-_PLAIN_FLOW = re.compile(r"[A-Za-z0-9_./\u00a0-\U0010ffff][^:#\t\"'\[\]{},&*!|>%@` ]*")
+_PLAIN_START = re.compile(r"[A-Za-z0-9_./]|[^\x00-\x7f](?<=\w)")
+_PLAIN_FLOW = re.compile(r"(?:[A-Za-z0-9_./]|[^\x00-\x7f](?<=\w))[^:#\t\"'\[\]{},&*!|>%@` ]*")
 _DQ = re.compile(r'"([^"\\\t]*)"')
 _SQ = re.compile(r"'([^'\t]*)'")
 _SMALL_INT = re.compile(r"[1-9][0-9]{0,8}")  # ruamel makes "0" a ScalarInt: leave it to ruamel
@@ -195,8 +195,8 @@ def _parse(text: str) -> CommentedMap:
 
 
 def _add(item: CommentedMap, key: str, text: str | None, line: int, key_col: int) -> None:
-    if key in item:
-        raise _Unsure  # duplicate key: ruamel reports it with its position
+    if key in item or key in _WORDS:
+        raise _Unsure  # duplicate key (ruamel reports it), or a key YAML reads as true/null
     value_col = key_col + len(key) + 2
     item[key] = _value(text, line, value_col)
     item._yaml_set_kv_line_col(key, [line, key_col, line, value_col])

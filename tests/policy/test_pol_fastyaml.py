@@ -222,3 +222,24 @@ def test_fast_reader_agrees_with_ruamel(rules: list[list[tuple[str, Any, str]]],
     except Exception as e:  # the fast reader accepted something ruamel rejects
         raise AssertionError(f"accepted invalid YAML: {text!r}: {e}") from None
     same(fast, slow)
+
+
+UNICODE = ["\u00a0", "\u3000", "\u2000", "\u200b", "é", "例", "\U0001f600", "\u0301", "\u00ad", "\u0660"]
+SHAPES = [
+    "rules:\n  - name: {c}a\n",
+    "rules:\n  - name: a{c}b\n",
+    "rules:\n  - hosts: [{c}a, b{c}]\n",
+    "rules:\n  - name: a{c}\n",
+    "rules:\n  - name: a {c}#b\n",
+]
+
+
+@pytest.mark.parametrize("char", UNICODE, ids=[f"U+{ord(c):04X}" for c in UNICODE])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_unicode_edges_agree_with_ruamel(char: str, shape: str) -> None:
+    check(shape.format(c=char))
+
+
+@pytest.mark.parametrize("key", ["null", "true", "false", "on", "no", "y"])
+def test_keys_yaml_reads_as_other_types_are_declined(key: str) -> None:
+    assert parse_rule_file(f"rules:\n  - name: a\n    {key}: b\n") is None
