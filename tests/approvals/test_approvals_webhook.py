@@ -173,3 +173,21 @@ async def test_a_webhook_cut_short_by_shutdown_is_sent_again_after_restart(make_
     svc3.admin_url = "http://127.0.0.1:19091"
     await asyncio.sleep(0.1)
     assert len(receiver.deliveries()) == n
+
+
+async def test_each_attempt_has_a_fresh_timestamp_and_signature(receiver, events):
+    from addons.approvals.webhook import Endpoint, WebhookSender
+
+    ticks = iter(range(0, 10_000, 5))
+    clock = lambda: time.time() + next(ticks)  # noqa: E731 - every reading is 5 s later than the last
+    sender = WebhookSender([Endpoint(receiver.url, KEY)], events.telemetry, clock=clock, backoff_base=0.01)
+    await sender.start()
+    receiver.replies = [500]
+    sender.send("apr_x", {"id": "apr_x"}, expires_at=time.time() + 3600, still_pending=lambda: True)
+    await wait_until(lambda: len(receiver.deliveries()) == 2)
+    await sender.stop()
+    first, second = receiver.deliveries()
+    assert first["headers"]["webhook-id"] == second["headers"]["webhook-id"] == "msg_apr_x_0"
+    assert int(second["headers"]["webhook-timestamp"]) > int(first["headers"]["webhook-timestamp"])
+    assert first["headers"]["webhook-signature"] != second["headers"]["webhook-signature"]
+    assert first["verified"] and second["verified"]
