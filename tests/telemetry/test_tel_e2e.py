@@ -24,6 +24,14 @@ pytestmark = pytest.mark.e2e
 RULES = [
     {"name": "public", "action": "allow", "hosts": ["public.test"]},
     {"name": "no-blocked", "action": "deny", "hosts": ["blocked.test"]},
+    {
+        "name": "api-reads",
+        "action": "allow",
+        "hosts": ["api.public.test"],
+        "methods": ["GET"],
+        "paths": ["/ok/*"],
+    },
+    {"name": "ask", "action": "approval", "hosts": ["approve.test"]},
 ]
 PLACEHOLDER = "sniplaceholder-0123456789.test"
 
@@ -88,6 +96,7 @@ def _send_and_wait_close(p: PortcullisProc, authority: str, first: bytes) -> Non
 def test_every_request_is_one_valid_event_and_nothing_else(upstreams: Any, tmp_path: Path) -> None:
     cfg = base_config(upstreams, tmp_path)
     cfg["telemetry"] = {"log": {"format": "json", "file": "events.jsonl"}, "metrics": True, "otlp": False}
+    cfg["approvals"]["hold"] = False  # approval_pending at once (no 5 s hold in this test)
     hp, tp = upstreams.http_port, upstreams.tls_port
     expected = 0
     with RawProc(tmp_path, upstreams, rules=RULES, config=cfg) as p:
@@ -119,8 +128,16 @@ def test_every_request_is_one_valid_event_and_nothing_else(upstreams: Any, tmp_p
         quoted = quoted + b"a" * (len(PLACEHOLDER) - len(quoted))
         _send_and_wait_close(p, f"public.test:{upstreams.sink_port}", _hello_with_sni(quoted))
         expected += 2
+        # 12-13 an inspected tunnel: the CONNECT, then its inner request (and a tunnel.closed)
+        r = p.curl(f"https://api.public.test:{tp}/ok/1?sig=SECRET-S")
+        assert r.exit_code == 0 and r.status == 200, r.stderr
+        expected += 2
+        # 14 an approval rule with hold: false: denied approval_pending, plus approval.requested
+        assert_denied(p.raw(_get("approve.test", hp, "/q?x=SECRET-A")), "approval_pending")
+        expected += 1
+        p.wait_event("approval.requested")
         p.wait_event("egress.decision", count=expected)
-        p.wait_event("tunnel.closed")
+        p.wait_event("tunnel.closed", count=2)
         time.sleep(0.3)  # bounded: let the last tunnel.closed land before stopping
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         with opener.open(f"{p.admin_url}/metrics", timeout=10) as resp:
@@ -131,7 +148,13 @@ def test_every_request_is_one_valid_event_and_nothing_else(upstreams: Any, tmp_p
     events = audit_events(raw, expected_decisions=expected)  # every stdout line is a valid event
     assert events[0]["event"] == "proxy.started" and events[-1]["event"] == "proxy.stopped"
     text = "".join(raw)
-    assert "SECRET-Q" not in text and "token=" not in text
+    assert "SECRET" not in text and "token=" not in text
+    decisions = [e for e in events if e["event"] == "egress.decision"]
+    inner = [e for e in decisions if e["layer"] == "inspected"]
+    assert len(inner) == 1 and inner[0]["request"] == {"scheme": "https", "method": "GET", "path": "/ok/1"}
+    assert [e["inspected"] for e in events if e["event"] == "tunnel.closed"] == [False, True]
+    (held,) = [e for e in events if e["event"] == "approval.requested"]
+    assert held["destination"]["host"] == "approve.test" and held["request"]["path"] == "/q"
     assert text.isascii() and "\x1b" not in text and "\r" not in text
     decisions = [e for e in events if e["event"] == "egress.decision"]
     assert sum(e["decision"] == "allow" for e in decisions) >= 3
@@ -154,7 +177,9 @@ def test_every_request_is_one_valid_event_and_nothing_else(upstreams: Any, tmp_p
     # ... and `portcullis report` turns it into rules to paste
     with (tmp_path / "events.jsonl").open() as fh:
         rep = build(fh)
-    assert list(rep.groups) == ["unknown.test"] and rep.groups["unknown.test"].reasons == {"default": 1}
+    assert sorted(rep.groups) == ["approve.test", "unknown.test"]
+    assert rep.groups["unknown.test"].reasons == {"default": 1}
+    assert (rep.groups["approve.test"].denied, rep.groups["approve.test"].held) == (1, 1)
     assert '"unknown.test"' in rep.groups["unknown.test"].rule_yaml()
     assert list(rep.denied_by_rule) == ["blocked.test"]
     assert set(rep.suspicious) == {"127.0.0.1", "public.test"}  # private address; Host/SNI mismatches
