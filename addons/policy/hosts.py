@@ -40,6 +40,8 @@ _NUMERIC_PART = re.compile(r"^(?:0[xX][0-9a-fA-F]*|[0-9]+)$")
 
 def _parse_ipv4_number(part: str) -> int:
     """One part of an inet_aton-style IPv4 spelling: decimal, 0x hex or 0-led octal."""
+    if len(part.lstrip("0xX")) > 11:  # > 2**32 in any base; also keeps int() away from huge strings
+        raise HostError(f"number {part[:20]!r}... is out of range for an IPv4 address")
     if part[:2] in ("0x", "0X"):
         if len(part) == 2:
             raise HostError(f"empty hex number {part!r} in an IPv4 address")
@@ -94,6 +96,8 @@ def _parse_ipv6(text: str) -> IPAddress:
 def parse_ip(raw: str) -> IPAddress | None:
     """The canonical address of an IP literal in any accepted spelling, or None for a name."""
     text = raw.strip()
+    if len(text) > 1024:
+        raise HostError("address is longer than 1024 characters")
     if text.startswith("[") or text.endswith("]"):
         if not (text.startswith("[") and text.endswith("]")):
             raise HostError(f"unbalanced brackets in {raw!r}")
@@ -157,6 +161,8 @@ def normalize_host(raw: str) -> str:
     """
     if not isinstance(raw, str):
         raise HostError("host must be a string")
+    if len(raw) > 1024:
+        raise HostError("host is longer than 1024 characters")
     if not raw or raw != raw.strip():
         raise HostError("empty host" if not raw.strip() else "host has surrounding spaces")
     if any(c in raw for c in "/@\\?# \t\r\n"):

@@ -148,6 +148,10 @@ BAD_HOSTS = [
     "exam\tple.com",
     "exam\nple.com",
     "é..com",
+    "9" * 5000,
+    "9" * 20,
+    "0x" + "f" * 40,
+    "a." * 600 + "com",
 ]
 
 
