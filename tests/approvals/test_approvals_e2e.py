@@ -262,3 +262,19 @@ def test_cli_allow_releases_a_request_held_by_the_real_proxy(tmp_path, upstreams
         done = subprocess.run([*cli, "allow", hook["body"]["id"], "--by", "cli"], **opts)
         assert done.returncode == 0, done.stderr
         assert held.result(15).status == 200
+
+
+def test_a_held_https_connect_is_approved_and_the_tunnel_works(tmp_path, upstreams, hooks):
+    """CONNECT is decided on its authority: the webhook says method CONNECT and no path; a session grant
+    lets the next tunnel through at once."""
+    url = f"https://api.public.test:{upstreams.tls_port}/tls"
+    with proxy(tmp_path, upstreams, hooks) as p, ThreadPoolExecutor(1) as pool:
+        held = pool.submit(p.curl, url)
+        [hook] = hooks.wait(1)
+        assert (hook["body"]["host"], hook["body"]["method"], hook["body"]["path"]) == (
+            "api.public.test", "CONNECT", None)
+        assert decide(p, hook["body"]["id"], "allow", scope="session").status_code == 200
+        r = held.result(15)
+        assert r.status == 200 and r.json()["path"] == "/tls", r
+        again = p.curl(url)
+        assert again.status == 200 and len(hooks.got) == 1
