@@ -390,8 +390,8 @@ class ApprovalService:
                        now: float) -> None:
         path = self.persist_path
         if path is None:
-            raise DecideError(409, "no_persist_to", "scope always needs approvals.persist_to in the config",
-                              a)
+            raise DecideError(422, "no_persist_to", "scope always needs approvals.persist_to in the config; "
+                              "use once or session", a)
         action = "allow" if decision == "allow" else "deny"
         try:
             await asyncio.to_thread(

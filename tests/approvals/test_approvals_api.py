@@ -126,3 +126,15 @@ async def test_list_shows_pending_with_waiters_and_recent_decisions(make_service
         assert (await held).reason == Reason.APPROVAL_DENIED
         items = (await client.get("/approvals")).json()["approvals"]
         assert [(a["host"], a["state"], a["decision"]) for a in items] == [("held.example", "denied", "deny")]
+
+
+async def test_422_for_always_without_persist_to(make_service, admin_server):
+    svc = await make_service(hold=False, persist_to=None)
+    admin = await admin_server(svc)
+    pend = await svc.resolve(request(), alive)
+    async with httpx.AsyncClient(base_url=admin.url, headers=AUTH, trust_env=False) as client:
+        r = await client.post(f"/approvals/{pend.approval_id}", json={"decision": "allow", "scope": "always"})
+        assert r.status_code == 422 and r.json()["error"] == "no_persist_to"
+        assert svc.store.get(pend.approval_id).state == "pending"
+        ok = await client.post(f"/approvals/{pend.approval_id}", json={"decision": "allow", "scope": "session"})
+        assert ok.status_code == 200
