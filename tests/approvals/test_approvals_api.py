@@ -136,5 +136,6 @@ async def test_422_for_always_without_persist_to(make_service, admin_server):
         r = await client.post(f"/approvals/{pend.approval_id}", json={"decision": "allow", "scope": "always"})
         assert r.status_code == 422 and r.json()["error"] == "no_persist_to"
         assert svc.store.get(pend.approval_id).state == "pending"
-        ok = await client.post(f"/approvals/{pend.approval_id}", json={"decision": "allow", "scope": "session"})
+        session = {"decision": "allow", "scope": "session"}
+        ok = await client.post(f"/approvals/{pend.approval_id}", json=session)
         assert ok.status_code == 200
