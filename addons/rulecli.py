@@ -271,6 +271,9 @@ def check_command(args: argparse.Namespace) -> int:
         for msg in e.errors:
             print(msg, file=sys.stderr)
         return 2
+    except Exception as e:  # never a traceback
+        _err(f"{args.config}: cannot load: {e}")
+        return 2
     try:
         v = evaluate(loaded.policy, args.url, args.method or "GET", args.client)
     except UsageError as e:

@@ -75,6 +75,8 @@ def read_yaml(path: Path, shown: str, errors: ErrorList, *, rule_file: bool = Fa
             errors.add(shown, 1, 1, problem.replace("\n", " "))
     except YAMLError as e:
         errors.add(shown, 1, 1, str(e).replace("\n", " "))
+    except (RecursionError, ValueError, TypeError) as e:  # e.g. absurdly deep nesting: an error, not a crash
+        errors.add(shown, 1, 1, f"cannot parse: {type(e).__name__}: {e}"[:300])
     return False, None
 
 

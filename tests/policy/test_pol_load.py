@@ -163,3 +163,11 @@ def test_config_values_are_parsed(tmp_path: Path) -> None:
     assert st.resolve == {"a.test": ("127.0.0.2", "127.0.0.3")}
     assert st.self_addresses == ("::1",)
     assert lc.resolve_path("state/x.db") == tmp_path / "state/x.db"
+
+
+def test_absurdly_deep_yaml_is_an_error_not_a_crash(tmp_path: Path) -> None:
+    (tmp_path / "deep.yaml").write_text("rules: " + "[" * 5000 + "]" * 5000 + "\n")
+    (tmp_path / "c.yaml").write_text("rules: [deep.yaml]\n")
+    assert load_errors(tmp_path / "c.yaml") == [
+        f"{tmp_path / 'deep.yaml'}:1:1: cannot parse: RecursionError: maximum recursion depth exceeded"
+    ]
