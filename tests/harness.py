@@ -407,8 +407,10 @@ class PortcullisProc:
         env: dict[str, str] | None = None,
         netns: bool = False,
         extra_rule_files: dict[str, str] | None = None,
+        validate_events: bool = True,
     ) -> None:
         self.folder = folder
+        self.validate_events = validate_events
         self.u = u
         self.netns = netns
         self.events: list[dict[str, Any]] = []
@@ -505,6 +507,23 @@ class PortcullisProc:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+        if exc[0] is None and self.validate_events:
+            self.check_events()
+
+    def check_events(self) -> None:
+        """Every captured event must match the shipped JSON Schema of its type (ocsf/console: skipped)."""
+        fmt = self.config.get("telemetry", {}).get("log", {}).get("format", "json")
+        if fmt != "json":
+            return
+        from addons.telemetry.validate import validate_event
+
+        bad = []
+        for e in self.events:
+            try:
+                validate_event(e)
+            except Exception as err:  # noqa: BLE001 - collect every mismatch, then fail once
+                bad.append(f"{e.get('event')}: {err}")
+        assert not bad, "events that do not match their schema:\n" + "\n".join(bad[:10])
 
     def stderr_text(self) -> str:
         return (self.folder / "stderr.log").read_text(errors="replace")
