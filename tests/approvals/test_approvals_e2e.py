@@ -278,3 +278,31 @@ def test_a_held_https_connect_is_approved_and_the_tunnel_works(tmp_path, upstrea
         assert r.status == 200 and r.json()["path"] == "/tls", r
         again = p.curl(url)
         assert again.status == 200 and len(hooks.got) == 1
+
+
+def test_two_proxies_sharing_redis_one_holds_the_other_decides(tmp_path, upstreams, hooks, redis_server):
+    """Replicas behind one Redis: a request held by proxy A is released by a decision taken on proxy B."""
+    import redis
+
+    with redis.Redis.from_url(redis_server) as r:
+        r.flushall()
+
+    def replica(name: str) -> PortcullisProc:
+        folder = tmp_path / name
+        folder.mkdir()
+        cfg = base_config(upstreams, folder, default_action="approval",
+                          approvals={"timeout": "30s", "store": redis_server,
+                                     "webhooks": [{"url": hooks.url, "secret_env": SECRET_ENV}]})
+        return PortcullisProc(folder, upstreams, rules=[], config=cfg, env=ENV)
+
+    url = f"http://approve.test:{upstreams.http_port}/replicas"
+    with replica("a") as a, replica("b") as b, ThreadPoolExecutor(2) as pool:
+        on_a = pool.submit(a.curl, url)
+        [hook] = hooks.wait(1)
+        on_b = pool.submit(b.curl, url)  # joins the same approval: no second webhook
+        wait_for(lambda: bool(pending(b)) and pending(b)[0]["waiters"] == 1)
+        assert [x["id"] for x in pending(b)] == [hook["body"]["id"]]
+        assert decide(b, hook["body"]["id"], "allow").status_code == 200
+        assert on_a.result(15).status == 200 and on_b.result(15).status == 200
+        assert len(hooks.got) == 1
+        assert a.wait_event("egress.decision", reason="approved")["approval_id"] == hook["body"]["id"]
