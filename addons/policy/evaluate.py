@@ -33,7 +33,8 @@ _VERB = {Action.ALLOW: "allows", Action.DENY: "denies", Action.APPROVAL: "requir
 
 @dataclass(frozen=True, slots=True)
 class Rule:
-    """One compiled rule. `order` is its position across all files (file order, then line)."""
+    """One compiled rule. `order` is its position in its file (informational: a Policy indexes
+    rules by their position in its own rule list, which is file order)."""
 
     order: int
     ref: RuleRef
@@ -154,19 +155,20 @@ class Policy:
         self._nets = _NetIndex()
         self._deny_nets = _NetIndex()  # deny IP/CIDR entries: they also match names by resolved address
         self._blocked_memo: dict[str, str | None] = {}
-        for r in self.rules:
+        # Rules are indexed by their position here (file order); Rule.order is informational.
+        for i, r in enumerate(self.rules):
             for p in r.patterns:
                 if p.kind == "exact":
-                    self._exact.setdefault(p.value, []).append(r.order)
+                    self._exact.setdefault(p.value, []).append(i)
                 elif p.kind == "below":
-                    self._below.setdefault(p.value, []).append(r.order)
+                    self._below.setdefault(p.value, []).append(i)
                 elif p.kind == "apex_below":
-                    self._exact.setdefault(p.value, []).append(r.order)
-                    self._below.setdefault(p.value, []).append(r.order)
+                    self._exact.setdefault(p.value, []).append(i)
+                    self._below.setdefault(p.value, []).append(i)
                 elif p.network is not None:
-                    self._nets.add(p.network, r.order)
+                    self._nets.add(p.network, i)
                     if r.ref.action is Action.DENY:
-                        self._deny_nets.add(p.network, r.order)
+                        self._deny_nets.add(p.network, i)
 
     # ----------------------------------------------------------------------------------------
     # Helpers other parts call

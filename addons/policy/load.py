@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from addons.policy.evaluate import Policy, Rule, Settings, compile_paths
 from addons.policy.hosts import HostError, HostPattern, parse_pattern
 from addons.policy.model import Action, RuleRef
 from addons.policy.settings import best_effort_config, build_settings, parse_hostport
-from addons.policy.yamlio import ErrorList, pos, read_yaml, validate_model
+from addons.policy.yamlio import ErrorList, parse_yaml, pos, read_text, read_yaml, validate_model
 
 __all__ = [
     "ErrorList", "LoadReport", "LoadedConfig", "PolicyError", "load_config", "load_config_report",
@@ -148,52 +149,99 @@ class _RuleLoad:
     names: dict[str, str] = field(default_factory=dict)  # rule name -> "path:line" of its first definition
 
 
+@dataclass(frozen=True)
+class _Entry:
+    """One rule of a file: its name (if any), line, where the name is, and the rule if it compiled."""
+
+    name: str | None
+    line: int
+    name_pos: tuple[int, int]
+    rule: Rule | None
+
+
+@dataclass(frozen=True)
+class _FileResult:
+    skipped: bool
+    entries: tuple[_Entry, ...]
+    errors: tuple[tuple[int, int, str], ...]
+
+
+# Compiled rule files by content: a reload re-reads every file but only re-compiles changed
+# ones (a persisted approval must not cost a re-parse of a 100k-rule file). Only clean results
+# are kept; the key holds everything compilation depends on. Bounded; safe across threads
+# because entries are immutable and dict operations are atomic.
+_CACHE: dict[tuple[object, ...], _FileResult] = {}
+_CACHE_MAX = 256
+
+
+def _file_result(path: Path, shown: str, text: str, base_dir: Path, settings: Settings,
+                 explicit: bool) -> _FileResult:
+    errors = ErrorList()
+    ok, data = parse_yaml(text, shown, errors, rule_file=True)
+    if ok and data is not None and not isinstance(data, CommentedMap):
+        errors.add(shown, 1, 1, "a rule file is a mapping with a 'rules:' list")
+    if not ok or not isinstance(data, CommentedMap):
+        return _FileResult(False, (), tuple((t[1], t[2], t[3]) for t in errors.items))
+    if "cases" in data and "rules" not in data and not explicit:
+        return _FileResult(True, (), ())  # a `portcullis test` file living next to the rules
+    for k in data:
+        if k != "rules":
+            errors.add(shown, *pos(data, (k,)), f"unknown key {k!r} (a rule file has only 'rules:')")
+    seq = data.get("rules")
+    entries: list[_Entry] = []
+    if seq is not None and not isinstance(seq, CommentedSeq):
+        errors.add(shown, *pos(data, ("rules",), value=True), "rules: must be a list of rules")
+        seq = None
+    ref_file = _ref_file(path, base_dir)
+    for i, node in enumerate(seq or ()):
+        name = node.get("name") if isinstance(node, CommentedMap) else None
+        label = f"rule {name!r}" if isinstance(name, str) and name else f"rules.{i}"
+        if not isinstance(node, CommentedMap):
+            errors.add(shown, *pos(seq, (i,)), f"{label}: a rule is a mapping (name, action, hosts)")
+            continue
+        line = seq.lc.item(i)[0] + 1
+        m = validate_model(RuleModel, node, shown, errors, prefix=("rules", i), label=label)
+        rule = None if m is None else _compile_rule(m, node, i, line, ref_file, shown, settings, errors)
+        good_name = name if isinstance(name, str) and name else None
+        name_pos = pos(node, ("name",), value=True) if good_name else (line, 1)
+        entries.append(_Entry(good_name, line, name_pos, rule))
+    return _FileResult(False, tuple(entries), tuple((t[1], t[2], t[3]) for t in errors.items))
+
+
 def _load_rules(paths: list[tuple[Path, str]], base_dir: Path, settings: Settings, errors: ErrorList,
                 explicit: frozenset[Path] = frozenset()) -> _RuleLoad:
     out = _RuleLoad()
+    fingerprint = (frozenset(g.name for g in settings.clients), settings.inspect, str(base_dir.resolve()))
     for path, shown in paths:
-        ok, data = read_yaml(path, shown, errors, rule_file=True)
-        if not ok or data is None:
+        text = read_text(path, shown, errors)
+        if text is None:
             out.files.append(path)  # still watched: fixing it triggers a reload
             continue
-        if not isinstance(data, CommentedMap):
-            out.files.append(path)
-            errors.add(shown, 1, 1, "a rule file is a mapping with a 'rules:' list")
-            continue
-        if "cases" in data and "rules" not in data and path not in explicit:
-            out.skipped.append(path)  # a `portcullis test` file living next to the rules
+        key = (str(path.resolve()), shown, path in explicit, fingerprint,
+               hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest())
+        result = _CACHE.get(key)
+        if result is None:
+            result = _file_result(path, shown, text, base_dir, settings, path in explicit)
+            if not result.errors:
+                if len(_CACHE) >= _CACHE_MAX:
+                    _CACHE.clear()
+                _CACHE[key] = result
+        if result.skipped:
+            out.skipped.append(path)
             continue
         out.files.append(path)
-        unknown = [k for k in data if k != "rules"]
-        for k in unknown:
-            errors.add(shown, *pos(data, (k,)), f"unknown key {k!r} (a rule file has only 'rules:')")
-        seq = data.get("rules")
-        if seq is None:
-            continue  # `rules:` with nothing under it, or no key at all: no rules
-        if not isinstance(seq, CommentedSeq):
-            errors.add(shown, *pos(data, ("rules",), value=True), "rules: must be a list of rules")
-            continue
-        ref_file = _ref_file(path, base_dir)
-        for i, node in enumerate(seq):
-            name = node.get("name") if isinstance(node, CommentedMap) else None
-            label = f"rule {name!r}" if isinstance(name, str) and name else f"rules.{i}"
-            if not isinstance(node, CommentedMap):
-                errors.add(shown, *pos(seq, (i,)), f"{label}: a rule is a mapping (name, action, hosts)")
-                continue
-            line = seq.lc.item(i)[0] + 1
-            if isinstance(name, str) and name:
-                first = out.names.get(name)
+        for line, col, msg in result.errors:
+            errors.add_raw(shown, line, col, msg)
+        for e in result.entries:
+            if e.name is not None:
+                first = out.names.get(e.name)
                 if first is not None:
-                    errors.add(shown, *pos(node, ("name",), value=True),
-                               f"duplicate rule name {name!r} (first defined at {first})")
+                    errors.add(shown, *e.name_pos,
+                               f"duplicate rule name {e.name!r} (first defined at {first})")
                     continue
-                out.names[name] = f"{shown}:{line}"
-            m = validate_model(RuleModel, node, shown, errors, prefix=("rules", i), label=label)
-            if m is None:
-                continue
-            rule = _compile_rule(m, node, len(out.rules), line, ref_file, shown, settings, errors)
-            if rule is not None:
-                out.rules.append(rule)
+                out.names[e.name] = f"{shown}:{e.line}"
+            if e.rule is not None:
+                out.rules.append(e.rule)
     return out
 
 

@@ -26,6 +26,11 @@ class ErrorList:
         order = self.files.setdefault(path, len(self.files))
         self.items.append((order, line, col, f"{path}:{line}:{col}: {message}"))
 
+    def add_raw(self, path: str, line: int, col: int, text: str) -> None:
+        """An already formatted line (from a cached or nested ErrorList) for `path`."""
+        order = self.files.setdefault(path, len(self.files))
+        self.items.append((order, line, col, text))
+
     def add_plain(self, path: str, message: str) -> None:
         order = self.files.setdefault(path, len(self.files))
         self.items.append((order, 0, 0, f"{path}: {message}"))
@@ -44,19 +49,22 @@ def _yaml() -> YAML:
     return y
 
 
-def read_yaml(path: Path, shown: str, errors: ErrorList, *, rule_file: bool = False) -> tuple[bool, Any]:
-    """(ok, data). A missing/unreadable file or a YAML syntax error is recorded and ok is False.
+def read_text(path: Path, shown: str, errors: ErrorList) -> str | None:
+    """The file's text, or None with a `path: cannot read: ...` error recorded."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        errors.add_plain(shown, "cannot read: no such file")
+    except (OSError, UnicodeDecodeError) as e:
+        errors.add_plain(shown, f"cannot read: {getattr(e, 'strerror', None) or e}")
+    return None
+
+
+def parse_yaml(text: str, shown: str, errors: ErrorList, *, rule_file: bool = False) -> tuple[bool, Any]:
+    """(ok, data). A YAML syntax error is recorded with its position and ok is False.
 
     Rule files first go through the strict fast reader (same tree as ruamel.yaml, or it declines).
     """
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        errors.add_plain(shown, "cannot read: no such file")
-        return False, None
-    except (OSError, UnicodeDecodeError) as e:
-        errors.add_plain(shown, f"cannot read: {getattr(e, 'strerror', None) or e}")
-        return False, None
     if rule_file:
         tree = parse_rule_file(text)
         if tree is not None:
@@ -78,6 +86,14 @@ def read_yaml(path: Path, shown: str, errors: ErrorList, *, rule_file: bool = Fa
     except (RecursionError, ValueError, TypeError) as e:  # e.g. absurdly deep nesting: an error, not a crash
         errors.add(shown, 1, 1, f"cannot parse: {type(e).__name__}: {e}"[:300])
     return False, None
+
+
+def read_yaml(path: Path, shown: str, errors: ErrorList, *, rule_file: bool = False) -> tuple[bool, Any]:
+    """(ok, data) of a file: read_text then parse_yaml."""
+    text = read_text(path, shown, errors)
+    if text is None:
+        return False, None
+    return parse_yaml(text, shown, errors, rule_file=rule_file)
 
 
 def pos(node: Any, loc: Sequence[Any], value: bool = False) -> tuple[int, int]:

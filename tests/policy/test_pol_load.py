@@ -171,3 +171,22 @@ def test_absurdly_deep_yaml_is_an_error_not_a_crash(tmp_path: Path) -> None:
     assert load_errors(tmp_path / "c.yaml") == [
         f"{tmp_path / 'deep.yaml'}:1:1: cannot parse: RecursionError: maximum recursion depth exceeded"
     ]
+
+
+def test_reload_reuses_unchanged_files_and_recompiles_changed_ones(tmp_path: Path) -> None:
+    (tmp_path / "rules").mkdir()
+    big = tmp_path / "rules" / "a.yaml"
+    big.write_text("rules:\n  - name: a\n    action: allow\n    hosts: [a.test]\n    clients: [ci]\n")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("rules: [rules/]\nclients: [{name: ci, cidrs: [10.0.0.0/8]}]\n")
+    lc = load_config(cfg)
+    (tmp_path / "rules" / "b.yaml").write_text("rules:\n  - name: b\n    action: deny\n    hosts: [b.test]\n")
+    p2 = load_policy(lc.config, lc.base_dir)
+    assert p2.rules[0] is lc.policy.rules[0]  # a.yaml was not compiled again
+    assert [r.ref.name for r in p2.rules] == ["a", "b"]
+    big.write_text("rules:\n  - name: a2\n    action: allow\n    hosts: [a.test]\n")
+    assert [r.ref.name for r in load_policy(lc.config, lc.base_dir).rules] == ["a2", "b"]
+    # what compilation depends on is part of the key: without the client group the file is wrong
+    big.write_text("rules:\n  - name: a\n    action: allow\n    hosts: [a.test]\n    clients: [ci]\n")
+    cfg.write_text("rules: [rules/]\n")
+    assert load_errors(cfg) == [f"{big}:5:15: rule 'a': unknown client group 'ci' (config has no clients)"]
