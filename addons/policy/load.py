@@ -166,12 +166,12 @@ class _FileResult:
     errors: tuple[tuple[int, int, str], ...]
 
 
-# Compiled rule files by content: a reload re-reads every file but only re-compiles changed
-# ones (a persisted approval must not cost a re-parse of a 100k-rule file). Only clean results
-# are kept; the key holds everything compilation depends on. Bounded; safe across threads
-# because entries are immutable and dict operations are atomic.
-_CACHE: dict[tuple[object, ...], _FileResult] = {}
-_CACHE_MAX = 256
+# The last clean compile of each rule file: a reload re-reads every file but only re-compiles
+# changed ones (a persisted approval must not cost a re-parse of a 100k-rule file). One entry
+# per path (its key holds the content digest and everything compilation depends on), so memory
+# stays bounded by the files in use. Safe across threads: values are immutable, dict ops atomic.
+_CACHE: dict[str, tuple[tuple[object, ...], _FileResult]] = {}
+_CACHE_MAX = 1024
 
 
 def _file_result(path: Path, shown: str, text: str, base_dir: Path, settings: Settings,
@@ -217,15 +217,20 @@ def _load_rules(paths: list[tuple[Path, str]], base_dir: Path, settings: Setting
         if text is None:
             out.files.append(path)  # still watched: fixing it triggers a reload
             continue
-        key = (str(path.resolve()), shown, path in explicit, fingerprint,
-               hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest())
-        result = _CACHE.get(key)
-        if result is None:
+        where = str(path.resolve())
+        digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
+        key = (shown, path in explicit, fingerprint, digest)
+        cached = _CACHE.get(where)
+        if cached is not None and cached[0] == key:
+            result = cached[1]
+        else:
             result = _file_result(path, shown, text, base_dir, settings, path in explicit)
-            if not result.errors:
-                if len(_CACHE) >= _CACHE_MAX:
-                    _CACHE.clear()
-                _CACHE[key] = result
+            if len(_CACHE) >= _CACHE_MAX:
+                _CACHE.clear()
+            if result.errors:
+                _CACHE.pop(where, None)
+            else:
+                _CACHE[where] = (key, result)
         if result.skipped:
             out.skipped.append(path)
             continue
