@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -153,13 +153,13 @@ class Portcullis:
         scheme = r.scheme
         if r.headers.get("upgrade", "").lower() == "websocket":
             scheme = "wss" if scheme == "https" else "ws"
-        req = _with(req, path=path, scheme=scheme)
+        req.path, req.scheme = path, scheme
         proxy_authz = r.headers.pop("proxy-authorization", None)  # never forwarded upstream
         if tunnel is None:
             res, user = self.auth.check(proxy_authz, req.client_address)
             if res is AuthResult.BAD:
                 return req, refusal(req, Reason.PROXY_AUTH, status=407)
-            req = _with(req, client_user=user)
+            req.client_user = user
         try:
             host = normalize_host(r.host)
         except ValueError as e:
@@ -169,7 +169,7 @@ class Portcullis:
                 detail=str(e),
                 client_name=self._client_name(req.client_address, req.client_user),
             )
-        req = _with(req, host=host)
+        req.host = host
         cname = self._client_name(req.client_address, req.client_user)
         if r.method == "PRI" or r.path == "*":
             return req, refusal(req, Reason.BAD_REQUEST, detail="not a proxy request", client_name=cname)
@@ -247,7 +247,7 @@ class Portcullis:
         res, user = self.auth.check(r.headers.get("proxy-authorization"), req.client_address)
         if res is AuthResult.BAD:
             return req, refusal(req, Reason.PROXY_AUTH, status=407)
-        req = _with(req, client_user=user)
+        req.client_user = user
         try:
             host = normalize_host(r.host)
         except ValueError as e:
@@ -257,7 +257,7 @@ class Portcullis:
                 detail=str(e),
                 client_name=self._client_name(req.client_address, user),
             )
-        req = _with(req, host=host)
+        req.host = host
         return req, await self.decider.decide(req, lambda: _client_alive(flow.client_conn))
 
     def http_connect_error(self, flow: http.HTTPFlow) -> None:
@@ -414,7 +414,3 @@ class Portcullis:
 
     def server_disconnected(self, data: server_hooks.ServerConnectionHookData) -> None:
         self._orig_address.pop(data.server.id, None)
-
-
-def _with(req: Request, **changes: Any) -> Request:
-    return replace(req, **changes)

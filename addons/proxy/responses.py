@@ -15,8 +15,7 @@ REASON_HEADER = "X-Portcullis-Reason"
 
 # One sentence per reason that a person or an agent can act on.
 _MESSAGES: dict[str, str] = {
-    Reason.RULE: "Rule '{rule}' denies {dest}; ask an operator to change the rules if this access is "
-    "needed.",
+    Reason.RULE: "Rule '{rule}' denies {dest}; ask an operator to change the rules if this access is needed.",
     Reason.DEFAULT: "No rule allows {dest} and the default action is to deny; ask an operator to add an "
     "allow rule.",
     Reason.PRIVATE_ADDRESS: "{dest} is a private, local or metadata address ({detail}), which is never "
@@ -32,8 +31,7 @@ _MESSAGES: dict[str, str] = {
     "approved.",
     Reason.BAD_REQUEST: "The request could not be understood as a proxy request to {dest} ({detail}).",
     Reason.PROXY_AUTH: "Proxy credentials are missing or wrong; send a valid Proxy-Authorization header.",
-    Reason.CLIENT_CLOSED: "The client closed the connection while access to {dest} was waiting for "
-    "approval.",
+    Reason.CLIENT_CLOSED: "The client closed the connection while access to {dest} was waiting for approval.",
     Reason.INTERNAL_ERROR: "The proxy could not decide on {dest} because of an internal error; the request "
     "was refused to stay safe.",
 }

@@ -48,9 +48,9 @@ class Verdict:
     private_class: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Request:
-    """What is being decided (host already normalised)."""
+    """What is being decided (host normalised once the proxy has parsed it)."""
 
     host: str
     port: int
@@ -118,14 +118,17 @@ class Decider:
             client_address=req.client_address,
             client_user=req.client_user,
         )
-        d = policy.decide(q)
-        pin: Pin | None = None
+        pin: Pin | None = self.pins.get(req.client_id, req.host, req.port)
         unresolvable: str | None = None
-        if d.action is not Action.DENY or (self.audit and d.reason.value in AUDITED):
+        if pin is not None:
+            # Already resolved on this connection: one decision with those checked answers (deciding
+            # with addresses is never less restrictive than without).
+            d = policy.decide(dataclasses.replace(q, addresses=pin.addresses))
+        else:
+            d = policy.decide(q)
             # Resolve only names the rules do not already refuse: no DNS query leaks a denied name
             # (in audit mode a rule denial still goes through, so it needs its checked address too).
-            pin = self.pins.get(req.client_id, req.host, req.port)
-            if pin is None:
+            if d.action is not Action.DENY or (self.audit and d.reason.value in AUDITED):
                 try:
                     addrs = await resolve(
                         req.host, req.port, is_ip(req.host), policy.static_resolve(req.host), self.lookup
@@ -134,19 +137,17 @@ class Decider:
                     unresolvable = str(e)
                 else:
                     pin = Pin(req.host, req.port, addrs)
-            if pin is not None:
-                d = policy.decide(dataclasses.replace(q, addresses=pin.addresses))
-                own = self.self_addresses()
-                if d.reason is not Reason.PRIVATE_ADDRESS and any(
-                    (a, req.port) in own for a in pin.addresses
-                ):
-                    d = Decision(
-                        Action.DENY,
-                        Reason.PRIVATE_ADDRESS,
-                        client_name=d.client_name,
-                        private_class="self",
-                        detail="the destination is this proxy itself",
-                    )
+                    d = policy.decide(dataclasses.replace(q, addresses=addrs))
+        if pin is not None and d.reason is not Reason.PRIVATE_ADDRESS:
+            own = self.self_addresses()
+            if any((a, req.port) in own for a in pin.addresses):
+                d = Decision(
+                    Action.DENY,
+                    Reason.PRIVATE_ADDRESS,
+                    client_name=d.client_name,
+                    private_class="self",
+                    detail="the destination is this proxy itself",
+                )
         latency = time.monotonic() - t0
         v = self._from_decision(req, d, pin)
         v.latency_s = latency
