@@ -22,6 +22,9 @@ SESSION_S = 12 * 3600
 _ACTIONS = (("allow", "once", "Allow once"), ("allow", "session", "Allow for session"),
             ("allow", "always", "Allow always"), ("deny", "once", "Deny"),
             ("deny", "session", "Deny for session"), ("deny", "always", "Deny always"))
+_HINTS = {"once": "only the requests waiting now (or the next retry)",
+          "session": "this client, this host:port, for approvals.session_ttl",
+          "always": "adds a rule to approvals.persist_to"}
 _HEADERS = {
     # No scripts at all; forms may only post back here; never framed (clickjacking).
     "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; "
@@ -32,7 +35,7 @@ _HEADERS = {
 _STYLE = """body{font:14px system-ui,sans-serif;margin:2em;color:#222}
 table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}
 .msg{padding:8px;background:#eef}
-.err{background:#fee}button{margin:2px}code{font-size:13px}"""
+.err{background:#fee}button{margin:2px}button[value^=deny]{color:#a00}code{font-size:13px}"""
 
 
 def add_routes(app: web.Application, service: ApprovalService, token: str | None) -> None:
@@ -173,8 +176,8 @@ class _Page:
     def _row(self, a: Approval, csrf: str, now: float) -> str:
         client = escape(a.client_name or "") + (f" <code>{escape(a.client_address)}</code>"
                                                 if a.client_address else "")
-        buttons = "".join(f"<button type='submit' name='action' value='{d}:{s}'>{label}</button>"
-                          for d, s, label in _ACTIONS)
+        buttons = "".join(f"<button type='submit' name='action' value='{d}:{s}' title='{_HINTS[s]}'>"
+                          f"{label}</button>" for d, s, label in _ACTIONS)
         return (
             f"<tr data-id='{escape(a.id)}'><td>{client}</td><td>{escape(_dest(a))}</td>"
             f"<td>{escape(a.rule or '(default)')}</td><td>{_ago(now - a.created_at)}</td>"
