@@ -5,6 +5,7 @@
 Upstream: nginx (1 worker) on 127.0.0.2, HTTP `return 200 "ok\\n"` and the same over TLS (cert for
 public.test from a throwaway CA). Workloads, each a bounded cell, interleaved across proxies per round:
   http-ka   wrk -t1 -c10, absolute-form GET through the proxy on keep-alive connections
+  http-close  the same with `Connection: close` (a new client and upstream connection per request)
   connect   2 client processes: new TCP + CONNECT + TLS handshake + GET + close, per request
 Prints a table (median of rounds) with ratios against mitmdump and Squid, and one JSON line.
 This is a benchmark, not a test: numbers depend on the box (2 cores shared by load, proxy and nginx).
@@ -202,11 +203,14 @@ def target_host(proxy: str) -> str:
     return UP_IP if proxy.startswith("mitmdump") else HOST
 
 
-def wrk_http(stack: Stack, proxy: str, seconds: float) -> dict[str, float]:
+def wrk_http(stack: Stack, proxy: str, seconds: float, close: bool = False) -> dict[str, float]:
     host = target_host(proxy)
-    script = stack.work / f"wrk-{proxy}.lua"
+    script = stack.work / f"wrk-{proxy}-{int(close)}.lua"
     url = f"http://{host}:{stack.http_port}/"
-    script.write_text(f'wrk.path = "{url}"\nwrk.headers["Host"] = "{host}:{stack.http_port}"\n')
+    lua = f'wrk.path = "{url}"\nwrk.headers["Host"] = "{host}:{stack.http_port}"\n'
+    if close:
+        lua += 'wrk.headers["Connection"] = "close"\n'
+    script.write_text(lua)
     out = subprocess.run(
         [
             "wrk",
@@ -315,7 +319,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--only", help="comma-separated subset of portcullis,mitmdump,mitmdump-ignore,squid")
-    ap.add_argument("--workloads", default="http-ka,connect")
+    ap.add_argument("--workloads", default="http-ka,http-close,connect")
     args = ap.parse_args()
     if shutil.which("wrk") is None or shutil.which("nginx") is None:
         print("needs wrk and nginx (apt-get install wrk nginx-light; squid optional)", file=sys.stderr)
@@ -331,10 +335,12 @@ def main() -> int:
         for r in range(args.rounds):
             for proxy in stack.ports:  # interleaved: every proxy once per round, per workload
                 for wl in workloads:
-                    if wl == "http-ka" and proxy == "mitmdump-ignore":
+                    if wl.startswith("http") and proxy == "mitmdump-ignore":
                         continue  # ignore_hosts does not apply to plain HTTP: same as mitmdump
-                    fn = wrk_http if wl == "http-ka" else connect_tunnels
-                    res = fn(stack, proxy, args.seconds)
+                    if wl == "connect":
+                        res = connect_tunnels(stack, proxy, args.seconds)
+                    else:
+                        res = wrk_http(stack, proxy, args.seconds, close=wl == "http-close")
                     results.setdefault(wl, {}).setdefault(proxy, []).append(res)
                     print(
                         f"round {r} {wl:8} {proxy:16} " + " ".join(f"{k}={v:.2f}" for k, v in res.items()),
