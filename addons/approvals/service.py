@@ -169,6 +169,10 @@ class ApprovalService:
         if live is not None and live.approval.expires_at <= now:
             self._expire(live)
             live = None
+        if live is not None:
+            self._sync(live)  # decided by another replica meanwhile? then this request asks afresh
+            if live.future.done():
+                live = None
         if live is None and (shared := self.store.pending_for(req.client_key, req.host, req.port, now)):
             live = self._track(shared, asyncio.get_running_loop())  # opened by another replica
             self._gauge()

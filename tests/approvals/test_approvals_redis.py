@@ -129,3 +129,14 @@ async def test_two_replicas_share_one_approval_and_each_others_decisions(make_se
     assert (out_b.reason, out_b.approval_id) == (Reason.APPROVAL_DENIED, approval.id)
     await asyncio.sleep(0.1)
     assert len(receiver.deliveries()) == 1  # one webhook for the shared approval
+
+
+async def test_hold_false_replica_sees_a_remote_decision_and_asks_afresh(make_service, redis_url):
+    a = await make_service(store=redis_url, hold=False, timeout=30, poll=0.05)
+    b = await make_service(store=redis_url, hold=False, timeout=30, poll=0.05)
+    first = await a.resolve(request(), alive)
+    await b.decide(first.approval_id, "deny", "once", "b", None)
+    assert (await a.resolve(request(), alive)).reason == Reason.APPROVAL_DENIED  # the `once` deny, used once
+    await asyncio.sleep(0.06)
+    again = await a.resolve(request(), alive)
+    assert again.reason == Reason.APPROVAL_PENDING and again.approval_id != first.approval_id
