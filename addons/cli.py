@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
         v.add_argument("--reason", default="")
 
     wv = sub.add_parser("webhook-verify", help="verify a Standard Webhooks signature (for receivers)")
-    wv.add_argument("--secret-env", default="PORTCULLIS_WEBHOOK_SECRET", help="variable holding the whsec_ secret")
+    wv.add_argument("--secret-env", default="PORTCULLIS_WEBHOOK_SECRET",
+                    help="variable holding the whsec_ secret")
     wv.add_argument("--id", required=True, dest="msg_id", help="the webhook-id header")
     wv.add_argument("--timestamp", required=True, help="the webhook-timestamp header")
     wv.add_argument("--signature", required=True, help="the webhook-signature header")
@@ -82,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     module_name, func_name = _HANDLERS[args.command].split(":")
-    handler = cast(Callable[[argparse.Namespace], int], getattr(importlib.import_module(module_name), func_name))
+    module = importlib.import_module(module_name)
+    handler = cast(Callable[[argparse.Namespace], int], getattr(module, func_name))
     try:
         return handler(args)
     except KeyboardInterrupt:

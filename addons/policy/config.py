@@ -42,7 +42,7 @@ class Strict(BaseModel):
 
 class AdminConfig(Strict):
     listen: NonEmpty = "127.0.0.1:9090"
-    token_env: NonEmpty = "PORTCULLIS_ADMIN_TOKEN"
+    token_env: NonEmpty = "PORTCULLIS_ADMIN_TOKEN"  # noqa: S105 - the variable's name, not a secret
 
 
 class WebhookConfig(Strict):

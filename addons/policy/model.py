@@ -24,7 +24,7 @@ class Reason(StrEnum):
     RULE = "rule"                        # a rule decided (allow or deny)
     DEFAULT = "default"                  # no rule matched: default_action
     PRIVATE_ADDRESS = "private_address"  # literal or resolved address in a blocked class
-    SNI_MISMATCH = "sni_mismatch"        # ClientHello SNI differs from the CONNECT authority / missing / not TLS
+    SNI_MISMATCH = "sni_mismatch"        # SNI differs from the CONNECT authority, is missing, or not TLS
     HOST_MISMATCH = "host_mismatch"      # Host header or inner request target differs from the authority
     APPROVAL_DENIED = "approval_denied"  # a person (or a deny grant) said no
     APPROVAL_TIMEOUT = "approval_timeout"
