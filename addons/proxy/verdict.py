@@ -192,7 +192,8 @@ class Decider:
             v.decision, v.reason = "deny", Reason.APPROVAL_PENDING.value
             return v
         ask = Ask(
-            client_key=req.client_user or d.client_name or req.client_address or "-",
+            # One agent, not its whole group: an authenticated user, else the source address.
+            client_key=f"user:{req.client_user}" if req.client_user else (req.client_address or "-"),
             client_address=req.client_address,
             client_name=d.client_name,
             host=req.host,
