@@ -468,7 +468,11 @@ class PortcullisProc:
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         if wait:
-            ev = self.wait_event("proxy.started", timeout=START_TIMEOUT)
+            try:
+                ev = self.wait_event("proxy.started", timeout=START_TIMEOUT)
+            except BaseException:
+                self.stop()  # never leak a half-started process
+                raise
             self.port = int(ev["listen"][0].rsplit(":", 1)[1])
             self.admin_port = int(ev["admin"].rsplit(":", 1)[1])
         return self
