@@ -6,6 +6,7 @@ import hashlib
 import hmac
 import secrets
 import time
+from collections import deque
 from collections.abc import Mapping
 from html import escape
 
@@ -19,6 +20,7 @@ from addons.approvals.store import PENDING, Approval
 SESSION_COOKIE = "portcullis_session"
 LOGIN_COOKIE = "portcullis_login"
 SESSION_S = 12 * 3600
+LOGIN_FAILURES, LOGIN_WINDOW_S = 10, 60.0
 _ACTIONS = (("allow", "once", "Allow once"), ("allow", "session", "Allow for session"),
             ("allow", "always", "Allow always"), ("deny", "once", "Deny"),
             ("deny", "session", "Deny for session"), ("deny", "always", "Deny always"))
@@ -50,6 +52,7 @@ class _Page:
     def __init__(self, service: ApprovalService, token: str | None) -> None:
         self.service = service
         self.token = token
+        self._failures: deque[float] = deque()  # monotonic times of recent wrong tokens
 
     # Session cookie: "<expiry>.<nonce>.<mac>", MAC keyed by the admin token; CSRF token derived from it.
 
@@ -93,7 +96,13 @@ class _Page:
             return self._login_page(request, "The login form expired; try again.", status=403)
         if not self.token:
             return self._login_page(request, NO_TOKEN, status=401)
+        now = time.monotonic()
+        while self._failures and now - self._failures[0] > LOGIN_WINDOW_S:
+            self._failures.popleft()
+        if len(self._failures) >= LOGIN_FAILURES:  # slow down guessing; the API's bearer check is unaffected
+            return self._login_page(request, "Too many wrong tokens; wait a minute.", status=429)
         if not token_ok(self.token, given):
+            self._failures.append(now)
             return self._login_page(request, "Wrong token.", status=401)
         expiry, nonce = int(time.time()) + SESSION_S, secrets.token_hex(16)
         resp = web.HTTPSeeOther("/", headers=_HEADERS)

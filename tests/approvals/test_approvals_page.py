@@ -115,3 +115,11 @@ async def test_page_without_a_token_configured_says_how_to_set_it(make_service, 
         r = await client.get("/")
         assert r.status_code == 401 and "PORTCULLIS_ADMIN_TOKEN" in r.text
         assert (await client.post("/login", data={"token": "", "csrf": ""})).status_code in (401, 403)
+
+
+async def test_repeated_wrong_tokens_are_throttled(page_setup):
+    _, client = page_setup
+    for _ in range(10):
+        assert (await login(client, token="guess")).status_code == 401
+    assert (await login(client, token="guess")).status_code == 429
+    assert (await login(client)).status_code == 429  # even the right token waits out the window
