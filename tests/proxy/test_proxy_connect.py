@@ -260,3 +260,40 @@ def test_http2_in_an_inspected_tunnel_is_decided_per_request(proxy, upstreams):
     assert r.status == 403 and r.headers["x-portcullis-decision"] == "deny"
     assert r.headers["x-portcullis-reason"] == "default" and r.json()["reason"] == "default"
     assert not upstreams.seen(lambda q: q["path"] == "/denied/h2")
+
+
+def test_inspect_always_decides_every_request_and_asks_about_requests_not_tunnels(upstreams, tmp_path):
+    cfg = base_config(
+        upstreams,
+        tmp_path,
+        tls={"inspect": "always", "ca_dir": "certs/", "upstream_ca": str(upstreams.ca_pem)},
+    )
+    cfg["approvals"]["hold"] = False
+    rules = [RULES[0], {"name": "ask", "action": "approval", "hosts": ["approve.test"]}]
+    with PortcullisProc(tmp_path, upstreams, rules=rules, config=cfg) as p:
+        r = p.curl(f"https://public.test:{upstreams.tls_port}/always?x=1")
+        assert r.status == 200, r.stderr
+        ev = p.wait_event("egress.decision", **{"request.path": "/always"})
+        assert ev["layer"] == "inspected" and ev["decision"] == "allow" and ev["rule"] == "public"
+        r = p.curl(f"https://approve.test:{upstreams.tls_port}/held")
+        assert r.status == 403 and r.headers["x-portcullis-reason"] == "approval_pending"
+        assert int(r.headers["retry-after"]) > 0
+        body = r.json()
+        assert body["reason"] == "approval_pending" and body["approval_id"] and body["rule"] == "ask"
+        assert not upstreams.seen(lambda q: q["path"] == "/held")
+
+
+@pytest.mark.parametrize("spelling", ["BLOCKED.TEST", "blocked.test.", "Blocked.Test.", "xn--blocked-.test"])
+def test_denied_name_spellings_on_connect(proxy, upstreams, spelling):
+    s, rep = proxy.connect_tunnel(f"{spelling}:{upstreams.tls_port}")
+    s.close()
+    if spelling.startswith("xn--"):  # not valid punycode: mitmproxy's parser refuses it; our 400 page
+        assert rep.status == 400 and rep.headers["x-portcullis-decision"] == "deny"
+        assert rep.headers["x-portcullis-reason"] == "bad_request" and rep.json()["reason"] == "bad_request"
+    else:
+        assert_denied(rep, "rule", "no-blocked")
+
+
+def test_trailing_dot_authority_with_plain_sni_is_the_same_host(proxy, upstreams):
+    r = proxy.curl(f"https://public.test.:{upstreams.tls_port}/dot", "--cacert", str(upstreams.ca_pem))
+    assert r.exit_code == 0 and r.status == 200, r.stderr
