@@ -166,3 +166,32 @@ def test_grants_deny_first_single_use_consumed_expired_swept(tmp_path):
     assert s.take_grant("other", "h", 443, now=50) is None
     assert s.sweep(now=150) == 2
     assert s.grants(now=0) == []
+
+
+def test_a_reader_never_sees_a_partial_file(tmp_path):
+    """What the hot reload relies on: every read during 20 appends parses and has whole rules."""
+    p = tmp_path / "approved.yaml"
+    p.write_text("rules: []\n")
+    stop = threading.Event()
+    seen: list[int] = []
+    bad: list[str] = []
+
+    def reader() -> None:
+        while not stop.is_set():
+            text = p.read_text()
+            try:
+                seen.append(len(RuleFile.model_validate(YAML(typ="safe").load(text)).rules))
+            except Exception as e:  # noqa: BLE001 - collected and asserted below
+                bad.append(f"{e}: {text!r}")
+
+    t = threading.Thread(target=reader)
+    t.start()
+    try:
+        for i in range(20):
+            add(p, f"r{i}", host=f"h{i}.example")
+    finally:
+        stop.set()
+        t.join(10)
+    assert bad == [] and len(seen) > 0
+    assert seen == sorted(seen)  # rules only ever appear, whole and in order
+    assert len(rules(p)) == 20
