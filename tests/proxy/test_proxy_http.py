@@ -284,3 +284,12 @@ def test_clients_are_identified_by_source_cidr(proxy, upstreams):
     ev = proxy.wait_event("egress.decision", **{"request.path": "/cidr"})
     assert ev["client"]["name"] == "loopback" and ev["rule"] == "local-only"
     assert_denied(proxy.raw(get("api.public.test", upstreams.http_port)), "default")
+
+
+def test_http2_prior_knowledge_on_the_proxy_port_is_refused(proxy, upstreams):
+    with proxy.connect() as s:
+        s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        r = read_reply(s)
+    assert r.status in (400, 403)
+    assert r.headers["x-portcullis-decision"] == "deny" and r.headers["x-portcullis-reason"] == "bad_request"
+    assert r.json()["reason"] == "bad_request"
