@@ -13,6 +13,7 @@ from approvals_support import SECRET, alive, request, wait_until
 
 from addons.approvals.errors import ApprovalError
 from addons.approvals.webhook import VerifyError, parse_secret, redact_url, sign, verify
+from addons.telemetry.validate import validate_event
 
 KEY = base64.b64decode(SECRET.removeprefix("whsec_"))
 BODY = b'{"type":"approval.requested","id":"apr_1"}'
@@ -110,6 +111,7 @@ async def test_410_stops_retries_and_is_reported(make_service, receiver, events)
     await wait_until(lambda: not svc._sender._tasks)
     assert len(receiver.deliveries()) == 1
     [failed] = events.of("webhook.failed")
+    validate_event(failed)
     assert failed["approval_id"] == pend.approval_id
     assert (failed["status"], failed["result"]) == (410, "gone")
     assert deliveries(svc, "gone") == 1.0
@@ -126,6 +128,7 @@ async def test_redirects_are_not_followed_and_retries_end_at_expiry(make_service
     assert len(attempts) >= 2  # retried ...
     assert all(int(a["headers"]["webhook-timestamp"]) <= expires for a in attempts)  # ... but not past expiry
     [failed] = events.of("webhook.failed")
+    validate_event(failed)
     assert failed["result"] == "expired" and failed["status"] == 307
     assert "s3cret" not in failed["url"] and "?" not in failed["url"]
     assert deliveries(svc, "failed") == 1.0
