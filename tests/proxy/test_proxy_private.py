@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
 
 import pytest
 
@@ -92,6 +93,9 @@ def test_loopback_spellings_connect(proxy, host):
 def ns_proxy(upstreams, tmp_path_factory):
     if shutil.which("unshare") is None or shutil.which("nsenter") is None:
         pytest.skip("needs unshare and nsenter")
+    probe = subprocess.run(["unshare", "-n", "true"], capture_output=True, check=False)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot create a network namespace here (needs root): {probe.stderr.decode().strip()}")
     folder = tmp_path_factory.mktemp("netns")
     cfg = base_config(upstreams, folder)
     cfg["network"]["resolve"]["mixed.test"] = ["127.0.0.2", "10.0.0.1"]
