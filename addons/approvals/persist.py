@@ -96,12 +96,20 @@ def _with_rule(before: str | None, rule: dict[str, Any], comment: str, path: Pat
         text = before.rstrip("\n") + "\n" + _rule_text(rule, comment, col)
     else:
         text = _round_trip(doc, rule, comment)
-    new = _load(text, path)
-    if _plain(new.get("rules")) != [*old, rule]:  # never write something that changes other rules
+    if not _appends(text, old, rule, path):  # never write something that changes other rules
         text = _round_trip(_load(before, path), rule, comment)
-        if _plain(_load(text, path).get("rules")) != [*old, rule]:
+        if not _appends(text, old, rule, path):
             raise ApprovalError(f"{path}: could not append the rule without changing others; edit by hand")
     return text
+
+
+def _appends(text: str, old: list[Any], rule: dict[str, Any], path: Path) -> bool:
+    """Does `text` hold exactly the old rules followed by the new one?"""
+    try:
+        new = _load(text, path)
+    except ApprovalError:  # an unusual indentation style defeated the text append
+        return False
+    return isinstance(new, CommentedMap) and _plain(new.get("rules")) == [*old, rule]
 
 
 def _rule_text(rule: dict[str, Any], comment: str, col: int) -> str:

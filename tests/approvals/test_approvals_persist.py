@@ -195,3 +195,16 @@ def test_a_reader_never_sees_a_partial_file(tmp_path):
     assert bad == [] and len(seen) > 0
     assert seen == sorted(seen)  # rules only ever appear, whole and in order
     assert len(rules(p)) == 20
+
+
+@pytest.mark.parametrize("text", [
+    "rules:\n    -   name: a\n        action: allow\n        hosts: [a.example]\n",
+    "rules:\n- name: a\n  action: allow\n  hosts: [a.example]\n  description: |\n    two\n    lines\n",
+    "rules:\n  - name: a\n    action: allow\n    hosts:\n      - a.example\n# trailing comment",
+    "rules:\r\n- name: a\r\n  action: allow\r\n  hosts: [a.example]\r\n",
+])
+def test_unusual_layouts_still_append_exactly_one_rule(tmp_path, text):
+    p = tmp_path / "approved.yaml"
+    p.write_bytes(text.encode())
+    add(p, "new")
+    assert [r.name for r in rules(p)] == ["a", "new"]
