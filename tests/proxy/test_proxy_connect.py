@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import ssl
 import time
@@ -297,3 +298,53 @@ def test_denied_name_spellings_on_connect(proxy, upstreams, spelling):
 def test_trailing_dot_authority_with_plain_sni_is_the_same_host(proxy, upstreams):
     r = proxy.curl(f"https://public.test.:{upstreams.tls_port}/dot", "--cacert", str(upstreams.ca_pem))
     assert r.exit_code == 0 and r.status == 200, r.stderr
+
+
+def _h2_request(tls: ssl.SSLSocket, authority: str, path: str) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/2 request on an already negotiated (ALPN h2) TLS socket; returns status, headers, body."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+    conn.initiate_connection()
+    conn.send_headers(
+        1,
+        [(":method", "GET"), (":scheme", "https"), (":authority", authority), (":path", path)],
+        end_stream=True,
+    )
+    tls.sendall(conn.data_to_send())
+    status, headers, body = 0, {}, b""
+    while True:
+        data = tls.recv(65536)
+        if not data:
+            break
+        for ev in conn.receive_data(data):
+            if isinstance(ev, h2.events.ResponseReceived):
+                headers = {str(k): str(v) for k, v in ev.headers}
+                status = int(headers[":status"])
+            elif isinstance(ev, h2.events.DataReceived):
+                body += ev.data
+                conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+            elif isinstance(ev, h2.events.StreamEnded | h2.events.StreamReset):
+                return status, headers, body
+        tls.sendall(conn.data_to_send())
+    return status, headers, body
+
+
+@pytest.mark.parametrize("authority", ["public.test:{port}", "api.public.test:1", "evil.test"])
+def test_http2_authority_must_name_the_connect_authority(proxy, upstreams, authority):
+    port = upstreams.h2_port
+    s, rep = proxy.connect_tunnel(f"api.public.test:{port}")
+    assert rep.status == 200
+    ctx = ssl.create_default_context(cafile=str(proxy.trust_bundle()))
+    ctx.set_alpn_protocols(["h2"])
+    with ctx.wrap_socket(s, server_hostname="api.public.test") as t:
+        assert t.selected_alpn_protocol() == "h2"
+        status, headers, body = _h2_request(t, authority.format(port=port), "/ok/1")
+    assert status == 403 and headers["x-portcullis-decision"] == "deny"
+    assert headers["x-portcullis-reason"] == "host_mismatch"
+    assert json.loads(body)["reason"] == "host_mismatch"
+    assert not upstreams.seen(
+        lambda q: q["server"] == "h2" and q["path"] == "/ok/1" and q["host"] != f"api.public.test:{port}"
+    )
