@@ -335,6 +335,7 @@ def _h2_request(tls: ssl.SSLSocket, authority: str, path: str) -> tuple[int, dic
 @pytest.mark.parametrize("authority", ["public.test:{port}", "api.public.test:1", "evil.test"])
 def test_http2_authority_must_name_the_connect_authority(proxy, upstreams, authority):
     port = upstreams.h2_port
+    before = len(upstreams.seen())
     s, rep = proxy.connect_tunnel(f"api.public.test:{port}")
     assert rep.status == 200
     ctx = ssl.create_default_context(cafile=str(proxy.trust_bundle()))
@@ -345,6 +346,4 @@ def test_http2_authority_must_name_the_connect_authority(proxy, upstreams, autho
     assert status == 403 and headers["x-portcullis-decision"] == "deny"
     assert headers["x-portcullis-reason"] == "host_mismatch"
     assert json.loads(body)["reason"] == "host_mismatch"
-    assert not upstreams.seen(
-        lambda q: q["server"] == "h2" and q["path"] == "/ok/1" and q["host"] != f"api.public.test:{port}"
-    )
+    assert len(upstreams.seen()) == before
