@@ -347,3 +347,15 @@ def test_http2_authority_must_name_the_connect_authority(proxy, upstreams, autho
     assert headers["x-portcullis-reason"] == "host_mismatch"
     assert json.loads(body)["reason"] == "host_mismatch"
     assert len(upstreams.seen()) == before
+
+
+def test_ip_literal_authority_with_a_name_in_sni_is_refused(proxy, upstreams):
+    def go():
+        s, rep = proxy.connect_tunnel(f"127.0.0.2:{upstreams.sink_port}")
+        assert rep.status == 200
+        s.sendall(tls_client_hello("blocked.test"))
+        assert closed_by_proxy(s)
+        s.close()
+
+    _, nbytes = sink_bytes_after(upstreams, go)
+    assert nbytes == 0
