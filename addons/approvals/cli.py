@@ -49,7 +49,7 @@ def approvals_command(args: argparse.Namespace) -> int:
         doc = {"message": resp.text.strip()}
     if resp.status_code != 200:
         msg = doc.get("message") if isinstance(doc, dict) else None
-        hint = f" (is {token_env} set?)" if resp.status_code == 401 else ""
+        hint = f" (check the token in ${token_env})" if resp.status_code == 401 else ""
         print(f"portcullis approvals: refused, HTTP {resp.status_code}: {msg or resp.reason_phrase}{hint}",
               file=sys.stderr)
         if args.json:

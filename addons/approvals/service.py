@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 Key = tuple[str, str, int]
 DEFAULT_ADMIN_URL = "http://127.0.0.1:9090"
 RESEND_GRACE_S = 5.0
+RETRY_AFTER_MAX_S = 10  # hold: false; a retry is cheap and a person may answer within seconds
 ALWAYS_BRIDGE_S = 60.0  # an `always` grant also covers its client until the hot reload has the new rule
 
 
@@ -186,7 +187,7 @@ class ApprovalService:
         if not self.config.hold:
             left = live.approval.expires_at - now
             return ApprovalOutcome(False, Reason.APPROVAL_PENDING, live.approval.id,
-                                   retry_after=max(1, min(30, math.ceil(left))))
+                                   retry_after=max(1, min(RETRY_AFTER_MAX_S, math.ceil(left))))
         return await self._wait(live, client_alive)
 
     async def _wait(self, live: _Live, client_alive: Callable[[], bool]) -> ApprovalOutcome:
