@@ -138,6 +138,16 @@ class RedisStore:
                 return g
         return None
 
+    def drop_single_use(self, a: Approval) -> int:
+        gids = list(self._r.zrange(_grants_for(a.client_key, a.host, a.port), 0, -1))
+        mine = [g for g in self._grants(gids) if g.single_use and g.approval_id == a.id]
+        n = 0
+        for g in mine:
+            if self._r.delete(_grant_key(g.id)) == 1:
+                self._drop_grant(g)
+                n += 1
+        return n
+
     def _drop_grant(self, g: Grant) -> None:
         p = self._r.pipeline(transaction=False)
         p.delete(_grant_key(g.id))

@@ -118,6 +118,7 @@ class Store(Protocol):
     def add_grant(self, client_key: str, host: str, port: int, decision: str, scope: str,
                   approval_id: str | None, now: float, expires_at: float, single_use: bool) -> int: ...
     def take_grant(self, client_key: str, host: str, port: int, now: float) -> Grant | None: ...
+    def drop_single_use(self, a: Approval) -> int: ...
     def grants(self, now: float) -> list[Grant]: ...
     def sweep(self, now: float, keep_decided_s: float = 7 * 86400) -> int: ...
 
@@ -248,6 +249,11 @@ class SqliteStore:
             if self._db.execute("DELETE FROM grants WHERE id = ?", (g.id,)).rowcount == 1:
                 return g
         return None
+
+    def drop_single_use(self, a: Approval) -> int:
+        """Remove the unused `once` grant a decision left for this approval; returns how many."""
+        cur = self._db.execute("DELETE FROM grants WHERE approval_id = ? AND single_use = 1", (a.id,))
+        return int(cur.rowcount)
 
     def grants(self, now: float) -> list[Grant]:
         rows = self._db.execute(

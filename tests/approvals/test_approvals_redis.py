@@ -140,3 +140,17 @@ async def test_hold_false_replica_sees_a_remote_decision_and_asks_afresh(make_se
     await asyncio.sleep(0.06)
     again = await a.resolve(request(), alive)
     assert again.reason == Reason.APPROVAL_PENDING and again.approval_id != first.approval_id
+
+
+async def test_once_decided_on_another_replica_is_used_by_the_waiters_only(make_service, redis_url):
+    a = await make_service(store=redis_url, hold=True, timeout=30, poll=0.05)
+    b = await make_service(store=redis_url, hold=True, timeout=30, poll=0.05)
+    held = asyncio.create_task(a.resolve(request(), alive))
+    await wait_until(lambda: bool(b.store.pending()))
+    await b.decide(b.store.pending()[0].id, "allow", "once", "b", None)
+    assert (await asyncio.wait_for(held, 5)).allowed
+    assert b.store.grants(0) == []  # the waiters on A used the `once`; no spare pass is left
+    nxt = asyncio.create_task(b.resolve(request(), alive))
+    await wait_until(lambda: bool(b.store.pending()))
+    assert not nxt.done()
+    nxt.cancel()
