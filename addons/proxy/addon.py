@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 
 from mitmproxy import connection, http
 from mitmproxy.proxy import layer, server_hooks
-from mitmproxy.proxy.layers import ClientTLSLayer, ServerTLSLayer
+from mitmproxy.proxy.layers import ClientTLSLayer
 
 from addons.policy.hosts import is_ip, normalize_host
 from addons.policy.model import Reason
@@ -18,7 +18,13 @@ from addons.proxy.auth import AuthResult, ProxyAuth
 from addons.proxy.hostcheck import same_destination
 from addons.proxy.pinning import PinStore
 from addons.proxy.responses import DECISION_HEADER, deny_response, upstream_error_response
-from addons.proxy.tunnel import CloseClientLayer, CountingTunnelLayer, Tunnel, inspect_first_bytes
+from addons.proxy.tunnel import (
+    CloseClientLayer,
+    CountingServerTLSLayer,
+    CountingTunnelLayer,
+    Tunnel,
+    inspect_first_bytes,
+)
 from addons.proxy.verdict import Decider, Request, Verdict, record, refusal
 
 log = logging.getLogger(__name__)
@@ -274,16 +280,21 @@ class Portcullis:
                 self.telemetry.metrics.tunnels_open.dec()
 
     # ---- tunnel first bytes: SNI and raw TCP ------------------------------------------------------
-    def next_layer(self, nl: layer.NextLayer) -> None:
+    def tunnel_next_layer(self, nl: layer.NextLayer) -> bool:
+        """Called by TunnelAwareNextLayer before mitmproxy's own choice. True when this is the first
+        layer of an allowed tunnel, which is ours to choose (or to wait for more bytes on)."""
         st = self.conns.get(nl.context.client.id)
         t = st.tunnel if st else None
-        if t is None or t.layer_decided or t.refused:
-            return
+        if t is None or t.layer_decided:
+            return False
+        if t.refused:
+            return True
         try:
             self._tunnel_layer(nl, t)
         except Exception:
             log.exception("tunnel layer decision failed")
             self._refuse_tunnel(nl, t, "internal error")
+        return True
 
     def _tunnel_layer(self, nl: layer.NextLayer, t: Tunnel) -> None:
         data: bytes = nl.data_client()  # type: ignore[no-untyped-call]
@@ -318,10 +329,10 @@ class Portcullis:
             return
         t.layer_decided = True
         if fb.tls and t.inspect:
-            if not isinstance(nl.layer, ServerTLSLayer):
-                server_tls = ServerTLSLayer(nl.context)
-                server_tls.child_layer = ClientTLSLayer(nl.context)
-                nl.layer = server_tls
+            # What mitmproxy's NextLayer builds for TLS (server TLS over client TLS), counting bytes.
+            server_tls = CountingServerTLSLayer(nl.context, t)
+            server_tls.child_layer = ClientTLSLayer(nl.context)
+            nl.layer = server_tls
             return
         nl.layer = CountingTunnelLayer(nl.context, t)
 

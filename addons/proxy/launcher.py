@@ -17,7 +17,7 @@ from typing import Any
 
 from mitmproxy import master as mmaster
 from mitmproxy import options
-from mitmproxy.addons import core, next_layer, proxyserver, tlsconfig
+from mitmproxy.addons import core, proxyserver, tlsconfig
 
 from addons.admin.server import AdminConfigError, AdminServer, RouteAdder, check_token_policy
 from addons.policy.load import LoadedConfig, PolicyError, load_config
@@ -29,6 +29,7 @@ from addons.proxy.hostcheck import AuthorityError, split_authority
 from addons.proxy.pinning import PinStore
 from addons.proxy.reload import PolicyHolder
 from addons.proxy.responses import install_error_pages
+from addons.proxy.tunnel import TunnelAwareNextLayer
 from addons.proxy.verdict import Decider
 from addons.telemetry.events import Telemetry
 
@@ -144,7 +145,7 @@ class Runtime:
         m.addons.add(
             core.Core(),
             proxy_server(),
-            next_layer.NextLayer(),
+            TunnelAwareNextLayer(self.addon.tunnel_next_layer),
             tlsconfig.TlsConfig(),
             self.addon,
             Lifecycle(self),

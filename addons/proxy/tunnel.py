@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from mitmproxy.addons import next_layer
 from mitmproxy.connection import ConnectionState
 from mitmproxy.net.tls import starts_like_tls_record
 from mitmproxy.proxy import commands, events, layer
 from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.layers.tcp import TCPLayer
-from mitmproxy.proxy.layers.tls import parse_client_hello
+from mitmproxy.proxy.layers.tls import ServerTLSLayer, parse_client_hello
 
 
 @dataclass
@@ -49,6 +51,39 @@ class CountingTunnelLayer(TCPLayer):
             else:
                 self.tunnel.bytes_down += len(event.data)
         yield from super().relay_messages(event)
+
+
+class CountingServerTLSLayer(ServerTLSLayer):
+    """The top of an inspected tunnel (as mitmproxy builds it), counting raw bytes per direction."""
+
+    def __init__(self, context: Context, tunnel: Tunnel) -> None:
+        super().__init__(context)
+        self.tunnel = tunnel
+
+    def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        if isinstance(event, events.DataReceived):
+            if event.connection == self.context.client:
+                self.tunnel.bytes_up += len(event.data)
+            elif event.connection == self.context.server:
+                self.tunnel.bytes_down += len(event.data)
+        yield from super()._handle_event(event)
+
+
+class TunnelAwareNextLayer(next_layer.NextLayer):
+    """mitmproxy's NextLayer addon, asking Portcullis first about the first layer of a tunnel.
+
+    One addon, so mitmproxy never builds (and leaves on the context's layer stack) TLS layers that
+    Portcullis then replaces; while Portcullis waits for a whole ClientHello, nothing is chosen.
+    """
+
+    def __init__(self, first: Callable[[layer.NextLayer], bool]) -> None:
+        super().__init__()
+        self._first = first
+
+    def next_layer(self, nextlayer: layer.NextLayer) -> None:
+        if self._first(nextlayer):
+            return
+        super().next_layer(nextlayer)
 
 
 class CloseClientLayer(layer.Layer):

@@ -228,6 +228,15 @@ def test_inspected_tunnel_keepalive(proxy, upstreams):
         for i in range(21):
             t.sendall(f"GET /ok/{i} HTTP/1.1\r\nHost: api.public.test:{port}\r\n\r\n".encode())
             assert read_reply(t).status == 200, i
+    inner = proxy.wait_event("egress.decision", **{"request.path": "/ok/20", "layer": "inspected"})
+    connect = [
+        e
+        for e in proxy.decisions(layer="connect", reason="inspect")
+        if e["client"]["port"] == inner["client"]["port"]
+    ]
+    assert len(connect) == 1
+    closed = proxy.wait_event("tunnel.closed", flow_id=connect[0]["flow_id"])
+    assert closed["inspected"] is True and closed["bytes_up"] > 0 and closed["bytes_down"] > 0
 
 
 def test_upstream_tls_is_verified_against_the_name_not_the_pinned_ip(proxy, upstreams):
