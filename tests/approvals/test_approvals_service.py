@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
+from pathlib import Path
 
 import pytest
 from approvals_support import alive, request, wait_until
+from jsonschema import Draft202012Validator
 from ruamel.yaml import YAML
 
 from addons.approvals.service import DecideError
 from addons.policy.config import RuleFile
 from addons.policy.model import Reason
 from addons.telemetry.validate import validate_event
+
+WEBHOOK_SCHEMA = json.loads((Path(__file__).parents[2] / "addons/approvals/webhook.schema.json").read_text())
 
 SPEC_PAYLOAD_KEYS = {"type", "id", "client", "host", "port", "scheme", "method", "path", "rule", "created_at",
                      "expires_at", "decide_url"}
@@ -38,6 +43,7 @@ async def test_200_concurrent_requests_share_one_approval_and_one_webhook(make_s
     hook = receiver.deliveries()[0]
     assert hook["verified"]
     assert set(hook["body"]) == SPEC_PAYLOAD_KEYS
+    Draft202012Validator(WEBHOOK_SCHEMA).validate(hook["body"])  # the schema we ship for receivers
     assert hook["body"]["id"] == approval.id and hook["body"]["host"] == "unknown.example"
     assert hook["body"]["decide_url"].endswith(f"/approvals/{approval.id}")
     assert len(events.of("approval.requested")) == 1
@@ -296,3 +302,11 @@ async def test_expiry_while_the_always_rule_is_written_is_reported_as_410(make_s
         await svc.decide(pend.approval_id, "allow", "always", "slow", None)
     assert e.value.status == 410 and "written to persist_to all the same" in e.value.message
     assert svc.store.get(pend.approval_id).state == "expired"
+
+
+async def test_payload_for_a_tunnel_matches_the_shipped_schema(make_service):
+    svc = await make_service(hold=False)
+    out = await svc.resolve(request(method="CONNECT", path=None, scheme=None, client_name="ci"), alive)
+    body = svc.payload(svc.store.get(out.approval_id))
+    Draft202012Validator(WEBHOOK_SCHEMA).validate(body)
+    assert (body["client"], body["method"], body["path"]) == ("ci", "CONNECT", None)
