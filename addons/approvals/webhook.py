@@ -8,7 +8,9 @@ import binascii
 import hashlib
 import hmac
 import json
+import os
 import random
+import ssl
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -110,7 +112,12 @@ class WebhookSender:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
-        self._client = httpx.AsyncClient(follow_redirects=False, timeout=TIMEOUT_S, trust_env=False)
+        # trust_env=False: HTTP(S)_PROXY in this process may point at Portcullis itself. That also drops
+        # httpx's SSL_CERT_FILE support, so an internal CA for webhook endpoints is honoured explicitly.
+        cafile = os.environ.get("SSL_CERT_FILE")
+        verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=cafile) if cafile else True
+        self._client = httpx.AsyncClient(follow_redirects=False, timeout=TIMEOUT_S, trust_env=False,
+                                         verify=verify)
 
     async def stop(self) -> None:
         for t in list(self._tasks):

@@ -194,3 +194,81 @@ async def test_each_attempt_has_a_fresh_timestamp_and_signature(receiver, events
     assert int(second["headers"]["webhook-timestamp"]) > int(first["headers"]["webhook-timestamp"])
     assert first["headers"]["webhook-signature"] != second["headers"]["webhook-signature"]
     assert first["verified"] and second["verified"]
+
+
+def _tls_pair(folder):
+    """A throwaway CA and a server cert for 127.0.0.1 (what an internal webhook endpoint would have)."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = dt.datetime.now(dt.UTC)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "hooks test CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(days=1))
+          .not_valid_after(now + dt.timedelta(days=2))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .add_extension(x509.KeyUsage(
+              digital_signature=True, content_commitment=False, key_encipherment=False, data_encipherment=False,
+              key_agreement=False, key_cert_sign=True, crl_sign=True, encipher_only=False, decipher_only=False),
+              critical=True)
+          .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+          .sign(ca_key, hashes.SHA256()))
+    leaf_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "hooks")])
+    leaf = (x509.CertificateBuilder().subject_name(leaf_name)
+            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(days=1)).not_valid_after(now + dt.timedelta(days=2))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+                           critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    pem = serialization.Encoding.PEM
+    (folder / "ca.pem").write_bytes(ca.public_bytes(pem))
+    (folder / "leaf.pem").write_bytes(leaf.public_bytes(pem))
+    (folder / "leaf.key").write_bytes(key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
+                                                        serialization.NoEncryption()))
+    return folder / "ca.pem", folder / "leaf.pem", folder / "leaf.key"
+
+
+async def test_https_endpoint_with_an_internal_ca_from_ssl_cert_file(tmp_path, events, monkeypatch):
+    import ssl
+
+    from aiohttp import web
+
+    from addons.approvals.webhook import Endpoint, WebhookSender
+
+    ca, cert, key = _tls_pair(tmp_path)
+    got: list[bool] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        body = await request.read()
+        verify(SECRET, dict(request.headers), body)
+        got.append(True)
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+    await web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ctx).start()
+    url = f"https://127.0.0.1:{runner.addresses[0][1]}/hook"
+    try:
+        for cafile, expect in ((None, False), (str(ca), True)):
+            if cafile:
+                monkeypatch.setenv("SSL_CERT_FILE", cafile)
+            sender = WebhookSender([Endpoint(url, KEY)], events.telemetry, backoff_base=0.01)
+            await sender.start()
+            sender.send("apr_t", {"id": "apr_t"}, expires_at=time.time() + 0.3, still_pending=lambda: True)
+            await wait_until(lambda s=sender: not s._tasks)
+            await sender.stop()
+            assert bool(got) is expect  # unknown CA: refused; with SSL_CERT_FILE: delivered
+    finally:
+        await runner.cleanup()
