@@ -114,8 +114,9 @@ class Runtime:
         self.gate = ApprovalGate(cfg.approvals, loaded.base_dir, self.telemetry)
         self.pins = PinStore()
         self.own: set[tuple[str, int]] = set()
+        self.own_loopback_ports: set[int] = set()  # listeners that every 127.0.0.0/8 / ::1 address reaches
         self.decider = Decider(
-            self.holder, self.gate, self.pins, cfg.mode == "audit", self.telemetry.healthy, lambda: self.own
+            self.holder, self.gate, self.pins, cfg.mode == "audit", self.telemetry.healthy, self.is_own
         )
         self.addon = Portcullis(self.decider, self.telemetry, auth, self.pins)
         self.admin: AdminServer | None = None
@@ -208,6 +209,19 @@ class Runtime:
             return
         hosts = local_addresses() if ip.is_unspecified else {str(ip)}
         self.own.update((h, port) for h in hosts)
+        if ip.is_unspecified or ip.is_loopback:
+            self.own_loopback_ports.add(port)
+
+    def is_own(self, ip: str, port: int) -> bool:
+        """Is ip:port one of this process's listeners (proxy or admin)?"""
+        if (ip, port) in self.own:
+            return True
+        if port not in self.own_loopback_ports:
+            return False
+        try:
+            return ipaddress.ip_address(ip).is_loopback  # Linux routes all of 127/8 to lo
+        except ValueError:
+            return False
 
     def ready(self) -> bool:
         return self.proxy_up and self.holder.policy is not None

@@ -89,7 +89,7 @@ class Decider:
         pins: PinStore,
         audit: bool,
         healthy: Callable[[], bool],
-        self_addresses: Callable[[], set[tuple[str, int]]],
+        is_own: Callable[[str, int], bool],
         lookup: Lookup = system_lookup,
     ) -> None:
         self.holder = holder
@@ -97,7 +97,7 @@ class Decider:
         self.pins = pins
         self.audit = audit
         self.healthy = healthy
-        self.self_addresses = self_addresses
+        self.is_own = is_own
         self.lookup = lookup
 
     async def decide(self, req: Request, client_alive: Callable[[], bool]) -> Verdict:
@@ -138,16 +138,15 @@ class Decider:
                 else:
                     pin = Pin(req.host, req.port, addrs)
                     d = policy.decide(dataclasses.replace(q, addresses=addrs))
-        if pin is not None and d.reason is not Reason.PRIVATE_ADDRESS:
-            own = self.self_addresses()
-            if any((a, req.port) in own for a in pin.addresses):
-                d = Decision(
-                    Action.DENY,
-                    Reason.PRIVATE_ADDRESS,
-                    client_name=d.client_name,
-                    private_class="self",
-                    detail="the destination is this proxy itself",
-                )
+        own = pin is not None and any(self.is_own(a, req.port) for a in pin.addresses)
+        if own and d.reason is not Reason.PRIVATE_ADDRESS:
+            d = Decision(
+                Action.DENY,
+                Reason.PRIVATE_ADDRESS,
+                client_name=d.client_name,
+                private_class="self",
+                detail="the destination is this proxy itself",
+            )
         latency = time.monotonic() - t0
         v = self._from_decision(req, d, pin)
         v.latency_s = latency

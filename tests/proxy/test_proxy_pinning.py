@@ -47,7 +47,7 @@ def make(tmp_path: Path, answers: list[list[str]]):
         pins,
         False,
         tel.healthy,
-        lambda: set(),
+        lambda ip, port: False,
         lookup,
     )
     addon = Portcullis(decider, tel, ProxyAuth(loaded.config, environ={}), pins)

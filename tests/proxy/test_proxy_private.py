@@ -131,7 +131,11 @@ def test_curl_is_refused_in_netns(ns_proxy):
 def test_the_proxy_itself_is_refused_even_when_loopback_is_allowed(upstreams, tmp_path):
     cfg = base_config(upstreams, tmp_path)
     cfg["network"]["allow_cidrs"] = ["127.0.0.0/8"]
+    cfg["network"]["resolve"]["self.test"] = "127.0.0.1"
     with PortcullisProc(tmp_path, upstreams, rules=ALLOW_ALL, config=cfg) as p:
+        for host in ("127.0.0.9", "self.test"):  # any 127/8 address reaches a loopback listener; a name too
+            r = p.raw(f"GET http://{host}:{p.port}/ HTTP/1.1\r\nHost: {host}:{p.port}\r\n\r\n".encode())
+            assert_private(r)
         r = p.raw(f"GET http://127.0.0.1:{p.port}/ HTTP/1.1\r\nHost: 127.0.0.1:{p.port}\r\n\r\n".encode())
         assert_private(r)
         r = p.raw(
