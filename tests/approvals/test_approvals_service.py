@@ -150,11 +150,9 @@ async def test_client_hang_up_frees_the_waiter(make_service):
     state = {"alive": True}
     task = asyncio.create_task(svc.resolve(request(), lambda: state["alive"]))
     await wait_until(lambda: bool(svc.store.pending()) and svc.waiters(svc.store.pending()[0]) == 1)
-    t0 = time.monotonic()
     state["alive"] = False
-    out = await asyncio.wait_for(task, 5)
+    out = await asyncio.wait_for(task, 5)  # bounded wait: without the hang-up check it would hold 30 s
     assert out.reason == Reason.CLIENT_CLOSED and not out.allowed
-    assert time.monotonic() - t0 < 25  # freed, not held until the 30 s timeout
     a = svc.store.pending()[0]
     assert svc.waiters(a) == 0 and a.state == "pending"
     # Nobody is held any more, so an `once` allow applies to the client's retry.
