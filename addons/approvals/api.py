@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
 from aiohttp import web
@@ -13,6 +15,8 @@ from addons.approvals.auth import NO_TOKEN, token_ok
 from addons.approvals.model import DecideError, rfc3339
 from addons.approvals.service import ApprovalService
 from addons.approvals.store import Approval
+
+log = logging.getLogger(__name__)
 
 
 class DecisionBody(BaseModel):
@@ -28,10 +32,26 @@ class DecisionBody(BaseModel):
 def add_routes(app: web.Application, service: ApprovalService, token: str | None) -> None:
     """Mount the approvals API and the approval page on the admin application."""
     api = _Api(service, token)
-    app.router.add_get("/approvals", api.list)
-    app.router.add_get("/approvals/{id}", api.get)
-    app.router.add_post("/approvals/{id}", api.decide)
+    app.router.add_get("/approvals", _json_errors(api.list))
+    app.router.add_get("/approvals/{id}", _json_errors(api.get))
+    app.router.add_post("/approvals/{id}", _json_errors(api.decide))
     page.add_routes(app, service, token)
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _json_errors(handler: Handler) -> Handler:
+    """A store failure (disk full, Redis down) is a JSON 500 the CLI can show, and is logged."""
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except web.HTTPException:
+            raise
+        except Exception as e:  # the seam between HTTP and the service
+            log.exception("approvals API %s %s failed", request.method, request.path)
+            return error(500, "internal_error", f"the approvals service failed: {type(e).__name__}: {e}")
+    return wrapped
 
 
 def approval_json(a: Approval, service: ApprovalService) -> dict[str, Any]:

@@ -139,3 +139,14 @@ async def test_422_for_always_without_persist_to(make_service, admin_server):
         session = {"decision": "allow", "scope": "session"}
         ok = await client.post(f"/approvals/{pend.approval_id}", json=session)
         assert ok.status_code == 200
+
+
+async def test_a_broken_store_is_a_json_500_not_a_crash(setup):
+    svc, client = setup
+    pend = await svc.resolve(request(), alive)
+    store = svc._store
+    store._db.close()  # the disk went away under the service
+    r = await client.post(f"/approvals/{pend.approval_id}", json={"decision": "allow"})
+    assert r.status_code == 500 and r.json()["error"] == "internal_error"
+    assert (await client.get("/approvals")).status_code == 500
+    svc._store = None  # already closed
