@@ -12,8 +12,8 @@ Typical use (pytest):
             ev = p.wait_event("egress.decision")
 
 Upstreams (one set per test session, in a background thread):
-  - 127.0.0.2:http_port   plain HTTP; answers JSON describing the request (method, path, host, headers)
-                          and `/ws` is a websocket echo
+  - 127.0.0.2:http_port   plain HTTP; answers JSON describing the request (method, path, host, headers);
+                          `/ws` is a websocket echo; `/sse` streams one event, the next after release_sse()
   - 127.0.0.2:tls_port    the same over TLS, cert for public.test, *.public.test (test CA: upstreams.ca_pem)
   - 127.0.0.3:other_tls_port  TLS with a cert for other.test only
   - 127.0.0.2:sink_port   raw TCP sink counting every byte it receives (upstreams.sink)
@@ -165,6 +165,12 @@ class Upstreams:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
 
+    def release_sse(self) -> None:
+        """Let the pending /sse response send its second event."""
+        gate = getattr(self, "_sse_gate", None)
+        if gate is not None:
+            self._loop.call_soon_threadsafe(gate.set)
+
     def clear(self) -> None:
         with self._lock:
             self.requests.clear()
@@ -186,6 +192,17 @@ class Upstreams:
                     if msg.type == 1:  # TEXT
                         await ws.send_str("echo:" + msg.data)
                 return ws
+            if request.path == "/sse":
+                # Server-sent events: one event now, the second only after release_sse() (so a client
+                # can only see the first one if the proxy streams the response).
+                resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+                await resp.prepare(request)
+                await resp.write(b"data: first\n\n")
+                self._sse_gate = asyncio.Event()
+                await asyncio.wait_for(self._sse_gate.wait(), 15)
+                await resp.write(b"data: second\n\n")
+                await resp.write_eof()
+                return resp
             body = await request.read()
             peer = request.transport.get_extra_info("peername") if request.transport else None
             info = {

@@ -126,6 +126,14 @@ class Portcullis:
         self._log(req, v)
         if not v.passes:
             self._respond(flow, req, v)
+        else:
+            flow.request.stream = True  # decided on headers: the body is relayed, never buffered
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        # Portcullis never looks at response bodies: stream them all (server-sent events from model
+        # APIs arrive as they are sent; large downloads are not held in memory).
+        if flow.response is not None:
+            flow.response.stream = True
 
     # ---- plain HTTP and requests inside inspected tunnels -----------------------------------------
     async def requestheaders(self, flow: http.HTTPFlow) -> None:

@@ -293,3 +293,20 @@ def test_http2_prior_knowledge_on_the_proxy_port_is_refused(proxy, upstreams):
     assert r.status in (400, 403)
     assert r.headers["x-portcullis-decision"] == "deny" and r.headers["x-portcullis-reason"] == "bad_request"
     assert r.json()["reason"] == "bad_request"
+
+
+def test_server_sent_events_are_streamed_not_buffered(proxy, upstreams):
+    port = upstreams.http_port
+    with proxy.connect(timeout=10) as s:
+        s.sendall(get("public.test", port, "/sse"))
+        data = b""
+        while b"data: first" not in data:  # arrives while the upstream still holds the second event
+            chunk = s.recv(4096)
+            assert chunk, data
+            data += chunk
+        assert b"data: second" not in data
+        upstreams.release_sse()
+        while b"data: second" not in data:
+            chunk = s.recv(4096)
+            assert chunk, data
+            data += chunk
