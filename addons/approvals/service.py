@@ -210,7 +210,7 @@ class ApprovalService:
                 except TimeoutError:
                     if not client_alive():
                         break
-                    self._sync(live, waiting=True)
+                    self._sync(live)
         finally:
             live.waiters -= 1
         waited = time.monotonic() - start
@@ -295,11 +295,11 @@ class ApprovalService:
             live.future.set_result(verdict)
         self._gauge()
 
-    def _sync(self, live: _Live, waiting: bool = False) -> None:
+    def _sync(self, live: _Live) -> None:
         """Pick up a decision taken by another process sharing the store (at most once per poll).
 
-        `waiting`: called for a held request. A `once` decision taken elsewhere found nobody waiting
-        there and left a single-use grant for a retry; our waiters are that use, so it goes.
+        A `once` decision taken elsewhere found nobody waiting there and left a single-use grant for
+        a retry; when requests wait here, they are that use, so the grant goes.
         """
         now = time.monotonic()
         if live.future.done() or now - live.synced < self.poll_interval:
@@ -309,7 +309,7 @@ class ApprovalService:
         verdict = stored_verdict(stored)
         if verdict is None or stored is None:
             return
-        if waiting and stored.scope == "once":
+        if live.waiters > 0 and stored.scope == "once":
             self.store.drop_single_use(stored)
         if self._live.get(live.approval.key) is live:
             del self._live[live.approval.key]
