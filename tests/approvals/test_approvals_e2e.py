@@ -137,6 +137,7 @@ def test_held_request_is_denied(tmp_path, upstreams, hooks):
     with proxy(tmp_path, upstreams, hooks) as p, ThreadPoolExecutor(1) as pool:
         held = pool.submit(p.curl, f"http://approve.test:{upstreams.http_port}/")
         [hook] = hooks.wait(1)
+        assert hook["verified"]
         assert decide(p, hook["body"]["id"], "deny").status_code == 200
         body = assert_denied(held.result(15), "approval_denied")
         assert body["approval_id"] == hook["body"]["id"]
@@ -146,6 +147,8 @@ def test_held_request_times_out(tmp_path, upstreams, hooks):
     with proxy(tmp_path, upstreams, hooks, timeout="1s") as p:
         r = p.curl(f"http://approve.test:{upstreams.http_port}/")
         body = assert_denied(r, "approval_timeout")
+        [hook] = hooks.wait(1)
+        assert hook["verified"] and hook["body"]["id"] == body["approval_id"]
         assert decide(p, body["approval_id"], "allow").status_code == 410
 
 
