@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -53,11 +55,19 @@ def _path_only(path: str) -> str:
 class Portcullis:
     """One instance per proxy. Every decision produces exactly one telemetry.decision() call."""
 
-    def __init__(self, decider: Decider, telemetry: Any, auth: ProxyAuth, pins: PinStore) -> None:
+    def __init__(
+        self,
+        decider: Decider,
+        telemetry: Any,
+        auth: ProxyAuth,
+        pins: PinStore,
+        client_cidrs: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network] = (),
+    ) -> None:
         self.decider = decider
         self.telemetry = telemetry
         self.auth = auth
         self.pins = pins
+        self.client_cidrs = tuple(client_cidrs)
         self.conns: dict[str, ConnState] = {}
         self._orig_address: dict[str, tuple[str, int]] = {}
 
@@ -409,6 +419,22 @@ class Portcullis:
             object.__setattr__(server, "address", orig)
 
     # ---- lifecycle ----------------------------------------------------------------------------------
+    def client_connected(self, client: connection.Client) -> None:
+        # mitmproxy's default (its Block addon, not loaded here): a proxy is not for clients on the
+        # public internet. A global client address is refused unless a configured client group names it.
+        peer = client.peername
+        if not peer:
+            return
+        try:
+            addr = ipaddress.ip_address(str(peer[0]).split("%", 1)[0])
+        except ValueError:
+            return
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        if addr.is_global and not any(addr.version == n.version and addr in n for n in self.client_cidrs):
+            log.warning("refused a client from a public address %s (add it to a clients: cidrs group)", addr)
+            client.error = "Portcullis: clients from public addresses are not served"
+
     def client_disconnected(self, client: connection.Client) -> None:
         st = self.conns.pop(client.id, None)
         self.pins.drop_client(client.id)

@@ -118,7 +118,8 @@ class Runtime:
         self.decider = Decider(
             self.holder, self.gate, self.pins, cfg.mode == "audit", self.telemetry.healthy, self.is_own
         )
-        self.addon = Portcullis(self.decider, self.telemetry, auth, self.pins)
+        client_cidrs = [ipaddress.ip_network(c, strict=False) for cl in cfg.clients for c in cl.cidrs]
+        self.addon = Portcullis(self.decider, self.telemetry, auth, self.pins, client_cidrs)
         self.admin: AdminServer | None = None
         self.master: Any = None
         self.proxy_up = False

@@ -172,3 +172,28 @@ async def test_resolve_prefers_literal_then_static():
 
     assert await resolve("8.8.8.8", 80, True, None, boom) == ("8.8.8.8",)
     assert await resolve("a.example.com", 80, False, ("1.1.1.1", "1.1.1.1"), boom) == ("1.1.1.1",)
+
+
+@pytest.mark.parametrize(
+    ("peer", "cidrs", "refused"),
+    [
+        ("8.8.8.8", [], True),
+        ("2001:4860::8888", [], True),
+        ("::ffff:8.8.8.8", [], True),
+        ("8.8.8.8", ["8.8.8.0/24"], False),
+        ("10.1.2.3", [], False),
+        ("127.0.0.1", [], False),
+        ("172.17.0.2", [], False),
+        ("fd00::5", [], False),
+    ],
+)
+def test_clients_on_public_addresses_are_refused_unless_configured(tmp_path, peer, cidrs, refused):
+    import ipaddress
+
+    _, addon, _, _ = asyncio.run(_make_async(tmp_path))
+    addon.client_cidrs = tuple(ipaddress.ip_network(c) for c in cidrs)
+    client = tflow.tclient_conn()
+    client.peername = (peer, 40000)
+    client.error = None
+    addon.client_connected(client)
+    assert bool(client.error) is refused
