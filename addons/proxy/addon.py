@@ -147,6 +147,14 @@ class Portcullis:
 
     # ---- plain HTTP and requests inside inspected tunnels -----------------------------------------
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        try:
+            await self._requestheaders(flow)
+        except Exception:
+            # Last resort (the decision path has its own handler): never let an undecided request pass.
+            log.exception("requestheaders failed; killing the flow")
+            flow.kill()  # type: ignore[no-untyped-call]
+
+    async def _requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None:
             return
         st = self._conn(flow.client_conn.id)
@@ -233,6 +241,16 @@ class Portcullis:
 
     # ---- CONNECT ----------------------------------------------------------------------------------
     async def http_connect(self, flow: http.HTTPFlow) -> None:
+        try:
+            await self._http_connect(flow)
+        except Exception:
+            log.exception("http_connect failed; killing the flow")
+            st = self.conns.get(flow.client_conn.id)
+            if st is not None and st.tunnel is not None and st.tunnel.flow_id == flow.id:
+                st.tunnel = None
+            flow.kill()  # type: ignore[no-untyped-call]
+
+    async def _http_connect(self, flow: http.HTTPFlow) -> None:
         st = self._conn(flow.client_conn.id)
         req = self._base_request(
             flow, flow.request.host, flow.request.port, "connect", None, None, "CONNECT", None
@@ -386,6 +404,13 @@ class Portcullis:
 
     # ---- pinning ------------------------------------------------------------------------------------
     def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
+        try:
+            self._pin(data)
+        except Exception:
+            log.exception("pinning failed; refusing the upstream connection")
+            data.server.error = "portcullis: internal error"
+
+    def _pin(self, data: server_hooks.ServerConnectionHookData) -> None:
         if data.server.error or data.server.address is None:
             return
         host_raw, port = str(data.server.address[0]), int(data.server.address[1])

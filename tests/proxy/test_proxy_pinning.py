@@ -197,3 +197,34 @@ def test_clients_on_public_addresses_are_refused_unless_configured(tmp_path, pee
     client.error = None
     addon.client_connected(client)
     assert bool(client.error) is refused
+
+
+def test_an_error_while_pinning_refuses_the_connection(tmp_path):
+    _, addon, _, _ = asyncio.run(_make_async(tmp_path))
+
+    class Broken:
+        def get(self, *a):
+            raise RuntimeError("boom")
+
+    addon.pins = Broken()
+    data = server_hooks.ServerConnectionHookData(
+        server=connection.Server(address=("api.example.com", 443)), client=tflow.tclient_conn()
+    )
+    addon.server_connect(data)
+    assert data.server.error and data.server.address == ("api.example.com", 443)
+
+
+async def test_an_error_outside_the_decision_kills_the_flow(tmp_path):
+    _, addon, _, _ = make(tmp_path, [[PUBLIC_A]])
+
+    def boom(*a, **k):
+        raise RuntimeError("boom")
+
+    addon._base_request = boom
+    f = tflow.tflow()
+    await addon.requestheaders(f)
+    assert f.error is not None and f.error.msg  # killed: never forwarded undecided
+    c = tflow.tflow()
+    c.request.method = "CONNECT"
+    await addon.http_connect(c)
+    assert c.error is not None
