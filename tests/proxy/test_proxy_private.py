@@ -45,6 +45,8 @@ OTHER_PRIVATE = [
     "198.18.0.1",
     "240.0.0.1",
     "[fe80::1]",
+    "[2001:0:4136:e378:8000:63bf:f5ff:fffe]",  # Teredo embedding 10.0.0.1
+    "[::127.0.0.1]",  # IPv4-compatible (deprecated) form
     "mixed.test",
     "all-private.test",
 ]
