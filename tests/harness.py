@@ -19,8 +19,15 @@ Upstreams (one set per test session, in a background thread):
   - 127.0.0.2:sink_port   raw TCP sink counting every byte it receives (upstreams.sink)
   - 127.0.0.2:greet_port  raw TCP server that speaks first ("SSH-2.0-test") and echoes
   - 127.0.0.2:h2_port     HTTP/2-only TLS server (ALPN h2, same cert as tls_port), JSON answers
-`network.resolve` maps public.test, *.public.test names used by tests, other.test -> those addresses and
-`network.allow_cidrs` admits 127.0.0.2/32 and 127.0.0.3/32, so 127.0.0.1 stays private.
+`base_config()` (the default config) maps public.test, api/www/deep.api.public.test, blocked.test,
+approve.test -> 127.0.0.2 and other.test -> 127.0.0.3 in `network.resolve`, and `network.allow_cidrs`
+admits 127.0.0.2/32 and 127.0.0.3/32, so 127.0.0.1 stays private. default_action is deny.
+
+PortcullisProc: `raw()` / `raw_many()` / `connect_tunnel()` for byte-exact clients, `curl()` (trusts the
+test CA and the proxy CA), `find()` / `wait_event()` / `decisions()` over the captured JSON events
+(dotted keys: `wait_event("egress.decision", **{"request.path": "/x"})`), `write_rules()` for reloads,
+`netns=True` to run the proxy (and `raw`/`curl`) inside a fresh network namespace with only lo up.
+On a clean exit every captured event is validated against the shipped JSON Schemas.
 """
 
 from __future__ import annotations
