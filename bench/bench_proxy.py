@@ -7,6 +7,7 @@ public.test from a throwaway CA). Workloads, each a bounded cell, interleaved ac
   http-ka   wrk -t1 -c10, absolute-form GET through the proxy on keep-alive connections
   http-close  the same with `Connection: close` (a new client and upstream connection per request)
   connect   2 client processes: new TCP + CONNECT + TLS handshake + GET + close, per request
+  tunnel-ka 2 client processes, each one CONNECT + TLS session, then keep-alive GETs inside it
 Prints a table (median of rounds) with ratios against mitmdump and Squid, and one JSON line.
 This is a benchmark, not a test: numbers depend on the box (2 cores shared by load, proxy and nginx).
 """
@@ -278,14 +279,48 @@ def _tunnel_worker(proxy_port: int, host: str, tls_port: int, seconds: float, q:
     q.put((lat, errors))
 
 
-def connect_tunnels(stack: Stack, proxy: str, seconds: float, procs: int = 2) -> dict[str, float]:
+def _tunnel_ka_worker(proxy_port: int, host: str, tls_port: int, seconds: float, q: mp.Queue) -> None:  # type: ignore[type-arg]
+    """One CONNECT + TLS session, then keep-alive GETs inside it until the cell ends."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    lat: list[float] = []
+    errors = 0
+    try:
+        s = socket.create_connection(("127.0.0.1", proxy_port), timeout=5)
+        s.sendall(f"CONNECT {host}:{tls_port} HTTP/1.1\r\nHost: {host}:{tls_port}\r\n\r\n".encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += s.recv(4096)
+        t = ctx.wrap_socket(s, server_hostname=HOST)
+        buf = b""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            t0 = time.perf_counter()
+            t.sendall(f"GET / HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
+            while b"\r\n\r\n" not in buf:
+                buf += t.recv(65536)
+            head_b, buf = buf.split(b"\r\n\r\n", 1)
+            length = int(re.search(rb"(?i)content-length:\s*(\d+)", head_b).group(1))  # type: ignore[union-attr]
+            while len(buf) < length:
+                buf += t.recv(65536)
+            buf = buf[length:]
+            lat.append((time.perf_counter() - t0) * 1000)
+        t.close()
+    except (OSError, AttributeError):
+        errors += 1
+    q.put((lat, errors))
+
+
+def connect_tunnels(
+    stack: Stack, proxy: str, seconds: float, procs: int = 2, keepalive: bool = False
+) -> dict[str, float]:
     host = HOST  # SNI and CONNECT authority; mitmdump (no mapping) gets the IP literal as authority
     authority_host = target_host(proxy)
+    worker = _tunnel_ka_worker if keepalive else _tunnel_worker
     q: mp.Queue = mp.Queue()  # type: ignore[type-arg]
     workers = [
-        mp.Process(
-            target=_tunnel_worker, args=(stack.ports[proxy], authority_host, stack.tls_port, seconds, q)
-        )
+        mp.Process(target=worker, args=(stack.ports[proxy], authority_host, stack.tls_port, seconds, q))
         for _ in range(procs)
     ]
     for w in workers:
@@ -319,7 +354,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--only", help="comma-separated subset of portcullis,mitmdump,mitmdump-ignore,squid")
-    ap.add_argument("--workloads", default="http-ka,http-close,connect")
+    ap.add_argument("--workloads", default="http-ka,http-close,connect,tunnel-ka")
     args = ap.parse_args()
     if shutil.which("wrk") is None or shutil.which("nginx") is None:
         print("needs wrk and nginx (apt-get install wrk nginx-light; squid optional)", file=sys.stderr)
@@ -337,8 +372,8 @@ def main() -> int:
                 for wl in workloads:
                     if wl.startswith("http") and proxy == "mitmdump-ignore":
                         continue  # ignore_hosts does not apply to plain HTTP: same as mitmdump
-                    if wl == "connect":
-                        res = connect_tunnels(stack, proxy, args.seconds)
+                    if wl in ("connect", "tunnel-ka"):
+                        res = connect_tunnels(stack, proxy, args.seconds, keepalive=wl == "tunnel-ka")
                     else:
                         res = wrk_http(stack, proxy, args.seconds, close=wl == "http-close")
                     results.setdefault(wl, {}).setdefault(proxy, []).append(res)
@@ -363,7 +398,7 @@ def report(results: dict[str, dict[str, list[dict[str, float]]]]) -> None:
     print("{:10} {:16} {:>10} {:>8} {:>8} {:>12} {:>9}".format(*cols))
     for wl, per in summary.items():
         base = per.get("mitmdump") or per.get("mitmdump-ignore")
-        if wl == "connect":
+        if wl in ("connect", "tunnel-ka"):
             base = per.get("mitmdump-ignore") or base
         squid = per.get("squid")
         for p, s in per.items():
