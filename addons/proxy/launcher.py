@@ -76,6 +76,22 @@ def local_addresses() -> set[str]:
     return out
 
 
+LISTEN_BACKLOG = 1024  # asyncio's default (100) refuses bursts of new agents (notes, gotcha 11)
+
+
+def raise_backlog(proxyserver_addon: Any, backlog: int = LISTEN_BACKLOG) -> None:
+    """Re-listen mitmproxy's listening sockets with a larger accept queue (capped by somaxconn)."""
+    for instance in getattr(proxyserver_addon, "servers", ()):
+        for server in getattr(instance, "_servers", ()):  # mitmproxy internals: best effort
+            for tsock in getattr(server, "sockets", ()):
+                with contextlib.suppress(OSError, ValueError):
+                    dup = socket.socket(fileno=os.dup(tsock.fileno()))
+                    try:
+                        dup.listen(backlog)  # applies to the shared socket, not just this descriptor
+                    finally:
+                        dup.close()
+
+
 class Lifecycle:
     """mitmproxy addon for start/stop: admin server, approvals, watcher, proxy.started/stopped."""
 
@@ -173,6 +189,7 @@ class Runtime:
             return
         for a in addrs:
             self._add_own(str(a[0]), int(a[1]))
+        raise_backlog(ps)
         self.admin = AdminServer(
             self.admin_addr[0],
             self.admin_addr[1],

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import stat
 import subprocess
 import sys
 import threading
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -132,6 +134,10 @@ def test_admin_endpoints_signals_and_ca_files(upstreams, tmp_path):
         text = body.decode()
         assert "portcullis_rules_loaded 1.0" in text
         assert 'portcullis_requests_total{decision="allow",enforced="true",reason="rule"}' in text
+        if shutil.which("ss"):  # the accept queue was raised from asyncio's 100
+            out = subprocess.run(["ss", "-ltnH", f"sport = :{p.port}"], capture_output=True, text=True).stdout
+            somaxconn = int(Path("/proc/sys/net/core/somaxconn").read_text())
+            assert int(out.split()[2]) == min(1024, somaxconn), out
         certs = tmp_path / "certs"
         assert stat.S_IMODE(certs.stat().st_mode) == 0o700
         assert stat.S_IMODE((certs / "mitmproxy-ca.pem").stat().st_mode) == 0o600
