@@ -12,21 +12,14 @@ from urllib.parse import urlsplit
 
 from mitmproxy import connection, http
 from mitmproxy.proxy import layer, server_hooks
-from mitmproxy.proxy.layers import ClientTLSLayer
 
-from addons.policy.hosts import is_ip, normalize_host
+from addons.policy.hosts import normalize_host
 from addons.policy.model import Reason
-from addons.proxy.auth import AuthResult, ProxyAuth
+from addons.proxy.auth import AuthResult, ProxyAuth, public_client_refusal
 from addons.proxy.hostcheck import same_destination
-from addons.proxy.pinning import PinStore
+from addons.proxy.pinning import Pinner, PinStore
 from addons.proxy.responses import DECISION_HEADER, deny_response, upstream_error_response
-from addons.proxy.tunnel import (
-    CloseClientLayer,
-    CountingServerTLSLayer,
-    CountingTunnelLayer,
-    Tunnel,
-    inspect_first_bytes,
-)
+from addons.proxy.tunnel import CloseClientLayer, FirstLayer, Tunnel, choose_first_layer
 from addons.proxy.verdict import Decider, Request, Verdict, record, refusal
 
 log = logging.getLogger(__name__)
@@ -69,7 +62,7 @@ class Portcullis:
         self.pins = pins
         self.client_cidrs = tuple(client_cidrs)
         self.conns: dict[str, ConnState] = {}
-        self._orig_address: dict[str, tuple[str, int]] = {}
+        self.pinner = Pinner(pins)
 
     # ---- helpers -------------------------------------------------------------------------------
     def _conn(self, client_id: str) -> ConnState:
@@ -326,51 +319,20 @@ class Portcullis:
         if t.refused:
             return True
         try:
-            self._tunnel_layer(nl, t)
+            data: bytes = nl.data_client()  # type: ignore[no-untyped-call]
+            server_spoke = bool(nl.data_server())  # type: ignore[no-untyped-call]
+            choice = choose_first_layer(nl.context, t, data, server_spoke)
         except Exception:
             log.exception("tunnel layer decision failed")
-            self._refuse_tunnel(nl, t, "internal error")
-        return True
-
-    def _tunnel_layer(self, nl: layer.NextLayer, t: Tunnel) -> None:
-        data: bytes = nl.data_client()  # type: ignore[no-untyped-call]
-        fb = inspect_first_bytes(data)
-        if fb.need_more:
-            if not data and nl.data_server():  # type: ignore[no-untyped-call]
-                # The server spoke first: not TLS from the client, so only raw_tcp tunnels carry it.
-                if t.raw_tcp and not t.inspect:
-                    t.layer_decided = True
-                    nl.layer = CountingTunnelLayer(nl.context, t)
-                else:
-                    self._refuse_tunnel(nl, t, "the server spoke first (not a TLS tunnel)")
-                return
+            choice = FirstLayer(problem="internal error")
+        if choice.problem is not None:
+            self._refuse_tunnel(nl, t, choice.problem)
+        elif choice.layer is None:
             nl.layer = None  # wait for the whole ClientHello
-            return
-        problem: str | None = None
-        if fb.tls:
-            if fb.sni is None:
-                if not is_ip(t.host) and not t.raw_tcp:
-                    problem = "the TLS ClientHello has no server name"
-            else:
-                try:
-                    sni = normalize_host(fb.sni)
-                except ValueError:
-                    sni = None
-                if sni != t.host:
-                    problem = "the TLS server name differs from the CONNECT host"
-        elif t.inspect or not t.raw_tcp:
-            problem = fb.problem or "not TLS"
-        if problem is not None:
-            self._refuse_tunnel(nl, t, problem)
-            return
-        t.layer_decided = True
-        if fb.tls and t.inspect:
-            # What mitmproxy's NextLayer builds for TLS (server TLS over client TLS), counting bytes.
-            server_tls = CountingServerTLSLayer(nl.context, t)
-            server_tls.child_layer = ClientTLSLayer(nl.context)
-            nl.layer = server_tls
-            return
-        nl.layer = CountingTunnelLayer(nl.context, t)
+        else:
+            t.layer_decided = True
+            nl.layer = choice.layer
+        return True
 
     def _refuse_tunnel(self, nl: layer.NextLayer, t: Tunnel, detail: str) -> None:
         """An allowed CONNECT whose first bytes break the rules: a second decision on the same tunnel."""
@@ -405,60 +367,23 @@ class Portcullis:
     # ---- pinning ------------------------------------------------------------------------------------
     def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
         try:
-            self._pin(data)
+            self.pinner.pin(data)
         except Exception:
             log.exception("pinning failed; refusing the upstream connection")
             data.server.error = "portcullis: internal error"
 
-    def _pin(self, data: server_hooks.ServerConnectionHookData) -> None:
-        if data.server.error or data.server.address is None:
-            return
-        host_raw, port = str(data.server.address[0]), int(data.server.address[1])
-        try:
-            host = normalize_host(host_raw)
-        except ValueError:
-            data.server.error = "portcullis: unusable destination"
-            return
-        pin = self.pins.get(data.client.id, host, port)
-        if pin is None:
-            # Every upstream connection must go to an address the policy checked for this client.
-            log.warning("refused an upstream connection to %s:%s that no decision covered", host, port)
-            data.server.error = "portcullis: destination was not checked"
-            return
-        if not is_ip(host) and data.server.sni is None:
-            data.server.sni = host  # upstream TLS is verified against the name, not the pinned IP
-        self._orig_address[data.server.id] = (host_raw, port)
-        data.server.address = (pin.ip, port)
-
     def server_connected(self, data: server_hooks.ServerConnectionHookData) -> None:
-        self._restore(data.server)
+        self.pinner.restore(data.server)
 
     def server_connect_error(self, data: server_hooks.ServerConnectionHookData) -> None:
-        self._restore(data.server)
-
-    def _restore(self, server: connection.Server) -> None:
-        # Put the name back so mitmproxy reuses this upstream connection (notes §3: else the 6th
-        # keep-alive request hangs); peername keeps the real IP.
-        orig = self._orig_address.pop(server.id, None)
-        if orig is not None:
-            object.__setattr__(server, "address", orig)
+        self.pinner.restore(data.server)
 
     # ---- lifecycle ----------------------------------------------------------------------------------
     def client_connected(self, client: connection.Client) -> None:
-        # mitmproxy's default (its Block addon, not loaded here): a proxy is not for clients on the
-        # public internet. A global client address is refused unless a configured client group names it.
-        peer = client.peername
-        if not peer:
-            return
-        try:
-            addr = ipaddress.ip_address(str(peer[0]).split("%", 1)[0])
-        except ValueError:
-            return
-        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-            addr = addr.ipv4_mapped
-        if addr.is_global and not any(addr.version == n.version and addr in n for n in self.client_cidrs):
-            log.warning("refused a client from a public address %s (add it to a clients: cidrs group)", addr)
-            client.error = "Portcullis: clients from public addresses are not served"
+        why = public_client_refusal(client.peername, self.client_cidrs)
+        if why is not None:
+            log.warning("refused a client: %s", why)
+            client.error = f"Portcullis: {why}"
 
     def client_disconnected(self, client: connection.Client) -> None:
         st = self.conns.pop(client.id, None)
@@ -483,4 +408,4 @@ class Portcullis:
                 log.exception("could not emit tunnel.closed")
 
     def server_disconnected(self, data: server_hooks.ServerConnectionHookData) -> None:
-        self._orig_address.pop(data.server.id, None)
+        self.pinner.forget(data.server)

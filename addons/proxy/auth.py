@@ -7,8 +7,10 @@ import binascii
 import hmac
 import ipaddress
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
 from addons.policy.config import Config
 
@@ -94,3 +96,22 @@ class ProxyAuth:
         if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
             addr = addr.ipv4_mapped
         return any(addr.version == net.version and addr in net for net in self._required)
+
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def public_client_refusal(peer: tuple[Any, ...] | None, client_cidrs: Sequence[IPNetwork]) -> str | None:
+    """mitmproxy's default (its Block addon, not loaded here): a proxy is not for clients on the
+    public internet. A global client address is refused unless a configured client group names it."""
+    if not peer:
+        return None
+    try:
+        addr = ipaddress.ip_address(str(peer[0]).split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    if addr.is_global and not any(addr.version == n.version and addr in n for n in client_cidrs):
+        return f"clients from public addresses ({addr}) are not served; name them in a clients: cidrs group"
+    return None

@@ -1,4 +1,4 @@
-"""Layers for CONNECT tunnels: a byte-counting passthrough and a layer that just closes the client."""
+"""CONNECT tunnels: the first-bytes rule (SNI, raw TCP), byte-counting relays, and a closing layer."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ from mitmproxy.net.tls import starts_like_tls_record
 from mitmproxy.proxy import commands, events, layer
 from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.layers.tcp import TCPLayer
-from mitmproxy.proxy.layers.tls import ServerTLSLayer, parse_client_hello
+from mitmproxy.proxy.layers.tls import ClientTLSLayer, ServerTLSLayer, parse_client_hello
+
+from addons.policy.hosts import is_ip, normalize_host
 
 
 @dataclass
@@ -122,3 +124,44 @@ def inspect_first_bytes(data: bytes) -> FirstBytes:
     if ch is None:
         return FirstBytes(need_more=True)
     return FirstBytes(tls=True, sni=ch.sni, alpn=tuple(ch.alpn_protocols))
+
+
+@dataclass(frozen=True, slots=True)
+class FirstLayer:
+    """What to do with a tunnel's first bytes: wait (layer and problem None), relay through `layer`,
+    or refuse for `problem` (a second decision about the tunnel, reason sni_mismatch)."""
+
+    layer: layer.Layer | None = None
+    problem: str | None = None
+
+
+def choose_first_layer(context: Context, t: Tunnel, data: bytes, server_spoke: bool) -> FirstLayer:
+    """SNI must equal the authority; no SNI only for an IP literal or raw_tcp; non-TLS only for raw_tcp
+    (never when inspected). Allowed: a byte-counting raw relay, or TLS interception when inspected."""
+    fb = inspect_first_bytes(data)
+    if fb.need_more:
+        if data or not server_spoke:
+            return FirstLayer()
+        # The server spoke first: not TLS from the client, so only raw_tcp tunnels carry it.
+        if t.raw_tcp and not t.inspect:
+            return FirstLayer(CountingTunnelLayer(context, t))
+        return FirstLayer(problem="the server spoke first (not a TLS tunnel)")
+    if fb.tls:
+        if fb.sni is None:
+            if not is_ip(t.host) and not t.raw_tcp:
+                return FirstLayer(problem="the TLS ClientHello has no server name")
+        else:
+            try:
+                sni: str | None = normalize_host(fb.sni)
+            except ValueError:
+                sni = None
+            if sni != t.host:
+                return FirstLayer(problem="the TLS server name differs from the CONNECT host")
+    elif t.inspect or not t.raw_tcp:
+        return FirstLayer(problem=fb.problem or "not TLS")
+    if fb.tls and t.inspect:
+        # What mitmproxy's NextLayer builds for TLS (server TLS over client TLS), counting bytes.
+        server_tls = CountingServerTLSLayer(context, t)
+        server_tls.child_layer = ClientTLSLayer(context)
+        return FirstLayer(server_tls)
+    return FirstLayer(CountingTunnelLayer(context, t))

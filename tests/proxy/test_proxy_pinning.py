@@ -206,7 +206,7 @@ def test_an_error_while_pinning_refuses_the_connection(tmp_path):
         def get(self, *a):
             raise RuntimeError("boom")
 
-    addon.pins = Broken()
+    addon.pinner.pins = Broken()
     data = server_hooks.ServerConnectionHookData(
         server=connection.Server(address=("api.example.com", 443)), client=tflow.tclient_conn()
     )
