@@ -17,7 +17,12 @@ import pytest
 
 from addons.telemetry.validate import audit_events
 
-TOTALS = {"proxies": 0, "events": 0, "decisions": 0, "scrapes": 0}
+TOTALS = {"proxies": 0, "events": 0, "decisions": 0, "scrapes": 0, "upstream_requests": 0}
+# Every egress.decision of every audited proxy, and every request a harness upstream received:
+# at the end of the session each upstream request must be covered by a logged decision that let
+# it through (nothing reaches a server unlogged).
+DECISIONS: list[dict[str, Any]] = []
+UPSTREAM_SEEN: list[dict[str, Any]] = []
 LABEL_VALUE = re.compile(r"[a-z][a-z0-9_]*|[0-9.e+]+|\+Inf")
 
 
@@ -82,9 +87,67 @@ def _install() -> None:
             TOTALS["proxies"] += 1
             TOTALS["events"] += len(events)
             TOTALS["decisions"] += sum(e["event"] == "egress.decision" for e in events)
+            DECISIONS.extend(e for e in events if e["event"] == "egress.decision")
         return code
 
     cls._read, cls.stop, cls._audited = _read, stop, True
+
+    up: Any = harness.Upstreams
+    orig_clear, orig_up_stop = up.clear, up.stop
+
+    def _snapshot(self: Any) -> None:
+        UPSTREAM_SEEN.extend(self.seen())
+
+    def clear(self: Any) -> None:
+        _snapshot(self)
+        orig_clear(self)
+
+    def up_stop(self: Any) -> None:
+        orig_up_stop(self)
+        _snapshot(self)
+        self.requests.clear()
+
+    up.clear, up.stop = clear, up_stop
+
+
+def _host_of(authority: str | None) -> str:
+    a = (authority or "").strip().lower()
+    if a.startswith("["):
+        return a[1 : a.find("]")] if "]" in a else a
+    return a.rsplit(":", 1)[0].rstrip(".") if a.count(":") == 1 else a.rstrip(".")
+
+
+def unlogged_upstream_requests() -> list[dict[str, Any]]:
+    """Upstream requests that no logged, letting-through decision covers (should be none)."""
+    passed_http: set[tuple[str, str, str]] = set()
+    passed_tunnels: set[str] = set()
+    for e in DECISIONS:
+        if e.get("decision") != "allow" and e.get("enforced") is not False:
+            continue
+        host = str((e.get("destination") or {}).get("host"))
+        req = e.get("request") or {}
+        if e.get("layer") == "connect":
+            passed_tunnels.add(host)
+        else:
+            passed_http.add((host, str(req.get("method")), str(req.get("path"))))
+    out = []
+    for r in UPSTREAM_SEEN:
+        host = _host_of(r.get("host"))
+        path = str(r.get("path") or "/").split("?", 1)[0]
+        if (host, str(r.get("method")), path) in passed_http or host in passed_tunnels:
+            continue
+        out.append({k: r.get(k) for k in ("server", "method", "path", "host")})
+    return out
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    TOTALS["upstream_requests"] = len(UPSTREAM_SEEN)
+    if not DECISIONS and not UPSTREAM_SEEN:
+        return
+    missing = unlogged_upstream_requests()
+    if missing:
+        session.config.__dict__["_portcullis_unlogged"] = missing
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -93,9 +156,16 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
+    missing = terminalreporter.config.__dict__.get("_portcullis_unlogged")
+    if missing:
+        terminalreporter.write_line(
+            f"event audit FAILED: {len(missing)} upstream request(s) reached a server with no logged decision "
+            f"letting them through: {missing[:5]}", red=True)
     if TOTALS["proxies"]:
         terminalreporter.write_line(
             f"event audit: {TOTALS['proxies']} proxies ({TOTALS['scrapes']} /metrics checked), "
             f"{TOTALS['events']} events "
-            f"({TOTALS['decisions']} decisions), every stdout line a valid event, no decision logged twice"
+            f"({TOTALS['decisions']} decisions), every stdout line a valid event, no decision logged twice; "
+            f"{TOTALS['upstream_requests']} upstream requests"
+            + (", each covered by a logged decision" if not missing else "")
         )
