@@ -65,18 +65,65 @@ def wait_port(host: str, port: int, timeout: float = 20.0) -> None:
 
 # ----------------------------------------------------------------------------- setup
 
+
 def make_certs(d: Path) -> None:
     """A throwaway CA and a server certificate for bench.test (never leaves the temp dir)."""
     run = lambda *a: subprocess.run(a, check=True, capture_output=True)  # noqa: E731
-    run("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=Bench CA",
-        "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
-        "-keyout", str(d / "ca.key"), "-out", str(d / "ca.pem"))
-    run("openssl", "req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={NAME}",
-        "-keyout", str(d / "srv.key"), "-out", str(d / "srv.csr"))
-    (d / "ext.cnf").write_text(f"subjectAltName=DNS:{NAME}\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
-                              "extendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\n")
-    run("openssl", "x509", "-req", "-in", str(d / "srv.csr"), "-CA", str(d / "ca.pem"), "-CAkey", str(d / "ca.key"),
-        "-CAcreateserial", "-days", "2", "-extfile", str(d / "ext.cnf"), "-out", str(d / "srv.pem"))
+    run(
+        "openssl",
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=Bench CA",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+        "-keyout",
+        str(d / "ca.key"),
+        "-out",
+        str(d / "ca.pem"),
+    )
+    run(
+        "openssl",
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        f"/CN={NAME}",
+        "-keyout",
+        str(d / "srv.key"),
+        "-out",
+        str(d / "srv.csr"),
+    )
+    (d / "ext.cnf").write_text(
+        f"subjectAltName=DNS:{NAME}\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
+        "extendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\n"
+    )
+    run(
+        "openssl",
+        "x509",
+        "-req",
+        "-in",
+        str(d / "srv.csr"),
+        "-CA",
+        str(d / "ca.pem"),
+        "-CAkey",
+        str(d / "ca.key"),
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        str(d / "ext.cnf"),
+        "-out",
+        str(d / "srv.pem"),
+    )
 
 
 def start_nginx(d: Path, http_port: int, tls_port: int) -> subprocess.Popen[bytes]:
@@ -92,7 +139,9 @@ http {{
            location / {{ return 200 "ok\\n"; }} }}
 }}
 """)
-    p = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(d)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p = subprocess.Popen(
+        ["nginx", "-c", str(conf), "-p", str(d)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     wait_port(UPSTREAM, http_port)
     wait_port(UPSTREAM, tls_port)
     return p
@@ -117,14 +166,24 @@ coredump_dir {sd}
 workers 1
 shutdown_lifetime 0 seconds
 """)
-    p = subprocess.Popen(["squid", "-N", "-f", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p = subprocess.Popen(
+        ["squid", "-N", "-f", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     wait_port("127.0.0.1", port)
     return p
 
 
 def start_mitmdump(d: Path, port: int, passthrough: bool) -> subprocess.Popen[bytes]:
-    args = [str(VENV_BIN / "mitmdump"), "-q", "--listen-host", "127.0.0.1", "-p", str(port),
-            "--set", f"confdir={d / 'mitm'}"]
+    args = [
+        str(VENV_BIN / "mitmdump"),
+        "-q",
+        "--listen-host",
+        "127.0.0.1",
+        "-p",
+        str(port),
+        "--set",
+        f"confdir={d / 'mitm'}",
+    ]
     if passthrough:
         args += ["--ignore-hosts", ".*"]
     p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -135,7 +194,9 @@ def start_mitmdump(d: Path, port: int, passthrough: bool) -> subprocess.Popen[by
 def start_portcullis(d: Path, port: int, admin: int) -> subprocess.Popen[bytes]:
     pd = d / "portcullis"
     (pd / "rules").mkdir(parents=True, exist_ok=True)
-    (pd / "rules" / "bench.yaml").write_text(f"rules:\n  - name: bench\n    action: allow\n    hosts: [{NAME}]\n")
+    (pd / "rules" / "bench.yaml").write_text(
+        f"rules:\n  - name: bench\n    action: allow\n    hosts: [{NAME}]\n"
+    )
     (pd / "portcullis.yaml").write_text(f"""
 listen: 127.0.0.1:{port}
 admin: {{listen: "127.0.0.1:{admin}"}}
@@ -146,8 +207,11 @@ network: {{allow_cidrs: ["{UPSTREAM}/32"]}}
 tls: {{ca_dir: certs/}}
 """)
     log = open(pd / "events.jsonl", "wb")  # noqa: SIM115 - lives as long as the process
-    p = subprocess.Popen([str(VENV_BIN / "portcullis"), "run", "--config", str(pd / "portcullis.yaml")],
-                         stdout=log, stderr=subprocess.DEVNULL)
+    p = subprocess.Popen(
+        [str(VENV_BIN / "portcullis"), "run", "--config", str(pd / "portcullis.yaml")],
+        stdout=log,
+        stderr=subprocess.DEVNULL,
+    )
     wait_port("127.0.0.1", port, timeout=30)
     return p
 
@@ -180,17 +244,27 @@ def run_wrk(proxy_port: int | None, http_port: int, seconds: float, close: bool,
     else:
         target, path = f"http://127.0.0.1:{proxy_port}", f"http://{host}/"
     lua = d / f"wrk-{int(close)}.lua"
-    lua.write_text(WRK_LUA.format(path=path, host=host,
-                                  extra='wrk.headers["Connection"] = "close"' if close else ""))
-    out = subprocess.run(["wrk", "-t1", "-c10", f"-d{max(1, int(seconds))}s", "--latency", "-s", str(lua), target],
-                         capture_output=True, text=True, timeout=seconds + 30).stdout
+    lua.write_text(
+        WRK_LUA.format(path=path, host=host, extra='wrk.headers["Connection"] = "close"' if close else "")
+    )
+    out = subprocess.run(
+        ["wrk", "-t1", "-c10", f"-d{max(1, int(seconds))}s", "--latency", "-s", str(lua), target],
+        capture_output=True,
+        text=True,
+        timeout=seconds + 30,
+    ).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     errors = re.search(r"Socket errors: (.*)", out)
     p50 = _wrk_latency(out, "50%")
     p99 = _wrk_latency(out, "99%")
-    return {"rps": rps, "p50_ms": p50, "p99_ms": p99,
-            "bad": float(non2xx.group(1)) if non2xx else 0.0, "errors": 1.0 if errors else 0.0}
+    return {
+        "rps": rps,
+        "p50_ms": p50,
+        "p99_ms": p99,
+        "bad": float(non2xx.group(1)) if non2xx else 0.0,
+        "errors": 1.0 if errors else 0.0,
+    }
 
 
 def _wrk_latency(out: str, q: str) -> float:
@@ -219,8 +293,9 @@ def _tunnel(proxy_port: int | None, tls_port: int, ctx: ssl.SSLContext) -> ssl.S
 
 
 def _get(tls: ssl.SSLSocket, close: bool) -> None:
-    tls.sendall(f"GET / HTTP/1.1\r\nHost: {NAME}\r\n{'Connection: close' + chr(13) + chr(10) if close else ''}\r\n"
-                .encode())
+    tls.sendall(
+        (f"GET / HTTP/1.1\r\nHost: {NAME}\r\n" + ("Connection: close\r\n" if close else "") + "\r\n").encode()
+    )
     buf = b""
     while not buf.endswith(b"ok\n"):
         chunk = tls.recv(4096)
@@ -229,8 +304,9 @@ def _get(tls: ssl.SSLSocket, close: bool) -> None:
         buf += chunk
 
 
-def _tls_worker(proxy_port: int | None, tls_port: int, ca: str, seconds: float, keepalive: bool,
-                q: mp.Queue) -> None:  # type: ignore[type-arg]
+def _tls_worker(
+    proxy_port: int | None, tls_port: int, ca: str, seconds: float, keepalive: bool, q: mp.Queue
+) -> None:  # type: ignore[type-arg]
     ctx = ssl.create_default_context(cafile=ca)
     lat: list[float] = []
     errors = 0
@@ -254,11 +330,14 @@ def _tls_worker(proxy_port: int | None, tls_port: int, ca: str, seconds: float, 
     q.put((lat, errors))
 
 
-def run_tls(proxy_port: int | None, tls_port: int, ca: Path, seconds: float, keepalive: bool,
-            procs: int = 2) -> dict[str, float]:
+def run_tls(
+    proxy_port: int | None, tls_port: int, ca: Path, seconds: float, keepalive: bool, procs: int = 2
+) -> dict[str, float]:
     q: mp.Queue = mp.Queue()  # type: ignore[type-arg]
-    ps = [mp.Process(target=_tls_worker, args=(proxy_port, tls_port, str(ca), seconds, keepalive, q))
-          for _ in range(procs)]
+    ps = [
+        mp.Process(target=_tls_worker, args=(proxy_port, tls_port, str(ca), seconds, keepalive, q))
+        for _ in range(procs)
+    ]
     for p in ps:
         p.start()
     lat: list[float] = []
@@ -271,12 +350,17 @@ def run_tls(proxy_port: int | None, tls_port: int, ca: Path, seconds: float, kee
         p.join(10)
     lat.sort()
     n = len(lat)
-    return {"rps": n / seconds, "p50_ms": (lat[n // 2] * 1000) if n else float("nan"),
-            "p99_ms": (lat[min(n - 1, int(n * 0.99))] * 1000) if n else float("nan"),
-            "bad": 0.0, "errors": float(errors)}
+    return {
+        "rps": n / seconds,
+        "p50_ms": (lat[n // 2] * 1000) if n else float("nan"),
+        "p99_ms": (lat[min(n - 1, int(n * 0.99))] * 1000) if n else float("nan"),
+        "bad": 0.0,
+        "errors": float(errors),
+    }
 
 
 # ----------------------------------------------------------------------------- main
+
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -293,7 +377,9 @@ def main() -> int:
             print("bench: needs unshare (util-linux)", file=sys.stderr)
             return 2
         env = dict(os.environ, PORTCULLIS_BENCH_NS="1")
-        return subprocess.call(["unshare", "-m", "--propagation", "private", sys.executable, *sys.argv], env=env)
+        return subprocess.call(
+            ["unshare", "-m", "--propagation", "private", sys.executable, *sys.argv], env=env
+        )
 
     for tool in ("nginx", "squid", "wrk", "openssl"):
         if shutil.which(tool) is None:
@@ -336,10 +422,18 @@ def main() -> int:
                             r = run_wrk(port, http_port, args.seconds, close=True, d=d)
                         else:
                             run_tls(port, tls_port, d / "ca.pem", 1.0, keepalive=(wl == "tls-ka"))  # warm-up
-                            r = run_tls(port, tls_port, d / "ca.pem", args.seconds, keepalive=(wl == "tls-ka"))
+                            r = run_tls(
+                                port, tls_port, d / "ca.pem", args.seconds, keepalive=(wl == "tls-ka")
+                            )
                     except Exception as e:  # a failed cell is reported, not fatal
-                        r = {"rps": float("nan"), "p50_ms": float("nan"), "p99_ms": float("nan"),
-                             "bad": 0.0, "errors": 1.0, "failure": str(e)[:200]}
+                        r = {
+                            "rps": float("nan"),
+                            "p50_ms": float("nan"),
+                            "p99_ms": float("nan"),
+                            "bad": 0.0,
+                            "errors": 1.0,
+                            "failure": str(e)[:200],
+                        }
                     finally:
                         for p in procs:
                             stop(p)
@@ -359,17 +453,27 @@ def main() -> int:
     return 0
 
 
-def report(results: list[dict[str, object]], workloads: list[str], proxies: list[str],
-           args: argparse.Namespace) -> None:
+def report(
+    results: list[dict[str, object]], workloads: list[str], proxies: list[str], args: argparse.Namespace
+) -> None:
     def med(proxy: str, wl: str, key: str) -> float:
-        vals = [float(r[key]) for r in results  # type: ignore[arg-type]
-                if r["proxy"] == proxy and r["workload"] == wl and r[key] == r[key]]
+        vals = [
+            float(r[key])
+            for r in results  # type: ignore[arg-type]
+            if r["proxy"] == proxy and r["workload"] == wl and r[key] == r[key]
+        ]
         return statistics.median(vals) if vals else float("nan")
 
-    print(f"\n## Portcullis vs mitmdump vs Squid ({args.rounds} interleaved rounds x {args.seconds:g}s per cell; "
-          "median of rounds)\n")
-    print("| workload | " + " | ".join(f"{p} req/s (p50 ms)" for p in proxies)
-          + " | portcullis/mitmdump | portcullis/squid |")
+    print(
+        f"\n## Portcullis vs mitmdump vs Squid "
+        f"({args.rounds} interleaved rounds x {args.seconds:g}s per cell; "
+        "median of rounds)\n"
+    )
+    print(
+        "| workload | "
+        + " | ".join(f"{p} req/s (p50 ms)" for p in proxies)
+        + " | portcullis/mitmdump | portcullis/squid |"
+    )
     print("|---|" + "---|" * (len(proxies) + 2))
     for wl in workloads:
         cells = [f"{med(p, wl, 'rps'):,.0f} ({med(p, wl, 'p50_ms'):.2f})" for p in proxies]

@@ -159,7 +159,8 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     missing = terminalreporter.config.__dict__.get("_portcullis_unlogged")
     if missing:
         terminalreporter.write_line(
-            f"event audit FAILED: {len(missing)} upstream request(s) reached a server with no logged decision "
+            f"event audit FAILED: {len(missing)} upstream request(s) reached a server "
+            "with no logged decision "
             f"letting them through: {missing[:5]}", red=True)
     if TOTALS["proxies"]:
         terminalreporter.write_line(
