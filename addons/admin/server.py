@@ -40,10 +40,11 @@ def check_token_policy(host: str, token: str | None, token_env: str) -> None:
 
 
 def token_ok(request: web.Request) -> bool:
-    """Constant-time bearer check. With no token configured (loopback only) every caller passes."""
+    """Constant-time bearer check. No token configured means nobody passes (as for the approvals API):
+    an admin route must never be open just because the operator forgot to set the variable."""
     token = request.app.get(TOKEN_KEY)
     if not token:
-        return True
+        return False
     header = request.headers.get("Authorization", "")
     scheme, _, value = header.partition(" ")
     if scheme.lower() != "bearer":

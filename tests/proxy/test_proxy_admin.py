@@ -46,13 +46,17 @@ async def test_health_ready_metrics_and_token():
 
 
 async def test_ready_and_no_token_on_loopback():
+    """Without a token the server still starts on loopback (health, readiness, metrics), but a
+    token-protected route refuses everyone."""
     srv, base = await serve(None, ready=True)
     try:
         async with aiohttp.ClientSession() as s:
             async with s.get(base + "/readyz") as r:
                 assert r.status == 200
             async with s.get(base + "/secret") as r:
-                assert r.status == 200
+                assert r.status == 401
+            async with s.get(base + "/secret", headers={"Authorization": "Bearer "}) as r:
+                assert r.status == 401
     finally:
         await srv.stop()
 
