@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import importlib
 import ipaddress
 import logging
 import os
@@ -20,9 +19,10 @@ from mitmproxy import options
 from mitmproxy.addons import core, proxyserver, tlsconfig
 
 from addons.admin.server import AdminConfigError, AdminServer, RouteAdder, check_token_policy
+from addons.approvals import api as approvals_api
+from addons.approvals.service import ApprovalService
 from addons.policy.load import LoadedConfig, PolicyError, load_config
 from addons.proxy.addon import Portcullis
-from addons.proxy.approvals import ApprovalGate
 from addons.proxy.auth import AuthConfigError, ProxyAuth
 from addons.proxy.ca import ensure_ca
 from addons.proxy.hostcheck import AuthorityError, split_authority
@@ -127,12 +127,12 @@ class Runtime:
         cfg = loaded.config
         self.telemetry = Telemetry(cfg.telemetry, loaded.base_dir)
         self.holder = PolicyHolder(loaded, self.telemetry)
-        self.gate = ApprovalGate(cfg.approvals, loaded.base_dir, self.telemetry)
+        self.approvals = ApprovalService(cfg.approvals, loaded.base_dir, self.telemetry)
         self.pins = PinStore()
         self.own: set[tuple[str, int]] = set()
         self.own_loopback_ports: set[int] = set()  # listeners that every 127.0.0.0/8 / ::1 address reaches
         self.decider = Decider(
-            self.holder, self.gate, self.pins, cfg.mode == "audit", self.telemetry.healthy, self.is_own
+            self.holder, self.approvals, self.pins, cfg.mode == "audit", self.telemetry.healthy, self.is_own
         )
         client_cidrs = [ipaddress.ip_network(c, strict=False) for cl in cfg.clients for c in cl.cidrs]
         self.addon = Portcullis(self.decider, self.telemetry, auth, self.pins, client_cidrs)
@@ -143,15 +143,8 @@ class Runtime:
         self._tasks: list[asyncio.Task[Any]] = []
 
     def route_adders(self) -> list[RouteAdder]:
-        adders: list[RouteAdder] = []
-        try:
-            api = importlib.import_module("addons.approvals.api")
-        except ImportError:
-            return adders
-        if self.gate.service is not None and hasattr(api, "add_routes"):
-            service, token = self.gate.service, self.token
-            adders.append(lambda app: api.add_routes(app, service, token))
-        return adders
+        service, token = self.approvals, self.token
+        return [lambda app: approvals_api.add_routes(app, service, token)]
 
     def build_master(self) -> Any:
         opts = options.Options(
@@ -207,8 +200,8 @@ class Runtime:
             self.master.shutdown()
             return
         self._add_own(*admin_bound)
-        if self.gate.service is not None:  # webhook decide_url links point at the bound admin port
-            self.gate.service.admin_url = f"http://{_fmt(admin_bound[0])}:{admin_bound[1]}"
+        # Webhook decide_url links point at the admin port actually bound.
+        self.approvals.admin_url = f"http://{_fmt(admin_bound[0])}:{admin_bound[1]}"
         self.proxy_up = True
         self._tasks.append(asyncio.create_task(self.holder.watch()))
         self.telemetry.emit(
@@ -255,7 +248,7 @@ class Runtime:
         if self.admin is not None:
             await self.admin.stop()
         with contextlib.suppress(Exception):
-            await self.gate.stop()
+            await self.approvals.stop()
         self.telemetry.emit("proxy.stopped", exit_code=self.exit_code)
         self.telemetry.close()
 
@@ -290,7 +283,8 @@ def prepare(args: argparse.Namespace) -> Runtime:
 
 async def _serve(rt: Runtime) -> int:
     try:
-        await rt.gate.start()  # store + webhook secrets: a problem here is a config error, before listening
+        # Store and webhook secrets: a problem here is a config error, found before listening.
+        await rt.approvals.start()
     except Exception as e:
         print(f"{rt.loaded.path}: approvals: {e}", file=sys.stderr)
         rt.telemetry.close()

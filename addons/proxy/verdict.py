@@ -8,9 +8,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from addons.approvals.service import ApprovalRequest, ApprovalService
 from addons.policy.hosts import is_ip
 from addons.policy.model import Action, Decision, Query, Reason, RuleRef
-from addons.proxy.approvals import ApprovalGate, Ask
 from addons.proxy.pinning import Lookup, Pin, PinStore, ResolveError, resolve, system_lookup
 from addons.proxy.reload import PolicyHolder
 from addons.telemetry.record import DecisionRecord
@@ -85,7 +85,7 @@ class Decider:
     def __init__(
         self,
         holder: PolicyHolder,
-        gate: ApprovalGate,
+        approvals: ApprovalService,
         pins: PinStore,
         audit: bool,
         healthy: Callable[[], bool],
@@ -93,7 +93,7 @@ class Decider:
         lookup: Lookup = system_lookup,
     ) -> None:
         self.holder = holder
-        self.gate = gate
+        self.approvals = approvals
         self.pins = pins
         self.audit = audit
         self.healthy = healthy
@@ -190,7 +190,7 @@ class Decider:
             # Audit never holds: record what would have happened (a hold) and let it pass.
             v.decision, v.reason = "deny", Reason.APPROVAL_PENDING.value
             return v
-        ask = Ask(
+        ask = ApprovalRequest(
             # One agent, not its whole group: an authenticated user, else the source address.
             client_key=f"user:{req.client_user}" if req.client_user else (req.client_address or "-"),
             client_address=req.client_address,
@@ -203,10 +203,10 @@ class Decider:
             rule=d.rule.name if d.rule else None,
             flow_id=req.flow_id,
         )
-        out = await self.gate.resolve(ask, client_alive)
+        out = await self.approvals.resolve(ask, client_alive)
         v.approval_id = out.approval_id
         v.approval_wait_s = out.waited_s
-        v.reason = out.reason
+        v.reason = out.reason.value
         if out.allowed:
             v.passes, v.decision, v.status = True, "allow", None
         else:

@@ -13,9 +13,9 @@ from mitmproxy import connection
 from mitmproxy.proxy import server_hooks
 from mitmproxy.test import tflow
 
+from addons.approvals.service import ApprovalService
 from addons.policy.load import load_config
 from addons.proxy.addon import Portcullis
-from addons.proxy.approvals import ApprovalGate
 from addons.proxy.auth import ProxyAuth
 from addons.proxy.pinning import PinStore, ResolveError, canonical_ip, resolve, system_lookup
 from addons.proxy.reload import PolicyHolder
@@ -43,7 +43,7 @@ def make(tmp_path: Path, answers: list[list[str]]):
     pins = PinStore()
     decider = Decider(
         holder,
-        ApprovalGate(loaded.config.approvals, tmp_path, tel),
+        ApprovalService(loaded.config.approvals, tmp_path, tel),
         pins,
         False,
         tel.healthy,
