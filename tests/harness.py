@@ -438,6 +438,7 @@ class PortcullisProc:
         self.u = u
         self.netns = netns
         self.events: list[dict[str, Any]] = []
+        self.raw_lines: list[str] = []  # every stdout line as printed (the event audit reads them)
         self._cond = threading.Condition()
         (folder / "rules").mkdir(parents=True, exist_ok=True)
         if u is not None and config is None:
@@ -504,6 +505,8 @@ class PortcullisProc:
     def _read(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None
         for line in self.proc.stdout:
+            with self._cond:
+                self.raw_lines.append(line.decode("utf-8", "replace"))
             try:
                 doc = json.loads(line)
             except ValueError:

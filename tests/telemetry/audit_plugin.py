@@ -8,7 +8,6 @@ decision logged once. A harness that knows how many requests a test sent can cal
 
 from __future__ import annotations
 
-import json
 import re
 import urllib.request
 from typing import Any
@@ -60,27 +59,12 @@ def _install() -> None:
         return
     orig_stop = cls.stop
 
-    def _read(self: Any) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        raw = self.__dict__.setdefault("raw_lines", [])
-        for line in self.proc.stdout:
-            raw.append(line.decode("utf-8", "replace"))
-            try:
-                doc = json.loads(line)
-            except ValueError:
-                continue
-            with self._cond:
-                self.events.append(doc)
-                self._cond.notify_all()
-        with self._cond:
-            self._cond.notify_all()
-
     def stop(self: Any, *a: Any, **kw: Any) -> int:
         was_running = self.proc is not None
         metrics = _scrape(self) if was_running else None
         code: int = orig_stop(self, *a, **kw)
         if was_running:
-            events = audit_events(list(self.__dict__.get("raw_lines", [])))
+            events = audit_events(list(self.raw_lines))
             if metrics is not None:
                 _check_labels(metrics, events)
                 TOTALS["scrapes"] += 1
@@ -90,7 +74,7 @@ def _install() -> None:
             DECISIONS.extend(e for e in events if e["event"] == "egress.decision")
         return code
 
-    cls._read, cls.stop, cls._audited = _read, stop, True
+    cls.stop, cls._audited = stop, True
 
     up: Any = harness.Upstreams
     orig_clear, orig_up_stop = up.clear, up.stop

@@ -36,30 +36,6 @@ RULES = [
 PLACEHOLDER = "sniplaceholder-0123456789.test"
 
 
-class RawProc(PortcullisProc):
-    """The harness's proxy, keeping every raw stdout line (the harness skips non-JSON ones)."""
-
-    def __init__(self, *a: Any, **kw: Any) -> None:
-        super().__init__(*a, **kw)
-        self.raw_lines: list[str] = []
-
-    def _read(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        for line in self.proc.stdout:
-            text = line.decode("utf-8", "replace")
-            with self._cond:
-                self.raw_lines.append(text)
-            try:
-                doc = json.loads(line)
-            except ValueError:
-                continue
-            with self._cond:
-                self.events.append(doc)
-                self._cond.notify_all()
-        with self._cond:
-            self._cond.notify_all()
-
-
 LABEL_VALUE = re.compile(r"[a-z][a-z0-9_]*|[0-9.e+]+|\+Inf")
 
 
@@ -99,7 +75,7 @@ def test_every_request_is_one_valid_event_and_nothing_else(upstreams: Any, tmp_p
     cfg["approvals"]["hold"] = False  # approval_pending at once (no 5 s hold in this test)
     hp, tp = upstreams.http_port, upstreams.tls_port
     expected = 0
-    with RawProc(tmp_path, upstreams, rules=RULES, config=cfg) as p:
+    with PortcullisProc(tmp_path, upstreams, rules=RULES, config=cfg) as p:
         # 1 allow with a query string that must never be logged
         r = p.raw(_get("public.test", hp, "/a/b?token=SECRET-Q"))
         assert r.status == 200
@@ -185,10 +161,10 @@ def test_every_request_is_one_valid_event_and_nothing_else(upstreams: Any, tmp_p
     assert set(rep.suspicious) == {"127.0.0.1", "public.test"}  # private address; Host/SNI mismatches
 
 
-def _proxy_with_file(upstreams: Any, folder: Path, file: str, **log: Any) -> RawProc:
+def _proxy_with_file(upstreams: Any, folder: Path, file: str, **log: Any) -> PortcullisProc:
     cfg = base_config(upstreams, folder)
     cfg["telemetry"] = {"log": {"format": "json", "file": file, **log}, "metrics": True, "otlp": False}
-    return RawProc(folder, upstreams, rules=RULES, config=cfg)
+    return PortcullisProc(folder, upstreams, rules=RULES, config=cfg)
 
 
 def test_sighup_moves_the_event_file_like_logrotate(upstreams: Any, tmp_path: Path) -> None:
