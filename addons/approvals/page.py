@@ -204,8 +204,10 @@ def _field(form: Mapping[str, object], name: str) -> str:
 
 
 def _dest(a: Approval) -> str:
-    what = " ".join(x for x in (a.method, f"{a.scheme}://" if a.scheme else "") if x)
-    return f"{what}{a.host}:{a.port}{a.path or ''}"
+    """`GET http://host:80/path`, or `CONNECT host:443` for a tunnel."""
+    method = f"{a.method} " if a.method else ""
+    scheme = f"{a.scheme}://" if a.scheme else ""
+    return f"{method}{scheme}{a.host}:{a.port}{a.path or ''}"
 
 
 def _ago(seconds: float) -> str:

@@ -123,3 +123,22 @@ async def test_repeated_wrong_tokens_are_throttled(page_setup):
         assert (await login(client, token="guess")).status_code == 401
     assert (await login(client, token="guess")).status_code == 429
     assert (await login(client)).status_code == 429  # even the right token waits out the window
+
+
+@pytest.mark.parametrize(
+    ("method", "scheme", "port", "path", "shown"),
+    [
+        ("GET", "http", 80, "/some/path", "GET http://x.example:80/some/path"),
+        ("CONNECT", None, 443, None, "CONNECT x.example:443"),
+        (None, None, 22, None, "x.example:22"),
+    ],
+    ids=["http", "tunnel", "bare"],
+)
+def test_destination_column(method: str | None, scheme: str | None, port: int, path: str | None,
+                            shown: str) -> None:
+    from addons.approvals.page import _dest
+    from addons.approvals.store import Approval
+
+    a = Approval(id="a1", client_key="c", client_address=None, client_name=None, host="x.example", port=port,
+                 scheme=scheme, method=method, path=path, rule=None, created_at=0.0, expires_at=1.0)
+    assert _dest(a) == shown
