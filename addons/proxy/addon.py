@@ -180,21 +180,10 @@ class Portcullis:
             scheme = "wss" if scheme == "https" else "ws"
         req.path, req.scheme = path, scheme
         proxy_authz = r.headers.pop("proxy-authorization", None)  # never forwarded upstream
-        if tunnel is None:
-            res, user = self.auth.check(proxy_authz, req.client_address)
-            if res is AuthResult.BAD:
-                return req, refusal(req, Reason.PROXY_AUTH, status=407)
-            req.client_user = user
-        try:
-            host = normalize_host(r.host)
-        except ValueError as e:
-            return req, refusal(
-                req,
-                Reason.BAD_REQUEST,
-                detail=str(e),
-                client_name=self._client_name(req.client_address, req.client_user),
-            )
-        req.host = host
+        # Inside a tunnel the CONNECT's identity applies; credentials are checked only outside.
+        if (refused := self._identify(req, r.host, proxy_authz, check_auth=tunnel is None)) is not None:
+            return req, refused
+        host = req.host
         cname = self._client_name(req.client_address, req.client_user)
         if r.method == "PRI" or r.path == "*":
             return req, refusal(req, Reason.BAD_REQUEST, detail="not a proxy request", client_name=cname)
@@ -279,21 +268,30 @@ class Portcullis:
         r = flow.request
         if st.tunnel is not None:
             return req, refusal(req, Reason.HOST_MISMATCH, detail="CONNECT inside a tunnel")
-        res, user = self.auth.check(r.headers.get("proxy-authorization"), req.client_address)
-        if res is AuthResult.BAD:
-            return req, refusal(req, Reason.PROXY_AUTH, status=407)
-        req.client_user = user
+        if (refused := self._identify(req, r.host, r.headers.get("proxy-authorization"))) is not None:
+            return req, refused
+        return req, await self.decider.decide(req, lambda: _client_alive(flow.client_conn))
+
+    def _identify(
+        self, req: Request, raw_host: str, proxy_authz: str | None, check_auth: bool = True
+    ) -> Verdict | None:
+        """Authenticate the client (when asked) and normalise the host, filling `req`; a refusal
+        (407 proxy_auth, or bad_request for an unusable host) when either fails."""
+        if check_auth:
+            res, user = self.auth.check(proxy_authz, req.client_address)
+            if res is AuthResult.BAD:
+                return refusal(req, Reason.PROXY_AUTH, status=407)
+            req.client_user = user
         try:
-            host = normalize_host(r.host)
+            req.host = normalize_host(raw_host)
         except ValueError as e:
-            return req, refusal(
+            return refusal(
                 req,
                 Reason.BAD_REQUEST,
                 detail=str(e),
-                client_name=self._client_name(req.client_address, user),
+                client_name=self._client_name(req.client_address, req.client_user),
             )
-        req.host = host
-        return req, await self.decider.decide(req, lambda: _client_alive(flow.client_conn))
+        return None
 
     def http_connect_error(self, flow: http.HTTPFlow) -> None:
         # mitmproxy's own 502 for a failed eager connect: replace it, keeping decision=allow visible.
