@@ -395,8 +395,13 @@ class Portcullis:
                 self.telemetry.emit(
                     "tunnel.closed",
                     flow_id=t.flow_id,
-                    host=t.host,
-                    port=t.port,
+                    client={
+                        "address": str(client.peername[0]) if client.peername else None,
+                        "port": int(client.peername[1]) if client.peername else None,
+                        "name": t.client_name,
+                        "user": t.client_user,
+                    },
+                    destination={"host": t.host, "port": t.port, "ip": t.ip},
                     bytes_up=t.bytes_up,
                     bytes_down=t.bytes_down,
                     duration_s=round(time.monotonic() - t.started, 3),

@@ -190,8 +190,6 @@ def _outcome(doc: dict[str, Any], out: dict[str, Any], ids: tuple[int, int, int,
 
 def _endpoints(doc: dict[str, Any], out: dict[str, Any]) -> None:
     client, dest = _dict(doc.get("client")), _dict(doc.get("destination"))
-    if not dest and doc.get("host"):   # tunnel.closed's older flat spelling
-        dest = {"host": doc.get("host"), "port": doc.get("port")}
     src = {k: v for k, v in (("ip", client.get("address")), ("port", client.get("port")),
                              ("name", client.get("name"))) if v is not None}
     dst = {k: v for k, v in (("hostname", dest.get("host")), ("domain", dest.get("registered_domain")),
