@@ -141,6 +141,20 @@ def _compile_rule(m: RuleModel, node: Any, order: int, line: int, ref_file: str,
     )
 
 
+def _check_hosts_only(node: CommentedMap, shown: str, label: str, errors: ErrorList) -> None:
+    """A rule whose shape is wrong still has its host entries checked, so one run shows every error."""
+    hosts = node.get("hosts")
+    if not isinstance(hosts, list):
+        return
+    deny = node.get("action") == "deny"
+    for j, raw in enumerate(hosts):
+        if isinstance(raw, str) and raw:
+            try:
+                parse_pattern(raw, deny=deny)
+            except HostError as e:
+                errors.add(shown, *pos(node, ("hosts", j)), f"{label}: {e}")
+
+
 @dataclass
 class _RuleLoad:
     rules: list[Rule] = field(default_factory=list)
@@ -201,6 +215,8 @@ def _file_result(path: Path, shown: str, text: str, base_dir: Path, settings: Se
             continue
         line = seq.lc.item(i)[0] + 1
         m = validate_model(RuleModel, node, shown, errors, prefix=("rules", i), label=label)
+        if m is None:
+            _check_hosts_only(node, shown, label, errors)
         rule = None if m is None else _compile_rule(m, node, i, line, ref_file, shown, settings, errors)
         good_name = name if isinstance(name, str) and name else None
         name_pos = pos(node, ("name",), value=True) if good_name else (line, 1)
