@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
+from addons.policy.authority import AuthorityError, split_authority
 from addons.policy.config import Strict
 from addons.policy.evaluate import Policy
 from addons.policy.hosts import HostError, normalize_host, parse_ip
@@ -59,22 +60,11 @@ def parse_url(url: str) -> Target:
     authority, tail = rest[:end], rest[end:]
     if "@" in authority:
         raise UsageError(f"bad URL {url!r}: credentials in URLs are not accepted; leave out 'user@'")
-    if authority.startswith("["):
-        close = authority.find("]")
-        if close < 0:
-            raise UsageError(f"bad URL {url!r}: unclosed '[' in the host")
-        host, after = authority[: close + 1], authority[close + 1:]
-        if after and not after.startswith(":"):
-            raise UsageError(f"bad URL {url!r}: unexpected {after!r} after the host")
-        port_text = after[1:] if after else ""
-        has_port = bool(after)
-    else:
-        host, has_colon, port_text = authority.rpartition(":")
-        has_port = bool(has_colon)
-        if not has_colon:
-            host, port_text = authority, ""
-    if has_port and not (port_text.isdigit() and 0 < int(port_text) < 65536):
-        raise UsageError(f"bad URL {url!r}: bad port {port_text!r}")
+    # The same authority parser the proxy uses, so `check` never disagrees with it on a spelling.
+    try:
+        host, port = split_authority(authority)
+    except AuthorityError as e:
+        raise UsageError(f"bad URL {url!r}: {e}") from None
     try:
         norm = normalize_host(host)
     except HostError as e:
@@ -82,7 +72,7 @@ def parse_url(url: str) -> Target:
     path = tail.split("#", 1)[0].split("?", 1)[0] or "/"
     if not path.startswith("/"):
         path = "/" + path
-    return Target(scheme, norm, int(port_text) if has_port else _DEFAULT_PORT[scheme], path)
+    return Target(scheme, norm, port if port is not None else _DEFAULT_PORT[scheme], path)
 
 
 def parse_client(policy: Policy, client: str | None) -> tuple[str | None, tuple[str, ...] | None]:

@@ -13,10 +13,10 @@ from urllib.parse import urlsplit
 from mitmproxy import connection, http
 from mitmproxy.proxy import layer, server_hooks
 
+from addons.policy.authority import same_destination
 from addons.policy.hosts import normalize_host
 from addons.policy.model import Reason
 from addons.proxy.auth import AuthResult, ProxyAuth, public_client_refusal
-from addons.proxy.hostcheck import same_destination
 from addons.proxy.pinning import Pinner, PinStore
 from addons.proxy.responses import DECISION_HEADER, deny_response, upstream_error_response
 from addons.proxy.tunnel import CloseClientLayer, FirstLayer, Tunnel, choose_first_layer

@@ -21,11 +21,11 @@ from mitmproxy.addons import core, proxyserver, tlsconfig
 from addons.admin.server import AdminConfigError, AdminServer, RouteAdder, check_token_policy
 from addons.approvals import api as approvals_api
 from addons.approvals.service import ApprovalService
+from addons.policy.authority import AuthorityError, split_authority
 from addons.policy.load import LoadedConfig, PolicyError, load_config
 from addons.proxy.addon import Portcullis
 from addons.proxy.auth import AuthConfigError, ProxyAuth
 from addons.proxy.ca import ensure_ca
-from addons.proxy.hostcheck import AuthorityError, split_authority
 from addons.proxy.pinning import PinStore
 from addons.proxy.reload import PolicyHolder
 from addons.proxy.responses import install_error_pages

@@ -7,9 +7,9 @@ import json
 
 import pytest
 
+from addons.policy.authority import AuthorityError, same_destination, split_authority
 from addons.policy.config import Config
 from addons.proxy.auth import AuthConfigError, AuthResult, ProxyAuth
-from addons.proxy.hostcheck import AuthorityError, same_destination, split_authority
 from addons.proxy.responses import deny_response, upstream_error_response
 from addons.proxy.tunnel import inspect_first_bytes
 from tests.harness import tls_client_hello

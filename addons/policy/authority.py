@@ -1,4 +1,5 @@
-"""Authority parsing and the Host/target consistency checks (host_mismatch)."""
+"""Authority parsing (`host:port`, `[v6]:port`) and the Host/target consistency check, shared by the
+proxy (host_mismatch) and `portcullis check`."""
 
 from __future__ import annotations
 
@@ -15,12 +16,14 @@ def split_authority(raw: str, allow_zero: bool = False) -> tuple[str, int | None
     """`host`, `host:port`, `[v6]`, `[v6]:port` -> (host text, port or None). Strict on the port
     (`allow_zero`: port 0 means "any free port", for listen addresses)."""
     raw = raw.strip()
-    if not raw or any(c in raw for c in " \t\r\n/\\@?#"):
-        raise AuthorityError(f"bad authority {raw!r}")
+    if not raw:
+        raise AuthorityError("empty host")
+    if any(c in raw for c in " \t\r\n/\\@?#"):
+        raise AuthorityError(f"{raw!r} is not a host name (contains a space, '/', '@', '?', '#' or similar)")
     if raw.startswith("["):
         end = raw.find("]")
         if end < 0:
-            raise AuthorityError(f"bad authority {raw!r}")
+            raise AuthorityError(f"unclosed '[' in {raw!r}")
         host, rest = raw[: end + 1], raw[end + 1 :]
         if not rest:
             return host, None
