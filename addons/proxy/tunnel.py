@@ -8,13 +8,13 @@ from dataclasses import dataclass, field
 
 from mitmproxy.addons import next_layer
 from mitmproxy.connection import ConnectionState
-from mitmproxy.net.tls import starts_like_tls_record
 from mitmproxy.proxy import commands, events, layer
 from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.layers.tcp import TCPLayer
-from mitmproxy.proxy.layers.tls import ClientTLSLayer, ServerTLSLayer, parse_client_hello
+from mitmproxy.proxy.layers.tls import ClientTLSLayer, ServerTLSLayer
 
 from addons.policy.hosts import is_ip, normalize_host
+from addons.proxy.clienthello import Kind, read_first_bytes
 
 
 @dataclass
@@ -99,34 +99,6 @@ class CloseClientLayer(layer.Layer):
 
 
 @dataclass(frozen=True, slots=True)
-class FirstBytes:
-    """Verdict on a tunnel's first client bytes."""
-
-    need_more: bool = False
-    tls: bool = False
-    sni: str | None = None
-    alpn: tuple[bytes, ...] = ()
-    problem: str | None = None  # why these bytes are not an acceptable ClientHello
-
-
-def inspect_first_bytes(data: bytes) -> FirstBytes:
-    """Is this the start of a TLS ClientHello, and what SNI does it carry?"""
-    if not data:
-        return FirstBytes(need_more=True)
-    if not starts_like_tls_record(data):
-        if len(data) < 3 and data[0] == 0x16:
-            return FirstBytes(need_more=True)
-        return FirstBytes(problem="first bytes are not a TLS ClientHello")
-    try:
-        ch = parse_client_hello(data)
-    except ValueError as e:
-        return FirstBytes(problem=f"unparsable TLS ClientHello: {e}")
-    if ch is None:
-        return FirstBytes(need_more=True)
-    return FirstBytes(tls=True, sni=ch.sni, alpn=tuple(ch.alpn_protocols))
-
-
-@dataclass(frozen=True, slots=True)
 class FirstLayer:
     """What to do with a tunnel's first bytes: wait (layer and problem None), relay through `layer`,
     or refuse for `problem` (a second decision about the tunnel, reason sni_mismatch)."""
@@ -136,30 +108,35 @@ class FirstLayer:
 
 
 def choose_first_layer(context: Context, t: Tunnel, data: bytes, server_spoke: bool) -> FirstLayer:
-    """SNI must equal the authority; no SNI only for an IP literal or raw_tcp; non-TLS only for raw_tcp
-    (never when inspected). Allowed: a byte-counting raw relay, or TLS interception when inspected."""
-    fb = inspect_first_bytes(data)
-    if fb.need_more:
+    """Anything a TLS server would read as a ClientHello must name exactly the authority: no server
+    name only for an IP literal or raw_tcp; a server name that is present but unreadable, invalid or
+    one of several is refused everywhere. Bytes no server reads as TLS only for raw_tcp (never when
+    inspected). Allowed: a byte-counting raw relay, or TLS interception when inspected."""
+    fb = read_first_bytes(data)
+    if fb.kind is Kind.NEED_MORE:
         if data or not server_spoke:
             return FirstLayer()
         # The server spoke first: not TLS from the client, so only raw_tcp tunnels carry it.
         if t.raw_tcp and not t.inspect:
             return FirstLayer(CountingTunnelLayer(context, t))
         return FirstLayer(problem="the server spoke first (not a TLS tunnel)")
-    if fb.tls:
-        if fb.sni is None:
-            if not is_ip(t.host) and not t.raw_tcp:
-                return FirstLayer(problem="the TLS ClientHello has no server name")
-        else:
-            try:
-                sni: str | None = normalize_host(fb.sni)
-            except ValueError:
-                sni = None
-            if sni != t.host:
-                return FirstLayer(problem="the TLS server name differs from the CONNECT host")
-    elif t.inspect or not t.raw_tcp:
-        return FirstLayer(problem=fb.problem or "not TLS")
-    if fb.tls and t.inspect:
+    if fb.kind is Kind.BAD:
+        return FirstLayer(problem=fb.problem)
+    if fb.kind is Kind.NOT_TLS:
+        if t.inspect or not t.raw_tcp:
+            return FirstLayer(problem=fb.problem)
+        return FirstLayer(CountingTunnelLayer(context, t))
+    if fb.sni is None:
+        if not is_ip(t.host) and not t.raw_tcp:
+            return FirstLayer(problem="the TLS ClientHello has no server name")
+    else:
+        try:
+            sni: str | None = normalize_host(fb.sni)
+        except ValueError:
+            sni = None
+        if sni != t.host:
+            return FirstLayer(problem="the TLS server name differs from the CONNECT host")
+    if t.inspect:
         # What mitmproxy's NextLayer builds for TLS (server TLS over client TLS), counting bytes.
         server_tls = CountingServerTLSLayer(context, t)
         server_tls.child_layer = ClientTLSLayer(context)
