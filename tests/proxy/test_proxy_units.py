@@ -11,7 +11,6 @@ from addons.policy.authority import AuthorityError, same_destination, split_auth
 from addons.policy.config import Config
 from addons.proxy.auth import AuthConfigError, AuthResult, ProxyAuth
 from addons.proxy.responses import deny_response, upstream_error_response
-from tests.harness import tls_client_hello
 
 CFG = Config.model_validate(
     {
