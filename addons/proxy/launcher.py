@@ -23,12 +23,13 @@ from addons.approvals import api as approvals_api
 from addons.approvals.service import ApprovalService
 from addons.policy.authority import AuthorityError, split_authority
 from addons.policy.load import LoadedConfig, PolicyError, load_config
+from addons.proxy import mitm_compat
 from addons.proxy.addon import Portcullis
 from addons.proxy.auth import AuthConfigError, ProxyAuth
 from addons.proxy.ca import ensure_ca
 from addons.proxy.pinning import PinStore
 from addons.proxy.reload import PolicyHolder
-from addons.proxy.responses import install_error_pages
+from addons.proxy.responses import error_body, h2_error_headers, http1_error_response
 from addons.proxy.tunnel import TunnelAwareNextLayer
 from addons.proxy.verdict import Decider
 from addons.telemetry.events import Telemetry
@@ -166,6 +167,7 @@ class Runtime:
             rawtcp=False,  # no silent raw relay: tunnels are ours to decide (next_layer)
             websocket=True,
             stream_large_bodies="1m",  # decided on headers; big bodies stream, never buffered whole
+            validate_inbound_headers=True,  # mitmproxy's own smuggling checks (CL/TE): refused and logged
             ssl_verify_upstream_trusted_ca=self.bundle,
         )
         self.master = m
@@ -289,7 +291,7 @@ async def _serve(rt: Runtime) -> int:
         print(f"{rt.loaded.path}: approvals: {e}", file=sys.stderr)
         rt.telemetry.close()
         return 2
-    install_error_pages()
+    mitm_compat.install(http1_error_response, error_body, h2_error_headers, rt.addon.record_refusal)
     m = rt.build_master()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -235,9 +235,11 @@ def decision_fields(rec: DecisionRecord) -> dict[str, Any]:
 _rd_func: Callable[[str], str | None] | None = None
 
 
-def registered_domain(host: str) -> str | None:
+def registered_domain(host: str | None) -> str | None:
     """The registrable domain (policy.hosts, offline PSL); None for IP literals or when unknown."""
     global _rd_func
+    if not host:
+        return None
     if _rd_func is None:
         try:
             mod = importlib.import_module("addons.policy.hosts")
