@@ -82,3 +82,20 @@ def reframe(hello_record: bytes, version: int = 0x0301, sizes: Sequence[int] = (
 
 def real_hello(server_name: str | None) -> bytes:
     return tls_client_hello(server_name)
+
+
+HRR_RANDOM = bytes.fromhex("cf21ad74e59a6111be1d8c021e65b891c2a211167abb8c5e079e09e2c8a8339c")
+
+
+def server_hello(retry: bool) -> bytes:
+    """A TLS 1.3 ServerHello record; `retry`: a HelloRetryRequest (asks for another key share)."""
+    random = HRR_RANDOM if retry else os.urandom(32)
+    exts = ext(SUPPORTED_VERSIONS, b"\x03\x04") + ext(
+        0x0033, b"\x00\x17" if retry else b"\x00\x1d" + b"\x00" * 34
+    )
+    body = b"\x03\x03" + random + b"\x00" + b"\x13\x01" + b"\x00" + struct.pack("!H", len(exts)) + exts
+    msg = b"\x02" + len(body).to_bytes(3, "big") + body
+    return struct.pack("!BHH", 22, 0x0303, len(msg)) + msg
+
+
+CCS = b"\x14\x03\x03\x00\x01\x01"

@@ -389,19 +389,27 @@ class Portcullis:
             nl.layer = None  # wait for the whole ClientHello
         else:
             t.layer_decided = True
+            client = nl.context.client
+            t.on_refused = lambda detail: self._log_tunnel_refusal(client, t, detail)
             nl.layer = choice.layer
         return True
 
     def _refuse_tunnel(self, nl: layer.NextLayer, t: Tunnel, detail: str) -> None:
         """An allowed CONNECT whose first bytes break the rules: a second decision on the same tunnel."""
-        peer = nl.context.client.peername
+        self._log_tunnel_refusal(nl.context.client, t, detail)
+        nl.layer = CloseClientLayer(nl.context)
+
+    def _log_tunnel_refusal(self, client: connection.Client, t: Tunnel, detail: str) -> None:
+        if t.refused:
+            return
+        peer = client.peername
         req = Request(
             host=t.host,
             port=t.port,
             scheme=None,
             method="CONNECT",
             path=None,
-            client_id=nl.context.client.id,
+            client_id=client.id,
             client_address=str(peer[0]) if peer else None,
             client_port=int(peer[1]) if peer else None,
             client_user=t.client_user,
@@ -420,7 +428,6 @@ class Portcullis:
         )
         self._log(req, v)  # enforced even in audit mode: a mismatched SNI is a bypass, not a rule question
         t.refused = True
-        nl.layer = CloseClientLayer(nl.context)
 
     # ---- pinning ------------------------------------------------------------------------------------
     def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:

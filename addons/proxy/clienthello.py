@@ -10,6 +10,7 @@ name is reported as a problem, never folded into "no server name".
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
@@ -194,3 +195,94 @@ def _alpn(body: bytes) -> tuple[bytes, ...]:
     while protos.left:
         out.append(protos.vector(1))
     return tuple(out)
+
+
+SERVER_HELLO = 2
+# RFC 8446 §4.1.3: a ServerHello with this random is a HelloRetryRequest.
+HRR_RANDOM = bytes.fromhex("cf21ad74e59a6111be1d8c021e65b891c2a211167abb8c5e079e09e2c8a8339c")
+
+
+class HandshakeWatch:
+    """Follows the cleartext start of a passed-through TLS handshake, after the first ClientHello.
+
+    A server that answers with a HelloRetryRequest reads a second ClientHello, and may route on its
+    server name; a client can even send it before the retry request arrives. So until the server's
+    first handshake message shows that no retry comes (a plain ServerHello), and after a retry until
+    the second ClientHello has been read, every ClientHello the client sends in handshake records is
+    read like the first and judged by `judge` (a problem string refuses the tunnel).
+    """
+
+    def __init__(self, judge: Callable[[FirstBytes], str | None]) -> None:
+        self.judge = judge
+        self.done = False
+        self._client = _RecordStream()
+        self._server = _RecordStream()
+        self._hellos = 0  # ClientHellos read so far
+        self._retry = False
+
+    def client(self, data: bytes) -> str | None:
+        """Client bytes about to be relayed; a problem means: do not relay them, refuse the tunnel."""
+        if self.done:
+            return None
+        try:
+            for message in self._client.feed(data):
+                if message[0] != CLIENT_HELLO:
+                    continue
+                self._hellos += 1
+                if self._hellos > 2:
+                    return "a third TLS ClientHello in one handshake"
+                sni, alpn = _parse_client_hello(message[4:])
+                if problem := self.judge(FirstBytes(Kind.TLS, sni=sni, alpn=alpn)):
+                    return problem
+                if self._retry and self._hellos == 2:
+                    self.done = True  # the retried handshake goes on encrypted
+                    return None
+        except _Malformed as e:
+            return f"malformed TLS ClientHello after a retry request: {e}"
+        return None
+
+    def server(self, data: bytes) -> None:
+        """Server bytes: its first handshake message says whether a second ClientHello can follow."""
+        if self.done:
+            return
+        try:
+            for message in self._server.feed(data):
+                if message[0] == SERVER_HELLO and message[6:38] == HRR_RANDOM and not self._retry:
+                    self._retry = True  # a second ClientHello comes, in the clear
+                    self.done = self._hellos >= 2  # ... unless it was sent (and judged) already
+                else:
+                    self.done = True  # no (further) retry: the rest of the handshake is encrypted
+                return
+        except _Malformed:
+            self.done = True  # not a TLS server we can follow: the client's hellos were already judged
+
+
+class _RecordStream:
+    """Handshake messages from a byte stream of TLS records (non-handshake records are skipped)."""
+
+    def __init__(self) -> None:
+        self._buf = b""
+        self._hs = b""
+
+    def feed(self, data: bytes) -> list[bytes]:
+        self._buf += data
+        out: list[bytes] = []
+        while len(self._buf) >= 5:
+            ctype = self._buf[0]
+            length = (self._buf[3] << 8) | self._buf[4]
+            if length > MAX_RECORD + 256:  # ciphertext may exceed the plaintext limit a little
+                raise _Malformed(f"a {length}-byte record")
+            if len(self._buf) < 5 + length:
+                break
+            body, self._buf = self._buf[5 : 5 + length], self._buf[5 + length :]
+            if ctype == HANDSHAKE:
+                self._hs += body
+            while len(self._hs) >= 4:
+                need = 4 + int.from_bytes(self._hs[1:4], "big")
+                if need > MAX_CLIENT_HELLO:
+                    raise _Malformed("a handshake message is too large")
+                if len(self._hs) < need:
+                    break
+                out.append(self._hs[:need])
+                self._hs = self._hs[need:]
+        return out

@@ -14,7 +14,7 @@ from mitmproxy.proxy.layers.tcp import TCPLayer
 from mitmproxy.proxy.layers.tls import ClientTLSLayer, ServerTLSLayer
 
 from addons.policy.hosts import is_ip, normalize_host
-from addons.proxy.clienthello import Kind, read_first_bytes
+from addons.proxy.clienthello import FirstBytes, HandshakeWatch, Kind, read_first_bytes
 
 
 @dataclass
@@ -37,21 +37,41 @@ class Tunnel:
     refused: bool = False
     bytes_up: int = 0
     bytes_down: int = 0
+    on_refused: Callable[[str], None] | None = None  # a refusal after the first bytes (logged once)
 
 
 class CountingTunnelLayer(TCPLayer):
-    """mitmproxy's raw TCP relay without a flow object (nothing stored), counting bytes per direction."""
+    """mitmproxy's raw TCP relay without a flow object (nothing stored), counting bytes per direction.
 
-    def __init__(self, context: Context, tunnel: Tunnel) -> None:
+    For TLS, `watch` follows the cleartext handshake: a second ClientHello (after a HelloRetryRequest)
+    must name the authority too, else the tunnel is closed before it is relayed.
+    """
+
+    def __init__(self, context: Context, tunnel: Tunnel, watch: HandshakeWatch | None = None) -> None:
         super().__init__(context, ignore=True)
         self.tunnel = tunnel
+        self.watch = watch
+        self.closed = False
 
     def relay_messages(self, event: events.Event) -> layer.CommandGenerator[None]:
+        if self.closed:
+            return
         if isinstance(event, events.DataReceived):
             if event.connection == self.context.client:
                 self.tunnel.bytes_up += len(event.data)
+                if self.watch is not None and (problem := self.watch.client(event.data)):
+                    self.closed = True
+                    if self.tunnel.on_refused is not None:
+                        self.tunnel.on_refused(problem)
+                    yield commands.CloseConnection(self.context.server)
+                    yield commands.CloseConnection(self.context.client)
+                    return
             else:
                 self.tunnel.bytes_down += len(event.data)
+                if self.watch is not None:
+                    self.watch.server(event.data)
+            if self.watch is not None and self.watch.done:
+                self.watch = None
         yield from super().relay_messages(event)
 
 
@@ -126,19 +146,26 @@ def choose_first_layer(context: Context, t: Tunnel, data: bytes, server_spoke: b
         if t.inspect or not t.raw_tcp:
             return FirstLayer(problem=fb.problem)
         return FirstLayer(CountingTunnelLayer(context, t))
-    if fb.sni is None:
-        if not is_ip(t.host) and not t.raw_tcp:
-            return FirstLayer(problem="the TLS ClientHello has no server name")
-    else:
-        try:
-            sni: str | None = normalize_host(fb.sni)
-        except ValueError:
-            sni = None
-        if sni != t.host:
-            return FirstLayer(problem="the TLS server name differs from the CONNECT host")
+    if problem := sni_problem(t, fb):
+        return FirstLayer(problem=problem)
     if t.inspect:
         # What mitmproxy's NextLayer builds for TLS (server TLS over client TLS), counting bytes.
         server_tls = CountingServerTLSLayer(context, t)
         server_tls.child_layer = ClientTLSLayer(context)
         return FirstLayer(server_tls)
-    return FirstLayer(CountingTunnelLayer(context, t))
+    return FirstLayer(CountingTunnelLayer(context, t, HandshakeWatch(lambda hello: sni_problem(t, hello))))
+
+
+def sni_problem(t: Tunnel, hello: FirstBytes) -> str | None:
+    """A ClientHello's server name against the tunnel: equal to the authority, or absent where allowed."""
+    if hello.sni is None:
+        if not is_ip(t.host) and not t.raw_tcp:
+            return "the TLS ClientHello has no server name"
+        return None
+    try:
+        sni: str | None = normalize_host(hello.sni)
+    except ValueError:
+        sni = None
+    if sni != t.host:
+        return "the TLS server name differs from the CONNECT host"
+    return None

@@ -4,13 +4,15 @@ over records and TCP segments. Oracle: the bytes that reached the upstream (a ra
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import threading
 import time
 
 import pytest
 
 from tests.harness import PortcullisProc, base_config
-from tests.tlsbytes import ECH, client_hello, ext, real_hello, reframe
+from tests.tlsbytes import CCS, ECH, client_hello, ext, real_hello, reframe, server_hello
 
 pytestmark = pytest.mark.e2e
 
@@ -138,3 +140,63 @@ def test_no_sni_on_an_ip_literal_and_non_tls_on_raw_tcp_still_pass(proxy, upstre
     assert arrived == len(hello)
     _, arrived = _send(proxy, f"www.public.test:{upstreams.sink_port}", [b"SSH-2.0-x\r\n"])
     assert arrived == len(b"SSH-2.0-x\r\n")
+
+
+class RetryServer:
+    """A TLS-ish upstream on 127.0.0.2 that answers any first ClientHello with a HelloRetryRequest and
+    records every byte that arrives after it (where a second ClientHello would come)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.2", 0))
+        self.port = self.sock.getsockname()[1]
+        self.after = b""
+        self.first = b""
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        self.sock.settimeout(10)
+        with contextlib.suppress(OSError), self.sock.accept()[0] as c:
+            c.settimeout(3)
+            while len(self.first) < 5 or len(self.first) < 5 + int.from_bytes(self.first[3:5], "big"):
+                chunk = c.recv(65536)
+                if not chunk:
+                    return
+                self.first += chunk
+            c.sendall(server_hello(retry=True))
+            with contextlib.suppress(OSError):
+                while chunk := c.recv(65536):
+                    self.after += chunk
+
+    def close(self) -> None:
+        self.thread.join(10)
+        self.sock.close()
+
+
+@pytest.mark.parametrize(("second_name", "passes"), [("blocked.test", False), ("public.test", True)])
+def test_a_second_hello_after_a_retry_request_must_name_the_authority(proxy, second_name, passes):
+    srv = RetryServer()
+    try:
+        n = len(proxy.decisions(reason="sni_mismatch"))
+        s, rep = proxy.connect_tunnel(f"public.test:{srv.port}")
+        assert rep.status == 200
+        with s:
+            s.sendall(real_hello("public.test"))
+            s.settimeout(5)
+            got = b""
+            while len(got) < 5 or len(got) < 5 + int.from_bytes(got[3:5], "big"):
+                got += s.recv(65536)
+            assert got[:1] == b"\x16"  # the retry request came back through the tunnel
+            second = CCS + client_hello([second_name.encode()])
+            s.sendall(second)
+            time.sleep(0.5)
+        srv.close()
+        if passes:
+            assert srv.after == second
+        else:
+            assert srv.after == b"", srv.after
+            ev = proxy.wait_event("egress.decision", reason="sni_mismatch", count=n + 1)
+            assert "differs from the CONNECT host" in proxy.decisions(reason="sni_mismatch")[-1]["detail"]
+            assert ev["layer"] == "connect"
+    finally:
+        srv.sock.close()

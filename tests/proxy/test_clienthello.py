@@ -4,8 +4,18 @@ from __future__ import annotations
 
 import pytest
 
-from addons.proxy.clienthello import MAX_CLIENT_HELLO, MAX_RECORD, Kind, read_first_bytes
-from tests.tlsbytes import ECH, alpn_ext, client_hello, ext, real_hello, reframe, server_name_ext
+from addons.proxy.clienthello import MAX_CLIENT_HELLO, MAX_RECORD, HandshakeWatch, Kind, read_first_bytes
+from tests.tlsbytes import (
+    CCS,
+    ECH,
+    alpn_ext,
+    client_hello,
+    ext,
+    real_hello,
+    reframe,
+    server_hello,
+    server_name_ext,
+)
 
 HELLO = real_hello("public.test")
 
@@ -126,3 +136,57 @@ def test_a_hello_too_large_to_wait_for_is_refused_at_once():
     # The claimed size bounds what is buffered (records are never empty): past the limit, refuse.
     fb = read_first_bytes(b"\x16\x03\x01\x00\x04\x01" + (MAX_CLIENT_HELLO + 1).to_bytes(3, "big"))
     assert fb.kind is Kind.BAD and "too large" in (fb.problem or "")
+
+
+# ---- the cleartext handshake after the first ClientHello (HelloRetryRequest) -------------------
+
+
+def _watch(expected: str = "public.test") -> HandshakeWatch:
+    return HandshakeWatch(lambda hello: None if hello.sni == expected else f"names {hello.sni}")
+
+
+def test_a_plain_server_hello_ends_the_watch():
+    w = _watch()
+    assert w.client(HELLO) is None and not w.done
+    w.server(server_hello(retry=False))
+    assert w.done
+    assert w.client(CCS + client_hello([b"blocked.test"])) is None  # encrypted from here: not read
+
+
+def test_a_second_hello_after_a_retry_request_is_judged():
+    w = _watch()
+    assert w.client(HELLO) is None
+    w.server(server_hello(retry=True))
+    assert not w.done
+    assert w.client(CCS + client_hello([b"blocked.test"])) == "names blocked.test"
+
+
+def test_a_second_hello_naming_the_authority_ends_the_watch():
+    w = _watch()
+    w.client(HELLO)
+    w.server(server_hello(retry=True)[:7])  # split over reads
+    w.server(server_hello(retry=True)[7:])
+    second = CCS + client_hello([b"public.test"])
+    assert w.client(second[:20]) is None and w.client(second[20:]) is None
+    assert w.done
+
+
+def test_a_second_hello_sent_before_the_retry_request_is_judged_too():
+    w = _watch()
+    assert w.client(HELLO + client_hello([b"blocked.test"])) == "names blocked.test"
+
+
+def test_a_third_hello_is_refused_and_malformed_ones_too():
+    w = _watch()
+    assert w.client(HELLO + client_hello([b"public.test"])) is None
+    assert "third" in (w.client(client_hello([b"public.test"])) or "")
+    w2 = _watch()
+    w2.client(HELLO)
+    w2.server(server_hello(retry=True))
+    assert "malformed" in (w2.client(client_hello([b"public.test", b"blocked.test"])) or "")
+
+
+def test_early_data_and_ccs_records_are_skipped_not_parsed():
+    w = _watch()
+    early = b"\x17\x03\x03\x00\x05\x01\x00\x00\x01\xff"  # looks like a handshake header inside
+    assert w.client(HELLO + CCS + early) is None and not w.done
