@@ -265,6 +265,8 @@ def _fmt(host: str) -> str:
 
 def prepare(args: argparse.Namespace) -> Runtime:
     """Everything that can fail before listening. Raises StartupError / PolicyError."""
+    if (unsupported := mitm_compat.check_version()) is not None:
+        raise StartupError(f"portcullis: {unsupported}")
     loaded = load_config(args.config)
     cfg = loaded.config
     listen = parse_hostport(args.listen or cfg.listen, "listen")
