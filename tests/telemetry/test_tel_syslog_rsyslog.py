@@ -7,6 +7,9 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
+import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -14,10 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from rsyslog_support import Rsyslog, make_syslog_pki, need_rsyslog
+from rsyslog_support import Rsyslog, free_port, make_syslog_pki, need_rsyslog
 from tel_helpers import lines, make, record
 
 from addons.telemetry.events import Telemetry
+from addons.telemetry.report import build as report_build
 from tests.harness import PortcullisProc, base_config, upstreams  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.e2e
@@ -203,3 +207,42 @@ def test_a_proxy_sends_its_events_to_rsyslog(tmp_path: Path, upstreams: Any) -> 
     assert by_event[("egress.decision", "deny")]["severity"] == "4"
     assert {g["facility"] for g in got} == {"4"} and {g["app_name"] for g in got} == {"portcullis"}
     assert by_event[("proxy.stopped", None)]["procid"] == str(p.events[0]["pid"])
+
+
+def test_the_readme_rsyslog_snippet_works(tmp_path: Path) -> None:
+    """The receiving config the README shows, run as written (paths and port swapped for the test's)."""
+    binary = need_rsyslog("tls")
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    m = re.search(r"```\n(# /etc/rsyslog\.d/portcullis\.conf.*?)```", readme, re.DOTALL)
+    assert m, "the rsyslog snippet is missing from the README"
+    pki = make_syslog_pki(tmp_path / "pki")
+    port = free_port(socket.SOCK_STREAM)
+    out = tmp_path / "log" / "events.jsonl"
+    out.parent.mkdir()
+    conf = (m.group(1)
+            .replace("/etc/rsyslog.d/portcullis-ca.pem", str(pki["server_ca"]))
+            .replace("/etc/rsyslog.d/server.crt", str(pki["server_cert"]))
+            .replace("/etc/rsyslog.d/server.key", str(pki["server_key"]))
+            .replace('port="6514"', f'port="{port}"')
+            .replace("/var/log/portcullis/events.jsonl", str(out)))
+    assert str(port) in conf and str(out) in conf and '"/etc/' not in conf
+    (tmp_path / "rsyslog.conf").write_text(conf)
+    with open(tmp_path / "rsyslogd.log", "wb") as log:
+        proc = subprocess.Popen([binary, "-n", "-f", str(tmp_path / "rsyslog.conf"), "-i",
+                                 str(tmp_path / "rsyslogd.pid")], stdout=log, stderr=subprocess.STDOUT)
+        try:
+            tls = {"ca": str(pki["server_ca"]), "server_name": "public.test"}
+            t, stdout = make(tmp_path, syslog={"address": f"127.0.0.1:{port}", "transport": "tls",
+                                               "tls": tls})
+            t.decision(record(decision="deny", reason="default", host="api.build.corp"))
+            t.decision(record(decision="deny", reason="default", host="ci.build.corp"))
+            t.emit("rules.reloaded", trigger="watch")
+            assert wait_for(lambda: out.exists() and len(out.read_text().splitlines()) == 3, 30), \
+                (tmp_path / "rsyslogd.log").read_text()
+            close(t)
+        finally:
+            proc.terminate()
+            proc.wait(15)
+    assert out.read_text() == stdout.getvalue()     # the same JSON lines as stdout, byte for byte
+    groups = {g["domain"]: g for g in report_build(out.read_text().splitlines()).as_dict()["candidates"]}
+    assert groups["build.corp"]["denied"] == 2
