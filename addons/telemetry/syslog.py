@@ -173,6 +173,15 @@ class SyslogSink:
     # ---- the sender thread -----------------------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except Exception:  # a bug here must not silently stop delivery: the next write starts a new thread
+            log.exception("syslog %s: the sender failed; restarting it with the next event", self.where)
+            self._disconnect(graceful=False)
+            with self._cond:
+                self._thread = None
+
+    def _loop(self) -> None:
         backoff = RETRY_MIN_S
         while True:
             with self._cond:

@@ -248,3 +248,29 @@ def test_unreadable_ca_is_a_startup_error(tmp_path: Path) -> None:
                           cwd=Path(__file__).resolve().parents[2])
     assert proc.returncode == 2, proc.stderr
     assert "telemetry.syslog.tls: cannot load the CA" in proc.stderr and proc.stdout == ""
+
+
+def test_a_failing_sender_thread_is_restarted_by_the_next_event(
+    tmp_path: Path, frames: FrameReceiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    t, _ = make(tmp_path, syslog={"address": f"127.0.0.1:{frames.port}", "transport": "tcp"})
+    sink = t._syslog
+    assert sink is not None
+    real = sink._attempt
+    calls: list[int] = []
+
+    def broken_once(batch: list[bytes]) -> tuple[int, str | None]:
+        calls.append(len(batch))
+        if len(calls) == 1:
+            raise RuntimeError("a bug in the sender")
+        return real(batch)
+
+    sink._attempt = broken_once  # type: ignore[method-assign]
+    with caplog.at_level(logging.ERROR, logger="portcullis.syslog"):
+        t.emit("rules.reloaded", trigger="first")
+        assert wait_for(lambda: "the sender failed" in caplog.text)
+    t.emit("rules.reloaded", trigger="second")   # starts a new sender, which delivers both
+    assert wait_for(lambda: len(frames.frames) == 2)
+    t.close()
+    got = [RFC5424.match(f.decode()) for f in frames.frames]
+    assert [json.loads(g["msg"])["trigger"] for g in got if g] == ["first", "second"]
