@@ -48,6 +48,7 @@ def test_close_counts_what_the_collector_never_got(
     assert "OTLP: 5 of 5 events were not exported" in caplog.text
 
 
+@pytest.mark.e2e
 def test_a_proxy_with_an_unreachable_collector_stops_and_says_how_many_were_lost(
     tmp_path: Path, upstreams: Any, unreachable_collector: str  # noqa: F811
 ) -> None:
