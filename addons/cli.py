@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     apr = sub.add_parser("approvals", help="list or decide approvals on a running proxy")
     apr.add_argument("--admin", metavar="URL", help="admin base URL (default: from --config, else http://127.0.0.1:9090)")
-    apr.add_argument("--config", help="config file, to find the admin address and token variable")
+    apr.add_argument("--config", help="config file, for the admin address, the token variable and "
+                     "state/admin-token next to it (default: portcullis.yaml when it exists)")
     apr.add_argument("--json", action="store_true")
     apr_sub = apr.add_subparsers(dest="action", required=True, metavar="ACTION")
     apr_sub.add_parser("list", help="pending and recent approvals")

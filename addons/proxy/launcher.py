@@ -33,6 +33,7 @@ from addons.proxy.responses import error_body, h2_error_headers, http1_error_res
 from addons.proxy.tunnel import TunnelAwareNextLayer
 from addons.proxy.verdict import Decider
 from addons.telemetry.events import Telemetry
+from addons.telemetry.syslog import SyslogConfigError
 
 log = logging.getLogger("portcullis")
 
@@ -282,7 +283,10 @@ def prepare(args: argparse.Namespace) -> Runtime:
         ensure_ca(ca_dir)
     except OSError as e:
         raise StartupError(f"{loaded.path}: tls.ca_dir: cannot create the CA in {ca_dir}: {e}") from e
-    return Runtime(loaded, listen, admin, token, auth, ca_dir, upstream_bundle(loaded, ca_dir))
+    try:
+        return Runtime(loaded, listen, admin, token, auth, ca_dir, upstream_bundle(loaded, ca_dir))
+    except SyslogConfigError as e:
+        raise StartupError(f"{loaded.path}: {e}") from e
 
 
 async def _serve(rt: Runtime) -> int:
