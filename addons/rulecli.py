@@ -12,11 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
-from addons.policy.authority import AuthorityError, split_authority
-from addons.policy.config import Strict
-from addons.policy.evaluate import Policy
-from addons.policy.hosts import HostError, normalize_host, parse_ip
-from addons.policy.load import (
+from addons.config.load import (
     ErrorList,
     PolicyError,
     load_config,
@@ -24,6 +20,10 @@ from addons.policy.load import (
     read_yaml,
     validate_model,
 )
+from addons.config.models import Strict
+from addons.policy.authority import AuthorityError, split_authority
+from addons.policy.evaluate import Policy
+from addons.policy.hosts import HostError, normalize_host, parse_ip
 from addons.policy.model import Action, Decision, Query, RuleRef
 
 EXIT_CODE = {Action.ALLOW: 0, Action.DENY: 1, Action.APPROVAL: 3}

@@ -17,8 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from addons.policy.fastyaml import parse_rule_file  # noqa: E402
-from addons.policy.load import load_config, load_policy  # noqa: E402
+from addons.config.fastyaml import parse_rule_file  # noqa: E402
+from addons.config.load import load_config, load_policy  # noqa: E402
 from addons.policy.model import Query  # noqa: E402
 
 ACTIONS = ("allow", "allow", "allow", "deny", "approval")

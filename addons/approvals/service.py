@@ -26,7 +26,7 @@ from addons.approvals.model import (  # re-exported: the proxy imports these fro
 )
 from addons.approvals.store import EXPIRED, PENDING, Approval, Store, open_store
 from addons.approvals.webhook import Endpoint, WebhookSender, parse_secret
-from addons.policy.config import ApprovalsConfig
+from addons.config.models import ApprovalsConfig
 from addons.policy.model import Reason
 from addons.telemetry.events import Telemetry
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from addons.policy.config import Config
+from addons.config.models import Config
 
 
 class AuthConfigError(Exception):

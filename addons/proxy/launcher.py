@@ -21,8 +21,8 @@ from mitmproxy.addons import core, proxyserver, tlsconfig
 from addons.admin.server import AdminConfigError, AdminServer, RouteAdder, check_token_policy
 from addons.approvals import api as approvals_api
 from addons.approvals.service import ApprovalService
+from addons.config.load import LoadedConfig, PolicyError, load_config
 from addons.policy.authority import AuthorityError, split_authority
-from addons.policy.load import LoadedConfig, PolicyError, load_config
 from addons.proxy import mitm_compat
 from addons.proxy.addon import Portcullis
 from addons.proxy.auth import AuthConfigError, ProxyAuth

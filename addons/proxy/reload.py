@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from addons.policy.load import LoadedConfig, PolicyError, load_policy
+from addons.config.load import LoadedConfig, PolicyError, load_policy
 
 if TYPE_CHECKING:
     from addons.policy.evaluate import Policy

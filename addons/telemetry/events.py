@@ -16,7 +16,7 @@ from typing import Any, TextIO
 
 import structlog
 
-from addons.policy.config import TelemetryConfig
+from addons.config.models import TelemetryConfig
 from addons.policy.model import Reason
 from addons.telemetry.fields import clean, escape_all, nest, strip_query
 from addons.telemetry.metrics import Metrics

@@ -29,8 +29,8 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
+from addons.config.models import SyslogConfig
 from addons.policy.authority import split_authority
-from addons.policy.config import SyslogConfig
 
 log = logging.getLogger("portcullis.syslog")
 

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import httpx  # noqa: E402
 
 from addons.approvals.service import ApprovalRequest, ApprovalService  # noqa: E402
-from addons.policy.config import ApprovalsConfig  # noqa: E402
+from addons.config.models import ApprovalsConfig  # noqa: E402
 from addons.telemetry.events import Telemetry  # noqa: E402
 
 TOKEN = "bench-token"

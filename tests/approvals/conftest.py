@@ -23,7 +23,7 @@ from approvals_support import SECRET, SECRET_ENV, TOKEN
 from addons.approvals import api
 from addons.approvals.service import ApprovalService
 from addons.approvals.webhook import VerifyError, verify
-from addons.policy.config import ApprovalsConfig, WebhookConfig
+from addons.config.models import ApprovalsConfig, WebhookConfig
 from addons.telemetry.events import Telemetry
 from tests.harness import upstreams  # noqa: F401 (session fixture for the e2e tests)
 

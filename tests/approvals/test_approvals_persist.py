@@ -12,7 +12,7 @@ from ruamel.yaml import YAML
 from addons.approvals import persist
 from addons.approvals.errors import ApprovalError
 from addons.approvals.store import Approval, SqliteStore, store_path
-from addons.policy.config import RuleFile
+from addons.config.models import RuleFile
 
 
 def add(path: Path, name: str, host: str = "h.example", **kw) -> None:

@@ -13,7 +13,7 @@ from jsonschema import Draft202012Validator
 from ruamel.yaml import YAML
 
 from addons.approvals.service import DecideError
-from addons.policy.config import RuleFile
+from addons.config.models import RuleFile
 from addons.policy.model import Reason
 from addons.telemetry.validate import validate_event
 
@@ -243,7 +243,7 @@ async def test_resolve_fails_closed_on_internal_error(make_service):
 
 async def test_always_rule_is_accepted_by_the_real_loader_and_decides(make_service, tmp_path):
     """What the hot reload will see: the config loads and the new rule allows that host:port."""
-    from addons.policy.load import load_config
+    from addons.config.load import load_config
     from addons.policy.model import Action, Query
 
     (tmp_path / "rules").mkdir()

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from addons.config.load import PolicyError, load_config
 from addons.policy.evaluate import Policy
-from addons.policy.load import PolicyError, load_config
 from addons.policy.model import Decision, Query
 
 REPO = Path(__file__).resolve().parent.parent.parent

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 from pol_helpers import make_policy, q, summary, tunnel, write_config
 
+from addons.config.load import load_config
 from addons.policy.evaluate import Policy, normalize_path
-from addons.policy.load import load_config
 from addons.policy.model import Action, Query, Reason
 
 RULES: list[dict[str, Any]] = [

@@ -11,7 +11,7 @@ from pol_helpers import REPO
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 
-from addons.policy.fastyaml import parse_rule_file
+from addons.config.fastyaml import parse_rule_file
 
 
 def ruamel(text: str) -> Any:

@@ -14,7 +14,7 @@ from mitmproxy.proxy import server_hooks
 from mitmproxy.test import tflow
 
 from addons.approvals.service import ApprovalService
-from addons.policy.load import load_config
+from addons.config.load import load_config
 from addons.proxy.addon import Portcullis
 from addons.proxy.auth import ProxyAuth
 from addons.proxy.pinning import PinStore, ResolveError, canonical_ip, resolve, system_lookup

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
+from addons.config.models import Config
 from addons.policy.authority import AuthorityError, same_destination, split_authority
-from addons.policy.config import Config
 from addons.proxy.auth import AuthConfigError, AuthResult, ProxyAuth
 from addons.proxy.responses import deny_response, upstream_error_response
 

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from addons.policy.config import TelemetryConfig
+from addons.config.models import TelemetryConfig
 from addons.telemetry.events import Telemetry
 from addons.telemetry.record import DecisionRecord
 

@@ -14,7 +14,7 @@ from opentelemetry.sdk._logs.export import InMemoryLogRecordExporter, SimpleLogR
 from opentelemetry.sdk.resources import Resource
 from tel_helpers import DECISIONS, OTHER_EVENTS, lines, make, record
 
-from addons.policy.config import TelemetryConfig
+from addons.config.models import TelemetryConfig
 from addons.telemetry.events import Telemetry
 from addons.telemetry.otel import OtelBridge
 

@@ -12,7 +12,7 @@ import pytest
 from ruamel.yaml import YAML
 
 from addons.cli import main
-from addons.policy.config import RuleFile
+from addons.config.models import RuleFile
 from addons.telemetry.report import build, parse_since
 
 EVENTS = Path(__file__).parent.parent / "data" / "telemetry" / "events.jsonl"

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from tel_helpers import lines, make, record
 
-from addons.policy.load import PolicyError, load_config
+from addons.config.load import PolicyError, load_config
 from addons.telemetry.events import Telemetry
 from addons.telemetry.syslog import format_message, header_field
 

@@ -12,7 +12,7 @@ from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
-from addons.policy.fastyaml import parse_rule_file
+from addons.config.fastyaml import parse_rule_file
 
 
 @dataclass

@@ -11,12 +11,12 @@ from typing import Any
 
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 
-from addons.policy.config import Config, RuleModel
+from addons.config.models import Config, RuleModel
+from addons.config.settings import best_effort_config, build_settings, parse_hostport
+from addons.config.yamlio import ErrorList, parse_yaml, pos, read_text, read_yaml, validate_model
 from addons.policy.evaluate import Policy, Rule, Settings, compile_paths
 from addons.policy.hosts import HostError, HostPattern, parse_pattern
 from addons.policy.model import Action, RuleRef
-from addons.policy.settings import best_effort_config, build_settings, parse_hostport
-from addons.policy.yamlio import ErrorList, parse_yaml, pos, read_text, read_yaml, validate_model
 
 __all__ = [
     "ErrorList", "LoadReport", "LoadedConfig", "PolicyError", "load_config", "load_config_report",

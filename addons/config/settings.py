@@ -7,11 +7,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from addons.policy.config import Config
+from addons.config.models import Config
+from addons.config.yamlio import ErrorList, pos
 from addons.policy.evaluate import ClientGroup, Settings
 from addons.policy.hosts import HostError, IPNetwork, normalize_host, parse_ip, parse_pattern
 from addons.policy.model import Action
-from addons.policy.yamlio import ErrorList, pos
 
 
 def parse_hostport(text: str) -> tuple[str, int]:
