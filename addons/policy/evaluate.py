@@ -16,10 +16,9 @@ from addons.policy.hosts import (
     IPNetwork,
     classify_ip,
     is_ip,
-    normalize_host,
     parse_ip,
 )
-from addons.policy.model import Action, Decision, Query, Reason, RuleRef
+from addons.policy.model import Action, Decision, Reason, Request, RuleRef
 
 InspectMode = Literal["auto", "never", "always"]
 
@@ -218,31 +217,19 @@ class Policy:
         return cls
 
     def static_resolve(self, host: str) -> tuple[str, ...] | None:
-        """The `network.resolve` answer for a host (any spelling), or None."""
-        try:
-            return self.settings.resolve.get(normalize_host(host))
-        except HostError:
-            return None
-
-    def needs_inspection(self, host: str, port: int, client_address: str | None,
-                         client_user: str | None) -> bool:
-        """True when a CONNECT to host:port must be intercepted to judge its requests."""
-        return self.decide(Query(host=host, port=port, client_address=client_address,
-                                 client_user=client_user)).inspect
-
-    def raw_tcp_allowed(self, host: str, port: int, client_address: str | None,
-                        client_user: str | None) -> bool:
-        """True when the allow rule deciding this tunnel says `raw_tcp: true`."""
-        return self.decide(Query(host=host, port=port, client_address=client_address,
-                                 client_user=client_user)).raw_tcp
+        """The `network.resolve` answer for a normalised host, or None."""
+        return self.settings.resolve.get(host)
 
     # ----------------------------------------------------------------------------------------
     # Deciding
 
-    def decide(self, q: Query, *, groups: Sequence[str] | None = None) -> Decision:
-        """Decide one request (or one CONNECT when `q.method` is None). Never raises.
+    def decide(self, req: Request, addresses: Sequence[str] = (), *,
+               groups: Sequence[str] | None = None) -> Decision:
+        """Decide one request (or one CONNECT: layer CONNECT, decided on its authority). Never raises.
 
-        1. An unusable host -> deny (bad_request); any internal error -> deny (internal_error).
+        `req.host` is normalised (the pipeline builds every Request from a normalised host, once);
+        `addresses` are the checked DNS answers (none: only `network.resolve` and the literal count).
+        1. A bad port -> deny (bad_request); any internal error -> deny (internal_error).
         2. block_private: a private literal, resolved address or metadata name -> deny (private_address).
         3. Rules matching host, port and client (and method/path for requests): deny > approval > allow.
         4. A CONNECT whose host has method/path rules (or tls.inspect: always) and no unconditional
@@ -251,23 +238,20 @@ class Policy:
         `groups` overrides the client groups (used by `check --client GROUP`).
         """
         try:
-            return self._decide(q, groups)
+            return self._decide(req, addresses, groups)
         except Exception as e:  # fail closed: a bug here must never let traffic through
             return Decision(Action.DENY, Reason.INTERNAL_ERROR,
                             detail=f"Internal policy error ({type(e).__name__}); denied to be safe.")
 
-    def _decide(self, q: Query, groups_override: Sequence[str] | None) -> Decision:
-        try:
-            host = normalize_host(q.host)
-        except HostError as e:
-            return Decision(Action.DENY, Reason.BAD_REQUEST, detail=f"Bad destination host: {e}.")
-        if not 0 < q.port < 65536:
-            return Decision(Action.DENY, Reason.BAD_REQUEST, detail=f"Bad destination port {q.port}.")
-        groups = tuple(groups_override) if groups_override is not None else \
-            self.client_groups(q.client_address, q.client_user)
+    def _decide(self, req: Request, answers: Sequence[str], groups: Sequence[str] | None) -> Decision:
+        host, port = req.host, req.port
+        if not 0 < port < 65536:
+            return Decision(Action.DENY, Reason.BAD_REQUEST, detail=f"Bad destination port {port}.")
+        if groups is None:
+            groups = self.client_groups(req.client.address, req.client.user)
         client = groups[0] if groups else None
         literal = is_ip(host)
-        addresses = q.addresses or (() if literal else self.settings.resolve.get(host, ()))
+        addresses = answers or (() if literal else self.settings.resolve.get(host, ()))
 
         private = self._private(host, literal, addresses)
         if private is not None:
@@ -278,13 +262,13 @@ class Policy:
 
         group_set = frozenset(groups)
         cands = [r for r in self._candidates(host, literal, addresses)
-                 if (r.ports is None or q.port in r.ports)
+                 if (r.ports is None or port in r.ports)
                  and (r.clients is None or not r.clients.isdisjoint(group_set))]
-        target = f"{host}:{q.port}"
-        if q.method is None:
+        target = f"{host}:{port}"
+        if req.tunnel or req.method is None:
             return self._decide_tunnel(cands, target, client)
-        method = q.method.upper()
-        path = normalize_path(q.path or "/")
+        method = req.method.upper()
+        path = normalize_path(req.path or "/")
         decoded = normalize_path(unquote(path)) if "%" in path else path
         matched = [r for r in cands if not r.conditional or r.matches_request(method, (path, decoded))]
         return self._precedence(matched, target, client)

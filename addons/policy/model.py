@@ -1,4 +1,4 @@
-"""Value types shared by the policy core, the proxy, approvals and telemetry."""
+"""The vocabulary shared by the policy core, the decision pipeline, approvals and telemetry."""
 
 from __future__ import annotations
 
@@ -48,23 +48,50 @@ class RuleRef:
     line: int
 
 
-@dataclass(frozen=True, slots=True)
-class Query:
-    """What is being decided. `host` is already normalised (see hosts.normalize_host).
+class Layer(StrEnum):
+    """Where a request was seen: plain HTTP on the proxy port, a CONNECT, or inside an inspected tunnel."""
 
-    `method`/`path` are None for a CONNECT decided on its authority alone (a tunnel);
-    `addresses` are the resolved (or literal) IPs, canonical text, empty when unknown
-    (e.g. `portcullis check`, which does no DNS).
+    HTTP = "http"
+    CONNECT = "connect"
+    INSPECTED = "inspected"
+
+
+@dataclass(frozen=True, slots=True)
+class Client:
+    """Who asks: the peer of the client connection, and the user its credentials established."""
+
+    address: str | None
+    port: int | None = None
+    user: str | None = None  # the proxy-auth user, once identified
+    conn_id: str = ""  # the client connection (checked addresses are pinned per connection)
+
+    @property
+    def key(self) -> str:
+        """One agent, not its whole group: the authenticated user, else the source address."""
+        return f"user:{self.user}" if self.user else (self.address or "-")
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """The one value that is decided, from the proxy's hook to the event (and `portcullis check`).
+
+    `host` is normalised (see hosts.normalize_host), except in the outcome of a request refused
+    because its host could not be read. A CONNECT (layer CONNECT) is decided on its authority
+    alone: `method` is "CONNECT" and `path` None. `path` never carries a query string.
     """
 
     host: str
     port: int
+    client: Client = Client(None)
     scheme: str | None = None
     method: str | None = None
     path: str | None = None
-    client_address: str | None = None
-    client_user: str | None = None
-    addresses: tuple[str, ...] = ()
+    layer: Layer = Layer.HTTP
+    flow_id: str = ""
+
+    @property
+    def tunnel(self) -> bool:
+        return self.layer is Layer.CONNECT
 
 
 @dataclass(frozen=True, slots=True)

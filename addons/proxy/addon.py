@@ -17,7 +17,7 @@ from mitmproxy.proxy import layer, server_hooks
 from addons.policy.authority import same_destination
 from addons.policy.hosts import normalize_host
 from addons.policy.model import Reason
-from addons.proxy.auth import AuthResult, ProxyAuth, public_client_refusal
+from addons.pipeline.identity import AuthResult, ProxyAuth, public_client_refusal
 from addons.proxy.mitm_compat import Refusal, already_refused
 from addons.proxy.pinning import Pinner, PinStore
 from addons.proxy.requestform import request_problem

@@ -25,7 +25,7 @@ from addons.config.load import LoadedConfig, PolicyError, load_config
 from addons.policy.authority import AuthorityError, split_authority
 from addons.proxy import mitm_compat
 from addons.proxy.addon import Portcullis
-from addons.proxy.auth import AuthConfigError, ProxyAuth
+from addons.pipeline.identity import AuthConfigError, ProxyAuth
 from addons.proxy.ca import ensure_ca
 from addons.proxy.pinning import PinStore
 from addons.proxy.reload import PolicyHolder

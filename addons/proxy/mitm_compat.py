@@ -152,3 +152,13 @@ def install(
 
     _http_h2.BufferedH2Connection.send_headers = send_headers  # type: ignore[method-assign]
     _http1._portcullis_installed = True  # type: ignore[attr-defined]
+
+
+def set_open_server_address(server: connection.Server, address: tuple[str, int]) -> None:
+    """Give a connected server back the address (name) it was asked for, after pinning dialled an IP.
+
+    mitmproxy's connection reuse compares addresses, so without this every keep-alive request would
+    open a new upstream connection (and the per-address connection limit then stalls the sixth).
+    `Server.__setattr__` forbids changing `address` while the connection is open; this bypasses it.
+    """
+    object.__setattr__(server, "address", address)

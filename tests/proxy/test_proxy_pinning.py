@@ -16,7 +16,7 @@ from mitmproxy.test import tflow
 from addons.approvals.service import ApprovalService
 from addons.config.load import load_config
 from addons.proxy.addon import Portcullis
-from addons.proxy.auth import ProxyAuth
+from addons.pipeline.identity import ProxyAuth
 from addons.proxy.pinning import PinStore, ResolveError, canonical_ip, resolve, system_lookup
 from addons.proxy.reload import PolicyHolder
 from addons.proxy.verdict import Decider, Request

@@ -9,7 +9,7 @@ import pytest
 
 from addons.config.models import Config
 from addons.policy.authority import AuthorityError, same_destination, split_authority
-from addons.proxy.auth import AuthConfigError, AuthResult, ProxyAuth
+from addons.pipeline.identity import AuthConfigError, AuthResult, ProxyAuth
 from addons.proxy.responses import deny_response, upstream_error_response
 
 CFG = Config.model_validate(

@@ -1,0 +1,237 @@
+"""The decision pipeline. `Pipeline.decide` reads top-down, one step per stage:
+
+1. identify the client (proxy credentials; inside a tunnel, the CONNECT's identity);
+2. check the authority: a host that normalises, one Host header, the tunnel's own destination, a
+   target and Host that agree, framing nothing can read differently;
+3. ask the policy (rules, private destinations);
+4. resolve once, check every answer, pin the connection to a checked address;
+5. settle approvals (grants, a coalesced pending approval, the hold);
+6. one immutable Outcome: audit mode, "allowed but nowhere to connect", the pin kept for the connection.
+
+The proxy (addons/proxy/addon.py) and `portcullis check` (addons/rulecli.py) call this same code.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+from addons.pipeline.dns import Lookup, Pin, PinStore, ResolveError, resolve
+from addons.pipeline.identity import AuthResult, ProxyAuth
+from addons.pipeline.model import Incoming, Outcome, deny_status, refusal
+from addons.policy.authority import same_destination
+from addons.policy.evaluate import Policy
+from addons.policy.hosts import HostError, is_ip, normalize_host
+from addons.policy.model import Action, Client, Decision, Layer, Reason, Request
+
+log = logging.getLogger(__name__)
+
+# Audit mode audits the rules: these outcomes are logged with enforced=false and let through. Safety
+# checks (private destinations, Host/SNI mismatch, malformed requests, auth, internal errors) always hold.
+AUDITED = frozenset({Reason.RULE, Reason.DEFAULT, Reason.APPROVAL_PENDING})
+
+
+class PolicySource(Protocol):
+    """Where the policy in force comes from (swapped whole on reload)."""
+
+    @property
+    def policy(self) -> Policy: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    """How approvals settled a request the policy sent to a person."""
+
+    allowed: bool
+    reason: Reason
+    approval_id: str | None
+    retry_after: int | None = None
+    waited_s: float = 0.0
+
+
+class Approvals(Protocol):
+    async def resolve(self, pending: Outcome, client_alive: Callable[[], bool]) -> Settlement: ...
+
+
+def _alive() -> bool:
+    return True
+
+
+class Pipeline:
+    """One per proxy process (and one per `portcullis check`, with no DNS, approvals or credentials)."""
+
+    def __init__(
+        self,
+        policies: PolicySource,
+        *,
+        auth: ProxyAuth | None = None,
+        approvals: Approvals | None = None,
+        pins: PinStore | None = None,
+        lookup: Lookup | None = None,
+        audit: bool = False,
+        healthy: Callable[[], bool] = _alive,
+        is_own: Callable[[str, int], bool] = lambda ip, port: False,
+    ) -> None:
+        self.policies = policies
+        self.auth = auth
+        self.approvals = approvals
+        self.pins = pins if pins is not None else PinStore()
+        self.lookup = lookup  # None: decide without DNS, like `portcullis check`
+        self.audit = audit
+        self.healthy = healthy
+        self.is_own = is_own
+
+    async def decide(
+        self, inc: Incoming, client_alive: Callable[[], bool] = _alive, groups: Sequence[str] | None = None
+    ) -> Outcome:
+        """The one outcome for `inc`. Never raises: any internal error denies (internal_error)."""
+        t0 = time.monotonic()
+        try:
+            return await self._decide(inc, client_alive, groups, t0)
+        except Exception:
+            log.exception("decision failed")
+            return refusal(_as_received(inc, _peer(inc)), Reason.INTERNAL_ERROR, latency_s=time.monotonic() - t0)
+
+    async def _decide(
+        self, inc: Incoming, client_alive: Callable[[], bool], groups: Sequence[str] | None, t0: float
+    ) -> Outcome:
+        policy = self.policies.policy
+        # 1. Who asks.
+        client = self._identify(inc)
+        if client is None:
+            return refusal(_as_received(inc, _peer(inc)), Reason.PROXY_AUTH)
+        name = groups[0] if groups else policy.client_name(client.address, client.user)
+        # 2. What it names: one destination, well formed.
+        req = _as_received(inc, client)
+        try:
+            req = replace(req, host=normalize_host(inc.host))
+        except HostError as e:
+            return refusal(req, Reason.BAD_REQUEST, str(e), name)
+        if (problem := _authority_problem(inc, req)) is not None:
+            return refusal(req, problem[0], problem[1], name)
+        if not self.healthy():  # events cannot be written: decide nothing that would go unrecorded
+            return refusal(req, Reason.INTERNAL_ERROR, "the event log cannot be written", name)
+        # 3 and 4. The policy, with the checked DNS answers.
+        decision, pin, unresolvable = await self._judge(policy, req, groups)
+        outcome = self._outcome(req, decision, pin, time.monotonic() - t0)
+        # 5. A person decides what the policy left to one.
+        if decision.action is Action.APPROVAL:
+            outcome = await self._settle(outcome, client_alive)
+        # 6. What the proxy does.
+        if outcome.passes and outcome.action is Action.ALLOW and pin is None and unresolvable is not None:
+            outcome = replace(outcome, status=502, detail=unresolvable)  # allowed, but nowhere to connect
+        if self.audit and not outcome.passes and outcome.status == 403 and outcome.reason in AUDITED:
+            outcome = replace(outcome, enforced=False, status=None)
+        if outcome.passes and pin is not None:
+            self.pins.put(client.conn_id, pin)
+        return outcome
+
+    def _identify(self, inc: Incoming) -> Client | None:
+        """The client; None when its credentials are wrong or missing where required (407)."""
+        if inc.tunnel is not None:
+            return inc.tunnel.request.client  # inside a tunnel the CONNECT's identity applies
+        address, port = _peer(inc).address, _peer(inc).port
+        user = None
+        if self.auth is not None:
+            result, user = self.auth.check(inc.credentials, address)
+            if result is AuthResult.BAD:
+                return None
+        return Client(address, port, user, inc.conn_id)
+
+    async def _judge(
+        self, policy: Policy, req: Request, groups: Sequence[str] | None
+    ) -> tuple[Decision, Pin | None, str | None]:
+        """The policy's decision with the checked answers; the pin; why the name did not resolve."""
+        pin = self.pins.get(req.client.conn_id, req.host, req.port)
+        if pin is not None:
+            # Already resolved on this connection: decide with those checked answers (deciding with
+            # addresses is never less restrictive than without).
+            decision = policy.decide(req, pin.addresses, groups=groups)
+        else:
+            decision = policy.decide(req, groups=groups)
+            # Resolve only names the rules do not already refuse: no DNS query leaks a denied name
+            # (in audit mode a rule denial still goes through, so it needs its checked address too).
+            needs_address = decision.action is not Action.DENY or (self.audit and decision.reason in AUDITED)
+            if needs_address and self.lookup is not None:
+                try:
+                    addrs = await resolve(
+                        req.host, req.port, is_ip(req.host), policy.static_resolve(req.host), self.lookup
+                    )
+                except ResolveError as e:
+                    return decision, None, str(e)
+                pin = Pin(req.host, req.port, addrs)
+                decision = policy.decide(req, addrs, groups=groups)
+        if pin is not None and decision.reason is not Reason.PRIVATE_ADDRESS and any(
+            self.is_own(a, req.port) for a in pin.addresses
+        ):
+            decision = Decision(Action.DENY, Reason.PRIVATE_ADDRESS, client_name=decision.client_name,
+                                private_class="self", detail="the destination is this proxy itself")
+        return decision, pin, None
+
+    def _outcome(self, req: Request, d: Decision, pin: Pin | None, latency_s: float) -> Outcome:
+        allow = d.action is Action.ALLOW
+        return Outcome(
+            req,
+            Action.ALLOW if allow else Action.DENY,
+            d.reason,
+            status=None if allow else deny_status(d.reason),
+            rule=d.rule,
+            matched=d.matched,
+            client_name=d.client_name,
+            pin=pin,
+            ip=pin.ip if pin else (req.host if is_ip(req.host) else None),
+            detail=d.private_class if d.reason is Reason.PRIVATE_ADDRESS else d.detail,
+            inspect=d.inspect,
+            raw_tcp=d.raw_tcp,
+            latency_s=latency_s,
+        )
+
+    async def _settle(self, pending: Outcome, client_alive: Callable[[], bool]) -> Outcome:
+        """APPROVAL: ask the approvals service (grants, the pending approval, the hold)."""
+        if self.audit or self.approvals is None:
+            # Audit never holds, and `check` asks nobody: record what would happen (a hold).
+            return replace(pending, reason=Reason.APPROVAL_PENDING)
+        s = await self.approvals.resolve(pending, client_alive)
+        return replace(
+            pending,
+            action=Action.ALLOW if s.allowed else Action.DENY,
+            reason=s.reason,
+            status=None if s.allowed else 403,
+            approval_id=s.approval_id,
+            retry_after=None if s.allowed else s.retry_after,
+            approval_wait_s=s.waited_s,
+        )
+
+
+def _peer(inc: Incoming) -> Client:
+    return Client(inc.peer[0] if inc.peer else None, inc.peer[1] if inc.peer else None, None, inc.conn_id)
+
+
+def _as_received(inc: Incoming, client: Client) -> Request:
+    """The request as it arrived (host not normalised yet): what a refusal before step 3 reports."""
+    return Request(inc.host, inc.port, client, inc.scheme, inc.method, inc.path, inc.layer, inc.flow_id)
+
+
+def _authority_problem(inc: Incoming, req: Request) -> tuple[Reason, str] | None:
+    """Does the request name exactly one destination, in a shape nothing reads differently?"""
+    if inc.layer is Layer.CONNECT:
+        return (Reason.BAD_REQUEST, inc.problem) if inc.problem else None
+    if inc.host_headers > 1:
+        return Reason.BAD_REQUEST, "more than one Host header"
+    t = inc.tunnel
+    if t is not None and (req.host != t.request.host or req.port != t.request.port):
+        where = f"{t.request.host}:{t.request.port}"
+        return Reason.HOST_MISMATCH, f"request names {req.host}:{req.port} inside a tunnel to {where}"
+    # On the proxy port mitmproxy has turned an origin-form request into one for its Host header, so
+    # target and Host agree by construction there; the checks below catch every other disagreement.
+    scheme = inc.scheme or "http"
+    if inc.target_authority and not same_destination(inc.target_authority, req.host, req.port, scheme):
+        return Reason.HOST_MISMATCH, "the request target names another host"
+    if inc.host_header is not None and not same_destination(inc.host_header, req.host, req.port, scheme):
+        return Reason.HOST_MISMATCH, "the Host header differs from the request target"
+    if inc.problem is not None:
+        return Reason.BAD_REQUEST, inc.problem
+    return None

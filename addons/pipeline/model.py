@@ -1,0 +1,87 @@
+"""The pipeline's input (`Incoming`: a request as the proxy read it) and output (`Outcome`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from addons.pipeline.dns import Pin
+from addons.policy.model import Action, Layer, Reason, Request, RuleRef
+
+# The status of a denial the proxy answers itself: 400 for a malformed request, 407 for proxy
+# credentials, 403 for every policy decision.
+_DENY_STATUS = {Reason.BAD_REQUEST: 400, Reason.PROXY_AUTH: 407}
+
+
+def deny_status(reason: Reason) -> int:
+    return _DENY_STATUS.get(reason, 403)
+
+
+@dataclass(frozen=True, slots=True)
+class Incoming:
+    """A request (or CONNECT) as the proxy's adapter read it, before any judgment: raw spellings.
+
+    `problem` is framing the adapter found malformed (addons/proxy/requestform.py); `tunnel` is the
+    outcome of the CONNECT whose inspected tunnel carried this request.
+    """
+
+    layer: Layer
+    host: str  # the target host as parsed from the request (not yet normalised)
+    port: int
+    conn_id: str = ""
+    flow_id: str = ""
+    peer: tuple[str, int] | None = None
+    scheme: str | None = None
+    method: str | None = None
+    path: str | None = None  # without query string or fragment
+    credentials: str | None = field(default=None, repr=False)  # Proxy-Authorization: never logged
+    host_header: str | None = None
+    host_headers: int = 0  # how many Host headers the request carried
+    target_authority: str | None = None  # the authority of an absolute-form target or HTTP/2 :authority
+    problem: str | None = None
+    tunnel: Outcome | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """The one result of a decision: what the proxy does, and every fact its event needs.
+
+    `action` is ALLOW or DENY (an approval is settled before the outcome exists). The traffic
+    passes when `status` is None; otherwise the proxy answers `status` itself (400/403/407, or 502
+    for an allowed destination with nowhere to connect). In audit mode a rule denial passes with
+    `enforced` False.
+    """
+
+    request: Request
+    action: Action
+    reason: Reason
+    enforced: bool = True
+    status: int | None = None
+    rule: RuleRef | None = None
+    matched: tuple[RuleRef, ...] = ()
+    client_name: str | None = None
+    pin: Pin | None = None
+    ip: str | None = None  # the address connected to (or the literal), when known
+    approval_id: str | None = None
+    retry_after: int | None = None
+    detail: str | None = None
+    inspect: bool = False  # a CONNECT whose requests are intercepted and decided one by one
+    raw_tcp: bool = False  # a CONNECT whose tunnel may carry bytes that are not TLS
+    latency_s: float | None = None
+    approval_wait_s: float | None = None
+
+    @property
+    def passes(self) -> bool:
+        return self.status is None
+
+    def refused(self, reason: Reason, detail: str | None = None) -> Outcome:
+        """This tunnel (or request), refused after all: a second decision about it."""
+        return replace(self, action=Action.DENY, reason=reason, enforced=True, status=deny_status(reason),
+                       detail=detail, approval_id=None, retry_after=None, latency_s=None,
+                       approval_wait_s=None, inspect=False, raw_tcp=False)
+
+
+def refusal(req: Request, reason: Reason, detail: str | None = None, client_name: str | None = None,
+            latency_s: float | None = None) -> Outcome:
+    """A denial the pipeline takes before (or without) asking the policy."""
+    return Outcome(req, Action.DENY, reason, status=deny_status(reason), detail=detail,
+                   client_name=client_name, latency_s=latency_s)
