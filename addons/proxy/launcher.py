@@ -22,16 +22,17 @@ from addons.admin.server import AdminConfigError, AdminServer, RouteAdder, check
 from addons.approvals import api as approvals_api
 from addons.approvals.service import ApprovalService
 from addons.config.load import LoadedConfig, PolicyError, load_config
+from addons.pipeline.decide import Pipeline
+from addons.pipeline.dns import system_lookup
+from addons.pipeline.identity import AuthConfigError, ProxyAuth
 from addons.policy.authority import AuthorityError, split_authority
 from addons.proxy import mitm_compat
 from addons.proxy.addon import Portcullis
-from addons.pipeline.identity import AuthConfigError, ProxyAuth
+from addons.proxy.approvals_bridge import ApprovalsBridge
 from addons.proxy.ca import ensure_ca
-from addons.proxy.pinning import PinStore
 from addons.proxy.reload import PolicyHolder
 from addons.proxy.responses import error_body, h2_error_headers, http1_error_response
 from addons.proxy.tunnel import TunnelAwareNextLayer
-from addons.proxy.verdict import Decider
 from addons.telemetry.events import Telemetry
 from addons.telemetry.syslog import SyslogConfigError
 
@@ -130,14 +131,19 @@ class Runtime:
         self.telemetry = Telemetry(cfg.telemetry, loaded.base_dir)
         self.holder = PolicyHolder(loaded, self.telemetry)
         self.approvals = ApprovalService(cfg.approvals, loaded.base_dir, self.telemetry)
-        self.pins = PinStore()
         self.own: set[tuple[str, int]] = set()
         self.own_loopback_ports: set[int] = set()  # listeners that every 127.0.0.0/8 / ::1 address reaches
-        self.decider = Decider(
-            self.holder, self.approvals, self.pins, cfg.mode == "audit", self.telemetry.healthy, self.is_own
+        self.pipeline = Pipeline(
+            self.holder,
+            auth=auth,
+            approvals=ApprovalsBridge(self.approvals),
+            lookup=system_lookup,
+            audit=cfg.mode == "audit",
+            healthy=self.telemetry.healthy,
+            is_own=self.is_own,
         )
         client_cidrs = [ipaddress.ip_network(c, strict=False) for cl in cfg.clients for c in cl.cidrs]
-        self.addon = Portcullis(self.decider, self.telemetry, auth, self.pins, client_cidrs)
+        self.addon = Portcullis(self.pipeline, self.telemetry, client_cidrs)
         self.admin: AdminServer | None = None
         self.master: Any = None
         self.proxy_up = False

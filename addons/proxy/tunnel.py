@@ -1,4 +1,4 @@
-"""CONNECT tunnels: the first-bytes rule (SNI, raw TCP), byte-counting relays, and a closing layer."""
+"""CONNECT tunnels in mitmproxy: the first-layer choice, byte-counting relays, and a closing layer."""
 
 from __future__ import annotations
 
@@ -13,31 +13,26 @@ from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.layers.tcp import TCPLayer
 from mitmproxy.proxy.layers.tls import ClientTLSLayer, ServerTLSLayer
 
-from addons.policy.hosts import is_ip, normalize_host
-from addons.proxy.clienthello import FirstBytes, HandshakeWatch, Kind, read_first_bytes
+from addons.pipeline.clienthello import HandshakeWatch
+from addons.pipeline.firstbytes import Relay, handshake_watch
+from addons.pipeline.model import Outcome
 
 
 @dataclass
 class Tunnel:
-    """What the proxy knows about one allowed CONNECT tunnel (one per client connection)."""
+    """One allowed CONNECT tunnel (one per client connection): its decision and what it carried."""
 
-    host: str  # normalised authority
-    port: int
-    flow_id: str
-    inspect: bool
-    raw_tcp: bool
-    rule: str | None
-    rule_file: str | None
-    rule_line: int | None
-    client_name: str | None
-    client_user: str | None
-    ip: str | None
+    outcome: Outcome  # the CONNECT's decision (its request names the authority)
     started: float = field(default_factory=time.monotonic)
     layer_decided: bool = False
     refused: bool = False
     bytes_up: int = 0
     bytes_down: int = 0
     on_refused: Callable[[str], None] | None = None  # a refusal after the first bytes (logged once)
+
+    @property
+    def inspect(self) -> bool:
+        return self.outcome.inspect
 
 
 class CountingTunnelLayer(TCPLayer):
@@ -118,54 +113,12 @@ class CloseClientLayer(layer.Layer):
             yield commands.CloseConnection(self.context.client)
 
 
-@dataclass(frozen=True, slots=True)
-class FirstLayer:
-    """What to do with a tunnel's first bytes: wait (layer and problem None), relay through `layer`,
-    or refuse for `problem` (a second decision about the tunnel, reason sni_mismatch)."""
-
-    layer: layer.Layer | None = None
-    problem: str | None = None
-
-
-def choose_first_layer(context: Context, t: Tunnel, data: bytes, server_spoke: bool) -> FirstLayer:
-    """Anything a TLS server would read as a ClientHello must name exactly the authority: no server
-    name only for an IP literal or raw_tcp; a server name that is present but unreadable, invalid or
-    one of several is refused everywhere. Bytes no server reads as TLS only for raw_tcp (never when
-    inspected). Allowed: a byte-counting raw relay, or TLS interception when inspected."""
-    fb = read_first_bytes(data)
-    if fb.kind is Kind.NEED_MORE:
-        if data or not server_spoke:
-            return FirstLayer()
-        # The server spoke first: not TLS from the client, so only raw_tcp tunnels carry it.
-        if t.raw_tcp and not t.inspect:
-            return FirstLayer(CountingTunnelLayer(context, t))
-        return FirstLayer(problem="the server spoke first (not a TLS tunnel)")
-    if fb.kind is Kind.BAD:
-        return FirstLayer(problem=fb.problem)
-    if fb.kind is Kind.NOT_TLS:
-        if t.inspect or not t.raw_tcp:
-            return FirstLayer(problem=fb.problem)
-        return FirstLayer(CountingTunnelLayer(context, t))
-    if problem := sni_problem(t, fb):
-        return FirstLayer(problem=problem)
-    if t.inspect:
+def first_layer(context: Context, t: Tunnel, relay: Relay) -> layer.Layer:
+    """The mitmproxy layer that relays an allowed tunnel the way the pipeline judged it."""
+    if relay is Relay.INSPECT:
         # What mitmproxy's NextLayer builds for TLS (server TLS over client TLS), counting bytes.
         server_tls = CountingServerTLSLayer(context, t)
         server_tls.child_layer = ClientTLSLayer(context)
-        return FirstLayer(server_tls)
-    return FirstLayer(CountingTunnelLayer(context, t, HandshakeWatch(lambda hello: sni_problem(t, hello))))
-
-
-def sni_problem(t: Tunnel, hello: FirstBytes) -> str | None:
-    """A ClientHello's server name against the tunnel: equal to the authority, or absent where allowed."""
-    if hello.sni is None:
-        if not is_ip(t.host) and not t.raw_tcp:
-            return "the TLS ClientHello has no server name"
-        return None
-    try:
-        sni: str | None = normalize_host(hello.sni)
-    except ValueError:
-        sni = None
-    if sni != t.host:
-        return "the TLS server name differs from the CONNECT host"
-    return None
+        return server_tls
+    watch = handshake_watch(t.outcome) if relay is Relay.TLS else None
+    return CountingTunnelLayer(context, t, watch)
