@@ -23,7 +23,7 @@ from addons.policy.model import Layer, Reason
 from addons.proxy.mitm_compat import Refusal, already_refused
 from addons.proxy.pinning import Pinner
 from addons.proxy.responses import DECISION_HEADER, deny_response, upstream_error_response
-from addons.proxy.tunnel import CloseClientLayer, Tunnel, first_layer
+from addons.proxy.tunnel import Tunnel, closing_layer, first_layer
 from addons.telemetry.events import Telemetry
 
 log = logging.getLogger(__name__)
@@ -133,7 +133,7 @@ class Portcullis:
             relay, problem = Relay.REFUSE, "internal error"
         if relay is Relay.REFUSE:
             self._refuse_tunnel(t, problem or "refused")
-            nl.layer = CloseClientLayer(nl.context)
+            nl.layer = closing_layer(nl.context)
         elif relay is Relay.WAIT:
             nl.layer = None  # wait for the whole ClientHello
         else:

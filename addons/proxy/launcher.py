@@ -21,6 +21,7 @@ from mitmproxy.addons import core, proxyserver, tlsconfig
 from addons.admin.server import AdminConfigError, AdminServer, RouteAdder, check_token_policy
 from addons.approvals import api as approvals_api
 from addons.approvals.service import ApprovalService
+from addons.background import spawn
 from addons.config.load import LoadedConfig, PolicyError, load_config
 from addons.pipeline.decide import Pipeline
 from addons.pipeline.dns import system_lookup
@@ -79,20 +80,7 @@ def local_addresses() -> set[str]:
     return out
 
 
-LISTEN_BACKLOG = 1024  # asyncio's default (100) refuses bursts of new agents (notes, gotcha 11)
-
-
-def raise_backlog(proxyserver_addon: Any, backlog: int = LISTEN_BACKLOG) -> None:
-    """Re-listen mitmproxy's listening sockets with a larger accept queue (capped by somaxconn)."""
-    for instance in getattr(proxyserver_addon, "servers", ()):
-        for server in getattr(instance, "_servers", ()):  # mitmproxy internals: best effort
-            for tsock in getattr(server, "sockets", ()):
-                with contextlib.suppress(OSError, ValueError):
-                    dup = socket.socket(fileno=os.dup(tsock.fileno()))
-                    try:
-                        dup.listen(backlog)  # applies to the shared socket, not just this descriptor
-                    finally:
-                        dup.close()
+LISTEN_BACKLOG = 1024  # asyncio's default accept queue (100) refuses bursts of new agents
 
 
 class Lifecycle:
@@ -160,7 +148,8 @@ class Runtime:
         )
         m: Any = mmaster.Master(opts)  # mitmproxy's addon manager and options are untyped
         proxy_server: Any = proxyserver.Proxyserver
-        # Only what Portcullis needs (notes §8): every extra addon costs hook dispatch on every event.
+        # Only what Portcullis needs: every extra addon costs hook dispatch on every event (mitmdump's
+        # 31 default addons cost about 40% of the throughput; README, Performance).
         m.addons.add(
             core.Core(),
             proxy_server(),
@@ -191,7 +180,7 @@ class Runtime:
             return
         for a in addrs:
             self._add_own(str(a[0]), int(a[1]))
-        raise_backlog(ps)
+        mitm_compat.raise_listen_backlog(ps, LISTEN_BACKLOG)
         self.admin = AdminServer(
             self.admin_addr[0],
             self.admin_addr[1],
@@ -212,7 +201,7 @@ class Runtime:
         # Webhook decide_url links point at the admin port actually bound.
         self.approvals.admin_url = f"http://{_fmt(admin_bound[0])}:{admin_bound[1]}"
         self.proxy_up = True
-        self._tasks.append(asyncio.create_task(self.holder.watch()))
+        self._tasks.append(spawn(self.holder.watch(), "rule-watcher"))
         self.telemetry.emit(
             "proxy.started",
             listen=[f"{_fmt(str(a[0]))}:{a[1]}" for a in addrs],
@@ -263,7 +252,7 @@ class Runtime:
 
     def sighup(self) -> None:
         self.telemetry.reopen()
-        self._tasks.append(asyncio.create_task(self.holder.reload("sighup")))
+        self._tasks.append(spawn(self.holder.reload("sighup"), "reload-sighup"))
 
 
 def _fmt(host: str) -> str:

@@ -7,15 +7,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from mitmproxy.addons import next_layer
-from mitmproxy.connection import ConnectionState
-from mitmproxy.proxy import commands, events, layer
+from mitmproxy.proxy import layer
 from mitmproxy.proxy.context import Context
-from mitmproxy.proxy.layers.tcp import TCPLayer
-from mitmproxy.proxy.layers.tls import ClientTLSLayer, ServerTLSLayer
 
-from addons.pipeline.clienthello import HandshakeWatch
 from addons.pipeline.firstbytes import Relay, handshake_watch
 from addons.pipeline.model import Outcome
+from addons.proxy import mitm_compat
 
 
 @dataclass
@@ -35,57 +32,6 @@ class Tunnel:
         return self.outcome.inspect
 
 
-class CountingTunnelLayer(TCPLayer):
-    """mitmproxy's raw TCP relay without a flow object (nothing stored), counting bytes per direction.
-
-    For TLS, `watch` follows the cleartext handshake: a second ClientHello (after a HelloRetryRequest)
-    must name the authority too, else the tunnel is closed before it is relayed.
-    """
-
-    def __init__(self, context: Context, tunnel: Tunnel, watch: HandshakeWatch | None = None) -> None:
-        super().__init__(context, ignore=True)
-        self.tunnel = tunnel
-        self.watch = watch
-        self.closed = False
-
-    def relay_messages(self, event: events.Event) -> layer.CommandGenerator[None]:
-        if self.closed:
-            return
-        if isinstance(event, events.DataReceived):
-            if event.connection == self.context.client:
-                self.tunnel.bytes_up += len(event.data)
-                if self.watch is not None and (problem := self.watch.client(event.data)):
-                    self.closed = True
-                    if self.tunnel.on_refused is not None:
-                        self.tunnel.on_refused(problem)
-                    yield commands.CloseConnection(self.context.server)
-                    yield commands.CloseConnection(self.context.client)
-                    return
-            else:
-                self.tunnel.bytes_down += len(event.data)
-                if self.watch is not None:
-                    self.watch.server(event.data)
-            if self.watch is not None and self.watch.done:
-                self.watch = None
-        yield from super().relay_messages(event)
-
-
-class CountingServerTLSLayer(ServerTLSLayer):
-    """The top of an inspected tunnel (as mitmproxy builds it), counting raw bytes per direction."""
-
-    def __init__(self, context: Context, tunnel: Tunnel) -> None:
-        super().__init__(context)
-        self.tunnel = tunnel
-
-    def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
-        if isinstance(event, events.DataReceived):
-            if event.connection == self.context.client:
-                self.tunnel.bytes_up += len(event.data)
-            elif event.connection == self.context.server:
-                self.tunnel.bytes_down += len(event.data)
-        yield from super()._handle_event(event)
-
-
 class TunnelAwareNextLayer(next_layer.NextLayer):
     """mitmproxy's NextLayer addon, asking Portcullis first about the first layer of a tunnel.
 
@@ -103,22 +49,13 @@ class TunnelAwareNextLayer(next_layer.NextLayer):
         super().next_layer(nextlayer)
 
 
-class CloseClientLayer(layer.Layer):
-    """Closes the client (and the eagerly opened upstream) without relaying a single byte."""
-
-    def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
-        if isinstance(event, events.Start):
-            if self.context.server.state is not ConnectionState.CLOSED:
-                yield commands.CloseConnection(self.context.server)
-            yield commands.CloseConnection(self.context.client)
-
-
 def first_layer(context: Context, t: Tunnel, relay: Relay) -> layer.Layer:
     """The mitmproxy layer that relays an allowed tunnel the way the pipeline judged it."""
     if relay is Relay.INSPECT:
-        # What mitmproxy's NextLayer builds for TLS (server TLS over client TLS), counting bytes.
-        server_tls = CountingServerTLSLayer(context, t)
-        server_tls.child_layer = ClientTLSLayer(context)
-        return server_tls
-    watch = handshake_watch(t.outcome) if relay is Relay.TLS else None
-    return CountingTunnelLayer(context, t, watch)
+        return mitm_compat.counting_interception(context, t)
+    return mitm_compat.CountingRelay(context, t, handshake_watch(t.outcome) if relay is Relay.TLS else None)
+
+
+def closing_layer(context: Context) -> layer.Layer:
+    """Closes the client (and the eagerly opened upstream) without relaying a single byte."""
+    return mitm_compat.CloseBoth(context)

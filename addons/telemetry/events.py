@@ -18,7 +18,7 @@ import structlog
 from addons.config.models import TelemetryConfig
 from addons.pipeline.model import Outcome
 from addons.policy import hosts as policy_hosts
-from addons.telemetry.fields import clean, escape_all, nest, strip_query
+from addons.telemetry.fields import clean, escape_all, nest
 from addons.telemetry.metrics import Metrics
 from addons.telemetry.otel import OtelBridge
 from addons.telemetry.sinks import FileSink, StreamSink
@@ -279,8 +279,7 @@ def decision_fields(o: Outcome) -> dict[str, Any]:
         "client": {"address": c.address, "port": c.port, "name": o.client_name, "user": c.user},
         "destination": {"host": r.host or None, "port": r.port or None, "ip": o.ip,
                         "registered_domain": registered_domain(r.host)},
-        "request": {"scheme": r.scheme, "method": r.method,
-                    "path": strip_query(r.path) if r.path is not None else None},
+        "request": {"scheme": r.scheme, "method": r.method, "path": r.path},  # clean() drops any query
         "approval_id": o.approval_id,
         "flow_id": r.flow_id,
         "layer": r.layer.value,
