@@ -50,11 +50,12 @@ def podman(*args: str, timeout: float = 120, check: bool = True, input: bytes | 
     return p
 
 
-def build_flags() -> list[str]:
-    """The build flags these machines need: no pull, host network for pip/apt, the host's CA bundle
-    (outbound TLS may be re-signed by a local CA), and the docker format (keeps HEALTHCHECK)."""
+def build_flags(host_ca: bool = True) -> list[str]:
+    """The build flags these machines need: no pull, host network for pip/apt, the docker format (keeps
+    HEALTHCHECK) and, for builds that run pip, the host's CA bundle (outbound TLS may be re-signed by a
+    local CA; a build that runs update-ca-certificates must not have it, as the mount is read-only)."""
     flags = ["--pull=never", "--format", "docker", "--network", "host"]
-    if HOST_CA_BUNDLE.exists():
+    if host_ca and HOST_CA_BUNDLE.exists():
         flags += ["-v", f"{HOST_CA_BUNDLE}:{HOST_CA_BUNDLE}:ro"]
     return flags
 
@@ -81,13 +82,14 @@ def tree_hash(paths: Iterable[Path], extra: str = "") -> str:
     return h.hexdigest()[:16]
 
 
-def build_image(repo_name: str, containerfile: Path, context: Path, inputs: Iterable[Path]) -> str:
+def build_image(repo_name: str, containerfile: Path, context: Path, inputs: Iterable[Path],
+                host_ca: bool = True) -> str:
     """Build `localhost/<repo_name>:<content hash>` unless it exists; drop stale tags of the same name."""
     tag = f"localhost/{repo_name}:{tree_hash([containerfile, *inputs])}"
     if podman("image", "exists", tag, check=False).returncode == 0:
         return tag
     ensure_base_image()
-    podman("build", *build_flags(), "-t", tag, "-f", str(containerfile), str(context), timeout=900)
+    podman("build", *build_flags(host_ca), "-t", tag, "-f", str(containerfile), str(context), timeout=900)
     listing = podman("images", "--format", "{{.Repository}}:{{.Tag}}", f"localhost/{repo_name}", check=False)
     for old in listing.stdout.split():
         if old != tag and old.startswith(f"localhost/{repo_name}:"):

@@ -349,3 +349,54 @@ def test_bad_options_are_refused_with_one_line(bad: list[str]) -> None:
     )
     assert p.returncode == 2 and p.stdout == ""
     assert p.stderr.startswith("portcullis env: ") and p.stderr.count("\n") == 1
+
+
+@pytest.mark.container
+def test_dockerfile_form_builds_an_image_that_goes_through_the_proxy(rig: Rig, tmp_path: Path) -> None:
+    """The --dockerfile lines, appended to the slim Python base, make an image whose Python reaches
+    the inspected and the passthrough host through the proxy (system store via update-ca-certificates)."""
+    import uuid
+
+    from tests.deploy import podman_support as ps
+
+    ps.skip_if_unusable()
+    base = ps.ensure_base_image()
+    proxy_ca = rig.folder / "proxy" / "certs" / "mitmproxy-ca-cert.pem"
+    shutil.copy(proxy_ca, tmp_path / "portcullis-ca.pem")
+    shutil.copy(
+        rig.tools.ca_pem, tmp_path / "public-roots.pem"
+    )  # stands for the public roots of a real image
+    generated = env_text("--dockerfile", "--proxy-url", rig.proxy.proxy_url)
+    (tmp_path / "Containerfile").write_text(
+        f"FROM {base}\nCOPY public-roots.pem /usr/local/share/ca-certificates/public-roots.crt\n{generated}"
+    )
+    tag = f"localhost/portcullis-test-agentenv:{uuid.uuid4().hex[:8]}"
+    ps.podman(
+        "build",
+        *ps.build_flags(host_ca=False),
+        "-t",
+        tag,
+        "-f",
+        str(tmp_path / "Containerfile"),
+        str(tmp_path),
+        timeout=300,
+    )
+    try:
+        fetch = (
+            "import json, sys, urllib.request\n"
+            "for url in sys.argv[1:]:\n"
+            "    print(json.load(urllib.request.urlopen(url, timeout=20))['site'])\n"
+        )
+        urls = [
+            rig.tools.base(PUBLIC) + "/dockerfile/inspected",
+            rig.tools.base(OTHER) + "/dockerfile/passthrough",
+        ]
+        p = ps.podman("run", "--rm", "--network", "host", tag, "python", "-c", fetch, *urls, check=False)
+        assert p.returncode == 0, p.stderr[-2000:]
+        assert p.stdout.split() == [PUBLIC, OTHER]
+        assert rig.proxy.decisions(
+            **{"destination.host": PUBLIC, "layer": "inspected", "request.path": "/dockerfile/inspected"}
+        )
+        assert rig.tools.saw(OTHER, "/dockerfile/passthrough")
+    finally:
+        ps.podman("rmi", "-f", tag, check=False)
