@@ -92,9 +92,12 @@ def make_git_repo(root: Path) -> Path:
     return root / "repo.git"
 
 
-def make_pki(folder: Path) -> dict[str, Path]:
-    """A CA and leaf certificates for public.test and other.test, with the key identifiers that
-    strict verifiers (Python >= 3.13's VERIFY_X509_STRICT) require of a chain."""
+LEAVES = {"public": ["public.test"], "other": ["other.test"]}
+
+
+def make_pki(folder: Path, leaves: dict[str, list[str]] | None = None) -> dict[str, Path]:
+    """A CA and leaf certificates (default: public.test and other.test), with the key identifiers
+    that strict verifiers (Python >= 3.13's VERIFY_X509_STRICT) require of a chain."""
     import datetime as dt
 
     from cryptography import x509
@@ -135,17 +138,17 @@ def make_pki(folder: Path) -> dict[str, Path]:
     )
     out = {"ca": folder / "tools-ca.pem"}
     out["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    for tag, name in (("public", "public.test"), ("other", "other.test")):
+    for tag, names in (leaves or LEAVES).items():
         key = ec.generate_private_key(ec.SECP256R1())
         cert = (
             x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
             .issuer_name(ca_name)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - dt.timedelta(days=1))
             .not_valid_after(now + dt.timedelta(days=30))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), critical=False)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
             .add_extension(
