@@ -9,7 +9,6 @@ network internal too, with an upstream container on it (nothing leaves the machi
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import subprocess
@@ -54,8 +53,9 @@ class Stack:
         cmd = [*compose_cmd(), "-p", self.project]
         for f in self.files:
             cmd += ["-f", f]
-        return subprocess.run([*cmd, *args], env=self.env, capture_output=True, text=True, timeout=timeout,
-                              check=False)
+        return subprocess.run(
+            [*cmd, *args], env=self.env, capture_output=True, text=True, timeout=timeout, check=False
+        )
 
     def name(self, service: str) -> str:
         return f"{self.project}_{service}_1"
@@ -71,9 +71,19 @@ def _test_config(upstream_ip: str) -> dict[str, object]:
         "admin": {"listen": "0.0.0.0:9090", "token_env": "PORTCULLIS_ADMIN_TOKEN"},
         "rules": ["rules/"],
         "default_action": "deny",
-        "approvals": {"timeout": "5s", "store": "redis://valkey:6379/0", "persist_to": "state/approved.yaml"},
-        "network": {"block_private": True, "allow_cidrs": [f"{upstream_ip}/32"],
-                    "resolve": {h: upstream_ip for h in ("public.test", "other.test", "blocked.test")}},
+        "approvals": {
+            "timeout": "30s",
+            "hold": False,
+            "store": "redis://valkey:6379/0",
+            "persist_to": "state/approved.yaml",
+        },
+        "network": {
+            "block_private": True,
+            "allow_cidrs": [f"{upstream_ip}/32"],
+            "resolve": dict.fromkeys(
+                ("public.test", "other.test", "blocked.test", "approve.test"), upstream_ip
+            ),
+        },
         "tls": {"inspect": "auto", "ca_dir": "certs/", "upstream_ca": "/app/upstream-ca.pem"},
         "telemetry": {"log": {"format": "json"}, "metrics": True, "otlp": False},
     }
@@ -83,6 +93,7 @@ RULES = [
     {"name": "inspected", "action": "allow", "hosts": ["public.test"], "paths": ["/*"]},
     {"name": "passthrough", "action": "allow", "hosts": ["other.test"]},
     {"name": "blocked", "action": "deny", "hosts": ["blocked.test"]},
+    {"name": "ask", "action": "approval", "hosts": ["approve.test"]},
 ]
 
 
@@ -93,10 +104,16 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     base = ps.ensure_base_image()
     images = {
         "TEST_PORTCULLIS_IMAGE": ps.portcullis_image(),
-        "TEST_AGENT_IMAGE": ps.build_image("portcullis-test-agent", DEPLOY / "agent" / "Containerfile",
-                                           DEPLOY / "agent", [DEPLOY / "agent"], host_ca=False),
-        "TEST_VALKEY_IMAGE": ps.build_image("portcullis-test-valkey", HERE / "valkey.Containerfile", HERE,
-                                            [], host_ca=False),
+        "TEST_AGENT_IMAGE": ps.build_image(
+            "portcullis-test-agent",
+            DEPLOY / "agent" / "Containerfile",
+            DEPLOY / "agent",
+            [DEPLOY / "agent"],
+            host_ca=False,
+        ),
+        "TEST_VALKEY_IMAGE": ps.build_image(
+            "portcullis-test-valkey", HERE / "valkey.Containerfile", HERE, [], host_ca=False
+        ),
     }
     folder = tmp_path_factory.mktemp("compose")
     net = random.randint(100, 250)  # noqa: S311 - a subnet unlikely to clash with a parallel run
@@ -112,12 +129,24 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     for f in folder.rglob("*"):
         if f.is_file():
             f.chmod(0o644)  # the containers' users read them (keys of a throwaway test CA only)
-    env = {**ps.podman_env(), **images, "TEST_BASE_IMAGE": base, "TEST_DIR": str(folder),
-           "TEST_UPSTREAM_IP": upstream_ip, "TEST_EGRESS_SUBNET": f"10.231.{net}.0/24",
-           "PORTCULLIS_ADMIN_TOKEN": TOKEN, "PORTCULLIS_CONFIG": str(folder / "portcullis.yaml"),
-           "PORTCULLIS_RULES": str(folder / "rules"), "PORTCULLIS_ADMIN_BIND": f"127.0.0.1:{ps.free_port()}"}
-    s = Stack(f"pctest{uuid.uuid4().hex[:6]}", env, [str(DEPLOY / "compose.yaml"), str(HERE / "compose.test.yaml")],
-              upstream_ip)
+    env = {
+        **ps.podman_env(),
+        **images,
+        "TEST_BASE_IMAGE": base,
+        "TEST_DIR": str(folder),
+        "TEST_UPSTREAM_IP": upstream_ip,
+        "TEST_EGRESS_SUBNET": f"10.231.{net}.0/24",
+        "PORTCULLIS_ADMIN_TOKEN": TOKEN,
+        "PORTCULLIS_CONFIG": str(folder / "portcullis.yaml"),
+        "PORTCULLIS_RULES": str(folder / "rules"),
+        "PORTCULLIS_ADMIN_BIND": f"127.0.0.1:{ps.free_port()}",
+    }
+    s = Stack(
+        f"pctest{uuid.uuid4().hex[:6]}",
+        env,
+        [str(DEPLOY / "compose.yaml"), str(HERE / "compose.test.yaml")],
+        upstream_ip,
+    )
     try:
         up = s.compose("up", "-d", "--no-build")
         assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
@@ -138,7 +167,9 @@ def _wait_ready(s: Stack) -> None:
         if proxy.returncode == 0 and "sleep" in agent.stdout.split():
             return
         if time.monotonic() > deadline:
-            logs = "\n".join(ps.podman("logs", s.name(n), check=False).stderr[-1500:] for n in ("portcullis", "agent"))
+            logs = "\n".join(
+                ps.podman("logs", s.name(n), check=False).stderr[-1500:] for n in ("portcullis", "agent")
+            )
             raise AssertionError(f"the stack did not come up within 90 s:\n{proxy.stderr}\n{logs}")
         time.sleep(0.5)
 
@@ -199,15 +230,18 @@ def test_the_proxy_logged_every_decision_and_used_valkey(stack: Stack) -> None:
         validate_event(e)
     decisions = [e for e in events if e["event"] == "egress.decision"]
     assert any(e["request"]["path"] == "/logged" and e["decision"] == "allow" for e in decisions)
-    agent_ip = json.loads(ps.podman("inspect", "--format", "{{json .NetworkSettings.Networks}}",
-                                    stack.name("agent")).stdout)[f"{stack.project}_agents"]["IPAddress"]
+    agent_ip = json.loads(
+        ps.podman("inspect", "--format", "{{json .NetworkSettings.Networks}}", stack.name("agent")).stdout
+    )[f"{stack.project}_agents"]["IPAddress"]
     assert {e["client"]["address"] for e in decisions} == {agent_ip}
-    # The store is Valkey: the proxy wrote its keys there (not a local SQLite file).
+    # The store is Valkey: the pending approval is there (and no SQLite file in the state volume).
+    code, headers, body, _ = _curl(stack, "http://approve.test/ask")
+    assert headers[":status"] == "403" and headers["x-portcullis-reason"] == "approval_pending"
+    approval = json.loads(body)["approval_id"]
     keys = ps.podman("exec", stack.name("valkey"), "valkey-cli", "--scan", "--pattern", "portcullis:*").stdout
+    assert any(approval in k for k in keys.split()), keys
     state = ps.podman("exec", stack.name("portcullis"), "ls", "/app/state").stdout.split()
     assert state == ["approved.yaml"], state
-    assert keys is not None
     # The agent sees the public certificate and nothing else of the CA.
-    listing = stack.agent("ls", "/portcullis-ca").stdout.split()
-    assert listing == ["portcullis-ca.pem"]
-    assert os.path.basename("portcullis-ca.pem") in listing
+    assert stack.agent("ls", "-A", "/portcullis-ca").stdout.split() == ["portcullis-ca.pem"]
+    assert stack.agent("cat", "/portcullis-ca/portcullis-ca.pem").stdout.startswith("-----BEGIN CERTIFICATE")
