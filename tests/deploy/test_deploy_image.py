@@ -104,7 +104,7 @@ def box(portcullis_image: str, upstreams: Upstreams, redis_url: str, tmp_path: P
         ps.wait_http(f"http://127.0.0.1:{b.admin_port}/healthz", container=name)
         yield b
     finally:
-        ps.podman("rm", "-f", "-t", "0", name, check=False)
+        ps.podman("rm", "-f", "-v", "-t", "0", name, check=False)
         ps.podman("volume", "rm", "-f", b.volume, check=False)
 
 
@@ -180,7 +180,7 @@ def test_certs_folder_of_another_owner_says_what_to_do(portcullis_image: str, tm
         assert "cannot create the CA in /app/certs" in p.stderr
         assert f"belongs to uid 0, this process runs as uid {UID}" in p.stderr
         assert f"chown -R {UID}" in p.stderr and "named volume" in p.stderr
-        ps.podman("rm", "-f", name)
+        ps.podman("rm", "-f", "-v", name)
 
         os.chown(certs, UID, UID)
         ps.podman(*run[:1], "-d", *run[1:])
@@ -192,4 +192,4 @@ def test_certs_folder_of_another_owner_says_what_to_do(portcullis_image: str, tm
         ps.podman("stop", "-t", "20", name, timeout=60)
         assert ps.podman("inspect", "--format", "{{.State.ExitCode}}", name).stdout.strip() == "0"
     finally:
-        ps.podman("rm", "-f", "-t", "0", name, check=False)
+        ps.podman("rm", "-f", "-v", "-t", "0", name, check=False)
