@@ -285,6 +285,7 @@ def kube_play(portcullis_image: str, tmp_path: Path) -> Iterator[dict[str, Any]]
     }
     valkey = f"pct-valkey{suffix}"
     pods = [f"{dep['metadata']['name']}-pod-{i}" for i in range(dep["spec"]["replicas"])]
+    volumes_before = set(ps.podman("volume", "ls", "-q").stdout.split())
     try:
         # An internal network: the pods reach Valkey and each other, nothing beyond the machine.
         ps.podman("network", "create", "--internal", net)
@@ -324,17 +325,14 @@ def kube_play(portcullis_image: str, tmp_path: Path) -> Iterator[dict[str, Any]]
         assert play.returncode == 0, play.stderr[-3000:]
         yield {"pods": pods, "net": net, "ca": ca, "play": play, "dep": dep}
     finally:
-        anonymous = []  # the image's VOLUMEs that the pod spec does not mount: removed with the pods
         for pod_name in pods:
-            ids = ps.podman("ps", "-a", "-q", "--filter", f"pod={pod_name}", check=False).stdout.split()
-            for cid in ids:
-                mounts = ps.podman(
-                    "inspect", "--format", "{{range .Mounts}}{{.Name}} {{end}}", cid, check=False
-                )
-                anonymous += [m for m in mounts.stdout.split() if len(m) == 64]
             ps.podman("pod", "rm", "-f", pod_name, check=False)
-        for vol in anonymous:
-            ps.podman("volume", "rm", "-f", vol, check=False)
+        # The image's VOLUMEs that the pod spec leaves unmounted become anonymous volumes, which
+        # podman keeps when it removes a finished init container: remove the ones this test made.
+        after = ps.podman("volume", "ls", "-q", "--filter", "dangling=true", check=False).stdout.split()
+        for vol in set(after) - volumes_before:
+            if len(vol) == 64:
+                ps.podman("volume", "rm", vol, check=False)
         for cm in maps:
             ps.podman("volume", "rm", "-f", cm["metadata"]["name"], check=False)
         for name in secrets:
