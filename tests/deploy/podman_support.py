@@ -90,6 +90,8 @@ def build_image(repo_name: str, containerfile: Path, context: Path, inputs: Iter
         return tag
     ensure_base_image()
     podman("build", *build_flags(host_ca), "-t", tag, "-f", str(containerfile), str(context), timeout=900)
+    # The Containerfile's first stage stays behind untagged after every build: drop it.
+    podman("image", "prune", "-f", "--filter", "label=io.portcullis.build-stage=wheel", check=False)
     listing = podman("images", "--format", "{{.Repository}}:{{.Tag}}", f"localhost/{repo_name}", check=False)
     for old in listing.stdout.split():
         if old != tag and old.startswith(f"localhost/{repo_name}:"):

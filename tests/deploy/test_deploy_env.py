@@ -374,6 +374,7 @@ def test_dockerfile_form_builds_an_image_that_goes_through_the_proxy(rig: Rig, t
     ps.podman(
         "build",
         *ps.build_flags(host_ca=False),
+        "--layers=false",  # no intermediate images left behind
         "-t",
         tag,
         "-f",
