@@ -126,7 +126,13 @@ class Store(Protocol):
 def open_store(url: str, base_dir: Path) -> Store:
     """`sqlite:///...` (the embedded default) or `redis://HOST:PORT/DB` (several replicas)."""
     if url.startswith(("redis://", "rediss://")):
-        from addons.approvals.redis_store import RedisStore
+        try:
+            from addons.approvals.redis_store import RedisStore
+        except ModuleNotFoundError as e:
+            if e.name != "redis":
+                raise
+            raise ApprovalError(
+                "store redis://... needs the Redis client: pip install 'portcullis[redis]'") from e
         return RedisStore(url)
     return SqliteStore(store_path(url, base_dir))
 
