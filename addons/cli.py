@@ -25,6 +25,16 @@ _HANDLERS = {
 }
 
 
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= 256:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of workers from 1 to 256")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="portcullis", description="Egress-filtering proxy for AI agents.")
     p.add_argument("--version", action="version", version=f"portcullis {__version__}")
@@ -34,6 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", required=True, help="config file (YAML)")
     run.add_argument("--listen", metavar="H:P", help="proxy address (overrides the config)")
     run.add_argument("--admin", metavar="H:P", help="admin address (overrides the config)")
+    run.add_argument("--workers", type=_positive, metavar="N",
+                     help="proxy processes sharing the listen address (default: the usable cores)")
+    # Set by the supervisor for its workers only.
+    run.add_argument("--worker", type=int, help=argparse.SUPPRESS)
+    run.add_argument("--worker-fd", type=int, help=argparse.SUPPRESS)
+    run.add_argument("--worker-bus", help=argparse.SUPPRESS)
 
     val = sub.add_parser("validate", help="check the config and every rule file")
     val.add_argument("--config", required=True)

@@ -14,6 +14,7 @@ each assumption against the installed mitmproxy and fails loudly when an upgrade
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -290,3 +291,19 @@ def raise_listen_backlog(proxyserver_addon: Any, backlog: int) -> int:
 def raw_target(request: http.Request) -> tuple[bytes, bytes, bytes]:
     """(method, target path, authority) as the bytes mitmproxy read, before any text decoding."""
     return request.data.method, request.data.path, request.data.authority
+
+
+# ---- 6. Accepting on a listening socket inherited from the supervisor ---------------------------------
+
+
+def listen_on(sock: socket.socket) -> None:
+    """Make mitmproxy's regular-mode server accept on `sock` (bound and listening already, shared by
+    every worker of `portcullis run --workers N`) instead of binding the listen address itself."""
+    from mitmproxy.proxy import mode_servers
+
+    sock.setblocking(False)
+
+    async def listen(self: Any, host: str, port: int) -> list[Any]:
+        return [await asyncio.start_server(self.handle_stream, sock=sock)]
+
+    mode_servers.RegularInstance.listen = listen  # type: ignore[method-assign]

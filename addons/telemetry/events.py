@@ -28,9 +28,10 @@ SCHEMA = "portcullis.event/v1"
 EVENT_TYPES = (
     "egress.decision", "tunnel.closed", "approval.requested", "approval.decided",
     "rules.reloaded", "rules.reload_failed", "webhook.failed", "proxy.started", "proxy.stopped",
+    "worker.exited",
 )
 _ENVELOPE = ("schema", "timestamp", "event")
-_WARN_EVENTS = frozenset({"rules.reload_failed", "webhook.failed"})
+_WARN_EVENTS = frozenset({"rules.reload_failed", "webhook.failed", "worker.exited"})
 # close(): what the network sinks (OTLP, syslog) may still deliver at shutdown, together, in seconds.
 CLOSE_BUDGET_S = 0.9
 
@@ -56,8 +57,10 @@ class Telemetry:
         stream: TextIO | None = None,
         *,
         otel: OtelBridge | None = None,
+        worker: int | None = None,
     ) -> None:
-        """`otel` overrides the OTLP exporter built from OTEL_* (tests pass an in-memory one)."""
+        """`otel` overrides the OTLP exporter built from OTEL_* (tests pass an in-memory one);
+        `worker` (with `--workers N`) is written into every event this process emits."""
         self.config = config or TelemetryConfig()
         self.base_dir = base_dir or Path.cwd()
         self.metrics = metrics or Metrics()
@@ -95,7 +98,8 @@ class Telemetry:
             processors.append(self.otel)
         processors.append(_to_doc)
         # A private BoundLogger: no global structlog configuration, which other code may own.
-        self._log = structlog.BoundLogger(_Dispatch(self._write), processors, {})
+        context = {} if worker is None else {"worker": worker}
+        self._log = structlog.BoundLogger(_Dispatch(self._write), processors, context)
 
     # ---- public API -------------------------------------------------------------------
 
@@ -149,6 +153,14 @@ class Telemetry:
                 getattr(self._log, level)(event, **fields)
         except Exception:  # noqa: BLE001 - an event that cannot be built is counted, never raised
             self._dropped("render")
+
+    def relay_line(self, line: str) -> None:
+        """A whole event line another process rendered (a worker's), onto this process's stdout."""
+        with self._lock:
+            try:
+                self._stdout.write(line.rstrip("\n"))
+            except Exception:  # noqa: BLE001
+                self._dropped("stdout")
 
     def healthy(self) -> bool:
         """False when events cannot be written and the sink is set to fail closed."""
