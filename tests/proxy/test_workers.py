@@ -1,0 +1,150 @@
+"""`portcullis run --workers 2`: one listen address, one admin API and /metrics, events relayed whole
+and naming their worker, a dead worker replaced, reloads reaching every worker, a clean stop."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from tests.harness import REPO, PortcullisProc, base_config
+
+pytestmark = pytest.mark.e2e
+
+RULES = [{"name": "public", "action": "allow", "hosts": ["public.test"]}]
+
+
+def get(p: PortcullisProc, u, path: str) -> int:
+    host = f"public.test:{u.http_port}"
+    return p.raw(f"GET http://{host}{path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()).status
+
+
+def metric(p: PortcullisProc, line_prefix: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{p.admin_port}/metrics", timeout=5) as r:  # noqa: S310
+        text = r.read().decode()
+    return sum(float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines() if ln.startswith(line_prefix))
+
+
+def readyz(p: PortcullisProc) -> int:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{p.admin_port}/readyz", timeout=5) as r:  # noqa: S310
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def worker_pids(p: PortcullisProc) -> list[int]:
+    assert p.proc is not None
+    out = subprocess.run(["pgrep", "-P", str(p.proc.pid)], capture_output=True, text=True, check=False).stdout
+    return [int(x) for x in out.split()]
+
+
+@pytest.fixture
+def two(upstreams, tmp_path):
+    with PortcullisProc(
+        tmp_path, upstreams, rules=RULES, config=base_config(upstreams, tmp_path), workers=2
+    ) as p:
+        yield p
+
+
+def test_requests_spread_over_both_workers_and_each_is_decided_once(two, upstreams):
+    for i in range(40):
+        assert get(two, upstreams, f"/w{i}") == 200
+    decisions = two.wait_event("egress.decision", count=40) and two.decisions()
+    assert len(decisions) == 40
+    assert {d["worker"] for d in decisions} == {0, 1}  # the kernel handed connections to both
+    assert sorted(d["request"]["path"] for d in decisions) == sorted(f"/w{i}" for i in range(40))
+    started = two.find("proxy.started")
+    assert len(started) == 1 and started[0]["workers"] == 2 and "worker" not in started[0]
+    # One /metrics for the whole proxy: every worker's counter, combined.
+    assert metric(two, 'portcullis_requests_total{decision="allow"') == 40
+    assert len(worker_pids(two)) == 2
+
+
+def test_a_worker_that_dies_is_replaced_and_nothing_is_lost(two, upstreams):
+    for i in range(10):
+        assert get(two, upstreams, f"/before{i}") == 200
+    victim = worker_pids(two)[0]
+    os.kill(victim, signal.SIGKILL)
+    ev = two.wait_event("worker.exited", timeout=15)
+    assert ev["pid"] == victim and ev["signal"] == "SIGKILL" and ev["restarted"] is True
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and (len(worker_pids(two)) < 2 or readyz(two) != 200):
+        time.sleep(0.2)
+    assert len(worker_pids(two)) == 2 and victim not in worker_pids(two)
+    assert readyz(two) == 200
+    for i in range(10):
+        assert get(two, upstreams, f"/after{i}") == 200
+    # The dead worker's counts stay in /metrics (counters never go back).
+    assert metric(two, 'portcullis_requests_total{decision="allow"') == 20
+
+
+def test_a_reload_reaches_every_worker_and_a_broken_file_keeps_the_old_policy_everywhere(two, upstreams):
+    assert get(two, upstreams, "/a") == 200
+    two.write_rules([{"name": "nothing", "action": "deny", "hosts": ["public.test"]}])
+    evs = two.wait_event("rules.reloaded", count=2, timeout=15) and two.find("rules.reloaded")
+    assert sorted(e["worker"] for e in evs) == [0, 1]
+    assert all(get(two, upstreams, f"/denied{i}") == 403 for i in range(6))
+    two.rules_path.write_text("rules: [\n")
+    fails = two.wait_event("rules.reload_failed", count=2, timeout=15) and two.find("rules.reload_failed")
+    assert sorted(e["worker"] for e in fails) == [0, 1]
+    assert all(get(two, upstreams, f"/still{i}") == 403 for i in range(6))  # old policy, both workers
+
+
+def test_sighup_to_the_supervisor_reloads_every_worker(two):
+    assert two.proc is not None
+    two.proc.send_signal(signal.SIGHUP)
+    evs = two.wait_event("rules.reloaded", count=2, timeout=15, trigger="sighup") and two.find(
+        "rules.reloaded", trigger="sighup"
+    )
+    assert sorted(e["worker"] for e in evs) == [0, 1]
+
+
+def test_sigterm_stops_every_worker_cleanly(upstreams, tmp_path):
+    p = PortcullisProc(tmp_path, upstreams, rules=RULES, config=base_config(upstreams, tmp_path), workers=2)
+    p.start()
+    pids = worker_pids(p)
+    assert len(pids) == 2 and get(p, upstreams, "/x") == 200
+    assert p.stop() == 0
+    stopped = p.find("proxy.stopped")
+    assert len(stopped) == 1 and stopped[0]["exit_code"] == 0
+    for pid in pids:  # gone (reaped by the supervisor before it exited)
+        assert not os.path.exists(f"/proc/{pid}")
+
+
+def test_bad_worker_counts_are_refused(tmp_path):
+    (tmp_path / "c.yaml").write_text("rules: []\n")
+    for bad in ("0", "-1", "x", "257"):
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "addons.cli",
+                "run",
+                "--config",
+                str(tmp_path / "c.yaml"),
+                "--workers",
+                bad,
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert r.returncode == 2 and "number of workers" in r.stderr, (bad, r.stderr)
+
+
+def test_the_default_is_one_worker_per_usable_core(upstreams, tmp_path):
+    cores = len(os.sched_getaffinity(0))
+    with PortcullisProc(
+        tmp_path, upstreams, rules=RULES, config=base_config(upstreams, tmp_path), workers=None
+    ) as p:
+        started = p.find("proxy.started")[0]
+        assert started.get("workers", 1) == cores
+        assert len(worker_pids(p)) == (cores if cores > 1 else 0)
