@@ -1,18 +1,39 @@
-"""Redis store for approvals and grants (`approvals.store: redis://HOST:PORT/DB`), for several replicas."""
+"""Redis store for approvals and grants (`approvals.store: redis://HOST:PORT/DB`), for several replicas.
+
+State changes run as Lua scripts on the server (one atomic step each); a single-use grant is
+consumed by the one caller whose DEL answers 1. The client is synchronous (sub-millisecond on a
+near Redis); every method is one logical round trip, so it can move to redis.asyncio as it is.
+"""
 
 from __future__ import annotations
 
 from dataclasses import fields
+from types import ModuleType
 from typing import Any
 
-import redis
-
 from addons.approvals.errors import ApprovalError
-from addons.approvals.store import PENDING, Approval, Grant
+from addons.approvals.model import Approval, Choice, Grant, Key, Scope, State
 
 PREFIX = "portcullis:"
 _SEP = "\x1f"  # cannot occur in a client key, a normalised host or a port
+MISSING = ("the redis store needs the redis package: pip install 'portcullis[redis]' "
+           "(or use approvals.store: sqlite:///state/portcullis.db)")
 
+# Insert a pending approval unless a live one stands for its key (one approval per key, across replicas).
+# KEYS: new approval hash, pending zset, pending-key index.
+# ARGV: id, expires_at, now, key prefix, then field/value pairs.
+# The standing approval's hash is named from the index (single-node Redis; the keys share one prefix).
+_OPEN = """
+local cur = redis.call('GET', KEYS[3])
+if cur then
+  local h = redis.call('HMGET', ARGV[4] .. 'apr:' .. cur, 'state', 'expires_at')
+  if h[1] == 'pending' and tonumber(h[2]) > tonumber(ARGV[3]) then return cur end
+end
+redis.call('HSET', KEYS[1], unpack(ARGV, 5))
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+redis.call('SET', KEYS[3], ARGV[1])
+return ARGV[1]
+"""
 # Compare-and-set pending -> a final state, atomically on the server.
 # KEYS: approval hash, pending zset, recent zset, pending-key index.
 # ARGV: id, state, decided_at, then field/value pairs.
@@ -27,14 +48,20 @@ return 1
 """
 _MARK = "if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'notified', '1') end return 0"
 
-_INT = {"port"}
-_FLOAT = {"created_at", "expires_at", "decided_at"}
+
+def _redis() -> ModuleType:
+    try:
+        import redis
+    except ImportError as e:
+        raise ApprovalError(MISSING) from e
+    return redis
 
 
 class RedisStore:
-    """Same contract as SqliteStore. Calls are synchronous (sub-millisecond on a near Redis)."""
+    """Same contract as SqliteStore (addons/approvals/model.py: Store)."""
 
     def __init__(self, url: str) -> None:
+        redis = _redis()
         try:
             # Any: redis-py's return types are unions over RESP versions; with decode_responses
             # every reply used here is str (or a list/dict of str).
@@ -43,6 +70,7 @@ class RedisStore:
             self._r.ping()
         except (redis.RedisError, ValueError) as e:
             raise ApprovalError(f"cannot use the approvals store {_safe(url)}: {e}") from e
+        self._open = self._r.register_script(_OPEN)
         self._transition = self._r.register_script(_TRANSITION)
         self._mark = self._r.register_script(_MARK)
 
@@ -51,12 +79,13 @@ class RedisStore:
 
     # Approvals
 
-    def insert(self, a: Approval) -> None:
-        p = self._r.pipeline(transaction=True)
-        p.hset(_apr(a.id), mapping=_encode(a))
-        p.zadd(PREFIX + "pending", {a.id: a.expires_at})
-        p.set(_pkey(a.client_key, a.host, a.port), a.id)
-        p.execute()
+    def open(self, a: Approval, now: float) -> Approval:
+        pairs = [x for kv in _encode(a).items() for x in kv]
+        keys = [_apr(a.id), PREFIX + "pending", _pkey(a.key)]
+        standing = self._open(keys=keys, args=[a.id, repr(a.expires_at), repr(now), PREFIX, *pairs])
+        if standing == a.id:
+            return a
+        return self.get(standing) or a
 
     def get(self, approval_id: str) -> Approval | None:
         return _decode(self._r.hgetall(_apr(approval_id)))
@@ -69,53 +98,53 @@ class RedisStore:
 
     def pending(self) -> list[Approval]:
         found = self._many(list(self._r.zrange(PREFIX + "pending", 0, -1)))
-        return sorted((a for a in found if a.state == PENDING), key=lambda a: a.created_at)
+        return sorted((a for a in found if a.state is State.PENDING), key=lambda a: a.created_at)
 
-    def pending_for(self, client_key: str, host: str, port: int, now: float) -> Approval | None:
-        approval_id = self._r.get(_pkey(client_key, host, port))
+    def pending_for(self, key: Key, now: float) -> Approval | None:
+        approval_id = self._r.get(_pkey(key))
         a = self.get(approval_id) if approval_id else None
-        return a if a is not None and a.state == PENDING and a.expires_at > now else None
+        return a if a is not None and a.state is State.PENDING and a.expires_at > now else None
 
     def recent(self, limit: int = 100) -> list[Approval]:
         return self._many(list(self._r.zrevrange(PREFIX + "recent", 0, limit - 1)))
 
-    def decide(self, approval_id: str, decision: str, scope: str, by: str | None, reason: str | None,
+    def decide(self, approval_id: str, choice: Choice, scope: Scope, by: str | None, reason: str | None,
                now: float) -> bool:
-        state = "allowed" if decision == "allow" else "denied"
-        extra = ["decision", decision, "scope", scope]
+        extra = ["decision", choice.value, "scope", scope.value]
         for k, v in (("decided_by", by), ("reason", reason)):
             if v is not None:
                 extra += [k, v]
-        return self._cas(approval_id, state, now, extra)
+        return self._cas(approval_id, choice.state, now, extra)
 
     def expire(self, approval_id: str, now: float) -> bool:
-        return self._cas(approval_id, "expired", now, [])
+        return self._cas(approval_id, State.EXPIRED, now, [])
 
-    def _cas(self, approval_id: str, state: str, now: float, extra: list[str]) -> bool:
+    def _cas(self, approval_id: str, state: State, now: float, extra: list[str]) -> bool:
         a = self.get(approval_id)
         if a is None:
             return False
-        keys = [_apr(approval_id), PREFIX + "pending", PREFIX + "recent", _pkey(a.client_key, a.host, a.port)]
-        return bool(self._transition(keys=keys, args=[approval_id, state, repr(now), *extra]))
+        keys = [_apr(approval_id), PREFIX + "pending", PREFIX + "recent", _pkey(a.key)]
+        return bool(self._transition(keys=keys, args=[approval_id, state.value, repr(now), *extra]))
 
     def mark_notified(self, approval_id: str) -> None:
         self._mark(keys=[_apr(approval_id)])
 
     def due(self, now: float) -> list[Approval]:
         ids = list(self._r.zrangebyscore(PREFIX + "pending", "-inf", now))
-        return [a for a in self._many(ids) if a.state == PENDING]
+        return [a for a in self._many(ids) if a.state is State.PENDING]
 
     # Grants
 
-    def add_grant(self, client_key: str, host: str, port: int, decision: str, scope: str,
-                  approval_id: str | None, now: float, expires_at: float, single_use: bool) -> int:
+    def add_grant(self, key: Key, choice: Choice, scope: Scope, approval_id: str | None, now: float,
+                  expires_at: float, single_use: bool) -> int:
         gid = int(self._r.incr(PREFIX + "gseq"))
-        g = {"client_key": client_key, "host": host, "port": port, "decision": decision, "scope": scope,
-             "approval_id": approval_id or "", "created_at": repr(now), "expires_at": repr(expires_at),
-             "single_use": int(single_use)}
+        client_key, host, port = key
+        g = {"client_key": client_key, "host": host, "port": port, "decision": choice.value,
+             "scope": scope.value, "approval_id": approval_id or "", "created_at": repr(now),
+             "expires_at": repr(expires_at), "single_use": int(single_use)}
         p = self._r.pipeline(transaction=True)
         p.hset(_grant_key(gid), mapping=g)
-        p.zadd(_grants_for(client_key, host, port), {str(gid): expires_at})
+        p.zadd(_grants_for(key), {str(gid): expires_at})
         p.zadd(PREFIX + "grants", {str(gid): expires_at})
         p.execute()
         return gid
@@ -126,9 +155,10 @@ class RedisStore:
             p.hgetall(_grant_key(int(gid)))
         return [_grant(int(gid), h) for gid, h in zip(gids, p.execute(), strict=True) if h]
 
-    def take_grant(self, client_key: str, host: str, port: int, now: float) -> Grant | None:
-        gids = list(self._r.zrangebyscore(_grants_for(client_key, host, port), f"({now!r}", "+inf"))
-        live = sorted(self._grants(gids), key=lambda g: (g.decision != "deny", g.single_use, -g.created_at))
+    def take_grant(self, key: Key, now: float) -> Grant | None:
+        gids = list(self._r.zrangebyscore(_grants_for(key), f"({now!r}", "+inf"))
+        live = sorted(self._grants(gids),
+                      key=lambda g: (g.decision is not Choice.DENY, g.single_use, -g.created_at))
         for g in live:
             if not g.single_use:
                 return g
@@ -139,7 +169,7 @@ class RedisStore:
         return None
 
     def drop_single_use(self, a: Approval) -> int:
-        gids = list(self._r.zrange(_grants_for(a.client_key, a.host, a.port), 0, -1))
+        gids = list(self._r.zrange(_grants_for(a.key), 0, -1))
         mine = [g for g in self._grants(gids) if g.single_use and g.approval_id == a.id]
         n = 0
         for g in mine:
@@ -151,7 +181,7 @@ class RedisStore:
     def _drop_grant(self, g: Grant) -> None:
         p = self._r.pipeline(transaction=False)
         p.delete(_grant_key(g.id))
-        p.zrem(_grants_for(g.client_key, g.host, g.port), str(g.id))
+        p.zrem(_grants_for((g.client_key, g.host, g.port)), str(g.id))
         p.zrem(PREFIX + "grants", str(g.id))
         p.execute()
 
@@ -177,25 +207,35 @@ def _apr(approval_id: str) -> str:
     return f"{PREFIX}apr:{approval_id}"
 
 
-def _pkey(client_key: str, host: str, port: int) -> str:
-    return f"{PREFIX}pkey:{client_key}{_SEP}{host}{_SEP}{port}"
+def _pkey(key: Key) -> str:
+    return f"{PREFIX}pkey:{key[0]}{_SEP}{key[1]}{_SEP}{key[2]}"
 
 
-def _grants_for(client_key: str, host: str, port: int) -> str:
-    return f"{PREFIX}grants:{client_key}{_SEP}{host}{_SEP}{port}"
+def _grants_for(key: Key) -> str:
+    return f"{PREFIX}grants:{key[0]}{_SEP}{key[1]}{_SEP}{key[2]}"
 
 
 def _grant_key(gid: int) -> str:
     return f"{PREFIX}grant:{gid}"
 
 
-def _encode(a: Approval) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+_INT = {"port"}
+_FLOAT = {"created_at", "expires_at", "decided_at"}
+_ENUM: dict[str, type[State | Choice | Scope]] = {"state": State, "decision": Choice, "scope": Scope}
+
+
+def _encode(a: Approval) -> dict[str, str]:
+    out: dict[str, str] = {}
     for f in fields(Approval):
         v = getattr(a, f.name)
         if v is None:
             continue
-        out[f.name] = int(v) if isinstance(v, bool) else repr(v) if isinstance(v, float) else v
+        if isinstance(v, bool):
+            out[f.name] = str(int(v))
+        elif isinstance(v, float):
+            out[f.name] = repr(v)
+        else:  # str, int, or an enum member (its value)
+            out[f.name] = str(v)
     return out
 
 
@@ -211,6 +251,8 @@ def _decode(h: dict[str, str]) -> Approval | None:
             kw[f.name] = int(v)
         elif f.name in _FLOAT:
             kw[f.name] = float(v)
+        elif f.name in _ENUM:
+            kw[f.name] = _ENUM[f.name](v)
         elif f.name == "notified":
             kw[f.name] = v == "1"
         else:
@@ -219,7 +261,7 @@ def _decode(h: dict[str, str]) -> Approval | None:
 
 
 def _grant(gid: int, h: dict[str, str]) -> Grant:
-    return Grant(gid, h["client_key"], h["host"], int(h["port"]), h["decision"], h["scope"],
+    return Grant(gid, h["client_key"], h["host"], int(h["port"]), Choice(h["decision"]), Scope(h["scope"]),
                  h.get("approval_id") or None, float(h["created_at"]), float(h["expires_at"]),
                  h.get("single_use") == "1")
 
