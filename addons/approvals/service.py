@@ -19,7 +19,7 @@ from pathlib import Path
 
 from addons.approvals.errors import ApprovalError
 from addons.approvals.ledger import Ledger
-from addons.approvals.model import Approval, Choice, Scope
+from addons.approvals.model import Approval, Choice, Scope, Store
 from addons.approvals.notify import Notifier, endpoints
 from addons.approvals.persist import Persister
 from addons.approvals.stores import open_store
@@ -180,6 +180,10 @@ class ApprovalService:
             raise ApprovalError("ApprovalService.start() has not been called")
         return self._ledger
 
+    @property
+    def store(self) -> Store:
+        return self.ledger.store
+
     # Lifecycle
 
     async def start(self) -> None:
@@ -250,7 +254,7 @@ class ApprovalService:
     # Queries (admin API, page)
 
     def get(self, approval_id: str) -> Approval | None:
-        return self.ledger.store.get(approval_id)
+        return self.store.get(approval_id)
 
     def waiters(self, a: Approval) -> int:
         return self._holds.waiters(a) if self._holds is not None else 0
