@@ -98,7 +98,8 @@ def opened(rep: Replica, **kw: Any) -> Approval:
 
 def test_a_first_request_opens_an_approval_and_tells_the_listener(r, clock):
     a = opened(r, flow_id="f7", client_name="ci", method="GET", path="/x", rule="ask")
-    assert (a.id, a.created_at, a.expires_at, a.state) == ("apr_0001", clock.t, clock.t + TIMEOUT, State.PENDING)
+    assert (a.id, a.created_at, a.expires_at, a.state) == (
+        "apr_0001", clock.t, clock.t + TIMEOUT, State.PENDING)
     assert (a.client_name, a.method, a.path, a.rule) == ("ci", "GET", "/x", "ask")
     assert r.store.get(a.id) == a
     assert r.heard.log == [("tracked", a.id), ("opened", a.id, "f7")]
@@ -124,7 +125,8 @@ def test_coalescing_is_by_client_host_and_port(r, second, joins):
 @pytest.mark.parametrize(("grants", "expect"), [
     ([(Choice.ALLOW, Scope.SESSION, False)], (True, Reason.APPROVED)),
     ([(Choice.DENY, Scope.SESSION, False)], (False, Reason.APPROVAL_DENIED)),
-    ([(Choice.ALLOW, Scope.SESSION, False), (Choice.DENY, Scope.SESSION, False)], (False, Reason.APPROVAL_DENIED)),
+    ([(Choice.ALLOW, Scope.SESSION, False), (Choice.DENY, Scope.SESSION, False)],
+     (False, Reason.APPROVAL_DENIED)),  # deny wins
     ([(Choice.ALLOW, Scope.ALWAYS, False)], (True, Reason.APPROVED)),
     ([(Choice.ALLOW, Scope.ONCE, True)], (True, Reason.APPROVED)),
     ([(Choice.DENY, Scope.ONCE, True)], (False, Reason.APPROVAL_DENIED)),
@@ -173,7 +175,8 @@ def test_a_request_joins_the_approval_another_replica_opened(make):
 def test_hold_false_answers_pending_with_a_retry_after_within_the_time_left(r, clock, left, retry_after):
     a = opened(r)
     clock.t = a.expires_at - left
-    assert r.ledger.answer_pending(a) == Settlement(False, Reason.APPROVAL_PENDING, a.id, retry_after=retry_after)
+    assert r.ledger.answer_pending(a) == Settlement(False, Reason.APPROVAL_PENDING, a.id,
+                                                    retry_after=retry_after)
 
 
 def test_the_per_client_cap(make, clock):
@@ -184,7 +187,8 @@ def test_the_per_client_cap(make, clock):
     capped = a.ledger.admit(request(host="h3.example"))
     assert capped == Settlement(False, Reason.APPROVAL_PENDING, None, retry_after=CAPPED_RETRY_S)
     assert len(a.heard.of("opened")) == 2 and len(a.store.pending()) == 2
-    assert isinstance(a.ledger.admit(request(host="h3.example", client="10.9.9.9")), Approval)  # another client
+    other_client = a.ledger.admit(request(host="h3.example", client="10.9.9.9"))
+    assert isinstance(other_client, Approval)
     assert opened(a, host="h1.example").id == a.store.pending()[0].id  # joining is not capped
     # At the cap, an approval another replica opened for this key is still joined.
     shared = opened(b, host="h4.example")

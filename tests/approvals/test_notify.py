@@ -142,7 +142,8 @@ async def test_a_webhook_cut_short_by_shutdown_is_sent_again_after_restart(make_
     assert len(receiver.deliveries()) == n
 
 
-async def test_without_an_admin_url_the_resend_waits_for_the_grace_period(make_service, receiver, monkeypatch):
+async def test_without_an_admin_url_the_resend_waits_for_the_grace_period(make_service, receiver,
+                                                                         monkeypatch):
     from addons.approvals import notify
 
     monkeypatch.setattr(notify, "RESEND_GRACE_S", 0.05)

@@ -3,7 +3,6 @@ loopback receiver (the sender driven by a real service where the approval's life
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import hmac
