@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from addons.approvals.errors import ApprovalError
 from addons.approvals.ledger import Ledger
@@ -24,7 +25,7 @@ from addons.approvals.notify import Notifier, endpoints
 from addons.approvals.persist import Persister
 from addons.approvals.stores import open_store
 from addons.config.models import ApprovalsConfig
-from addons.pipeline.decide import Settlement
+from addons.pipeline.decide import Approvals, Settlement
 from addons.pipeline.model import Outcome
 from addons.policy.model import Reason
 from addons.telemetry.events import Telemetry
@@ -262,3 +263,8 @@ class ApprovalService:
     def listing(self, recent: int = 50) -> list[Approval]:
         """Pending (oldest first), then the most recent decided or expired ones."""
         return self.ledger.listing(recent)
+
+
+if TYPE_CHECKING:
+    def _is_the_pipelines_approvals(s: ApprovalService) -> Approvals:
+        return s  # mypy: ApprovalService is what Pipeline(approvals=...) takes

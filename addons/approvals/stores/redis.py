@@ -90,14 +90,8 @@ class RedisStore:
     def get(self, approval_id: str) -> Approval | None:
         return _decode(self._r.hgetall(_apr(approval_id)))
 
-    def _many(self, ids: list[str]) -> list[Approval]:
-        p = self._r.pipeline(transaction=False)
-        for i in ids:
-            p.hgetall(_apr(i))
-        return [a for a in (_decode(h) for h in p.execute()) if a is not None]
-
     def pending(self) -> list[Approval]:
-        found = self._many(list(self._r.zrange(PREFIX + "pending", 0, -1)))
+        found = _many(self._r, list(self._r.zrange(PREFIX + "pending", 0, -1)))
         return sorted((a for a in found if a.state is State.PENDING), key=lambda a: a.created_at)
 
     def pending_for(self, key: Key, now: float) -> Approval | None:
@@ -106,7 +100,7 @@ class RedisStore:
         return a if a is not None and a.state is State.PENDING and a.expires_at > now else None
 
     def recent(self, limit: int = 100) -> list[Approval]:
-        return self._many(list(self._r.zrevrange(PREFIX + "recent", 0, limit - 1)))
+        return _many(self._r, list(self._r.zrevrange(PREFIX + "recent", 0, limit - 1)))
 
     def decide(self, approval_id: str, choice: Choice, scope: Scope, by: str | None, reason: str | None,
                now: float) -> bool:
@@ -131,7 +125,7 @@ class RedisStore:
 
     def due(self, now: float) -> list[Approval]:
         ids = list(self._r.zrangebyscore(PREFIX + "pending", "-inf", now))
-        return [a for a in self._many(ids) if a.state is State.PENDING]
+        return [a for a in _many(self._r, ids) if a.state is State.PENDING]
 
     # Grants
 
@@ -149,50 +143,37 @@ class RedisStore:
         p.execute()
         return gid
 
-    def _grants(self, gids: list[str]) -> list[Grant]:
-        p = self._r.pipeline(transaction=False)
-        for gid in gids:
-            p.hgetall(_grant_key(int(gid)))
-        return [_grant(int(gid), h) for gid, h in zip(gids, p.execute(), strict=True) if h]
-
     def take_grant(self, key: Key, now: float) -> Grant | None:
         gids = list(self._r.zrangebyscore(_grants_for(key), f"({now!r}", "+inf"))
-        live = sorted(self._grants(gids),
+        live = sorted(_grants(self._r, gids),
                       key=lambda g: (g.decision is not Choice.DENY, g.single_use, -g.created_at))
         for g in live:
             if not g.single_use:
                 return g
             # DEL answers 1 to exactly one caller: a `once` grant is used by one request, across replicas.
             if self._r.delete(_grant_key(g.id)) == 1:
-                self._drop_grant(g)
+                _drop_grant(self._r, g)
                 return g
         return None
 
     def drop_single_use(self, a: Approval) -> int:
         gids = list(self._r.zrange(_grants_for(a.key), 0, -1))
-        mine = [g for g in self._grants(gids) if g.single_use and g.approval_id == a.id]
+        mine = [g for g in _grants(self._r, gids) if g.single_use and g.approval_id == a.id]
         n = 0
         for g in mine:
             if self._r.delete(_grant_key(g.id)) == 1:
-                self._drop_grant(g)
+                _drop_grant(self._r, g)
                 n += 1
         return n
 
-    def _drop_grant(self, g: Grant) -> None:
-        p = self._r.pipeline(transaction=False)
-        p.delete(_grant_key(g.id))
-        p.zrem(_grants_for((g.client_key, g.host, g.port)), str(g.id))
-        p.zrem(PREFIX + "grants", str(g.id))
-        p.execute()
-
     def grants(self, now: float) -> list[Grant]:
         gids = list(self._r.zrangebyscore(PREFIX + "grants", f"({now!r}", "+inf"))
-        return sorted(self._grants(gids), key=lambda g: g.created_at)
+        return sorted(_grants(self._r, gids), key=lambda g: g.created_at)
 
     def sweep(self, now: float, keep_decided_s: float = 7 * 86400) -> int:
-        old = self._grants(list(self._r.zrangebyscore(PREFIX + "grants", "-inf", now)))
+        old = _grants(self._r, list(self._r.zrangebyscore(PREFIX + "grants", "-inf", now)))
         for g in old:
-            self._drop_grant(g)
+            _drop_grant(self._r, g)
         stale = list(self._r.zrangebyscore(PREFIX + "recent", "-inf", now - keep_decided_s))
         if stale:
             p = self._r.pipeline(transaction=False)
@@ -201,6 +182,28 @@ class RedisStore:
                 p.zrem(PREFIX + "recent", i)
             p.execute()
         return len(old)
+
+
+def _many(r: Any, ids: list[str]) -> list[Approval]:
+    p = r.pipeline(transaction=False)
+    for i in ids:
+        p.hgetall(_apr(i))
+    return [a for a in (_decode(h) for h in p.execute()) if a is not None]
+
+
+def _grants(r: Any, gids: list[str]) -> list[Grant]:
+    p = r.pipeline(transaction=False)
+    for gid in gids:
+        p.hgetall(_grant_key(int(gid)))
+    return [_grant(int(gid), h) for gid, h in zip(gids, p.execute(), strict=True) if h]
+
+
+def _drop_grant(r: Any, g: Grant) -> None:
+    p = r.pipeline(transaction=False)
+    p.delete(_grant_key(g.id))
+    p.zrem(_grants_for((g.client_key, g.host, g.port)), str(g.id))
+    p.zrem(PREFIX + "grants", str(g.id))
+    p.execute()
 
 
 def _apr(approval_id: str) -> str:
