@@ -288,26 +288,11 @@ class Upstreams:
                     if not chunk:
                         break
                     data += chunk
+            self._record(data)  # before answering: a client that saw the answer finds the bytes here
+            with contextlib.suppress(Exception):
                 writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
                 await writer.drain()
             writer.close()
-            line, _, rest = data.partition(b"\r\n")
-            parts = line.split(b" ")
-            host = next(
-                (h.split(b":", 1)[1].strip() for h in rest.split(b"\r\n") if h.lower().startswith(b"host:")),
-                b"",
-            )
-            with self._lock:
-                self.recorded.append(data)
-                if data:
-                    self.requests.append(
-                        {
-                            "server": "recorder",
-                            "method": parts[0].decode("latin-1"),
-                            "path": parts[1].decode("latin-1") if len(parts) > 1 else None,
-                            "host": host.decode("latin-1"),
-                        }
-                    )
 
         srv = await asyncio.start_server(record, PUBLIC_IP, 0)
         self.record_port = int(srv.sockets[0].getsockname()[1])
@@ -320,6 +305,25 @@ class Upstreams:
             srv = await asyncio.start_server(handler, PUBLIC_IP, 0)
             setattr(self, attr, int(srv.sockets[0].getsockname()[1]))
             self._cleanups.append(_closer(srv))
+
+    def _record(self, data: bytes) -> None:
+        """Keep one recorder connection's bytes (and, when it parses, a request line for the audit)."""
+        line, _, rest = data.partition(b"\r\n")
+        parts = line.split(b" ")
+        host = next(
+            (h.split(b":", 1)[1].strip() for h in rest.split(b"\r\n") if h.lower().startswith(b"host:")), b""
+        )
+        with self._lock:
+            self.recorded.append(data)
+            if data:
+                self.requests.append(
+                    {
+                        "server": "recorder",
+                        "method": parts[0].decode("latin-1"),
+                        "path": parts[1].decode("latin-1") if len(parts) > 1 else None,
+                        "host": host.decode("latin-1"),
+                    }
+                )
 
     async def _h2_conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """A tiny HTTP/2-only (ALPN h2) server answering JSON like the HTTP/1 upstreams."""

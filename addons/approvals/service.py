@@ -24,6 +24,7 @@ from addons.approvals.model import Approval, Choice, Scope, Store
 from addons.approvals.notify import Notifier, endpoints
 from addons.approvals.persist import Persister
 from addons.approvals.stores import open_store
+from addons.background import spawn
 from addons.config.models import ApprovalsConfig
 from addons.pipeline.decide import Approvals, Settlement
 from addons.pipeline.model import Outcome
@@ -197,7 +198,7 @@ class ApprovalService:
         self._holds, self._ledger, holds.ledger = holds, ledger, ledger
         ledger.load()
         await self.notifier.start(targets, store, ledger.is_pending)
-        self._sweeper = asyncio.get_running_loop().create_task(self._sweep_loop())
+        self._sweeper = spawn(self._sweep_loop(), "approvals sweep")
 
     async def stop(self) -> None:
         if self._sweeper is not None:

@@ -93,7 +93,9 @@ class Pipeline:
             return await self._decide(inc, client_alive, groups, t0)
         except Exception:
             log.exception("decision failed")
-            return refusal(_as_received(inc, _peer(inc)), Reason.INTERNAL_ERROR, latency_s=time.monotonic() - t0)
+            return refusal(
+                _as_received(inc, _peer(inc)), Reason.INTERNAL_ERROR, latency_s=time.monotonic() - t0
+            )
 
     async def _decide(
         self, inc: Incoming, client_alive: Callable[[], bool], groups: Sequence[str] | None, t0: float
@@ -128,6 +130,21 @@ class Pipeline:
         if outcome.passes and pin is not None:
             self.pins.put(client.conn_id, pin)
         return outcome
+
+    def malformed(self, inc: Incoming, detail: str, status: int | None) -> Outcome:
+        """A request mitmproxy refused before any hook could read it (its own 400 page, or an HTTP/2
+        connection error with no status at all): one bad_request outcome, for the event."""
+        t = inc.tunnel
+        client = t.request.client if t is not None else _peer(inc)
+        host, port = (t.request.host, t.request.port) if t is not None else ("", inc.port)
+        if t is None and inc.host:
+            try:
+                host = normalize_host(inc.host)
+            except HostError:
+                host = ""
+        req = Request(host, port, client, None, inc.method, None, inc.layer, inc.flow_id)
+        name = self.policies.policy.client_name(client.address, client.user)
+        return Outcome(req, Action.DENY, Reason.BAD_REQUEST, status=status, detail=detail, client_name=name)
 
     def _identify(self, inc: Incoming) -> Client | None:
         """The client; None when its credentials are wrong or missing where required (407)."""
@@ -164,26 +181,33 @@ class Pipeline:
                     return decision, None, str(e)
                 pin = Pin(req.host, req.port, addrs)
                 decision = policy.decide(req, addrs, groups=groups)
-        if pin is not None and decision.reason is not Reason.PRIVATE_ADDRESS and any(
-            self.is_own(a, req.port) for a in pin.addresses
+        if (
+            pin is not None
+            and decision.reason is not Reason.PRIVATE_ADDRESS
+            and any(self.is_own(a, req.port) for a in pin.addresses)
         ):
-            decision = Decision(Action.DENY, Reason.PRIVATE_ADDRESS, client_name=decision.client_name,
-                                private_class="self", detail="the destination is this proxy itself")
+            decision = Decision(
+                Action.DENY,
+                Reason.PRIVATE_ADDRESS,
+                client_name=decision.client_name,
+                private_class="self",
+                detail="the destination is this proxy itself",
+            )
         return decision, pin, None
 
     def _outcome(self, req: Request, d: Decision, pin: Pin | None, latency_s: float) -> Outcome:
-        allow = d.action is Action.ALLOW
         return Outcome(
             req,
-            Action.ALLOW if allow else Action.DENY,
+            d.action,
             d.reason,
-            status=None if allow else deny_status(d.reason),
+            status=None if d.action is Action.ALLOW else deny_status(d.reason),
             rule=d.rule,
             matched=d.matched,
             client_name=d.client_name,
             pin=pin,
             ip=pin.ip if pin else (req.host if is_ip(req.host) else None),
-            detail=d.private_class if d.reason is Reason.PRIVATE_ADDRESS else d.detail,
+            detail=d.detail,
+            private_class=d.private_class,
             inspect=d.inspect,
             raw_tcp=d.raw_tcp,
             latency_s=latency_s,
@@ -191,9 +215,11 @@ class Pipeline:
 
     async def _settle(self, pending: Outcome, client_alive: Callable[[], bool]) -> Outcome:
         """APPROVAL: ask the approvals service (grants, the pending approval, the hold)."""
-        if self.audit or self.approvals is None:
-            # Audit never holds, and `check` asks nobody: record what would happen (a hold).
-            return replace(pending, reason=Reason.APPROVAL_PENDING)
+        if self.approvals is None:
+            return pending  # `portcullis check` asks nobody: the answer is "approval"
+        if self.audit:
+            # Audit never holds: record what would have happened (a hold) and let it pass.
+            return replace(pending, action=Action.DENY, reason=Reason.APPROVAL_PENDING)
         s = await self.approvals.resolve(pending, client_alive)
         return replace(
             pending,

@@ -45,10 +45,11 @@ class Incoming:
 class Outcome:
     """The one result of a decision: what the proxy does, and every fact its event needs.
 
-    `action` is ALLOW or DENY (an approval is settled before the outcome exists). The traffic
-    passes when `status` is None; otherwise the proxy answers `status` itself (400/403/407, or 502
-    for an allowed destination with nowhere to connect). In audit mode a rule denial passes with
-    `enforced` False.
+    `action` is ALLOW or DENY: the approvals step settles APPROVAL, which stays only where nobody
+    is asked (`portcullis check`, which then answers "approval"). `status` is what
+    the proxy answers itself (400/403/407, or 502 for an allowed destination with nowhere to
+    connect); None when the traffic passes, or when the refusal has no HTTP answer (an HTTP/2
+    connection error). In audit mode a rule denial passes with `enforced` False.
     """
 
     request: Request
@@ -64,6 +65,7 @@ class Outcome:
     approval_id: str | None = None
     retry_after: int | None = None
     detail: str | None = None
+    private_class: str | None = None  # which private class refused it (reason private_address)
     inspect: bool = False  # a CONNECT whose requests are intercepted and decided one by one
     raw_tcp: bool = False  # a CONNECT whose tunnel may carry bytes that are not TLS
     latency_s: float | None = None
@@ -71,17 +73,41 @@ class Outcome:
 
     @property
     def passes(self) -> bool:
-        return self.status is None
+        """The traffic goes on: allowed, or a denial audit mode only records."""
+        return self.status is None and (self.action is Action.ALLOW or not self.enforced)
 
     def refused(self, reason: Reason, detail: str | None = None) -> Outcome:
         """This tunnel (or request), refused after all: a second decision about it."""
-        return replace(self, action=Action.DENY, reason=reason, enforced=True, status=deny_status(reason),
-                       detail=detail, approval_id=None, retry_after=None, latency_s=None,
-                       approval_wait_s=None, inspect=False, raw_tcp=False)
+        return replace(
+            self,
+            action=Action.DENY,
+            reason=reason,
+            enforced=True,
+            status=deny_status(reason),
+            detail=detail,
+            approval_id=None,
+            retry_after=None,
+            latency_s=None,
+            approval_wait_s=None,
+            inspect=False,
+            raw_tcp=False,
+        )
 
 
-def refusal(req: Request, reason: Reason, detail: str | None = None, client_name: str | None = None,
-            latency_s: float | None = None) -> Outcome:
+def refusal(
+    req: Request,
+    reason: Reason,
+    detail: str | None = None,
+    client_name: str | None = None,
+    latency_s: float | None = None,
+) -> Outcome:
     """A denial the pipeline takes before (or without) asking the policy."""
-    return Outcome(req, Action.DENY, reason, status=deny_status(reason), detail=detail,
-                   client_name=client_name, latency_s=latency_s)
+    return Outcome(
+        req,
+        Action.DENY,
+        reason,
+        status=deny_status(reason),
+        detail=detail,
+        client_name=client_name,
+        latency_s=latency_s,
+    )

@@ -21,17 +21,18 @@ from mitmproxy.addons import core, proxyserver, tlsconfig
 from addons.admin.server import AdminConfigError, AdminServer, RouteAdder, check_token_policy
 from addons.approvals import api as approvals_api
 from addons.approvals.service import ApprovalService
+from addons.background import spawn
 from addons.config.load import LoadedConfig, PolicyError, load_config
+from addons.pipeline.decide import Pipeline
+from addons.pipeline.dns import system_lookup
+from addons.pipeline.identity import AuthConfigError, ProxyAuth
 from addons.policy.authority import AuthorityError, split_authority
 from addons.proxy import mitm_compat
 from addons.proxy.addon import Portcullis
-from addons.pipeline.identity import AuthConfigError, ProxyAuth
 from addons.proxy.ca import ensure_ca
-from addons.proxy.pinning import PinStore
 from addons.proxy.reload import PolicyHolder
 from addons.proxy.responses import error_body, h2_error_headers, http1_error_response
 from addons.proxy.tunnel import TunnelAwareNextLayer
-from addons.proxy.verdict import Decider
 from addons.telemetry.events import Telemetry
 from addons.telemetry.syslog import SyslogConfigError
 
@@ -78,20 +79,7 @@ def local_addresses() -> set[str]:
     return out
 
 
-LISTEN_BACKLOG = 1024  # asyncio's default (100) refuses bursts of new agents (notes, gotcha 11)
-
-
-def raise_backlog(proxyserver_addon: Any, backlog: int = LISTEN_BACKLOG) -> None:
-    """Re-listen mitmproxy's listening sockets with a larger accept queue (capped by somaxconn)."""
-    for instance in getattr(proxyserver_addon, "servers", ()):
-        for server in getattr(instance, "_servers", ()):  # mitmproxy internals: best effort
-            for tsock in getattr(server, "sockets", ()):
-                with contextlib.suppress(OSError, ValueError):
-                    dup = socket.socket(fileno=os.dup(tsock.fileno()))
-                    try:
-                        dup.listen(backlog)  # applies to the shared socket, not just this descriptor
-                    finally:
-                        dup.close()
+LISTEN_BACKLOG = 1024  # asyncio's default accept queue (100) refuses bursts of new agents
 
 
 class Lifecycle:
@@ -130,14 +118,19 @@ class Runtime:
         self.telemetry = Telemetry(cfg.telemetry, loaded.base_dir)
         self.holder = PolicyHolder(loaded, self.telemetry)
         self.approvals = ApprovalService(cfg.approvals, loaded.base_dir, self.telemetry)
-        self.pins = PinStore()
         self.own: set[tuple[str, int]] = set()
         self.own_loopback_ports: set[int] = set()  # listeners that every 127.0.0.0/8 / ::1 address reaches
-        self.decider = Decider(
-            self.holder, self.approvals, self.pins, cfg.mode == "audit", self.telemetry.healthy, self.is_own
+        self.pipeline = Pipeline(
+            self.holder,
+            auth=auth,
+            approvals=self.approvals,
+            lookup=system_lookup,
+            audit=cfg.mode == "audit",
+            healthy=self.telemetry.healthy,
+            is_own=self.is_own,
         )
         client_cidrs = [ipaddress.ip_network(c, strict=False) for cl in cfg.clients for c in cl.cidrs]
-        self.addon = Portcullis(self.decider, self.telemetry, auth, self.pins, client_cidrs)
+        self.addon = Portcullis(self.pipeline, self.telemetry, client_cidrs)
         self.admin: AdminServer | None = None
         self.master: Any = None
         self.proxy_up = False
@@ -154,7 +147,8 @@ class Runtime:
         )
         m: Any = mmaster.Master(opts)  # mitmproxy's addon manager and options are untyped
         proxy_server: Any = proxyserver.Proxyserver
-        # Only what Portcullis needs (notes §8): every extra addon costs hook dispatch on every event.
+        # Only what Portcullis needs: every extra addon costs hook dispatch on every event (mitmdump's
+        # 31 default addons cost about 40% of the throughput; README, Performance).
         m.addons.add(
             core.Core(),
             proxy_server(),
@@ -185,7 +179,7 @@ class Runtime:
             return
         for a in addrs:
             self._add_own(str(a[0]), int(a[1]))
-        raise_backlog(ps)
+        mitm_compat.raise_listen_backlog(ps, LISTEN_BACKLOG)
         self.admin = AdminServer(
             self.admin_addr[0],
             self.admin_addr[1],
@@ -206,7 +200,7 @@ class Runtime:
         # Webhook decide_url links point at the admin port actually bound.
         self.approvals.admin_url = f"http://{_fmt(admin_bound[0])}:{admin_bound[1]}"
         self.proxy_up = True
-        self._tasks.append(asyncio.create_task(self.holder.watch()))
+        self._tasks.append(spawn(self.holder.watch(), "rule-watcher"))
         self.telemetry.emit(
             "proxy.started",
             listen=[f"{_fmt(str(a[0]))}:{a[1]}" for a in addrs],
@@ -257,7 +251,7 @@ class Runtime:
 
     def sighup(self) -> None:
         self.telemetry.reopen()
-        self._tasks.append(asyncio.create_task(self.holder.reload("sighup")))
+        self._tasks.append(spawn(self.holder.reload("sighup"), "reload-sighup"))
 
 
 def _fmt(host: str) -> str:

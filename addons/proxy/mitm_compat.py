@@ -6,17 +6,29 @@ each assumption against the installed mitmproxy and fails loudly when an upgrade
 2. Those same refusals are decisions: the HTTP/1 and HTTP/2 server-side connection layers are wrapped
    so that the builders know which client they answer, and the proxy logs one `bad_request` decision
    for every request mitmproxy refuses before any hook sees it (HTTP/2 GOAWAYs included).
+3. Tunnel relays built from mitmproxy's TCP and TLS layers (byte counts, the handshake watch, a layer
+   that closes both sides), and giving a pinned upstream its name back once connected.
+4. The accept queue of mitmproxy's listening sockets.
+5. The request target's raw bytes (`Request.data`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import socket
 import weakref
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from mitmproxy import connection, http
+from mitmproxy.connection import ConnectionState
+from mitmproxy.proxy import commands, events, layer
+from mitmproxy.proxy.context import Context
+from mitmproxy.proxy.layers.tcp import TCPLayer
+from mitmproxy.proxy.layers.tls import ClientTLSLayer, ServerTLSLayer
 
 log = logging.getLogger(__name__)
 
@@ -162,3 +174,119 @@ def set_open_server_address(server: connection.Server, address: tuple[str, int])
     `Server.__setattr__` forbids changing `address` while the connection is open; this bypasses it.
     """
     object.__setattr__(server, "address", address)
+
+
+# ---- 3. Tunnel relays: subclasses of mitmproxy's TCP and TLS layers, and a closing layer -------------
+
+
+class Counts(Protocol):
+    """What a relay updates: bytes per direction, and who to tell when it refuses the tunnel."""
+
+    bytes_up: int
+    bytes_down: int
+    on_refused: Callable[[str], None] | None
+
+
+class Watch(Protocol):
+    """Judges the client's bytes of a passed-through TLS handshake (HandshakeWatch)."""
+
+    done: bool
+
+    def client(self, data: bytes) -> str | None: ...
+    def server(self, data: bytes) -> None: ...
+
+
+class CountingRelay(TCPLayer):
+    """mitmproxy's raw TCP relay without a flow object (nothing stored), counting bytes per direction.
+
+    For TLS, `watch` follows the cleartext handshake: a second ClientHello (after a HelloRetryRequest)
+    must name the authority too, else the tunnel is closed before it is relayed.
+    """
+
+    def __init__(self, context: Context, tunnel: Counts, watch: Watch | None = None) -> None:
+        super().__init__(context, ignore=True)
+        self.tunnel = tunnel
+        self.watch = watch
+        self.closed = False
+
+    def relay_messages(self, event: events.Event) -> layer.CommandGenerator[None]:
+        if self.closed:
+            return
+        if isinstance(event, events.DataReceived):
+            if event.connection == self.context.client:
+                self.tunnel.bytes_up += len(event.data)
+                if self.watch is not None and (problem := self.watch.client(event.data)):
+                    self.closed = True
+                    if self.tunnel.on_refused is not None:
+                        self.tunnel.on_refused(problem)
+                    yield commands.CloseConnection(self.context.server)
+                    yield commands.CloseConnection(self.context.client)
+                    return
+            else:
+                self.tunnel.bytes_down += len(event.data)
+                if self.watch is not None:
+                    self.watch.server(event.data)
+            if self.watch is not None and self.watch.done:
+                self.watch = None
+        yield from super().relay_messages(event)
+
+
+class CountingServerTLSLayer(ServerTLSLayer):
+    """The top of an inspected tunnel (as mitmproxy builds it), counting raw bytes per direction."""
+
+    def __init__(self, context: Context, tunnel: Counts) -> None:
+        super().__init__(context)
+        self.tunnel = tunnel
+
+    def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        if isinstance(event, events.DataReceived):
+            if event.connection == self.context.client:
+                self.tunnel.bytes_up += len(event.data)
+            elif event.connection == self.context.server:
+                self.tunnel.bytes_down += len(event.data)
+        yield from super()._handle_event(event)
+
+
+def counting_interception(context: Context, tunnel: Counts) -> layer.Layer:
+    """What mitmproxy's NextLayer builds for TLS it intercepts (server TLS over client TLS), counting."""
+    server_tls = CountingServerTLSLayer(context, tunnel)
+    server_tls.child_layer = ClientTLSLayer(context)
+    return server_tls
+
+
+class CloseBoth(layer.Layer):
+    """Closes the client (and the eagerly opened upstream) without relaying a single byte."""
+
+    def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        if isinstance(event, events.Start):
+            if self.context.server.state is not ConnectionState.CLOSED:
+                yield commands.CloseConnection(self.context.server)
+            yield commands.CloseConnection(self.context.client)
+
+
+# ---- 4. The listening sockets' accept queue ---------------------------------------------------------
+
+
+def raise_listen_backlog(proxyserver_addon: Any, backlog: int) -> int:
+    """Re-listen mitmproxy's listening sockets with a larger accept queue (asyncio's default is 100;
+    the kernel caps it at somaxconn). Returns how many sockets were raised."""
+    raised = 0
+    for instance in getattr(proxyserver_addon, "servers", ()):
+        for server in getattr(instance, "_servers", ()):
+            for tsock in getattr(server, "sockets", ()):
+                with contextlib.suppress(OSError, ValueError):
+                    dup = socket.socket(fileno=os.dup(tsock.fileno()))
+                    try:
+                        dup.listen(backlog)  # applies to the shared socket, not just this descriptor
+                        raised += 1
+                    finally:
+                        dup.close()
+    return raised
+
+
+# ---- 5. The request target as received ---------------------------------------------------------------
+
+
+def raw_target(request: http.Request) -> tuple[bytes, bytes, bytes]:
+    """(method, target path, authority) as the bytes mitmproxy read, before any text decoding."""
+    return request.data.method, request.data.path, request.data.authority

@@ -18,7 +18,7 @@ class Pinner:
     """The `server_connect` side: point every upstream connection at its checked address.
 
     A connect that no decision covered is refused. The name is restored once connected, so
-    mitmproxy's connection reuse (which compares addresses) keeps working (notes §3: else the 6th
+    mitmproxy's connection reuse (which compares addresses) keeps working (else the 6th
     keep-alive request on a connection hangs); `peername` keeps the real IP.
     """
 

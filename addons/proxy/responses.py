@@ -7,13 +7,14 @@ from collections.abc import Mapping
 
 from mitmproxy import http
 
+from addons.pipeline.model import Outcome
 from addons.policy.model import Reason
 
 DECISION_HEADER = "X-Portcullis-Decision"
 REASON_HEADER = "X-Portcullis-Reason"
 
 # One sentence per reason that a person or an agent can act on.
-_MESSAGES: dict[str, str] = {
+_MESSAGES: dict[Reason, str] = {
     Reason.RULE: "Rule '{rule}' denies {dest}; ask an operator to change the rules if this access is needed.",
     Reason.DEFAULT: "No rule allows {dest} and the default action is to deny; ask an operator to add an "
     "allow rule.",
@@ -37,12 +38,16 @@ _MESSAGES: dict[str, str] = {
 
 
 def message_for(
-    reason: str, host: str, port: int | None, rule: str | None, approval_id: str | None, detail: str | None
+    reason: Reason, host: str, port: int | None, rule: str | None, approval_id: str | None, detail: str | None
 ) -> str:
     dest = f"{host}:{port}" if port else host
     tmpl = _MESSAGES.get(reason, "Access to {dest} was denied ({reason}).")
     return tmpl.format(
-        dest=dest, rule=rule or "-", approval_id=approval_id or "-", detail=detail or reason, reason=reason
+        dest=dest,
+        rule=rule or "-",
+        approval_id=approval_id or "-",
+        detail=detail or reason.value,
+        reason=reason.value,
     )
 
 
@@ -50,25 +55,19 @@ def _json(doc: Mapping[str, object]) -> bytes:
     return (json.dumps(doc, separators=(",", ":")) + "\n").encode()
 
 
-def deny_response(
-    reason: str,
-    host: str,
-    port: int | None,
-    rule: str | None = None,
-    approval_id: str | None = None,
-    detail: str | None = None,
-    retry_after: int | None = None,
-    status: int = 403,
-) -> http.Response:
-    """403 (or 407 for proxy auth) with both X-Portcullis headers, a JSON body and a telling reason phrase."""
+def deny_response(o: Outcome) -> http.Response:
+    """The answer to a refused request or CONNECT: its status (403, 400 for a malformed request, 407
+    for proxy credentials), both X-Portcullis headers, a JSON body and a telling reason phrase."""
+    r, rule = o.request, o.rule.name if o.rule else None
+    reason = o.reason.value
     body = {
         "error": "egress_denied",
-        "host": host,
-        "port": port,
+        "host": r.host,
+        "port": r.port,
         "reason": reason,
         "rule": rule,
-        "approval_id": approval_id,
-        "message": message_for(reason, host, port, rule, approval_id, detail),
+        "approval_id": o.approval_id,
+        "message": message_for(o.reason, r.host, r.port, rule, o.approval_id, o.private_class or o.detail),
     }
     headers = {
         "Content-Type": "application/json",
@@ -76,8 +75,9 @@ def deny_response(
         REASON_HEADER: reason,
         "Cache-Control": "no-store",
     }
-    if retry_after is not None:
-        headers["Retry-After"] = str(retry_after)
+    if o.retry_after is not None:
+        headers["Retry-After"] = str(o.retry_after)
+    status = o.status or 403
     if status == 407:
         headers["Proxy-Authenticate"] = 'Basic realm="portcullis"'
     resp = http.Response.make(status, _json(body), headers)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import logging
 import sys
@@ -17,11 +16,11 @@ from typing import Any, TextIO
 import structlog
 
 from addons.config.models import TelemetryConfig
-from addons.policy.model import Reason
-from addons.telemetry.fields import clean, escape_all, nest, strip_query
+from addons.pipeline.model import Outcome
+from addons.policy import hosts as policy_hosts
+from addons.telemetry.fields import clean, escape_all, nest
 from addons.telemetry.metrics import Metrics
 from addons.telemetry.otel import OtelBridge
-from addons.telemetry.record import DecisionRecord
 from addons.telemetry.sinks import FileSink, StreamSink
 from addons.telemetry.syslog import SyslogSink
 
@@ -30,9 +29,6 @@ EVENT_TYPES = (
     "egress.decision", "tunnel.closed", "approval.requested", "approval.decided",
     "rules.reloaded", "rules.reload_failed", "webhook.failed", "proxy.started", "proxy.stopped",
 )
-# Metric label values are clamped to these bounded sets: a caller can never put a host in a label.
-DECISIONS = frozenset({"allow", "deny"})
-REASONS = frozenset(r.value for r in Reason)
 _ENVELOPE = ("schema", "timestamp", "event")
 _WARN_EVENTS = frozenset({"rules.reload_failed", "webhook.failed"})
 # close(): what the network sinks (OTLP, syslog) may still deliver at shutdown, together, in seconds.
@@ -103,22 +99,43 @@ class Telemetry:
 
     # ---- public API -------------------------------------------------------------------
 
-    def decision(self, rec: DecisionRecord) -> None:
-        """Exactly one `egress.decision` event and the request metrics for one decision."""
+    def decision(self, o: Outcome) -> None:
+        """Exactly one `egress.decision` event and the request metrics for one outcome."""
         try:
-            decision = rec.decision if rec.decision in DECISIONS else "other"
-            reason = rec.reason if rec.reason in REASONS else "other"
-            self.metrics.requests.labels(decision, reason, str(bool(rec.enforced)).lower()).inc()
-            if rec.latency_s is not None:
-                self.metrics.decision_seconds.observe(rec.latency_s)
+            enforced = "true" if o.enforced else "false"
+            self.metrics.requests.labels(o.action.value, o.reason.value, enforced).inc()
+            if o.latency_s is not None:
+                self.metrics.decision_seconds.observe(o.latency_s)
         except Exception:  # noqa: BLE001 - metrics must never break the decision path
             self._dropped("metrics")
         try:
-            fields = decision_fields(rec)
+            fields = decision_fields(o)
         except Exception:  # noqa: BLE001
             self._dropped("render")
             return
         self.emit("egress.decision", **fields)
+
+    def tunnel_opened(self) -> None:
+        self.metrics.tunnels_open.inc()
+
+    def tunnel_ended(self) -> None:
+        """A tunnel that ends without a `tunnel.closed` (refused after its first bytes, or never opened)."""
+        self.metrics.tunnels_open.dec()
+
+    def tunnel_closed(self, o: Outcome, bytes_up: int, bytes_down: int, duration_s: float) -> None:
+        """The close of an allowed tunnel (`o` is its CONNECT's outcome): one `tunnel.closed` event."""
+        self.tunnel_ended()
+        c = o.request.client
+        self.emit(
+            "tunnel.closed",
+            flow_id=o.request.flow_id,
+            client={"address": c.address, "port": c.port, "name": o.client_name, "user": c.user},
+            destination={"host": o.request.host, "port": o.request.port, "ip": o.ip},
+            bytes_up=bytes_up,
+            bytes_down=bytes_down,
+            duration_s=round(duration_s, 3),
+            inspected=o.inspect,
+        )
 
     def emit(self, event: str, **fields: Any) -> None:
         """Any event: adds schema, timestamp and event name; writes one line per sink.
@@ -241,58 +258,48 @@ def _to_doc(_logger: Any, _method: str, ed: MutableMapping[str, Any]) -> tuple[t
 
 
 def _level(event: str, fields: Mapping[str, Any]) -> str:
-    if fields.get("reason") == Reason.INTERNAL_ERROR:
+    if fields.get("reason") == "internal_error":
         return "error"
     if event in _WARN_EVENTS or fields.get("decision") == "deny":
         return "warning"
     return "info"
 
 
-def decision_fields(rec: DecisionRecord) -> dict[str, Any]:
-    """The `egress.decision` fields of one DecisionRecord (nested, in schema order)."""
+def decision_fields(o: Outcome) -> dict[str, Any]:
+    """The `egress.decision` fields of one outcome (nested, in schema order)."""
+    r, c = o.request, o.request.client
     return {
-        "decision": rec.decision,
-        "reason": rec.reason,
-        "enforced": rec.enforced,
-        "rule": rec.rule,
-        "rule_file": rec.rule_file,
-        "rule_line": rec.rule_line,
-        "matched_rules": list(rec.matched_rules),
-        "client": {"address": rec.client_address, "port": rec.client_port,
-                   "name": rec.client_name, "user": rec.client_user},
-        "destination": {"host": rec.host, "port": rec.port, "ip": rec.ip,
-                        "registered_domain": registered_domain(rec.host)},
-        "request": {"scheme": rec.scheme, "method": rec.method,
-                    "path": strip_query(rec.path) if rec.path is not None else None},
-        "approval_id": rec.approval_id,
-        "flow_id": rec.flow_id,
-        "layer": rec.layer,
-        "status": rec.status,
-        "latency_ms": _ms(rec.latency_s),
-        "approval_wait_ms": _ms(rec.approval_wait_s),
-        "detail": rec.detail,
+        "decision": o.action.value,
+        "reason": o.reason.value,
+        "enforced": o.enforced,
+        "rule": o.rule.name if o.rule else None,
+        "rule_file": o.rule.file if o.rule else None,
+        "rule_line": o.rule.line if o.rule else None,
+        "matched_rules": [m.name for m in o.matched],
+        "client": {"address": c.address, "port": c.port, "name": o.client_name, "user": c.user},
+        "destination": {"host": r.host or None, "port": r.port or None, "ip": o.ip,
+                        "registered_domain": registered_domain(r.host)},
+        "request": {"scheme": r.scheme, "method": r.method, "path": r.path},  # clean() drops any query
+        "approval_id": o.approval_id,
+        "flow_id": r.flow_id,
+        "layer": r.layer.value,
+        "status": o.status,
+        "latency_ms": _ms(o.latency_s),
+        "approval_wait_ms": _ms(o.approval_wait_s),
+        # For a private destination the event names the class ("loopback", "metadata", "self" ...).
+        "detail": o.private_class if o.private_class is not None else o.detail,
     }
 
 
-_rd_func: Callable[[str], str | None] | None = None
-
-
 def registered_domain(host: str | None) -> str | None:
-    """The registrable domain (policy.hosts, offline PSL); None for IP literals or when unknown."""
-    global _rd_func
+    """The registrable domain (offline PSL, its default rule for unlisted suffixes); None for IP
+    literals, bare suffixes and hosts that could not be read."""
     if not host:
         return None
-    if _rd_func is None:
-        try:
-            mod = importlib.import_module("addons.policy.hosts")
-            _rd_func = mod.registered_domain
-        except (ImportError, AttributeError):
-            return None  # the policy module is not there yet: retry on the next event
     try:
-        rd = _rd_func(host)
+        return policy_hosts.registered_domain(host)
     except Exception:  # noqa: BLE001 - an odd host never breaks an event
         return None
-    return str(rd) if rd else None
 
 
 def _ms(seconds: float | None) -> float | None:

@@ -8,7 +8,8 @@ from typing import Any
 
 from addons.config.load import PolicyError, load_config
 from addons.policy.evaluate import Policy
-from addons.policy.model import Decision, Query
+from addons.policy.hosts import HostError, normalize_host
+from addons.policy.model import Client, Decision, Layer, Request
 
 REPO = Path(__file__).resolve().parent.parent.parent
 
@@ -37,12 +38,35 @@ def load_errors(config_path: Path) -> list[str]:
     raise AssertionError("expected the config to be rejected")
 
 
-def q(host: str, port: int = 443, method: str | None = "GET", path: str | None = "/", **kw: Any) -> Query:
-    return Query(host=host, port=port, method=method, path=path, **kw)
+def _host(host: str) -> str:
+    try:
+        return normalize_host(host)
+    except HostError:
+        return host  # the pipeline refuses such hosts before the policy; kept raw here
 
 
-def tunnel(host: str, port: int = 443, **kw: Any) -> Query:
-    return Query(host=host, port=port, **kw)
+def q(
+    host: str,
+    port: int = 443,
+    method: str | None = "GET",
+    path: str | None = "/",
+    client_address: str | None = None,
+    client_user: str | None = None,
+    scheme: str | None = None,
+) -> Request:
+    """A request as the pipeline hands it to the policy (host normalised)."""
+    return Request(
+        _host(host), port, Client(client_address, None, client_user), scheme, method, path, Layer.HTTP
+    )
+
+
+def tunnel(
+    host: str, port: int = 443, client_address: str | None = None, client_user: str | None = None, **kw: Any
+) -> Request:
+    """A CONNECT as the pipeline hands it to the policy (decided on its authority)."""
+    return Request(
+        _host(host), port, Client(client_address, None, client_user), None, "CONNECT", None, Layer.CONNECT
+    )
 
 
 def summary(d: Decision) -> tuple[str, str, str | None]:

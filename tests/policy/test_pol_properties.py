@@ -9,13 +9,17 @@ from hypothesis import strategies as st
 
 from addons.policy.evaluate import Policy, Rule, Settings
 from addons.policy.hosts import HostError, HostPattern, normalize_host, parse_pattern, registered_domain
-from addons.policy.model import Action, Query, RuleRef
+from addons.policy.model import Action, Client, Layer, Request, RuleRef
 
 FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 HOST_CHARS = "abcxyz019-_.AZ。．｡ßüÜé例ｅ\u200b0x:[]%"
 label = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789", min_size=1, max_size=8)
 suffix = st.sampled_from(["com", "org", "co.uk", "github.io", "net", "de", "test", "s3.amazonaws.com"])
+
+
+def _connect(host: str) -> Request:
+    return Request(host, 443, Client(None), method="CONNECT", layer=Layer.CONNECT)
 
 
 @FAST
@@ -78,7 +82,7 @@ def test_a_name_never_matches_a_pattern_of_another_registrable_domain(
         "inner": ".".join([*sub, dom + "-" + base.replace(".", "-"), sfx2]),
     }[shape]
     assume(registered_domain(host) != registered_domain(base))
-    d = _policy([wild + base]).decide(Query(host=host, port=443))
+    d = _policy([wild + base]).decide(_connect(host))
     assert d.rule is None, (wild + base, host)
 
 
@@ -87,7 +91,7 @@ def test_a_name_never_matches_a_pattern_of_another_registrable_domain(
 def test_wildcards_match_exactly_their_definition(sub: list[str], dom: str, sfx: str, wild: str) -> None:
     base = f"{dom}.{sfx}"
     host = ".".join([*sub, base])
-    matched = _policy([wild + base]).decide(Query(host=host, port=443)).rule is not None
+    matched = _policy([wild + base]).decide(_connect(host)).rule is not None
     expect = {"": not sub, "*.": bool(sub), "**.": True}[wild]
     assert matched is expect
 
@@ -173,7 +177,7 @@ def test_index_agrees_with_a_linear_scan(entries: list[tuple[str, Action]], host
         for i, (p, a) in enumerate(entries)
     ]
     policy = Policy(rules, Settings(default_action=Action.DENY, block_private=False))
-    d = policy.decide(Query(host=host, port=443))
+    d = policy.decide(_connect(host))
     got = sorted([d.rule.name] if d.rule else []) + sorted(m.name for m in d.matched)
     want = _scan(policy, host)
     assert sorted(got) == sorted(want)

@@ -15,11 +15,13 @@ from mitmproxy.test import tflow
 
 from addons.approvals.service import ApprovalService
 from addons.config.load import load_config
-from addons.proxy.addon import Portcullis
+from addons.pipeline.decide import Pipeline
+from addons.pipeline.dns import PinStore, ResolveError, canonical_ip, resolve, system_lookup
 from addons.pipeline.identity import ProxyAuth
-from addons.proxy.pinning import PinStore, ResolveError, canonical_ip, resolve, system_lookup
+from addons.pipeline.model import Incoming
+from addons.policy.model import Layer
+from addons.proxy.addon import Portcullis
 from addons.proxy.reload import PolicyHolder
-from addons.proxy.verdict import Decider, Request
 from addons.telemetry.events import Telemetry
 
 PUBLIC_A, PUBLIC_B = "8.8.8.8", "1.1.1.1"
@@ -41,41 +43,38 @@ def make(tmp_path: Path, answers: list[list[str]]):
         return answers[min(len(calls), len(answers)) - 1]
 
     pins = PinStore()
-    decider = Decider(
+    pipeline = Pipeline(
         holder,
-        ApprovalService(loaded.config.approvals, tmp_path, tel),
-        pins,
-        False,
-        tel.healthy,
-        lambda ip, port: False,
-        lookup,
+        auth=ProxyAuth(loaded.config, environ={}),
+        approvals=ApprovalService(loaded.config.approvals, tmp_path, tel),
+        pins=pins,
+        lookup=lookup,
+        healthy=tel.healthy,
     )
-    addon = Portcullis(decider, tel, ProxyAuth(loaded.config, environ={}), pins)
-    return decider, addon, pins, calls
+    addon = Portcullis(pipeline, tel)
+    return pipeline, addon, pins, calls
 
 
-def req(client_id: str = "c1", host: str = "api.example.com") -> Request:
-    return Request(
-        host=host,
-        port=443,
+def req(client_id: str = "c1", host: str = "api.example.com") -> Incoming:
+    return Incoming(
+        Layer.HTTP,
+        host,
+        443,
+        conn_id=client_id,
+        flow_id="f",
+        peer=("10.9.9.9", 1234),
         scheme="https",
         method="GET",
         path="/",
-        client_id=client_id,
-        client_address="10.9.9.9",
-        client_port=1234,
-        client_user=None,
-        flow_id="f",
-        layer="http",
     )
 
 
 async def test_a_name_whose_second_resolution_changes_stays_on_the_first_checked_address(tmp_path):
-    decider, addon, pins, calls = make(tmp_path, [[PUBLIC_A], ["127.0.0.1"]])
-    v1 = await decider.decide(req(), lambda: True)
+    pipeline, addon, pins, calls = make(tmp_path, [[PUBLIC_A], ["127.0.0.1"]])
+    v1 = await pipeline.decide(req())
     assert v1.passes and v1.ip == PUBLIC_A
     # Same client connection: no second DNS query; the pinned, checked answer is reused.
-    v2 = await decider.decide(req(), lambda: True)
+    v2 = await pipeline.decide(req())
     assert v2.passes and v2.ip == PUBLIC_A and calls == ["api.example.com"]
     # The connect goes to the checked address, with SNI/verification on the name.
     client = tflow.tclient_conn()
@@ -89,7 +88,7 @@ async def test_a_name_whose_second_resolution_changes_stays_on_the_first_checked
     addon.server_connected(data)
     assert data.server.address == ("api.example.com", 443)  # restored for connection reuse
     # A new client connection resolves again and sees the rebinding: refused.
-    v3 = await decider.decide(req("c2"), lambda: True)
+    v3 = await pipeline.decide(req("c2"))
     assert not v3.passes and v3.reason == "private_address"
     assert pins.get("c2", "api.example.com", 443) is None
 
@@ -105,15 +104,15 @@ async def test_a_name_whose_second_resolution_changes_stays_on_the_first_checked
     ],
 )
 async def test_any_private_answer_refuses_the_name(tmp_path, answers):
-    decider, _, pins, _ = make(tmp_path, [answers])
-    v = await decider.decide(req(), lambda: True)
+    pipeline, _, pins, _ = make(tmp_path, [answers])
+    v = await pipeline.decide(req())
     assert not v.passes and v.status == 403 and v.reason == "private_address"
     assert len(pins) == 0
 
 
 async def test_real_resolver_path_with_mixed_answers(tmp_path, monkeypatch):
-    decider, _, _, _ = make(tmp_path, [[PUBLIC_A]])
-    decider.lookup = system_lookup
+    pipeline, _, _, _ = make(tmp_path, [[PUBLIC_A]])
+    pipeline.lookup = system_lookup
     loop = asyncio.get_running_loop()
 
     async def fake_getaddrinfo(host, port, **kw):
@@ -124,25 +123,25 @@ async def test_real_resolver_path_with_mixed_answers(tmp_path, monkeypatch):
         ]
 
     monkeypatch.setattr(loop, "getaddrinfo", fake_getaddrinfo)
-    v = await decider.decide(req(), lambda: True)
+    v = await pipeline.decide(req())
     assert not v.passes and v.reason == "private_address"
 
 
 async def test_a_denied_name_is_never_resolved(tmp_path):
-    decider, _, _, calls = make(tmp_path, [[PUBLIC_A]])
-    v = await decider.decide(req(host="pastebin.test"), lambda: True)
+    pipeline, _, _, calls = make(tmp_path, [[PUBLIC_A]])
+    v = await pipeline.decide(req(host="pastebin.test"))
     assert not v.passes and v.reason == "default" and calls == []
 
 
 async def test_unresolvable_allowed_name_is_502_allow(tmp_path):
-    decider, _, _, _ = make(tmp_path, [[PUBLIC_A]])
+    pipeline, _, _, _ = make(tmp_path, [[PUBLIC_A]])
 
     async def nx(host: str, port: int) -> list[str]:
         raise ResolveError("cannot resolve api.example.com: NXDOMAIN")
 
-    decider.lookup = nx
-    v = await decider.decide(req(), lambda: True)
-    assert not v.passes and v.decision == "allow" and v.status == 502
+    pipeline.lookup = nx
+    v = await pipeline.decide(req())
+    assert not v.passes and v.action == "allow" and v.status == 502
 
 
 def test_server_connect_without_a_decision_is_refused(tmp_path):
@@ -220,7 +219,7 @@ async def test_an_error_outside_the_decision_kills_the_flow(tmp_path):
     def boom(*a, **k):
         raise RuntimeError("boom")
 
-    addon._base_request = boom
+    addon.pipeline.decide = boom
     f = tflow.tflow()
     await addon.requestheaders(f)
     assert f.error is not None and f.error.msg  # killed: never forwarded undecided

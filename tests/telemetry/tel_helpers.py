@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from addons.config.models import TelemetryConfig
+from addons.pipeline.model import Outcome
+from addons.policy.model import Action, Client, Layer, Reason, Request, RuleRef
 from addons.telemetry.events import Telemetry
-from addons.telemetry.record import DecisionRecord
 
 
 class TtyIO(io.StringIO):
@@ -32,7 +33,7 @@ def lines(out: io.StringIO) -> list[dict[str, Any]]:
     return [json.loads(x) for x in out.getvalue().splitlines() if x]
 
 
-def record(**kw: Any) -> DecisionRecord:
+def record(**kw: Any) -> Outcome:
     base: dict[str, Any] = {
         "decision": "deny",
         "reason": "rule",
@@ -60,11 +61,44 @@ def record(**kw: Any) -> DecisionRecord:
         "detail": None,
     }
     base.update(kw)
-    return DecisionRecord(**base)
+    return outcome(**base)
+
+
+def outcome(**f: Any) -> Outcome:
+    """An Outcome from the flat facts of an egress.decision (what the pipeline would have built)."""
+    action = Action(f["decision"])
+    rule = RuleRef(f["rule"], action, f["rule_file"] or "?", f["rule_line"] or 1) if f.get("rule") else None
+    matched = tuple(RuleRef(n, action, "?", 1) for n in f.get("matched_rules", ()))
+    client = Client(f["client_address"], f["client_port"], f["client_user"])
+    req = Request(
+        f["host"] or "",
+        f["port"] or 0,
+        client,
+        f["scheme"],
+        f["method"],
+        f["path"],
+        Layer(f["layer"]),
+        f["flow_id"],
+    )
+    return Outcome(
+        req,
+        action,
+        Reason(f["reason"]),
+        enforced=f["enforced"],
+        status=f["status"],
+        rule=rule,
+        matched=matched,
+        client_name=f["client_name"],
+        ip=f["ip"],
+        approval_id=f["approval_id"],
+        detail=f["detail"],
+        latency_s=f["latency_s"],
+        approval_wait_s=f["approval_wait_s"],
+    )
 
 
 # One decision of every kind the proxy produces (HTTP, CONNECT, inspected; every outcome).
-DECISIONS: list[DecisionRecord] = [
+DECISIONS: list[Outcome] = [
     record(
         decision="allow",
         reason="rule",
@@ -246,4 +280,7 @@ OTHER_EVENTS: list[tuple[str, dict[str, Any]]] = [
 ]
 
 # Each decision its own flow, as the proxy does.
-DECISIONS = [dataclasses.replace(r, flow_id=f"flow-d{i}") for i, r in enumerate(DECISIONS)]
+DECISIONS = [
+    dataclasses.replace(r, request=dataclasses.replace(r.request, flow_id=f"flow-d{i}"))
+    for i, r in enumerate(DECISIONS)
+]

@@ -13,7 +13,7 @@ def test_accepts_a_clean_stream_and_counts_decisions() -> None:
         t.decision(rec)
     t.emit(
         "tunnel.closed",
-        flow_id=DECISIONS[1].flow_id,
+        flow_id=DECISIONS[1].request.flow_id,
         bytes_up=1,
         bytes_down=2,
         duration_s=0.1,

@@ -26,15 +26,11 @@ def test_every_decision_kind_is_one_valid_event() -> None:
     for rec, ev in zip(DECISIONS, events, strict=True):
         assert ev["schema"] == "portcullis.event/v1" and ev["event"] == "egress.decision"
         assert ev["timestamp"].endswith("Z")
-        assert (ev["decision"], ev["reason"], ev["flow_id"]) == (rec.decision, rec.reason, rec.flow_id)
-        assert ev["destination"]["host"] == rec.host and ev["destination"]["port"] == rec.port
-        assert ev["client"] == {
-            "address": rec.client_address,
-            "port": rec.client_port,
-            "name": rec.client_name,
-            "user": rec.client_user,
-        }
-        assert ev["request"]["method"] == rec.method
+        r, c = rec.request, rec.request.client
+        assert (ev["decision"], ev["reason"], ev["flow_id"]) == (rec.action, rec.reason, r.flow_id)
+        assert ev["destination"]["host"] == (r.host or None) and ev["destination"]["port"] == (r.port or None)
+        assert ev["client"] == {"address": c.address, "port": c.port, "name": rec.client_name, "user": c.user}
+        assert ev["request"]["method"] == r.method
 
 
 def test_every_other_event_type_validates() -> None:

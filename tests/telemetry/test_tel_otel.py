@@ -43,14 +43,19 @@ def test_every_event_becomes_one_log_record_with_semconv_names() -> None:
         assert rec.log_record.event_name == ev["event"] and rec.log_record.body == ev["event"]
     first = logs[0].log_record
     attrs = dict(first.attributes or {})
-    r = DECISIONS[0]
+    o = DECISIONS[0]
+    r = o.request
     assert attrs["server.address"] == r.host and attrs["server.port"] == r.port
-    assert attrs["client.address"] == r.client_address and attrs["client.port"] == r.client_port
+    assert attrs["client.address"] == r.client.address and attrs["client.port"] == r.client.port
     assert attrs["http.request.method"] == r.method and attrs["url.scheme"] == r.scheme
     assert attrs["url.path"] == r.path
     assert attrs["portcullis.decision"] == "allow" and attrs["portcullis.reason"] == "rule"
-    assert attrs["portcullis.rule"] == r.rule and attrs["portcullis.flow_id"] == r.flow_id
-    assert list(attrs["portcullis.matched_rules"]) == list(r.matched_rules)
+    assert (
+        o.rule is not None
+        and attrs["portcullis.rule"] == o.rule.name
+        and attrs["portcullis.flow_id"] == r.flow_id
+    )
+    assert list(attrs["portcullis.matched_rules"]) == [m.name for m in o.matched]
     assert not any(v is None for v in attrs.values())
     assert first.severity_number == SeverityNumber.INFO
 
@@ -129,8 +134,8 @@ async def test_otlp_http_export_end_to_end(
     res = {kv.key: kv.value.string_value for kv in got[0].resource_logs[0].resource.attributes}
     assert res["service.name"] == "portcullis-e2e"
     attrs = {kv.key: kv.value for kv in records[0].attributes}
-    assert attrs["server.address"].string_value == DECISIONS[0].host
-    assert attrs["server.port"].int_value == DECISIONS[0].port
+    assert attrs["server.address"].string_value == DECISIONS[0].request.host
+    assert attrs["server.port"].int_value == DECISIONS[0].request.port
     assert attrs["portcullis.decision"].string_value == "allow"
     assert records[0].body.string_value == "egress.decision"
 

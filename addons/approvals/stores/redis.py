@@ -16,8 +16,7 @@ from addons.approvals.model import Approval, Choice, Grant, Key, Scope, State
 
 PREFIX = "portcullis:"
 _SEP = "\x1f"  # cannot occur in a client key, a normalised host or a port
-MISSING = ("the redis store needs the redis package: pip install 'portcullis[redis]' "
-           "(or use approvals.store: sqlite:///state/portcullis.db)")
+MISSING = "store redis://... needs the Redis client: pip install 'portcullis[redis]'"
 
 # Insert a pending approval unless a live one stands for its key (one approval per key, across replicas).
 # KEYS: new approval hash, pending zset, pending-key index.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from addons.proxy.clienthello import MAX_CLIENT_HELLO, MAX_RECORD, HandshakeWatch, Kind, read_first_bytes
+from addons.pipeline.clienthello import MAX_CLIENT_HELLO, MAX_RECORD, HandshakeWatch, Kind, read_first_bytes
 from tests.tlsbytes import (
     CCS,
     ECH,
