@@ -6,6 +6,7 @@ import asyncio
 import base64
 from collections.abc import Callable
 
+from addons.approvals.model import Approval
 from addons.pipeline.model import Outcome
 from addons.policy.model import Action, Client, Layer, Reason, Request, RuleRef
 
@@ -38,3 +39,13 @@ async def wait_until(pred: Callable[[], bool], timeout: float = 5.0) -> None:
             return
         await asyncio.sleep(0.01)
     raise AssertionError("condition not reached in time")
+
+
+def approval(i: str = "apr_1", **kw: object) -> Approval:
+    """A stored approval row for the store tests (client c, host h, port 443, created 100, expires 200)."""
+    base: dict[str, object] = {
+        "id": i, "client_key": "c", "client_address": "10.0.0.1", "client_name": None, "host": "h",
+        "port": 443, "scheme": "https", "method": None, "path": "/p", "rule": None, "created_at": 100.0,
+        "expires_at": 200.0,
+    }
+    return Approval(**(base | kw))  # type: ignore[arg-type]

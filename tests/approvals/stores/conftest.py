@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from addons.approvals.model import Approval, Store
+from addons.approvals.model import Store
 from addons.approvals.stores import open_store
 
 
@@ -24,12 +24,3 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
         s = open_store("sqlite:///a.db", tmp_path)
     yield s
     s.close()
-
-
-def approval(i: str = "apr_1", **kw: object) -> Approval:
-    base: dict[str, object] = {
-        "id": i, "client_key": "c", "client_address": "10.0.0.1", "client_name": None, "host": "h",
-        "port": 443, "scheme": "https", "method": None, "path": "/p", "rule": None, "created_at": 100.0,
-        "expires_at": 200.0,
-    }
-    return Approval(**(base | kw))  # type: ignore[arg-type]

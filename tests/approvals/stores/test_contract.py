@@ -11,7 +11,7 @@ from addons.approvals.errors import ApprovalError
 from addons.approvals.model import Choice, Scope, State
 from addons.approvals.stores import open_store
 from addons.approvals.stores.sqlite import SqliteStore
-from tests.approvals.stores.conftest import approval
+from tests.approvals.approvals_support import approval
 
 K = ("c", "h", 443)
 

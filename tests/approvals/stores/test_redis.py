@@ -15,8 +15,7 @@ from addons.approvals.stores import open_store
 from addons.approvals.stores.redis import RedisStore
 from addons.approvals.stores.sqlite import SqliteStore
 from addons.policy.model import Reason
-from tests.approvals.approvals_support import alive, request, wait_until
-from tests.approvals.stores.conftest import approval
+from tests.approvals.approvals_support import alive, approval, request, wait_until
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None,
                                 reason="redis-server missing: apt-get install -y redis-server "
