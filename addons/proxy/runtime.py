@@ -34,7 +34,6 @@ from addons.pipeline.dns import system_lookup
 from addons.pipeline.identity import ProxyAuth
 from addons.proxy import mitm_compat
 from addons.proxy.addon import Portcullis
-from addons.proxy.approvals_bridge import ApprovalsBridge
 from addons.proxy.reload import PolicyHolder
 from addons.proxy.responses import error_body, h2_error_headers, http1_error_response
 from addons.proxy.tunnel import TunnelAwareNextLayer
@@ -135,7 +134,7 @@ class Runtime:
         self.pipeline = Pipeline(
             self.holder,
             auth=p.auth,
-            approvals=ApprovalsBridge(self.approvals),
+            approvals=self.approvals,
             lookup=system_lookup,
             audit=cfg.mode == "audit",
             healthy=self.telemetry.healthy,

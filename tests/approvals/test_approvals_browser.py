@@ -6,9 +6,9 @@ import asyncio
 import os
 
 import pytest
-from approvals_support import TOKEN, alive, request, wait_until
 
 from addons.policy.model import Reason
+from tests.approvals.approvals_support import TOKEN, alive, request, wait_until
 
 CHROMIUM = "/usr/lib/chromium/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -57,7 +57,8 @@ async def test_clicking_allow_releases_the_held_request(make_service, admin_serv
     await page.locator("p.msg").wait_for()
     assert "Allowed (once)" in await page.locator("p.msg").inner_text()
     out = await asyncio.wait_for(held, 10)
-    assert (out.allowed, out.reason, out.decided_by) == (True, Reason.APPROVED, "browser-user")
+    assert (out.allowed, out.reason, out.approval_id) == (True, Reason.APPROVED, approval.id)
+    assert svc.store.get(approval.id).decided_by == "browser-user"
     assert "Nothing is waiting" in await page.locator("#pending").inner_text()
     await page.screenshot(path=str(tmp_path / "approved.png"))
 

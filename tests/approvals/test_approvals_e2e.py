@@ -14,10 +14,10 @@ from typing import Any
 
 import httpx
 import pytest
-from approvals_support import SECRET, SECRET_ENV, TOKEN
 
 from addons.approvals.webhook import VerifyError, verify
 from addons.telemetry.validate import validate_event
+from tests.approvals.approvals_support import SECRET, SECRET_ENV, TOKEN
 from tests.harness import PortcullisProc, assert_denied, base_config
 
 pytestmark = pytest.mark.e2e

@@ -21,7 +21,6 @@ from addons.pipeline.identity import ProxyAuth
 from addons.pipeline.model import Incoming
 from addons.policy.model import Layer
 from addons.proxy.addon import Portcullis
-from addons.proxy.approvals_bridge import ApprovalsBridge
 from addons.proxy.reload import PolicyHolder
 from addons.telemetry.events import Telemetry
 
@@ -47,7 +46,7 @@ def make(tmp_path: Path, answers: list[list[str]]):
     pipeline = Pipeline(
         holder,
         auth=ProxyAuth(loaded.config, environ={}),
-        approvals=ApprovalsBridge(ApprovalService(loaded.config.approvals, tmp_path, tel)),
+        approvals=ApprovalService(loaded.config.approvals, tmp_path, tel),
         pins=pins,
         lookup=lookup,
         healthy=tel.healthy,

@@ -1,4 +1,5 @@
-"""The Redis store (`redis://`) against a real redis-server, and two replicas sharing one store."""
+"""addons/approvals/stores/redis.py against a real redis-server, and replicas (services) sharing one store.
+The contract both stores keep: test_contract.py."""
 
 from __future__ import annotations
 
@@ -7,11 +8,14 @@ import shutil
 import socket
 
 import pytest
-from approvals_support import alive, request, wait_until
 
 from addons.approvals.errors import ApprovalError
-from addons.approvals.store import Approval, SqliteStore, open_store
+from addons.approvals.model import Choice, Scope, State
+from addons.approvals.stores import open_store
+from addons.approvals.stores.redis import RedisStore
+from addons.approvals.stores.sqlite import SqliteStore
 from addons.policy.model import Reason
+from tests.approvals.approvals_support import alive, approval, request, wait_until
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None,
                                 reason="redis-server missing: apt-get install -y redis-server "
@@ -25,69 +29,6 @@ def redis_url(redis_server: str) -> str:
     with redis.Redis.from_url(redis_server) as r:
         r.flushall()
     return redis_server
-
-
-@pytest.fixture(params=["sqlite", "redis"])
-def store(request, tmp_path, redis_server):
-    if request.param == "redis":
-        import redis
-
-        with redis.Redis.from_url(redis_server) as r:
-            r.flushall()
-        s = open_store(redis_server, tmp_path)
-    else:
-        s = open_store("sqlite:///a.db", tmp_path)
-    yield s
-    s.close()
-
-
-def approval(i: str = "apr_1", **kw) -> Approval:
-    base = {"id": i, "client_key": "c", "client_address": "10.0.0.1", "client_name": None, "host": "h",
-            "port": 443, "scheme": "https", "method": None, "path": "/p", "rule": None, "created_at": 100.0,
-            "expires_at": 200.0} | kw
-    return Approval(**base)
-
-
-def test_both_stores_have_the_same_state_machine(store):
-    store.insert(approval())
-    assert store.get("apr_1") == approval()
-    assert store.pending_for("c", "h", 443, now=150).id == "apr_1"
-    assert store.pending_for("c", "h", 443, now=250) is None
-    assert store.decide("apr_1", "allow", "once", "x", None, now=150)
-    assert not store.decide("apr_1", "deny", "once", "y", None, now=151)
-    assert not store.expire("apr_1", now=300)
-    got = store.get("apr_1")
-    assert (got.state, got.decision, got.scope, got.decided_by, got.reason, got.decided_at) == (
-        "allowed", "allow", "once", "x", None, 150.0)
-    assert store.pending_for("c", "h", 443, now=150) is None
-    store.insert(approval("apr_2", created_at=101.0))
-    assert [a.id for a in store.due(now=250)] == ["apr_2"]
-    assert store.expire("apr_2", now=250)
-    assert not store.decide("apr_2", "allow", "once", None, None, now=251)
-    assert [a.id for a in store.recent()] == ["apr_2", "apr_1"]
-    assert store.pending() == []
-    store.mark_notified("apr_2")
-    assert store.get("apr_2").notified
-    store.mark_notified("apr_missing")
-    assert store.get("apr_missing") is None
-    assert store.get("nope") is None
-
-
-def test_both_stores_have_the_same_grants(store):
-    store.add_grant("c", "h", 443, "allow", "session", "apr_1", now=0, expires_at=100, single_use=False)
-    assert store.take_grant("c", "h", 443, now=50).decision == "allow"
-    assert store.take_grant("c", "h", 443, now=50).decision == "allow"
-    store.add_grant("c", "h", 443, "deny", "session", "apr_2", now=1, expires_at=100, single_use=False)
-    assert store.take_grant("c", "h", 443, now=50).decision == "deny"
-    store.add_grant("c", "o", 80, "allow", "once", "apr_3", now=0, expires_at=100, single_use=True)
-    g = store.take_grant("c", "o", 80, now=50)
-    assert (g.scope, g.single_use, g.approval_id) == ("once", True, "apr_3")
-    assert store.take_grant("c", "o", 80, now=50) is None
-    assert store.take_grant("c", "h", 443, now=150) is None
-    assert store.take_grant("other", "h", 443, now=50) is None
-    assert len(store.grants(now=50)) == 2
-    assert store.sweep(now=150) == 2
-    assert store.grants(now=0) == []
 
 
 def test_a_bad_redis_url_is_a_clear_error(tmp_path):
@@ -105,15 +46,18 @@ async def test_service_on_redis_coalesces_and_survives_restart(make_service, red
     await wait_until(lambda: len(svc.store.pending()) == 1 and svc.waiters(svc.store.pending()[0]) == 50)
     a = svc.store.pending()[0]
     await asyncio.wait_for(receiver.arrived.wait(), 5)
-    await svc.decide(a.id, "allow", "session", "r", None)
+    await svc.decide(a.id, Choice.ALLOW, Scope.SESSION, "r", None)
     assert all(o.allowed for o in await asyncio.gather(*tasks))
     assert len(receiver.deliveries()) == 1
     await svc.stop()
     svc2 = await make_service(store=redis_url, timeout=30, hold=False)
-    assert (await svc2.resolve(request(), alive)).scope == "session"
+    out = await svc2.resolve(request(), alive)  # the session grant survived the restart
+    assert (out.allowed, out.reason, out.approval_id) == (True, Reason.APPROVED, a.id)
+    assert [g.scope for g in svc2.store.grants(0)] == [Scope.SESSION]
 
 
-async def test_two_replicas_share_one_approval_and_each_others_decisions(make_service, redis_url, receiver):
+async def test_two_replicas_share_one_approval_and_each_others_decisions(make_service, redis_url, receiver,
+                                                                         events):
     a = await make_service(store=redis_url, timeout=30, webhooks=[receiver.url], poll=0.05)
     b = await make_service(store=redis_url, timeout=30, webhooks=[receiver.url], poll=0.05)
     on_a = asyncio.create_task(a.resolve(request(), alive))
@@ -122,20 +66,23 @@ async def test_two_replicas_share_one_approval_and_each_others_decisions(make_se
     await wait_until(lambda: any(b.waiters(x) for x in b.store.pending()))
     [approval] = b.store.pending()
     await asyncio.wait_for(receiver.arrived.wait(), 5)
-    await b.decide(approval.id, "deny", "once", "replica-b", None)
+    await b.decide(approval.id, Choice.DENY, Scope.ONCE, "replica-b", None)
     out_a, out_b = await asyncio.wait_for(asyncio.gather(on_a, on_b), 5)
     assert (out_a.reason, out_a.approval_id) == (Reason.APPROVAL_DENIED, approval.id)
-    assert out_a.decided_by == "replica-b"
+    assert a.store.get(approval.id).decided_by == "replica-b"
     assert (out_b.reason, out_b.approval_id) == (Reason.APPROVAL_DENIED, approval.id)
+    # One approval.requested, one webhook and one approval.decided for the shared approval.
+    assert len(events.of("approval.requested")) == 1 and len(events.of("approval.decided")) == 1
+    assert not b.notifier.sender._tasks
     await asyncio.sleep(0.1)
-    assert len(receiver.deliveries()) == 1  # one webhook for the shared approval
+    assert len(receiver.deliveries()) == 1
 
 
 async def test_hold_false_replica_sees_a_remote_decision_and_asks_afresh(make_service, redis_url):
     a = await make_service(store=redis_url, hold=False, timeout=30, poll=0.05)
     b = await make_service(store=redis_url, hold=False, timeout=30, poll=0.05)
     first = await a.resolve(request(), alive)
-    await b.decide(first.approval_id, "deny", "once", "b", None)
+    await b.decide(first.approval_id, Choice.DENY, Scope.ONCE, "b", None)
     assert (await a.resolve(request(), alive)).reason == Reason.APPROVAL_DENIED  # the `once` deny, used once
     await asyncio.sleep(0.06)
     again = await a.resolve(request(), alive)
@@ -147,10 +94,51 @@ async def test_once_decided_on_another_replica_is_used_by_the_waiters_only(make_
     b = await make_service(store=redis_url, hold=True, timeout=30, poll=0.05)
     held = asyncio.create_task(a.resolve(request(), alive))
     await wait_until(lambda: bool(b.store.pending()))
-    await b.decide(b.store.pending()[0].id, "allow", "once", "b", None)
+    await b.decide(b.store.pending()[0].id, Choice.ALLOW, Scope.ONCE, "b", None)
     assert (await asyncio.wait_for(held, 5)).allowed
     assert b.store.grants(0) == []  # the waiters on A used the `once`; no spare pass is left
     nxt = asyncio.create_task(b.resolve(request(), alive))
     await wait_until(lambda: bool(b.store.pending()))
     assert not nxt.done()
     nxt.cancel()
+
+
+def test_approvals_are_stored_as_the_contract_strings(redis_url, tmp_path):
+    import redis
+
+    s = open_store(redis_url, tmp_path)
+    assert isinstance(s, RedisStore)
+    s.open(approval(), now=100)
+    s.decide("apr_1", Choice.DENY, Scope.SESSION, "x", "why", now=150)
+    with redis.Redis.from_url(redis_url, decode_responses=True) as r:
+        h = r.hgetall("portcullis:apr:apr_1")
+    assert (h["state"], h["decision"], h["scope"], h["notified"], h["port"]) == (
+        "denied", "deny", "session", "0", "443")
+    assert s.get("apr_1") == approval().decided(Choice.DENY, Scope.SESSION, "x", "why", 150.0)
+    s.close()
+
+
+def test_replicas_racing_to_open_one_key_get_one_approval(redis_url, tmp_path):
+    """Eight clients (eight replicas) open the same key at once: the Lua script lets exactly one in."""
+    import threading
+
+    results: list[str] = []
+    start = threading.Barrier(8)
+
+    def opener(i: int) -> None:
+        s = open_store(redis_url, tmp_path)
+        try:
+            start.wait(10)
+            results.append(s.open(approval(f"apr_{i}"), now=100).id)
+        finally:
+            s.close()
+
+    threads = [threading.Thread(target=opener, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(results) == 8 and len(set(results)) == 1
+    s = open_store(redis_url, tmp_path)
+    assert [a.id for a in s.pending()] == results[:1] and s.get(results[0]).state is State.PENDING
+    s.close()

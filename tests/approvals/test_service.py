@@ -1,4 +1,5 @@
-"""ApprovalService in-process: holding, coalescing, decisions, scopes, timeouts, hang-ups, restarts."""
+"""addons/approvals/service.py in-process: holding, coalescing, decisions, scopes, timeouts, hang-ups,
+restarts, on a real SQLite file with real timers (the state machine alone: test_ledger.py)."""
 
 from __future__ import annotations
 
@@ -8,14 +9,18 @@ import time
 from pathlib import Path
 
 import pytest
-from approvals_support import alive, request, wait_until
 from jsonschema import Draft202012Validator
 from ruamel.yaml import YAML
 
-from addons.approvals.service import DecideError
+from addons.approvals.model import Choice, DecideError, Scope, State
 from addons.config.models import RuleFile
+from addons.pipeline.decide import Settlement
 from addons.policy.model import Reason
 from addons.telemetry.validate import validate_event
+from tests.approvals.approvals_support import alive, request, wait_until
+
+ALLOW, DENY = Choice.ALLOW, Choice.DENY
+ONCE, SESSION, ALWAYS = Scope.ONCE, Scope.SESSION, Scope.ALWAYS
 
 WEBHOOK_SCHEMA = json.loads((Path(__file__).parents[2] / "addons/approvals/webhook.schema.json").read_text())
 
@@ -35,10 +40,14 @@ async def test_200_concurrent_requests_share_one_approval_and_one_webhook(make_s
     approval = svc.store.pending()[0]
     await asyncio.wait_for(receiver.arrived.wait(), 5)
     assert gauge(svc) == 1.0
-    await svc.decide(approval.id, "allow", "once", "alice", "build needs it")
+    await svc.decide(approval.id, ALLOW, ONCE, "alice", "build needs it")
     outcomes = await asyncio.gather(*tasks)
-    assert {(o.allowed, o.reason, o.approval_id, o.scope, o.decided_by) for o in outcomes} == {
-        (True, Reason.APPROVED, approval.id, "once", "alice")}
+    assert all(isinstance(o, Settlement) for o in outcomes)
+    assert {(o.allowed, o.reason, o.approval_id, o.retry_after) for o in outcomes} == {
+        (True, Reason.APPROVED, approval.id, None)}
+    assert all(o.waited_s > 0 for o in outcomes)
+    stored = svc.store.get(approval.id)
+    assert (stored.state, stored.scope, stored.decided_by) == (State.ALLOWED, ONCE, "alice")
     assert len(receiver.deliveries()) == 1
     hook = receiver.deliveries()[0]
     assert hook["verified"]
@@ -72,7 +81,7 @@ async def test_deny_once_releases_waiters_and_the_next_request_asks_again(make_s
     task = asyncio.create_task(svc.resolve(request(), alive))
     await wait_until(lambda: bool(svc.store.pending()))
     first = svc.store.pending()[0]
-    await svc.decide(first.id, "deny", "once", "bob", None)
+    await svc.decide(first.id, DENY, ONCE, "bob", None)
     out = await task
     assert (out.allowed, out.reason, out.approval_id) == (False, Reason.APPROVAL_DENIED, first.id)
     again = asyncio.create_task(svc.resolve(request(), alive))
@@ -85,20 +94,23 @@ async def test_timeout_denies_and_a_late_decision_gets_410(make_service, events)
     svc = await make_service(timeout=0.3)
     out = await svc.resolve(request(), alive)
     assert (out.allowed, out.reason) == (False, Reason.APPROVAL_TIMEOUT)
-    assert svc.store.get(out.approval_id).state == "expired"
+    assert svc.store.get(out.approval_id).state is State.EXPIRED
     with pytest.raises(DecideError) as e:
-        await svc.decide(out.approval_id, "allow", "once", "late", None)
+        await svc.decide(out.approval_id, ALLOW, ONCE, "late", None)
     assert e.value.status == 410
     decided = events.of("approval.decided")
     assert len(decided) == 1 and decided[0]["outcome"] == "approval_timeout"
+    assert (decided[0]["decision"], decided[0]["scope"], decided[0]["by"]) == ("deny", None, None)
+    validate_event(decided[0])
     assert gauge(svc) == 0.0
+    assert gauge(svc, "portcullis_approval_requests_total", outcome="approval_timeout") == 1.0
 
 
 async def test_expiry_without_waiters_is_swept(make_service, events):
     """hold: false leaves nobody waiting; the approval still expires on time and is logged once."""
     svc = await make_service(timeout=0.2, hold=False)
     out = await svc.resolve(request(), alive)
-    await wait_until(lambda: svc.store.get(out.approval_id).state == "expired")
+    await wait_until(lambda: svc.store.get(out.approval_id).state is State.EXPIRED)
     assert len(events.of("approval.decided")) == 1
 
 
@@ -109,10 +121,10 @@ async def test_hold_false_answers_pending_then_an_approved_retry_passes_once(mak
     assert first.retry_after == 10  # time left (60 s) clamped to 10 s
     again = await svc.resolve(request(), alive)
     assert again.approval_id == first.approval_id and again.reason == Reason.APPROVAL_PENDING
-    await svc.decide(first.approval_id, "allow", "once", "carol", None)
+    await svc.decide(first.approval_id, ALLOW, ONCE, "carol", None)
     retry = await svc.resolve(request(), alive)
     assert (retry.allowed, retry.reason, retry.approval_id) == (True, Reason.APPROVED, first.approval_id)
-    assert retry.decided_by == "carol"
+    assert svc.store.get(retry.approval_id).decided_by == "carol"
     after = await svc.resolve(request(), alive)  # `once` is used up
     assert after.reason == Reason.APPROVAL_PENDING and after.approval_id != first.approval_id
 
@@ -120,16 +132,18 @@ async def test_hold_false_answers_pending_then_an_approved_retry_passes_once(mak
 async def test_session_grant_covers_that_client_host_port_until_it_expires(make_service):
     svc = await make_service(hold=False, session_ttl=0.4)
     pend = await svc.resolve(request(), alive)
-    await svc.decide(pend.approval_id, "allow", "session", "dan", "ok for now")
+    await svc.decide(pend.approval_id, ALLOW, SESSION, "dan", "ok for now")
     for _ in range(3):
         out = await svc.resolve(request(), alive)
-        assert (out.allowed, out.reason, out.scope) == (True, Reason.APPROVED, "session")
+        assert (out.allowed, out.reason, out.approval_id) == (True, Reason.APPROVED, pend.approval_id)
+    [grant] = svc.store.grants(time.time())
+    assert (grant.scope, grant.decision, grant.single_use) == (SESSION, ALLOW, False)
     assert (await svc.resolve(request(client="10.0.0.9"), alive)).reason == Reason.APPROVAL_PENDING
     assert (await svc.resolve(request(port=80), alive)).reason == Reason.APPROVAL_PENDING
     await asyncio.sleep(0.45)
     expired = await svc.resolve(request(), alive)
     assert expired.reason == Reason.APPROVAL_PENDING
-    svc._sweep()
+    svc.ledger.sweep()
     assert svc.store.grants(0) == []  # the swept grant is gone from the file, not just ignored
 
 
@@ -137,10 +151,12 @@ async def test_deny_for_session_refuses_at_once(make_service):
     svc = await make_service(timeout=10)
     task = asyncio.create_task(svc.resolve(request(), alive))
     await wait_until(lambda: bool(svc.store.pending()))
-    await svc.decide(svc.store.pending()[0].id, "deny", "session", "eve", None)
+    first = svc.store.pending()[0]
+    await svc.decide(first.id, DENY, SESSION, "eve", None)
     assert (await task).reason == Reason.APPROVAL_DENIED
     out = await svc.resolve(request(), alive)
-    assert (out.allowed, out.reason, out.scope) == (False, Reason.APPROVAL_DENIED, "session")
+    assert (out.allowed, out.reason, out.approval_id) == (False, Reason.APPROVAL_DENIED, first.id)
+    assert [g.scope for g in svc.store.grants(time.time())] == [SESSION]
     assert svc.store.pending() == []
 
 
@@ -154,9 +170,10 @@ async def test_client_hang_up_frees_the_waiter(make_service):
     out = await asyncio.wait_for(task, 5)  # bounded wait: without the hang-up check it would hold 30 s
     assert out.reason == Reason.CLIENT_CLOSED and not out.allowed
     a = svc.store.pending()[0]
-    assert svc.waiters(a) == 0 and a.state == "pending"
+    assert svc.waiters(a) == 0 and a.state is State.PENDING
+    assert gauge(svc, "portcullis_approval_wait_seconds_count", outcome="client_closed") == 1
     # Nobody is held any more, so an `once` allow applies to the client's retry.
-    await svc.decide(a.id, "allow", "once", "fay", None)
+    await svc.decide(a.id, ALLOW, ONCE, "fay", None)
     assert (await svc.resolve(request(), alive)).allowed
 
 
@@ -164,14 +181,14 @@ async def test_restart_keeps_pending_approvals_and_grants(make_service, tmp_path
     svc1 = await make_service(hold=False, timeout=60, session_ttl=600)
     pend = await svc1.resolve(request(host="pending.example"), alive)
     other = await svc1.resolve(request(host="session.example"), alive)
-    await svc1.decide(other.approval_id, "allow", "session", "gus", None)
+    await svc1.decide(other.approval_id, ALLOW, SESSION, "gus", None)
     await svc1.stop()
 
     svc2 = await make_service(hold=True, timeout=60, session_ttl=600)
     assert [a.id for a in svc2.store.pending()] == [pend.approval_id]
     assert gauge(svc2) == 1.0
     assert (await svc2.resolve(request(host="session.example"), alive)).allowed
-    await svc2.decide(pend.approval_id, "allow", "once", "hal", None)
+    await svc2.decide(pend.approval_id, ALLOW, ONCE, "hal", None)
     retry = await svc2.resolve(request(host="pending.example"), alive)
     assert (retry.allowed, retry.approval_id) == (True, pend.approval_id)
 
@@ -182,9 +199,9 @@ async def test_restart_expires_approvals_that_ran_out_while_down(make_service, e
     await svc1.stop()
     await asyncio.sleep(0.25)
     svc2 = await make_service(hold=False, timeout=0.2)
-    assert svc2.store.get(pend.approval_id).state == "expired"
+    assert svc2.store.get(pend.approval_id).state is State.EXPIRED
     with pytest.raises(DecideError) as e:
-        await svc2.decide(pend.approval_id, "allow", "once", None, None)
+        await svc2.decide(pend.approval_id, ALLOW, ONCE, None, None)
     assert e.value.status == 410
 
 
@@ -192,12 +209,12 @@ async def test_first_decision_wins(make_service):
     svc = await make_service(hold=False)
     pend = await svc.resolve(request(), alive)
     results = await asyncio.gather(
-        svc.decide(pend.approval_id, "allow", "once", "a", None),
-        svc.decide(pend.approval_id, "deny", "session", "b", None), return_exceptions=True)
+        svc.decide(pend.approval_id, ALLOW, ONCE, "a", None),
+        svc.decide(pend.approval_id, DENY, SESSION, "b", None), return_exceptions=True)
     assert not isinstance(results[0], Exception)
     assert isinstance(results[1], DecideError) and results[1].status == 409
-    assert results[1].approval.decision == "allow" and results[1].approval.decided_by == "a"
-    assert svc.store.get(pend.approval_id).state == "allowed"
+    assert results[1].approval.decision is ALLOW and results[1].approval.decided_by == "a"
+    assert svc.store.get(pend.approval_id).state is State.ALLOWED
 
 
 async def test_always_appends_a_valid_rule_with_who_when_why(make_service, tmp_path):
@@ -206,7 +223,7 @@ async def test_always_appends_a_valid_rule_with_who_when_why(make_service, tmp_p
                                            alive))
     await wait_until(lambda: bool(svc.store.pending()))
     a = svc.store.pending()[0]
-    await svc.decide(a.id, "allow", "always", "ivy", "the build\nneeds it")
+    await svc.decide(a.id, ALLOW, ALWAYS, "ivy", "the build\nneeds it")
     assert (await task).allowed
     text = (tmp_path / "rules/approved.yaml").read_text()
     assert "# approved by ivy at " in text and ": the build needs it" in text
@@ -227,10 +244,10 @@ async def test_always_refuses_to_clobber_a_broken_rule_file(make_service, tmp_pa
     path.write_text(broken)
     pend = await svc.resolve(request(), alive)
     with pytest.raises(DecideError) as e:
-        await svc.decide(pend.approval_id, "allow", "always", "jo", None)
+        await svc.decide(pend.approval_id, ALLOW, ALWAYS, "jo", None)
     assert e.value.status == 500 and "not valid YAML" in e.value.message
     assert path.read_text() == broken
-    assert svc.store.get(pend.approval_id).state == "pending"  # nothing was decided
+    assert svc.store.get(pend.approval_id).state is State.PENDING  # nothing was decided
 
 
 async def test_resolve_fails_closed_on_internal_error(make_service):
@@ -238,13 +255,24 @@ async def test_resolve_fails_closed_on_internal_error(make_service):
     svc.store._db.close()  # a broken store must deny, never allow or raise into the proxy
     out = await svc.resolve(request(), alive)
     assert (out.allowed, out.reason) == (False, Reason.INTERNAL_ERROR)
-    svc._store = None
+
+
+async def test_resolve_before_start_fails_closed(tmp_path, events):
+    from addons.approvals.service import ApprovalService
+    from addons.config.models import ApprovalsConfig
+
+    svc = ApprovalService(ApprovalsConfig(), tmp_path, events.telemetry)
+    out = await svc.resolve(request(), alive)
+    assert (out.allowed, out.reason, out.approval_id) == (False, Reason.INTERNAL_ERROR, None)
 
 
 async def test_always_rule_is_accepted_by_the_real_loader_and_decides(make_service, tmp_path):
     """What the hot reload will see: the config loads and the new rule allows that host:port."""
     from addons.config.load import load_config
-    from addons.policy.model import Action, Query
+    from addons.policy.model import Action, Client, Request
+
+    def ask(host, port=443, address=None):
+        return Request(host, port, Client(address))
 
     (tmp_path / "rules").mkdir()
     (tmp_path / "rules/base.yaml").write_text(
@@ -252,26 +280,24 @@ async def test_always_rule_is_accepted_by_the_real_loader_and_decides(make_servi
     cfg = tmp_path / "portcullis.yaml"
     cfg.write_text(
         "rules: [rules/]\ndefault_action: approval\nclients:\n  - name: ci\n    cidrs: [10.0.0.0/8]\n")
-    assert load_config(cfg).policy.decide(Query(host="new.example", port=443)).action == Action.APPROVAL
+    assert load_config(cfg).policy.decide(ask("new.example")).action == Action.APPROVAL
     svc = await make_service(hold=False)
     for host, group in (("new.example", None), ("grp.example", "ci")):
         pend = await svc.resolve(request(host=host, client_name=group), alive)
-        await svc.decide(pend.approval_id, "allow", "always", "ops", None)
+        await svc.decide(pend.approval_id, ALLOW, ALWAYS, "ops", None)
     policy = load_config(cfg).policy
-    d = policy.decide(Query(host="new.example", port=443, client_address="192.0.2.1"))
+    d = policy.decide(ask("new.example", address="192.0.2.1"))
     assert d.action == Action.ALLOW and d.rule.name.startswith("approved-new.example-443-")
     assert d.rule.file.endswith("approved.yaml")
-    assert policy.decide(Query(host="new.example", port=8443)).action == Action.APPROVAL
-    assert policy.decide(Query(host="grp.example", port=443, client_address="10.1.2.3")).action == \
-        Action.ALLOW
-    assert policy.decide(Query(host="grp.example", port=443, client_address="192.0.2.1")).action == \
-        Action.APPROVAL
+    assert policy.decide(ask("new.example", 8443)).action == Action.APPROVAL
+    assert policy.decide(ask("grp.example", address="10.1.2.3")).action == Action.ALLOW
+    assert policy.decide(ask("grp.example", address="192.0.2.1")).action == Action.APPROVAL
 
 
 async def test_a_client_cannot_open_unbounded_approvals(make_service, receiver):
     """Past the per-client cap, requests are answered pending without a new approval or webhook."""
     svc = await make_service(hold=True, timeout=30, webhooks=[receiver.url])
-    svc.max_pending_per_client = 3
+    svc.ledger.max_pending_per_client = 3
     held = [asyncio.create_task(svc.resolve(request(host=f"h{i}.example"), alive)) for i in range(3)]
     await wait_until(lambda: len(svc.store.pending()) == 3)
     out = await svc.resolve(request(host="h4.example"), alive)
@@ -297,14 +323,32 @@ async def test_expiry_while_the_always_rule_is_written_is_reported_as_410(make_s
     svc = await make_service(hold=False, timeout=0.3)
     pend = await svc.resolve(request(), alive)
     with pytest.raises(DecideError) as e:
-        await svc.decide(pend.approval_id, "allow", "always", "slow", None)
+        await svc.decide(pend.approval_id, ALLOW, ALWAYS, "slow", None)
     assert e.value.status == 410 and "written to persist_to all the same" in e.value.message
-    assert svc.store.get(pend.approval_id).state == "expired"
+    assert svc.store.get(pend.approval_id).state is State.EXPIRED
 
 
-async def test_payload_for_a_tunnel_matches_the_shipped_schema(make_service):
+async def test_decide_reads_plain_strings_as_the_enums(make_service, tmp_path):
+    """A caller passing "allow"/"always" gets the same decision (an `always` writes its rule)."""
     svc = await make_service(hold=False)
-    out = await svc.resolve(request(method="CONNECT", path=None, scheme=None, client_name="ci"), alive)
-    body = svc.payload(svc.store.get(out.approval_id))
-    Draft202012Validator(WEBHOOK_SCHEMA).validate(body)
-    assert (body["client"], body["method"], body["path"]) == ("ci", "CONNECT", None)
+    pend = await svc.resolve(request(host="plain.example"), alive)
+    a = await svc.decide(pend.approval_id, "allow", "always", "str", None)
+    assert (a.decision, a.scope) == (ALLOW, ALWAYS)
+    assert "plain.example" in (tmp_path / "rules/approved.yaml").read_text()
+    with pytest.raises(ValueError):
+        await svc.decide(pend.approval_id, "maybe", "once", None, None)
+
+
+async def test_a_remote_decision_found_on_arrival_ends_the_tracked_approval_and_the_request_asks_afresh(
+        make_service):
+    """The replica sync in resolve, with two services on one SQLite file (two processes' view)."""
+    a = await make_service(hold=False, timeout=30, poll=0.0)
+    b = await make_service(hold=False, timeout=30, poll=0.0)
+    first = await a.resolve(request(), alive)
+    await b.decide(first.approval_id, DENY, ONCE, "b", None)
+    used = await a.resolve(request(), alive)  # nobody waited on B: its `once` is for the next retry, this one
+    assert (used.allowed, used.reason, used.approval_id) == (False, Reason.APPROVAL_DENIED, first.approval_id)
+    assert a.ledger.tracks(a.store.get(first.approval_id))  # A has not looked at the store yet
+    again = await a.resolve(request(), alive)
+    assert again.reason == Reason.APPROVAL_PENDING and again.approval_id != first.approval_id
+    assert not a.ledger.tracks(a.store.get(first.approval_id))

@@ -1,4 +1,4 @@
-"""The admin approvals API over a real loopback aiohttp server: every status the contract names."""
+"""addons/approvals/api.py over a real loopback aiohttp server: every status the contract names."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import asyncio
 
 import httpx
 import pytest
-from approvals_support import TOKEN, alive, request, wait_until
 
-from addons.approvals.auth import token_ok
+from addons.approvals.model import State
 from addons.policy.model import Reason
+from tests.approvals.approvals_support import TOKEN, alive, request, wait_until
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
@@ -34,7 +34,7 @@ async def test_401_without_the_right_bearer_token(setup, headers):
         assert r.status_code == 401, (method, path)
         assert r.headers["WWW-Authenticate"].startswith("Bearer")
         assert r.json()["error"] == "unauthorized"
-    assert svc.store.get(pend.approval_id).state == "pending"
+    assert svc.store.get(pend.approval_id).state is State.PENDING
 
 
 async def test_no_token_configured_refuses_every_call_and_says_how_to_fix_it(make_service, admin_server):
@@ -44,10 +44,6 @@ async def test_no_token_configured_refuses_every_call_and_says_how_to_fix_it(mak
         for auth in ({}, {"Authorization": "Bearer"}, {"Authorization": "Bearer None"}):
             r = await client.get("/approvals", headers=auth)
             assert r.status_code == 401 and "PORTCULLIS_ADMIN_TOKEN" in r.json()["message"]
-
-
-def test_token_comparison_refuses_empty_and_missing():
-    assert token_ok("t", "t") and not token_ok("t", "u") and not token_ok(None, "") and not token_ok("", "")
 
 
 async def test_404_for_an_unknown_id(setup):
@@ -70,7 +66,7 @@ async def test_422_for_a_bad_body_with_a_clear_message(setup, body):
                           headers={"Content-Type": "application/json"})
     assert r.status_code == 422
     assert r.json()["error"] == "invalid_body" and r.json()["message"]
-    assert svc.store.get(pend.approval_id).state == "pending"
+    assert svc.store.get(pend.approval_id).state is State.PENDING
 
 
 async def test_200_then_409_with_the_standing_decision(setup):
@@ -110,7 +106,7 @@ async def test_500_when_the_always_rule_cannot_be_written(setup, tmp_path):
     pend = await svc.resolve(request(), alive)
     r = await client.post(f"/approvals/{pend.approval_id}", json={"decision": "allow", "scope": "always"})
     assert r.status_code == 500 and r.json()["error"] == "persist_failed"
-    assert svc.store.get(pend.approval_id).state == "pending"
+    assert svc.store.get(pend.approval_id).state is State.PENDING
 
 
 async def test_list_shows_pending_with_waiters_and_recent_decisions(make_service, admin_server):
@@ -135,7 +131,7 @@ async def test_422_for_always_without_persist_to(make_service, admin_server):
     async with httpx.AsyncClient(base_url=admin.url, headers=AUTH, trust_env=False) as client:
         r = await client.post(f"/approvals/{pend.approval_id}", json={"decision": "allow", "scope": "always"})
         assert r.status_code == 422 and r.json()["error"] == "no_persist_to"
-        assert svc.store.get(pend.approval_id).state == "pending"
+        assert svc.store.get(pend.approval_id).state is State.PENDING
         session = {"decision": "allow", "scope": "session"}
         ok = await client.post(f"/approvals/{pend.approval_id}", json=session)
         assert ok.status_code == 200
@@ -144,9 +140,26 @@ async def test_422_for_always_without_persist_to(make_service, admin_server):
 async def test_a_broken_store_is_a_json_500_not_a_crash(setup):
     svc, client = setup
     pend = await svc.resolve(request(), alive)
-    store = svc._store
-    store._db.close()  # the disk went away under the service
+    svc.store._db.close()  # the disk went away under the service
     r = await client.post(f"/approvals/{pend.approval_id}", json={"decision": "allow"})
     assert r.status_code == 500 and r.json()["error"] == "internal_error"
     assert (await client.get("/approvals")).status_code == 500
-    svc._store = None  # already closed
+
+
+async def test_the_json_carries_the_contract_strings(setup):
+    """Exactly the keys and string values of the contract (SPEC.md), pending then decided."""
+    svc, client = setup
+    pend = await svc.resolve(request(host="j.example", method="GET", path="/p", client_name="ci", rule="ask"),
+                             alive)
+    doc = (await client.get(f"/approvals/{pend.approval_id}")).json()
+    assert set(doc) == {"id", "state", "client", "client_name", "host", "port", "scheme", "method", "path",
+                        "rule", "created_at", "expires_at", "decision", "scope", "by", "reason", "decided_at",
+                        "waiters"}
+    assert (doc["state"], doc["client"], doc["client_name"], doc["rule"], doc["decision"], doc["scope"],
+            doc["decided_at"], doc["waiters"]) == ("pending", "10.0.0.5", "ci", "ask", None, None, None, 0)
+    r = await client.post(f"/approvals/{pend.approval_id}", json={"decision": "deny", "scope": "always"})
+    assert r.status_code == 200
+    doc = r.json()
+    assert (doc["state"], doc["decision"], doc["scope"]) == ("denied", "deny", "always")
+    assert doc["decided_at"].endswith("Z")
+    assert "denied-j.example-443-" in (svc.persister.path.read_text())

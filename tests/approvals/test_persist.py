@@ -1,9 +1,10 @@
-"""The atomic `always` writer and the SQLite store, on real files."""
+"""addons/approvals/persist.py: the `always` rule persister and its atomic writer, on real files."""
 
 from __future__ import annotations
 
 import os
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -11,12 +12,15 @@ from ruamel.yaml import YAML
 
 from addons.approvals import persist
 from addons.approvals.errors import ApprovalError
-from addons.approvals.store import Approval, SqliteStore, store_path
+from addons.approvals.model import Approval, Choice, DecideError
+from addons.approvals.persist import Persister
 from addons.config.models import RuleFile
+from tests.approvals.approvals_support import request
 
 
 def add(path: Path, name: str, host: str = "h.example", **kw) -> None:
-    args = {"action": "allow", "port": 443, "clients": None, "by": "me", "reason": "why", "now": 0.0} | kw
+    args = {"action": Choice.ALLOW, "port": 443, "clients": None, "by": "me", "reason": "why",
+            "now": 0.0} | kw
     persist.append_rule(path, name=name, host=host, **args)
 
 
@@ -27,7 +31,7 @@ def rules(path: Path) -> list:
 def test_creates_the_file_and_appends_with_comments(tmp_path):
     p = tmp_path / "rules" / "approved.yaml"
     add(p, "r1", by="ann", reason="ci needs it")
-    add(p, "r2", host="two.example", action="deny", clients=["ci"])
+    add(p, "r2", host="two.example", action=Choice.DENY, clients=["ci"])
     assert [(r.name, r.action, r.hosts, r.clients) for r in rules(p)] == [
         ("r1", "allow", ["h.example"], None), ("r2", "deny", ["two.example"], ["ci"])]
     text = p.read_text()
@@ -112,60 +116,21 @@ def test_file_mode_is_kept(tmp_path):
 
 
 def test_rule_names_are_safe_and_unique_per_approval():
-    assert persist.rule_name("allow", "Bücher.example", 443, "apr_0123456789ab") == \
+    assert persist.rule_name(Choice.ALLOW, "Bücher.example", 443, "apr_0123456789ab") == \
         "approved-b-cher.example-443-01234567"
-    assert persist.rule_name("deny", "::1", 80, "apr_ffff0000aaaa").startswith("denied-1-80-")
+    assert persist.rule_name(Choice.DENY, "::1", 80, "apr_ffff0000aaaa").startswith("denied-1-80-")
+    assert persist.rule_name("deny", "::1", 80, "apr_ffff0000aaaa").startswith("denied-1-80-")  # plain too
 
 
-# The store
-
-
-def approval(i: str = "apr_1", **kw) -> Approval:
-    base = {"id": i, "client_key": "c", "client_address": "10.0.0.1", "client_name": None, "host": "h",
-            "port": 443, "scheme": "https", "method": None, "path": None, "rule": None, "created_at": 100.0,
-            "expires_at": 200.0} | kw
-    return Approval(**base)
-
-
-def test_store_url_forms(tmp_path):
-    assert store_path("sqlite:///state/p.db", tmp_path) == tmp_path / "state/p.db"
-    assert store_path("sqlite:////var/lib/p.db", tmp_path) == Path("/var/lib/p.db")
-    for bad in ("redis://localhost:6379/0", "sqlite://", "postgres://x", "state.db"):
-        with pytest.raises(ApprovalError, match="not supported"):
-            store_path(bad, tmp_path)
-
-
-def test_store_state_machine_is_compare_and_set(tmp_path):
-    s = SqliteStore(tmp_path / "s" / "a.db")
-    s.insert(approval())
-    assert s.pending_for("c", "h", 443, now=150).id == "apr_1"
-    assert s.pending_for("c", "h", 443, now=250) is None
-    assert s.decide("apr_1", "allow", "once", "x", None, now=150)
-    assert not s.decide("apr_1", "deny", "once", "y", None, now=151)  # first decision wins
-    assert not s.expire("apr_1", now=300)
-    assert s.get("apr_1").state == "allowed" and s.get("apr_1").decided_by == "x"
-    s.insert(approval("apr_2"))
-    assert [a.id for a in s.due(now=250)] == ["apr_2"]
-    assert s.expire("apr_2", now=250) and not s.decide("apr_2", "allow", "once", None, None, now=251)
-    assert [a.id for a in s.recent()] == ["apr_2", "apr_1"]
-    assert s._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    s.close()
-
-
-def test_grants_deny_first_single_use_consumed_expired_swept(tmp_path):
-    s = SqliteStore(tmp_path / "a.db")
-    s.add_grant("c", "h", 443, "allow", "session", "apr_1", now=0, expires_at=100, single_use=False)
-    assert s.take_grant("c", "h", 443, now=50).decision == "allow"
-    assert s.take_grant("c", "h", 443, now=50).decision == "allow"  # session: not consumed
-    s.add_grant("c", "h", 443, "deny", "session", "apr_2", now=1, expires_at=100, single_use=False)
-    assert s.take_grant("c", "h", 443, now=50).decision == "deny"  # deny wins
-    s.add_grant("c", "o", 80, "allow", "once", "apr_3", now=0, expires_at=100, single_use=True)
-    assert s.take_grant("c", "o", 80, now=50).scope == "once"
-    assert s.take_grant("c", "o", 80, now=50) is None  # used up
-    assert s.take_grant("c", "h", 443, now=150) is None  # expired
-    assert s.take_grant("other", "h", 443, now=50) is None
-    assert s.sweep(now=150) == 2
-    assert s.grants(now=0) == []
+def test_a_plain_action_string_is_read_as_the_choice_and_anything_else_refused(tmp_path):
+    p = tmp_path / "approved.yaml"
+    add(p, "plain-allow", action="allow")
+    add(p, "plain-deny", host="d.example", action="deny")
+    assert [(r.name, r.action) for r in rules(p)] == [("plain-allow", "allow"), ("plain-deny", "deny")]
+    before = p.read_text()
+    with pytest.raises(ValueError):
+        add(p, "bogus", action="approval")  # never written as a deny (or anything else)
+    assert p.read_text() == before
 
 
 def test_a_reader_never_sees_a_partial_file(tmp_path):
@@ -208,3 +173,44 @@ def test_unusual_layouts_still_append_exactly_one_rule(tmp_path, text):
     p.write_bytes(text.encode())
     add(p, "new")
     assert [r.name for r in rules(p)] == ["a", "new"]
+
+
+# The persister the service calls for `always`
+
+def pending(client_name: str | None = "ci") -> Approval:
+    return Approval.opened("apr_0123456789abcdef", request(host="api.example", port=8443,
+                                                           client_name=client_name), now=0.0, timeout=60.0)
+
+
+async def test_the_persister_writes_the_rule_for_the_approvals_client_group(tmp_path):
+    path = tmp_path / "rules" / "approved.yaml"
+    await Persister(path).write(pending(), Choice.ALLOW, "ann", "needed", now=0.0)
+    [rule] = rules(path)
+    assert (rule.name, rule.action, rule.hosts, rule.ports, rule.clients) == (
+        "approved-api.example-8443-01234567", "allow", ["api.example"], [8443], ["ci"])
+    assert "# approved by ann at 1970-01-01T00:00:00Z: needed" in path.read_text()
+    await Persister(path).write(replace(pending(None), id="apr_ffffffff00"), Choice.DENY, None, None, now=0.0)
+    second = rules(path)[1]
+    assert (second.name, second.action, second.clients) == ("denied-api.example-8443-ffffffff", "deny", None)
+
+
+async def test_without_persist_to_always_is_422_and_nothing_is_written(tmp_path):
+    with pytest.raises(DecideError) as e:
+        await Persister(None).write(pending(), Choice.ALLOW, None, None, now=0.0)
+    assert (e.value.status, e.value.code) == (422, "no_persist_to")
+    assert "use once or session" in e.value.message
+    assert e.value.approval == pending() and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("broken", ["rules: [\n", None])
+async def test_a_rule_that_cannot_be_written_is_500_and_the_file_is_kept(tmp_path, broken):
+    path = tmp_path / "approved.yaml"
+    if broken is None:  # not a file at all: a folder where the file should be
+        path.mkdir()
+    else:
+        path.write_text(broken)
+    with pytest.raises(DecideError) as e:
+        await Persister(path).write(pending(), Choice.ALLOW, None, None, now=0.0)
+    assert (e.value.status, e.value.code) == (500, "persist_failed")
+    assert "nothing was decided" in e.value.message
+    assert path.is_dir() if broken is None else path.read_text() == broken

@@ -1,4 +1,4 @@
-"""The approval page over HTTP: login cookie flags, CSRF, no side-effecting GET, security headers."""
+"""addons/approvals/page.py over HTTP: login cookie flags, CSRF, no side-effecting GET, security headers."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ import re
 
 import httpx
 import pytest
-from approvals_support import TOKEN, alive, request, wait_until
 
+from addons.approvals.model import Approval, Choice, Scope, State
 from addons.policy.model import Reason
+from tests.approvals.approvals_support import TOKEN, alive, request, wait_until
 
 
 def hidden(html: str, name: str = "csrf") -> str:
@@ -77,12 +78,15 @@ async def test_decide_needs_the_csrf_token_and_same_origin(page_setup):
                               headers={"Origin": "http://evil.example"})
     assert cross.status_code == 403
     assert (await client.get(url)).status_code == 405  # no side-effecting GET
-    assert svc.store.get(a.id).state == "pending" and not held.done()
+    assert svc.store.get(a.id).state is State.PENDING and not held.done()
     ok = await client.post(url, data={"action": "allow:session", "csrf": csrf, "by": "pat", "reason": "r"},
                            headers={"Origin": str(client.base_url).rstrip("/")})
     assert ok.status_code == 200 and "Allowed (session)" in ok.text
     out = await held
-    assert (out.allowed, out.reason, out.scope, out.decided_by) == (True, Reason.APPROVED, "session", "pat")
+    assert (out.allowed, out.reason, out.approval_id) == (True, Reason.APPROVED, a.id)
+    stored = svc.store.get(a.id)
+    assert (stored.decision, stored.scope, stored.decided_by, stored.reason) == (Choice.ALLOW, Scope.SESSION,
+                                                                                 "pat", "r")
     again = await client.post(url, data={"action": "deny:once", "csrf": csrf})
     assert again.status_code == 409 and "already decided" in again.text
 
@@ -137,8 +141,35 @@ async def test_repeated_wrong_tokens_are_throttled(page_setup):
 def test_destination_column(method: str | None, scheme: str | None, port: int, path: str | None,
                             shown: str) -> None:
     from addons.approvals.page import _dest
-    from addons.approvals.store import Approval
 
     a = Approval(id="a1", client_key="c", client_address=None, client_name=None, host="x.example", port=port,
                  scheme=scheme, method=method, path=path, rule=None, created_at=0.0, expires_at=1.0)
     assert _dest(a) == shown
+
+
+async def test_every_button_decides_what_it_says_and_unknown_actions_are_refused(make_service, admin_server):
+    svc = await make_service(hold=False, timeout=30)
+    admin = await admin_server(svc)
+    async with httpx.AsyncClient(base_url=admin.url, trust_env=False) as client:
+        await login(client)
+        pend = await svc.resolve(request(host="b0.example"), alive)
+        page = await client.get("/")
+        values = re.findall(r"name='action' value='([^']+)'", page.text)
+        assert values == ["allow:once", "allow:session", "allow:always", "deny:once", "deny:session",
+                          "deny:always"]
+        csrf = hidden(page.text)
+        for bad in ("allow", "allow:forever", "maybe:once", ""):
+            r = await client.post(f"/ui/approvals/{pend.approval_id}", data={"action": bad, "csrf": csrf})
+            assert r.status_code == 422 and "Unknown action" in r.text
+        assert svc.store.get(pend.approval_id).state is State.PENDING
+        for i, value in enumerate(values):
+            out = await svc.resolve(request(host=f"b{i + 1}.example"), alive)
+            r = await client.post(f"/ui/approvals/{out.approval_id}", data={"action": value, "csrf": csrf})
+            assert r.status_code == 200, r.text
+            decision, scope = value.split(":")
+            stored = svc.store.get(out.approval_id)
+            assert (stored.decision, stored.scope) == (Choice(decision), Scope(scope))
+            verb = "Allowed" if decision == "allow" else "Denied"
+            assert f"{verb} ({scope}): b{i + 1}.example:443" in r.text
+        recent = (await client.get("/")).text.split("<h2>Recent</h2>", 1)[1]
+        assert "<td>denied</td><td>always</td>" in recent and "<td>allowed</td><td>session</td>" in recent
