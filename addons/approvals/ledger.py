@@ -68,6 +68,10 @@ class Ledger:
     def open_count(self) -> int:
         return len(self._open)
 
+    def pending_count(self) -> int:
+        """Pending approvals in the store, whichever process opened them."""
+        return len(self.store.pending())
+
     def tracks(self, a: Approval) -> bool:
         t = self._open.get(a.key)
         return t is not None and t.id == a.id

@@ -79,13 +79,13 @@ class Notifier:
         self._resend()
 
     async def start(self, targets: list[Endpoint], store: Store,
-                    still_pending: Callable[[str], bool]) -> None:
+                    still_pending: Callable[[str], bool], resend: bool = True) -> None:
         """Start delivery. Webhooks cut short by the last shutdown are sent again (same webhook-id:
         receivers dedupe) once the decide_url is known, or after a grace period if nobody sets it."""
         self._store, self._still_pending = store, still_pending
         self.sender = WebhookSender(targets, self.telemetry, clock=self.clock, backoff_base=self._backoff)
         await self.sender.start()
-        self._resend_due = True
+        self._resend_due = resend  # with --workers N only the supervisor re-sends
         if self._url_known:
             self._resend()
         else:

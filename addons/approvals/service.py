@@ -3,15 +3,16 @@
 `ApprovalService` is what the rest of Portcullis uses: the pipeline's `resolve` (addons/pipeline/
 decide.py: the Approvals protocol), `decide` for the admin API, the page and the CLI, and the
 queries. `Holds` keeps the requests held on a pending approval (one future per approval, one expiry
-timer, the waiter count) and is the one place that looks for decisions another replica took on the
-shared store (`Holds.sync`, polled by the waiters; a notification channel would call
-`Ledger.refresh` from its subscriber instead).
+timer, the waiter count) and is the one place that looks for decisions another process took on the
+shared store (`Holds.sync`): at once when the bus says so (addons/bus.py: a decision taken in the
+supervisor's admin API, or by another worker), and once per poll as the fallback.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from addons.approvals.notify import Notifier, endpoints
 from addons.approvals.persist import Persister
 from addons.approvals.stores import open_store
 from addons.background import spawn
+from addons.bus import Bus, Message, NullBus
 from addons.config.models import ApprovalsConfig
 from addons.pipeline.decide import Approvals, Settlement
 from addons.pipeline.model import Outcome
@@ -49,7 +51,9 @@ class Holds:
     """The ledger's Listener: futures, timers and waiters per pending approval; events via the notifier."""
 
     def __init__(self, notifier: Notifier, telemetry: Telemetry, clock: Callable[[], float],
-                 poll_interval: float) -> None:
+                 poll_interval: float, leader: bool = True, bus: Bus | None = None) -> None:
+        self.leader = leader
+        self.bus: Bus = bus if bus is not None else NullBus()
         self.notifier = notifier
         self.telemetry = telemetry
         self.clock = clock
@@ -68,6 +72,7 @@ class Holds:
 
     def opened(self, a: Approval, flow_id: str) -> None:
         self.notifier.requested(a, flow_id)
+        self.bus.publish({"t": "approval", "id": a.id})
 
     def ended(self, a: Approval, reason: Reason, here: bool) -> None:
         live = self._live.pop(a.id, None)
@@ -113,16 +118,26 @@ class Holds:
         self.telemetry.metrics.approval_wait_seconds.labels(got.value).observe(waited)
         return Settlement(got is Reason.APPROVED, got, a.id, waited_s=waited)
 
-    def sync(self, a: Approval) -> bool:
-        """Did another process sharing the store decide `a`? (at most one look per poll_interval)"""
+    def sync(self, a: Approval, now_please: bool = False) -> bool:
+        """Did another process sharing the store decide `a`? (at most one look per poll_interval,
+        unless the bus just said something changed)"""
         live = self._live.get(a.id)
         now = time.monotonic()
         if self.ledger is None or live is None or live.future.done():
             return False
-        if now - live.synced < self.poll_interval:
+        if now - live.synced < self.poll_interval and not now_please:
             return False
         live.synced = now
         return self.ledger.refresh(a, live.waiters)
+
+    def on_message(self, m: Message) -> None:
+        """The bus: approval `id` changed in another process; release its waiters here now."""
+        if m.get("t") != "approval":
+            return
+        live = self._live.get(str(m.get("id")))
+        if live is not None:
+            self.sync(live.approval, now_please=True)
+        self._gauge()
 
     def waiters(self, a: Approval) -> int:
         live = self._live.get(a.id)
@@ -143,18 +158,34 @@ class Holds:
             self.ledger.expire(a)
 
     def _gauge(self) -> None:
-        n = self.ledger.open_count if self.ledger is not None else len(self._live)
-        self.telemetry.metrics.approvals_pending.set(n)
+        if self.leader:  # with --workers N only the supervisor, which counts the shared store's
+            n = self.ledger.pending_count() if self.ledger is not None else len(self._live)
+            self.telemetry.metrics.approvals_pending.set(n)
+
+
+def _poll_interval() -> float:
+    """How often a held request checks its client and the store (the fallback to the bus); the
+    environment can stretch it (tests prove a release came by message, not by this poll)."""
+    try:
+        return max(0.05, float(os.environ.get("PORTCULLIS_APPROVAL_POLL_S", "1.0")))
+    except ValueError:
+        return 1.0
 
 
 class ApprovalService:
     """One per proxy process. All methods run on the proxy's event loop."""
 
-    poll_interval = 1.0
+    poll_interval = _poll_interval()
 
     def __init__(self, config: ApprovalsConfig, base_dir: Path, telemetry: Telemetry, *,
                  clock: Callable[[], float] = time.time, admin_url: str | None = None,
-                 sweep_interval: float = 30.0, webhook_backoff: float = 0.5) -> None:
+                 sweep_interval: float = 30.0, webhook_backoff: float = 0.5, leader: bool = True,
+                 bus: Bus | None = None) -> None:
+        """`leader` (one process, or the supervisor of `--workers N`) sweeps, re-sends the webhooks a
+        restart cut short and reports the pending count; a worker (leader False) does none of these.
+        `bus` carries "approval X changed" between the processes that share the store."""
+        self.leader = leader
+        self.bus: Bus = bus if bus is not None else NullBus()
         self.config = config
         self.base_dir = base_dir
         self.telemetry = telemetry
@@ -192,13 +223,19 @@ class ApprovalService:
         """Check the webhook secrets, open the store, load pending approvals, start webhook delivery."""
         targets = endpoints(self.config.webhooks)
         store = open_store(self.config.store, self.base_dir)
-        holds = Holds(self.notifier, self.telemetry, self.clock, self.poll_interval)
+        holds = Holds(self.notifier, self.telemetry, self.clock, self.poll_interval, self.leader, self.bus)
         ledger = Ledger(store, holds, timeout=self.config.timeout, session_ttl=self.config.session_ttl,
                         clock=self.clock)
         self._holds, self._ledger, holds.ledger = holds, ledger, ledger
         ledger.load()
-        await self.notifier.start(targets, store, ledger.is_pending)
-        self._sweeper = spawn(self._sweep_loop(), "approvals sweep")
+        await self.notifier.start(targets, store, ledger.is_pending, resend=self.leader)
+        self.bus.subscribe(self._on_message)
+        if self.leader:
+            self._sweeper = spawn(self._sweep_loop(), "approvals sweep")
+
+    def _on_message(self, m: Message) -> None:
+        if self._holds is not None:
+            self._holds.on_message(m)
 
     async def stop(self) -> None:
         if self._sweeper is not None:
@@ -251,7 +288,9 @@ class ApprovalService:
             a = self.ledger.check(approval_id, now)
             if scope is Scope.ALWAYS:  # the rule first: if it cannot be written, nothing is decided
                 await self.persister.write(a, choice, by, reason, now)
-            return self.ledger.decide(a, choice, scope, by, reason, now, held=self.waiters(a))
+            decided = self.ledger.decide(a, choice, scope, by, reason, now, held=self.waiters(a))
+        self.bus.publish({"t": "approval", "id": decided.id})  # releases the waiters of every process
+        return decided
 
     # Queries (admin API, page)
 

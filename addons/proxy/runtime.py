@@ -128,8 +128,12 @@ class Runtime:
         cfg = p.loaded.config
         self.telemetry = Telemetry(cfg.telemetry, p.loaded.base_dir, worker=worker.index if worker else None)
         self.holder = PolicyHolder(p.loaded, self.telemetry)
-        self.bus: Bus = NullBus()
-        self.approvals = ApprovalService(cfg.approvals, p.loaded.base_dir, self.telemetry)
+        # A worker hears decisions taken in the supervisor (and other workers) on the local bus; it
+        # leaves sweeping, webhook re-sends and the pending count to the supervisor.
+        self.bus: Bus = LocalBus(worker.bus_path, on_lost=self._supervisor_gone) if worker else NullBus()
+        self.approvals = ApprovalService(
+            cfg.approvals, p.loaded.base_dir, self.telemetry, leader=worker is None, bus=self.bus
+        )
         self.own = OwnAddresses()
         self.pipeline = Pipeline(
             self.holder,
@@ -232,12 +236,13 @@ class Runtime:
         assert self.worker is not None
         self.own.add(*self.p.admin)
         self.approvals.admin_url = f"http://{fmt_host(self.p.admin[0])}:{self.p.admin[1]}"
-        bus = LocalBus(self.worker.bus_path, on_lost=self.master.shutdown)
-        await bus.start()
-        self.bus = bus
         self.proxy_up = True
         self._tasks.append(spawn(self.holder.watch(), "rule-watcher"))
-        bus.publish({"t": "worker.ready", "worker": self.worker.index, "pid": os.getpid()})
+        self.bus.publish({"t": "worker.ready", "worker": self.worker.index, "pid": os.getpid()})
+
+    def _supervisor_gone(self) -> None:
+        if self.master is not None:
+            self.master.shutdown()
 
     def ready(self) -> bool:
         return self.proxy_up and self.holder.policy is not None
@@ -268,6 +273,8 @@ class Runtime:
 async def serve(rt: Runtime) -> int:
     """Run one proxy process until SIGTERM/SIGINT (exit 0) or a failure to start (1, 2)."""
     try:
+        if isinstance(rt.bus, LocalBus):
+            await rt.bus.start()
         # Store and webhook secrets: a problem here is a config error, found before listening.
         await rt.approvals.start()
     except Exception as e:

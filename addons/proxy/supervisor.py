@@ -57,8 +57,8 @@ class Supervisor:
         use_multiprocess(self.metrics_dir)  # before any metric of this process exists
         cfg = p.loaded.config
         self.telemetry = Telemetry(cfg.telemetry, p.loaded.base_dir)
-        self.approvals = ApprovalService(cfg.approvals, p.loaded.base_dir, self.telemetry)
         self.hub = LocalHub(self.state / "bus.sock")
+        self.approvals = ApprovalService(cfg.approvals, p.loaded.base_dir, self.telemetry, bus=self.hub)
         self.sock: socket.socket | None = None
         self.admin: AdminServer | None = None
         self.procs: dict[int, asyncio.subprocess.Process] = {}

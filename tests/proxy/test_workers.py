@@ -3,6 +3,7 @@ and naming their worker, a dead worker replaced, reloads reaching every worker, 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -148,3 +149,96 @@ def test_the_default_is_one_worker_per_usable_core(upstreams, tmp_path):
         started = p.find("proxy.started")[0]
         assert started.get("workers", 1) == cores
         assert len(worker_pids(p)) == (cores if cores > 1 else 0)
+
+
+# ---- approvals across workers ------------------------------------------------------------------
+
+APPROVAL_RULES = [{"name": "ask", "action": "approval", "hosts": ["approve.test"]}]
+TOKEN = "workers-admin-token"
+
+
+def _held_get(p: PortcullisProc, u, path: str, results: dict[str, int]) -> None:
+    host = f"approve.test:{u.http_port}"
+    try:
+        results[path] = p.raw(f"GET http://{host}{path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode(), 30).status
+    except Exception as e:  # noqa: BLE001 - recorded for the assertion
+        results[path] = -1
+        results[path + ":error"] = str(e)  # type: ignore[assignment]
+
+
+def _pending(p: PortcullisProc) -> list[dict]:
+    return [a for a in _admin(p, "GET", "/approvals")["approvals"] if a["state"] == "pending"]
+
+
+def _admin(p: PortcullisProc, method: str, path: str, body: dict | None = None):
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{p.admin_port}{path}",
+        method=method,
+        data=None if body is None else json.dumps(body).encode(),
+        headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=10) as r:  # noqa: S310
+        return json.loads(r.read())
+
+
+@pytest.fixture
+def held(upstreams, tmp_path):
+    cfg = base_config(
+        upstreams,
+        tmp_path,
+        approvals={
+            "timeout": "60s",
+            "hold": True,
+            "store": "sqlite:///state/portcullis.db",
+            "persist_to": "rules/approved.yaml",
+        },
+    )
+    # A poll this slow cannot be what releases the held requests: only the bus can, in time.
+    env = {"PORTCULLIS_TEST_ADMIN_TOKEN": TOKEN, "PORTCULLIS_APPROVAL_POLL_S": "120"}
+    with PortcullisProc(tmp_path, upstreams, rules=APPROVAL_RULES, config=cfg, env=env, workers=2) as p:
+        yield p
+
+
+def test_requests_held_on_both_workers_share_one_approval_and_one_decision_releases_all(held, upstreams):
+    import threading
+
+    results: dict[str, int] = {}
+    threads = [
+        threading.Thread(target=_held_get, args=(held, upstreams, f"/h{i}", results)) for i in range(8)
+    ]
+    for t in threads:
+        t.start()
+    held.wait_event("approval.requested", timeout=20)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and len(_pending(held)) < 1:
+        time.sleep(0.1)
+    time.sleep(1.0)  # let every request reach its worker and join (bounded; the oracle is the counts)
+    pending = _pending(held)
+    assert len(pending) == 1 and len(held.find("approval.requested")) == 1
+    _admin(held, "POST", f"/approvals/{pending[0]['id']}", {"decision": "allow", "scope": "once"})
+    for t in threads:
+        t.join(15)  # released by the bus well before the 120 s poll could
+    assert [results.get(f"/h{i}") for i in range(8)] == [200] * 8, results
+    approved = held.decisions(reason="approved")
+    assert len(approved) == 8 and {d["approval_id"] for d in approved} == {pending[0]["id"]}
+    assert {d["worker"] for d in approved} == {0, 1}, "the held requests all landed on one worker"
+    assert len(held.find("approval.decided")) == 1
+
+
+def test_a_session_grant_decided_in_the_admin_api_holds_on_every_worker(held, upstreams):
+    import threading
+
+    results: dict[str, int] = {}
+    first = threading.Thread(target=_held_get, args=(held, upstreams, "/first", results))
+    first.start()
+    held.wait_event("approval.requested", timeout=20)
+    (a,) = _pending(held)
+    _admin(held, "POST", f"/approvals/{a['id']}", {"decision": "allow", "scope": "session"})
+    first.join(15)
+    assert results["/first"] == 200
+    for i in range(10):
+        _held_get(held, upstreams, f"/later{i}", results)
+    assert all(results[f"/later{i}"] == 200 for i in range(10))
+    later = [d for d in held.decisions(reason="approved") if d["request"]["path"].startswith("/later")]
+    assert len(later) == 10 and {d["worker"] for d in later} == {0, 1}
+    assert len(held.find("approval.requested")) == 1
