@@ -242,3 +242,43 @@ def test_a_session_grant_decided_in_the_admin_api_holds_on_every_worker(held, up
     later = [d for d in held.decisions(reason="approved") if d["request"]["path"].startswith("/later")]
     assert len(later) == 10 and {d["worker"] for d in later} == {0, 1}
     assert len(held.find("approval.requested")) == 1
+
+
+def test_a_worker_killed_while_holding_requests_loses_only_its_own_connections(held, upstreams):
+    import threading
+
+    results: dict[str, int] = {}
+    threads = [
+        threading.Thread(target=_held_get, args=(held, upstreams, f"/k{i}", results)) for i in range(8)
+    ]
+    for t in threads:
+        t.start()
+    held.wait_event("approval.requested", timeout=20)
+    time.sleep(1.0)  # every request reaches its worker (bounded; the oracle is what each client got)
+    victim = worker_pids(held)[0]
+    os.kill(victim, signal.SIGKILL)
+    held.wait_event("worker.exited", timeout=15)
+    (a,) = _pending(held)  # the approval survives the worker that opened or joined it
+    _admin(held, "POST", f"/approvals/{a['id']}", {"decision": "allow", "scope": "once"})
+    for t in threads:
+        t.join(20)
+    got = [results.get(f"/k{i}") for i in range(8)]
+    assert set(got) <= {200, -1} and got.count(200) >= 1, results  # -1: the killed worker's clients
+    assert len(held.decisions(reason="approved")) == got.count(200)
+    assert len(held.find("approval.requested")) == 1
+
+
+def test_events_of_every_worker_land_whole_in_one_file(upstreams, tmp_path):
+    cfg = base_config(
+        upstreams,
+        tmp_path,
+        telemetry={"log": {"format": "json", "file": "events.jsonl"}, "metrics": True, "otlp": False},
+    )
+    with PortcullisProc(tmp_path, upstreams, rules=RULES, config=cfg, workers=2) as p:
+        for i in range(30):
+            assert get(p, upstreams, f"/f{i}" + "x" * 1900) == 200  # long lines (paths are cut at 2048)
+        p.wait_event("egress.decision", count=30)
+    lines = (tmp_path / "events.jsonl").read_text().splitlines()
+    docs = [json.loads(line) for line in lines]  # every line whole JSON: nothing torn or interleaved
+    decisions = [d for d in docs if d["event"] == "egress.decision"]
+    assert len(decisions) == 30 and {d["worker"] for d in decisions} == {0, 1}
