@@ -59,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("url")
     chk.add_argument("--method", default="GET")
     chk.add_argument("--client", metavar="ADDR", help="client address or client group name")
+    chk.add_argument("--profile", metavar="NAME", help="judge as a task of this profile")
     chk.add_argument("--json", action="store_true", help="machine-readable output")
 
     tst = sub.add_parser("test", help="run policy unit tests from a YAML file of cases")

@@ -84,6 +84,16 @@ class ClientConfig(Strict):
     proxy_auth: ProxyAuthConfig | None = None
 
 
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+
+class ProfileConfig(Strict):
+    """A named rule set for agent tasks (e.g. frontend, docs-only): rules name it in `profiles:`."""
+
+    name: Annotated[str, Field(pattern=_NAME)]
+    description: str | None = None
+
+
 class LogConfig(Strict):
     format: Literal["json", "ocsf", "console"] = "json"
     file: NonEmpty | None = None
@@ -177,6 +187,7 @@ class Config(Strict):
     network: NetworkConfig = NetworkConfig()
     tls: TlsConfig = TlsConfig()
     clients: list[ClientConfig] = []
+    profiles: list[ProfileConfig] = []
     telemetry: TelemetryConfig = TelemetryConfig()
 
 
@@ -188,6 +199,7 @@ class RuleModel(Strict):
     methods: Annotated[list[NonEmpty], Field(min_length=1)] | None = None
     paths: Annotated[list[NonEmpty], Field(min_length=1)] | None = None
     clients: Annotated[list[NonEmpty], Field(min_length=1)] | None = None
+    profiles: Annotated[list[NonEmpty], Field(min_length=1)] | None = None
     raw_tcp: bool = False
     description: str | None = None
 

@@ -85,12 +85,19 @@ class Pipeline:
         self.is_own = is_own
 
     async def decide(
-        self, inc: Incoming, client_alive: Callable[[], bool] = _alive, groups: Sequence[str] | None = None
+        self,
+        inc: Incoming,
+        client_alive: Callable[[], bool] = _alive,
+        groups: Sequence[str] | None = None,
+        client: Client | None = None,
     ) -> Outcome:
-        """The one outcome for `inc`. Never raises: any internal error denies (internal_error)."""
+        """The one outcome for `inc`. Never raises: any internal error denies (internal_error).
+
+        `groups` and `client` stand in for what identification would find (`portcullis check
+        --client GROUP --profile P`, which has no credentials to check)."""
         t0 = time.monotonic()
         try:
-            return await self._decide(inc, client_alive, groups, t0)
+            return await self._decide(inc, client_alive, groups, client, t0)
         except Exception:
             log.exception("decision failed")
             return refusal(
@@ -98,11 +105,16 @@ class Pipeline:
             )
 
     async def _decide(
-        self, inc: Incoming, client_alive: Callable[[], bool], groups: Sequence[str] | None, t0: float
+        self,
+        inc: Incoming,
+        client_alive: Callable[[], bool],
+        groups: Sequence[str] | None,
+        given: Client | None,
+        t0: float,
     ) -> Outcome:
         policy = self.policies.policy
         # 1. Who asks.
-        client = self._identify(inc)
+        client = given or self._identify(inc)
         if client is None:
             return refusal(_as_received(inc, _peer(inc)), Reason.PROXY_AUTH)
         name = groups[0] if groups else policy.client_name(client.address, client.user)
