@@ -86,6 +86,11 @@ class Approval:
         return (self.client_key, self.host, self.port)
 
     @property
+    def task_id(self) -> str | None:
+        """The agent task that asked, when it presented a task credential (client key `task:<id>`)."""
+        return self.client_key[5:] if self.client_key.startswith("task:") else None
+
+    @property
     def ending(self) -> Reason | None:
         """How it ended, as its waiters are answered; None while it is pending."""
         if self.state is State.PENDING:

@@ -94,6 +94,15 @@ class ProfileConfig(Strict):
     description: str | None = None
 
 
+class CredentialsConfig(Strict):
+    """Task credentials minted through the admin API (`POST /credentials`)."""
+
+    required: bool = False  # every client must present a task credential (no anonymous egress)
+    default_ttl: Duration = 8 * 3600.0
+    max_ttl: Duration = 24 * 3600.0
+    proxy_url: NonEmpty | None = None  # the proxy as agents reach it (default: the listen address)
+
+
 class LogConfig(Strict):
     format: Literal["json", "ocsf", "console"] = "json"
     file: NonEmpty | None = None
@@ -188,6 +197,7 @@ class Config(Strict):
     tls: TlsConfig = TlsConfig()
     clients: list[ClientConfig] = []
     profiles: list[ProfileConfig] = []
+    credentials: CredentialsConfig = CredentialsConfig()
     telemetry: TelemetryConfig = TelemetryConfig()
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from typing import Protocol
 
 from addons.pipeline.dns import Lookup, Pin, PinStore, ResolveError, resolve
-from addons.pipeline.identity import AuthResult, ProxyAuth
+from addons.pipeline.identity import ProxyAuth, TaskCredentials, parse_basic
 from addons.pipeline.model import Incoming, Outcome, deny_status, refusal
 from addons.policy.authority import same_destination
 from addons.policy.evaluate import Policy
@@ -68,6 +68,8 @@ class Pipeline:
         policies: PolicySource,
         *,
         auth: ProxyAuth | None = None,
+        credentials: TaskCredentials | None = None,
+        require_credentials: bool = False,
         approvals: Approvals | None = None,
         pins: PinStore | None = None,
         lookup: Lookup | None = None,
@@ -77,6 +79,8 @@ class Pipeline:
     ) -> None:
         self.policies = policies
         self.auth = auth
+        self.credentials = credentials
+        self.require_credentials = require_credentials  # no anonymous egress
         self.approvals = approvals
         self.pins = pins if pins is not None else PinStore()
         self.lookup = lookup  # None: decide without DNS, like `portcullis check`
@@ -114,9 +118,9 @@ class Pipeline:
     ) -> Outcome:
         policy = self.policies.policy
         # 1. Who asks.
-        client = given or self._identify(inc)
-        if client is None:
-            return refusal(_as_received(inc, _peer(inc)), Reason.PROXY_AUTH)
+        client = given or await self._identify(inc)
+        if isinstance(client, str):
+            return refusal(_as_received(inc, _peer(inc)), Reason.PROXY_AUTH, client)
         name = groups[0] if groups else policy.client_name(client.address, client.user)
         # 2. What it names: one destination, well formed.
         req = _as_received(inc, client)
@@ -158,17 +162,35 @@ class Pipeline:
         name = self.policies.policy.client_name(client.address, client.user)
         return Outcome(req, Action.DENY, Reason.BAD_REQUEST, status=status, detail=detail, client_name=name)
 
-    def _identify(self, inc: Incoming) -> Client | None:
-        """The client; None when its credentials are wrong or missing where required (407)."""
-        if inc.tunnel is not None:
-            return inc.tunnel.request.client  # inside a tunnel the CONNECT's identity applies
+    async def _identify(self, inc: Incoming) -> Client | str:
+        """The client, or why its credentials are refused (a 407 the agent can read)."""
+        t = inc.tunnel
+        if t is not None:  # inside a tunnel the CONNECT's identity applies, while it lasts
+            c = t.request.client
+            if c.task_id and self.credentials is not None and not self.credentials.still_valid(c.task_id):
+                return "the task credential of this tunnel was revoked or has expired"
+            return c
         address, port = _peer(inc).address, _peer(inc).port
-        user = None
-        if self.auth is not None:
-            result, user = self.auth.check(inc.credentials, address)
-            if result is AuthResult.BAD:
-                return None
-        return Client(address, port, user, inc.conn_id)
+        if inc.credentials is None:
+            if self.require_credentials:
+                return "a task credential is required (Proxy-Authorization: Basic task_id:secret)"
+            if self.auth is not None and self.auth.requires(address):
+                return "this client group needs proxy credentials"
+            return Client(address, port, None, inc.conn_id)
+        parsed = parse_basic(inc.credentials)
+        if parsed is None:
+            return "the Proxy-Authorization header is not Basic user:password"
+        user, secret = parsed
+        if self.auth is not None and self.auth.is_user(user):
+            if not self.auth.verify(user, secret):
+                return "wrong password"
+            return Client(address, port, user, inc.conn_id)
+        if self.credentials is not None and self.credentials.knows(user):
+            check, cred = await self.credentials.verify(user, secret)
+            if cred is not None:
+                return Client(address, port, user, inc.conn_id, cred.task_id, cred.profile, cred.labels)
+            return check.value
+        return "unknown proxy user"
 
     async def _judge(
         self, policy: Policy, req: Request, groups: Sequence[str] | None

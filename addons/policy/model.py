@@ -66,6 +66,7 @@ class Client:
     conn_id: str = ""  # the client connection (checked addresses are pinned per connection)
     task_id: str | None = None  # the agent task whose credential it presented
     profile: str | None = None  # that task's profile: the rules tagged with it apply too
+    labels: tuple[tuple[str, str], ...] = ()  # that task's labels (who started it, which repo ...)
 
     @property
     def key(self) -> str:

@@ -29,6 +29,9 @@ from addons.approvals.service import ApprovalService
 from addons.background import spawn
 from addons.bus import Bus, LocalBus, NullBus
 from addons.config.load import LoadedConfig
+from addons.credentials import api as credentials_api
+from addons.credentials.service import CredentialService
+from addons.credentials.stores import open_credential_store
 from addons.pipeline.decide import Pipeline
 from addons.pipeline.dns import system_lookup
 from addons.pipeline.identity import ProxyAuth
@@ -62,6 +65,26 @@ class WorkerSpec:
     index: int
     listen_fd: int
     bus_path: Path
+
+
+def credential_service(p: Prepared, telemetry: Telemetry, bus: Bus, leader: bool) -> CredentialService:
+    """Task credentials beside the approvals (same SQLite file or Redis), for one process."""
+    cfg = p.loaded.config
+    profiles = p.loaded.policy.settings.profiles
+    return CredentialService(
+        cfg.credentials, lambda: open_credential_store(cfg.approvals.store, p.loaded.base_dir), telemetry,
+        profiles=lambda: profiles, reserved_users=p.auth.users, bus=bus, leader=leader,
+    )
+
+
+def admin_routes(p: Prepared, approvals: ApprovalService, credentials: CredentialService) -> list[RouteAdder]:
+    """The admin API's routes beyond health and metrics: approvals (and the page), task credentials."""
+    cfg, token = p.loaded.config, p.token
+    proxy_url = cfg.credentials.proxy_url or f"http://{fmt_host(p.listen[0])}:{p.listen[1]}"
+    return [
+        lambda app: approvals_api.add_routes(app, approvals, token),
+        lambda app: credentials_api.add_routes(app, credentials, token, proxy_url),
+    ]
 
 
 class OwnAddresses:
@@ -134,10 +157,13 @@ class Runtime:
         self.approvals = ApprovalService(
             cfg.approvals, p.loaded.base_dir, self.telemetry, leader=worker is None, bus=self.bus
         )
+        self.credentials = credential_service(p, self.telemetry, self.bus, leader=worker is None)
         self.own = OwnAddresses()
         self.pipeline = Pipeline(
             self.holder,
             auth=p.auth,
+            credentials=self.credentials,
+            require_credentials=cfg.credentials.required,
             approvals=self.approvals,
             lookup=system_lookup,
             audit=cfg.mode == "audit",
@@ -153,8 +179,7 @@ class Runtime:
         self._tasks: list[asyncio.Task[Any]] = []
 
     def route_adders(self) -> list[RouteAdder]:
-        service, token = self.approvals, self.p.token
-        return [lambda app: approvals_api.add_routes(app, service, token)]
+        return admin_routes(self.p, self.approvals, self.credentials)
 
     def build_master(self) -> Any:
         opts = options.Options(
@@ -260,6 +285,8 @@ class Runtime:
         with contextlib.suppress(Exception):
             await self.approvals.stop()
         with contextlib.suppress(Exception):
+            await self.credentials.stop()
+        with contextlib.suppress(Exception):
             await self.bus.close()
         if self.worker is None:
             self.telemetry.emit("proxy.stopped", exit_code=self.exit_code)
@@ -277,6 +304,7 @@ async def serve(rt: Runtime) -> int:
             await rt.bus.start()
         # Store and webhook secrets: a problem here is a config error, found before listening.
         await rt.approvals.start()
+        await rt.credentials.start()
     except Exception as e:
         print(f"{rt.p.loaded.path}: approvals: {e}", file=sys.stderr)
         rt.telemetry.close()

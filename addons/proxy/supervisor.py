@@ -25,11 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from addons.admin.server import AdminServer
-from addons.approvals import api as approvals_api
 from addons.approvals.service import ApprovalService
 from addons.background import spawn
 from addons.bus import LocalHub, Message
-from addons.proxy.runtime import Prepared, fmt_host
+from addons.proxy.runtime import Prepared, admin_routes, credential_service, fmt_host
 from addons.telemetry.events import Telemetry
 from addons.telemetry.metrics import multiprocess_render, use_multiprocess
 
@@ -59,6 +58,7 @@ class Supervisor:
         self.telemetry = Telemetry(cfg.telemetry, p.loaded.base_dir)
         self.hub = LocalHub(self.state / "bus.sock")
         self.approvals = ApprovalService(cfg.approvals, p.loaded.base_dir, self.telemetry, bus=self.hub)
+        self.credentials = credential_service(p, self.telemetry, self.hub, leader=True)
         self.sock: socket.socket | None = None
         self.admin: AdminServer | None = None
         self.procs: dict[int, asyncio.subprocess.Process] = {}
@@ -74,6 +74,7 @@ class Supervisor:
     async def run(self) -> int:
         try:
             await self.approvals.start()
+            await self.credentials.start()
         except Exception as e:
             print(f"{self.p.loaded.path}: approvals: {e}", file=sys.stderr)
             return self._cleanup(2)
@@ -114,14 +115,14 @@ class Supervisor:
         return await self._shutdown()
 
     async def _start_admin(self) -> str | None:
-        service, token = self.approvals, self.p.token
+        token = self.p.token
         self.admin = AdminServer(
             self.p.admin[0],
             self.p.admin[1],
             token,
             lambda: multiprocess_render(self.metrics_dir),
             lambda: not self.stopping and len(self.ready) == self.n,
-            [lambda app: approvals_api.add_routes(app, service, token)],
+            admin_routes(self.p, self.approvals, self.credentials),
         )
         try:
             host, port = await self.admin.start()
@@ -235,6 +236,8 @@ class Supervisor:
             await self.admin.stop()
         with contextlib.suppress(Exception):
             await self.approvals.stop()
+        with contextlib.suppress(Exception):
+            await self.credentials.stop()
         await self.hub.close()
         self.telemetry.emit("proxy.stopped", exit_code=self.exit_code)
         return self._cleanup(self.exit_code)

@@ -28,7 +28,7 @@ SCHEMA = "portcullis.event/v1"
 EVENT_TYPES = (
     "egress.decision", "tunnel.closed", "approval.requested", "approval.decided",
     "rules.reloaded", "rules.reload_failed", "webhook.failed", "proxy.started", "proxy.stopped",
-    "worker.exited",
+    "worker.exited", "credential.minted", "credential.revoked", "credential.expired",
 )
 _ENVELOPE = ("schema", "timestamp", "event")
 _WARN_EVENTS = frozenset({"rules.reload_failed", "webhook.failed", "worker.exited"})
@@ -133,7 +133,8 @@ class Telemetry:
         self.emit(
             "tunnel.closed",
             flow_id=o.request.flow_id,
-            client={"address": c.address, "port": c.port, "name": o.client_name, "user": c.user},
+            client={"address": c.address, "port": c.port, "name": o.client_name, "user": c.user,
+                    "task_id": c.task_id, "profile": c.profile},
             destination={"host": o.request.host, "port": o.request.port, "ip": o.ip},
             bytes_up=bytes_up,
             bytes_down=bytes_down,
@@ -288,7 +289,9 @@ def decision_fields(o: Outcome) -> dict[str, Any]:
         "rule_file": o.rule.file if o.rule else None,
         "rule_line": o.rule.line if o.rule else None,
         "matched_rules": [m.name for m in o.matched],
-        "client": {"address": c.address, "port": c.port, "name": o.client_name, "user": c.user},
+        "client": {"address": c.address, "port": c.port, "name": o.client_name, "user": c.user,
+                   "task_id": c.task_id, "profile": c.profile,
+                   "labels": dict(c.labels) if c.task_id else None},
         "destination": {"host": r.host or None, "port": r.port or None, "ip": o.ip,
                         "registered_domain": registered_domain(r.host)},
         "request": {"scheme": r.scheme, "method": r.method, "path": r.path},  # clean() drops any query

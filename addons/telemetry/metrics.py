@@ -54,6 +54,14 @@ class Metrics:
             PREFIX + "events_buffered", "Events held for a sink whose receiver is slow or away.", ["sink"],
             registry=r, multiprocess_mode="livesum",
         )
+        self.credentials = Counter(
+            PREFIX + "credentials", "Task credentials by what happened to them (minted, revoked, expired).",
+            ["event"], registry=r,
+        )
+        self.credentials_live = Gauge(
+            PREFIX + "credentials_live", "Task credentials that can be used now.", registry=r,
+            multiprocess_mode="livemax",
+        )
         self.tunnels_open = Gauge(
             PREFIX + "tunnels_open", "CONNECT tunnels currently open.", registry=r,
             multiprocess_mode="livesum",

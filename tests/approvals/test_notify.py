@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import json
 from pathlib import Path
@@ -53,11 +54,16 @@ def test_payload_and_event_fields_carry_the_approval_and_no_more():
     a = approval()
     body = payload(a, "http://127.0.0.1:9090")
     Draft202012Validator(WEBHOOK_SCHEMA).validate(body)
-    assert body == {"type": "approval.requested", "id": AID, "client": "ci", "host": "unknown.example",
+    assert body == {"type": "approval.requested", "id": AID, "client": "ci", "task_id": None,
+                    "host": "unknown.example",
                     "port": 443, "scheme": "https", "method": "GET", "path": "/p", "rule": "ask",
                     "created_at": "2023-11-14T22:13:20Z", "expires_at": "2023-11-14T22:15:20Z",
                     "decide_url": f"http://127.0.0.1:9090/approvals/{AID}"}
     assert event_fields(a)["client.address"] == "10.0.0.5" and event_fields(a)["destination.port"] == 443
+    task = dataclasses.replace(a, client_key="task:build-42")
+    assert payload(task, "http://x")["task_id"] == "build-42"
+    assert event_fields(task)["client.task_id"] == "build-42"
+    Draft202012Validator(WEBHOOK_SCHEMA).validate(payload(task, "http://x"))
     unnamed = Approval.opened("apr_n2", request(), now=0.0, timeout=1.0)
     assert payload(unnamed, "http://x")["client"] == "10.0.0.5"  # no group: the address
 

@@ -24,7 +24,8 @@ ONCE, SESSION, ALWAYS = Scope.ONCE, Scope.SESSION, Scope.ALWAYS
 
 WEBHOOK_SCHEMA = json.loads((Path(__file__).parents[2] / "addons/approvals/webhook.schema.json").read_text())
 
-SPEC_PAYLOAD_KEYS = {"type", "id", "client", "host", "port", "scheme", "method", "path", "rule", "created_at",
+# The contract's keys, plus task_id (the agent task that asked: null without a task credential).
+SPEC_PAYLOAD_KEYS = {"type", "id", "client", "task_id", "host", "port", "scheme", "method", "path", "rule", "created_at",
                      "expires_at", "decide_url"}
 
 

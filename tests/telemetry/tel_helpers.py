@@ -253,6 +253,16 @@ OTHER_EVENTS: list[tuple[str, dict[str, Any]]] = [
     ),
     ("approval.decided", {"approval_id": "apr-5", "decision": "deny", "scope": "once", "by": "bob"}),
     ("rules.reloaded", {"rule_count": 12, "files": ["rules/base.yaml"], "trigger": "watch"}),
+    ("worker.exited", {"worker": 1, "pid": 4242, "exit_code": None, "signal": "SIGKILL", "restarted": True}),
+    (
+        "credential.minted",
+        {"task_id": "build-7", "profile": "frontend", "labels": {"repo": "web"}, "by": "admin",
+         "expires_at": "2026-11-20T18:00:00Z"},
+    ),
+    ("credential.revoked", {"task_id": "build-7", "profile": None, "labels": {}, "by": "admin",
+                            "expires_at": "2026-11-20T18:00:00Z"}),
+    ("credential.expired", {"task_id": "build-8", "profile": None, "labels": {}, "by": None,
+                            "expires_at": "2026-11-20T18:00:00Z"}),
     ("rules.reload_failed", {"error": "rules/base.yaml:3:5: unknown key 'hostz'", "trigger": "sighup"}),
     (
         "webhook.failed",

@@ -29,7 +29,8 @@ def test_every_decision_kind_is_one_valid_event() -> None:
         r, c = rec.request, rec.request.client
         assert (ev["decision"], ev["reason"], ev["flow_id"]) == (rec.action, rec.reason, r.flow_id)
         assert ev["destination"]["host"] == (r.host or None) and ev["destination"]["port"] == (r.port or None)
-        assert ev["client"] == {"address": c.address, "port": c.port, "name": rec.client_name, "user": c.user}
+        assert ev["client"] == {"address": c.address, "port": c.port, "name": rec.client_name, "user": c.user,
+                                "task_id": None, "profile": None, "labels": None}
         assert ev["request"]["method"] == r.method
 
 
