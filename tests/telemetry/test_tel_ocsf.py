@@ -12,7 +12,8 @@ from addons.telemetry.ocsf import to_ocsf
 from addons.telemetry.validate import validate_event
 
 NATIVE = {
-    "rules.reloaded", "rules.reload_failed", "webhook.failed", "proxy.started", "proxy.stopped", "worker.exited",
+    "rules.reloaded", "rules.reload_failed", "webhook.failed", "proxy.started", "proxy.stopped",
+    "worker.exited",
     "credential.minted", "credential.revoked", "credential.expired",
 }
 
