@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from typing import cast
 
 from addons import __version__, envcmd
+from addons.credentials import cli as credentials_cli
 
 # command -> "module:function"; the function takes the parsed namespace and returns the exit status.
 _HANDLERS = {
@@ -17,6 +18,7 @@ _HANDLERS = {
     "check": "addons.rulecli:check_command",
     "test": "addons.rulecli:test_command",
     "approvals": "addons.approvals.cli:approvals_command",
+    "credentials": "addons.credentials.cli:credentials_command",
     "webhook-verify": "addons.approvals.cli:webhook_verify_command",
     "report": "addons.telemetry.report:report_command",
     "ca": "addons.proxy.ca:ca_command",
@@ -66,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     tst.add_argument("--config", required=True)
     tst.add_argument("cases")
     tst.add_argument("--json", action="store_true", help="machine-readable output")
+
+    credentials_cli.add_parser(sub)
 
     apr = sub.add_parser("approvals", help="list or decide approvals on a running proxy")
     apr.add_argument("--admin", metavar="URL", help="admin base URL (default: from --config, else http://127.0.0.1:9090)")
