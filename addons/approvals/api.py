@@ -11,7 +11,8 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from addons.approvals import page
-from addons.approvals.auth import NO_TOKEN, token_ok
+from addons.approvals.auth import NO_TOKEN, Principal, Principals, bearer
+from addons.approvals.links import Links
 from addons.approvals.model import Approval, Choice, DecideError, Scope, rfc3339
 from addons.approvals.service import ApprovalService
 
@@ -24,17 +25,28 @@ class DecisionBody(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     decision: Choice = Field(strict=False)  # strict=False: the JSON string "allow" is read as Choice.ALLOW
     scope: Scope = Field(default=Scope.ONCE, strict=False)
-    by: str | None = Field(default=None, max_length=200)
+    by: str | None = Field(default=None, max_length=200)  # ignored: the authenticated approver decides
     reason: str | None = Field(default=None, max_length=2000)
 
 
-def add_routes(app: web.Application, service: ApprovalService, token: str | None) -> None:
-    """Mount the approvals API and the approval page on the admin application."""
-    api = _Api(service, token)
+def add_routes(app: web.Application, service: ApprovalService, principals: Principals,
+               links: Links | None = None) -> None:
+    """Mount the approvals API, the approval page and the decision links on the admin application."""
+    api = _Api(service, principals)
     app.router.add_get("/approvals", _json_errors(api.list))
     app.router.add_get("/approvals/{id}", _json_errors(api.get))
     app.router.add_post("/approvals/{id}", _json_errors(api.decide))
-    page.add_routes(app, service, token)
+    page.add_routes(app, service, principals, links)
+
+
+def authenticate(request: web.Request, principals: Principals) -> Principal | web.Response:
+    """The caller of an admin route, or the 401 to answer."""
+    if not principals.configured:
+        return error(401, "unauthorized", NO_TOKEN)
+    who = principals.who(bearer(request.headers.get("Authorization", "")))
+    if who is None:
+        return error(401, "unauthorized", "missing or wrong bearer token (Authorization: Bearer <token>)")
+    return who
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -73,18 +85,13 @@ def error(status: int, code: str, message: str, **extra: Any) -> web.Response:
 
 
 class _Api:
-    def __init__(self, service: ApprovalService, token: str | None) -> None:
+    def __init__(self, service: ApprovalService, principals: Principals) -> None:
         self.service = service
-        self.token = token
+        self.principals = principals
 
     def _refuse(self, request: web.Request) -> web.Response | None:
-        if not self.token:
-            return error(401, "unauthorized", NO_TOKEN)
-        auth = request.headers.get("Authorization", "")
-        scheme, _, given = auth.partition(" ")
-        if scheme.lower() != "bearer" or not token_ok(self.token, given.strip()):
-            return error(401, "unauthorized", "missing or wrong bearer token (Authorization: Bearer <token>)")
-        return None
+        who = authenticate(request, self.principals)
+        return who if isinstance(who, web.Response) else None
 
     async def list(self, request: web.Request) -> web.Response:
         if (refused := self._refuse(request)) is not None:
@@ -101,8 +108,9 @@ class _Api:
         return web.json_response(approval_json(a, self.service))
 
     async def decide(self, request: web.Request) -> web.Response:
-        if (refused := self._refuse(request)) is not None:
-            return refused
+        who = authenticate(request, self.principals)
+        if isinstance(who, web.Response):
+            return who
         approval_id = request.match_info["id"]
         raw = await request.read()
         try:
@@ -110,7 +118,7 @@ class _Api:
         except (ValueError, UnicodeDecodeError) as e:
             return error(422, "invalid_body", _explain(e))
         try:
-            a = await self.service.decide(approval_id, body.decision, body.scope, body.by, body.reason)
+            a = await self.service.decide(approval_id, body.decision, body.scope, who.name, body.reason)
         except DecideError as e:
             extra = {"approval": approval_json(e.approval, self.service)} if e.approval else {}
             return error(e.status, e.code, e.message, **extra)

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from addons.approvals.errors import ApprovalError
+from addons.approvals.links import Links
 from addons.approvals.model import Approval, Choice, Store, rfc3339
 from addons.approvals.webhook import Endpoint, WebhookSender, parse_secret
 from addons.config.models import WebhookConfig
@@ -60,6 +61,7 @@ class Notifier:
                  admin_url: str | None = None, backoff: float = 0.5) -> None:
         self.telemetry = telemetry
         self.clock = clock
+        self.links: Links | None = None
         self._admin_url = (admin_url or DEFAULT_ADMIN_URL).rstrip("/")
         self._url_known = admin_url is not None
         self._backoff = backoff
@@ -115,7 +117,10 @@ class Notifier:
                             outcome=outcome.value, wait_s=round(max(0.0, self.clock() - a.created_at), 3))
 
     def payload(self, a: Approval) -> dict[str, Any]:
-        return payload(a, self.admin_url)
+        body = payload(a, self.admin_url)
+        if self.links is not None:  # a capability for this approval only (approvals.links)
+            body["decide_link"] = self.links.url(self.admin_url, a.id, a.expires_at)
+        return body
 
     def _send(self, a: Approval) -> None:
         if self.sender is None or not self.sender.endpoints:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from addons.approvals.errors import ApprovalError
 from addons.approvals.ledger import Ledger
+from addons.approvals.links import Links
 from addons.approvals.model import Approval, Choice, Scope, Store
 from addons.approvals.notify import Notifier, endpoints
 from addons.approvals.persist import Persister
@@ -192,6 +193,7 @@ class ApprovalService:
         self.clock = clock
         self.sweep_interval = sweep_interval
         self.notifier = Notifier(telemetry, clock=clock, admin_url=admin_url, backoff=webhook_backoff)
+        self.links: Links | None = None  # decision links (approvals.links), set up by start()
         self.persister = Persister(None if config.persist_to is None else base_dir / config.persist_to)
         self._holds: Holds | None = None
         self._ledger: Ledger | None = None
@@ -222,6 +224,7 @@ class ApprovalService:
     async def start(self) -> None:
         """Check the webhook secrets, open the store, load pending approvals, start webhook delivery."""
         targets = endpoints(self.config.webhooks)
+        self.links = self.notifier.links = Links.from_config(self.config.links)  # its key must be set
         store = open_store(self.config.store, self.base_dir)
         holds = Holds(self.notifier, self.telemetry, self.clock, self.poll_interval, self.leader, self.bus)
         ledger = Ledger(store, holds, timeout=self.config.timeout, session_ttl=self.config.session_ttl,

@@ -13,8 +13,8 @@ from urllib.parse import quote, urlsplit
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from addons.approvals.api import error
-from addons.approvals.auth import NO_TOKEN, token_ok
+from addons.approvals.api import authenticate, error
+from addons.approvals.auth import Principal, Principals, Role
 from addons.approvals.model import rfc3339
 from addons.config.models import parse_duration
 from addons.credentials.service import CredentialService, MintError
@@ -30,8 +30,10 @@ class MintBody(BaseModel):
     labels: dict[str, str] = Field(default_factory=dict)
 
 
-def add_routes(app: web.Application, service: CredentialService, token: str | None, proxy_url: str) -> None:
-    api = _Api(service, token, proxy_url)
+def add_routes(
+    app: web.Application, service: CredentialService, principals: Principals, proxy_url: str
+) -> None:
+    api = _Api(service, principals, proxy_url)
     app.router.add_post("/credentials", _json_errors(api.mint))
     app.router.add_get("/credentials", _json_errors(api.list))
     app.router.add_delete("/credentials/{task_id}", _json_errors(api.revoke))
@@ -60,29 +62,29 @@ def with_userinfo(proxy_url: str, user: str, secret: str) -> str:
 
 
 class _Api:
-    def __init__(self, service: CredentialService, token: str | None, proxy_url: str) -> None:
+    def __init__(self, service: CredentialService, principals: Principals, proxy_url: str) -> None:
         self.service = service
-        self.token = token
+        self.principals = principals
         self.proxy_url = proxy_url
 
-    def _refuse(self, request: web.Request) -> web.Response | None:
-        if not self.token:
-            return error(401, "unauthorized", NO_TOKEN)
-        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not token_ok(self.token, given.strip()):
-            return error(401, "unauthorized", "missing or wrong bearer token (Authorization: Bearer <token>)")
-        return None
+    def _admin(self, request: web.Request) -> Principal | web.Response:
+        """Only admins mint, list and revoke task credentials (approvers decide approvals)."""
+        who = authenticate(request, self.principals)
+        if isinstance(who, Principal) and who.role is not Role.ADMIN:
+            return error(403, "forbidden", f"{who.name} is an approver; task credentials need an admin")
+        return who
 
     async def mint(self, request: web.Request) -> web.Response:
-        if (refused := self._refuse(request)) is not None:
-            return refused
+        who = self._admin(request)
+        if isinstance(who, web.Response):
+            return who
         try:
             body = MintBody.model_validate(json.loads(await request.read()))
             ttl = None if body.ttl is None else parse_duration(body.ttl)
         except (ValueError, UnicodeDecodeError) as e:
             return error(422, "invalid_body", _explain(e))
         try:
-            m = await self.service.mint(body.task_id, body.profile, ttl, body.labels, by="admin")
+            m = await self.service.mint(body.task_id, body.profile, ttl, body.labels, by=who.name)
         except MintError as e:
             return error(e.status, e.code, e.message)
         c = m.credential
@@ -98,17 +100,17 @@ class _Api:
         return web.json_response(doc, status=201, headers={"Cache-Control": "no-store"})
 
     async def list(self, request: web.Request) -> web.Response:
-        if (refused := self._refuse(request)) is not None:
-            return refused
+        if isinstance(who := self._admin(request), web.Response):
+            return who
         now = self.service.clock()
         items = [_public(c.public(now)) for c in await self.service.listing()]
         return web.json_response({"credentials": items})
 
     async def revoke(self, request: web.Request) -> web.Response:
-        if (refused := self._refuse(request)) is not None:
-            return refused
+        if isinstance(who := self._admin(request), web.Response):
+            return who
         try:
-            c = await self.service.revoke(request.match_info["task_id"], by="admin")
+            c = await self.service.revoke(request.match_info["task_id"], by=who.name)
         except MintError as e:
             return error(e.status, e.code, e.message)
         return web.json_response(_public(c.public(self.service.clock())))

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from addons.admin.server import AdminConfigError, check_token_policy
+from addons.approvals.auth import ApproverError, Principals
 from addons.config.load import LoadedConfig, PolicyError, load_config
 from addons.pipeline.identity import AuthConfigError, ProxyAuth
 from addons.policy.authority import AuthorityError, split_authority
@@ -64,16 +65,17 @@ def prepare(args: argparse.Namespace) -> Prepared:
     admin = parse_hostport(args.admin or cfg.admin.listen, "admin.listen")
     token = os.environ.get(cfg.admin.token_env) or None
     try:
-        check_token_policy(admin[0], token, cfg.admin.token_env)
+        principals = Principals(token, cfg.admin.approvers)
+        check_token_policy(admin[0], token if not principals.configured else "approvers", cfg.admin.token_env)
         auth = ProxyAuth(cfg)
-    except (AdminConfigError, AuthConfigError) as e:
+    except (AdminConfigError, AuthConfigError, ApproverError) as e:
         raise StartupError(f"{loaded.path}: {e}") from e
     ca_dir = loaded.resolve_path(cfg.tls.ca_dir)
     try:
         ensure_ca(ca_dir)
     except OSError as e:
         raise StartupError(f"{loaded.path}: tls.ca_dir: cannot create the CA in {ca_dir}: {e}") from e
-    return Prepared(loaded, listen, admin, token, auth, ca_dir, upstream_bundle(loaded, ca_dir))
+    return Prepared(loaded, listen, admin, token, principals, auth, ca_dir, upstream_bundle(loaded, ca_dir))
 
 
 def run_command(args: argparse.Namespace) -> int:

@@ -25,6 +25,7 @@ from mitmproxy.addons import core, proxyserver, tlsconfig
 
 from addons.admin.server import AdminServer, RouteAdder
 from addons.approvals import api as approvals_api
+from addons.approvals.auth import Principals
 from addons.approvals.service import ApprovalService
 from addons.background import spawn
 from addons.bus import Bus, LocalBus, NullBus
@@ -53,6 +54,7 @@ class Prepared:
     listen: tuple[str, int]
     admin: tuple[str, int]
     token: str | None
+    principals: Principals
     auth: ProxyAuth
     ca_dir: Path
     bundle: str | None
@@ -79,11 +81,11 @@ def credential_service(p: Prepared, telemetry: Telemetry, bus: Bus, leader: bool
 
 def admin_routes(p: Prepared, approvals: ApprovalService, credentials: CredentialService) -> list[RouteAdder]:
     """The admin API's routes beyond health and metrics: approvals (and the page), task credentials."""
-    cfg, token = p.loaded.config, p.token
+    cfg, principals = p.loaded.config, p.principals
     proxy_url = cfg.credentials.proxy_url or f"http://{fmt_host(p.listen[0])}:{p.listen[1]}"
     return [
-        lambda app: approvals_api.add_routes(app, approvals, token),
-        lambda app: credentials_api.add_routes(app, credentials, token, proxy_url),
+        lambda app: approvals_api.add_routes(app, approvals, principals, approvals.links),
+        lambda app: credentials_api.add_routes(app, credentials, principals, proxy_url),
     ]
 
 

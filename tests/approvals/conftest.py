@@ -20,6 +20,7 @@ import pytest
 from aiohttp import web
 
 from addons.approvals import api
+from addons.approvals.auth import Principals
 from addons.approvals.service import ApprovalService
 from addons.approvals.webhook import VerifyError, verify
 from addons.config.models import ApprovalsConfig, WebhookConfig
@@ -138,9 +139,10 @@ async def admin_server() -> AsyncIterator[Callable[..., Any]]:
     """`await admin_server(service, token=TOKEN)` -> a real loopback aiohttp admin server."""
     runners: list[web.AppRunner] = []
 
-    async def start(service: ApprovalService, token: str | None = TOKEN) -> Admin:
+    async def start(service: ApprovalService, token: str | None = TOKEN, approvers: list[Any] | None = None,
+                    environ: dict[str, str] | None = None) -> Admin:
         app = web.Application()
-        api.add_routes(app, service, token)
+        api.add_routes(app, service, Principals(token, approvers or [], environ), service.links)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", 0).start()

@@ -76,13 +76,14 @@ async def test_200_then_409_with_the_standing_decision(setup):
                           json={"decision": "allow", "scope": "session", "by": "kim", "reason": "ok"})
     assert r.status_code == 200
     doc = r.json()
+    # `by` is whoever the bearer token belongs to (the admin token here), never what the body claims.
     assert (doc["state"], doc["decision"], doc["scope"], doc["by"], doc["reason"]) == (
-        "allowed", "allow", "session", "kim", "ok")
+        "allowed", "allow", "session", "admin", "ok")
     late = await client.post(f"/approvals/{pend.approval_id}", json={"decision": "deny", "by": "lee"})
     assert late.status_code == 409
     body = late.json()
     assert body["error"] == "already_decided" and "nothing changed" in body["message"]
-    assert (body["approval"]["decision"], body["approval"]["by"]) == ("allow", "kim")
+    assert (body["approval"]["decision"], body["approval"]["by"]) == ("allow", "admin")
     same = await client.post(f"/approvals/{pend.approval_id}", json={"decision": "allow", "scope": "session"})
     assert same.status_code == 409
     assert (await svc.resolve(request(host="a.example"), alive)).allowed

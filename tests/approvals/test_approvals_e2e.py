@@ -126,7 +126,7 @@ def test_held_request_is_approved_through_the_webhooks_decide_url(tmp_path, upst
         ev = p.wait_event("egress.decision", approval_id=body["id"])
         assert (ev["decision"], ev["reason"]) == ("allow", "approved")
         assert len(p.find("approval.requested")) == 1
-        assert p.wait_event("approval.decided")["by"] == "e2e"
+        assert p.wait_event("approval.decided")["by"] == "admin"  # the token's owner, not the body's "by"
         late = decide(p, body["id"], "deny")
         assert late.status_code == 409 and late.json()["approval"]["decision"] == "allow"
     for e in p.events:  # every event the run produced matches the shipped schemas
@@ -195,7 +195,7 @@ def test_always_is_written_reloaded_and_survives_a_restart(tmp_path, upstreams, 
         assert decide(p, hook["body"]["id"], "allow", scope="always").status_code == 200
         assert held.result(15).status == 200
         text = (tmp_path / "rules/approved.yaml").read_text()
-        assert "# approved by e2e at" in text and "approve.test" in text
+        assert "# approved by admin at" in text and "approve.test" in text
         p.wait_event("rules.reloaded")
     with proxy(tmp_path, upstreams, hooks) as p2:
         r = p2.curl(url)

@@ -65,7 +65,7 @@ async def test_list_allow_and_refusals(make_service, admin_server, tmp_path):
     assert (outcome.allowed, outcome.reason, outcome.approval_id) == (True, Reason.APPROVED, a.id)
     stored = svc.store.get(a.id)
     assert (stored.decision, stored.scope, stored.decided_by, stored.reason) == (
-        Choice.ALLOW, Scope.SESSION, "cli-user", "tested")
+        Choice.ALLOW, Scope.SESSION, "admin", "tested")  # the token's owner, not --by
     code, _, err = await run("approvals", "--admin", admin.url, "deny", a.id, env=env)
     assert code == 1 and "409" in err and "already decided" in err
 

@@ -86,7 +86,7 @@ async def test_decide_needs_the_csrf_token_and_same_origin(page_setup):
     assert (out.allowed, out.reason, out.approval_id) == (True, Reason.APPROVED, a.id)
     stored = svc.store.get(a.id)
     assert (stored.decision, stored.scope, stored.decided_by, stored.reason) == (Choice.ALLOW, Scope.SESSION,
-                                                                                 "pat", "r")
+                                                                                 "admin", "r")
     again = await client.post(url, data={"action": "deny:once", "csrf": csrf})
     assert again.status_code == 409 and "already decided" in again.text
 
