@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tel_helpers import TtyIO, make, record
 
 from addons.telemetry.fields import MAX_STR, TRUNCATED, escape_controls
 from addons.telemetry.validate import validate_lines
+from tests.telemetry.tel_helpers import TtyIO, make, record
 
 hostile = st.text(st.characters(codec=None, exclude_categories=("Cs",)), max_size=300) | st.sampled_from(
     ["\r\n", '"}', "\x1b[2J", "\x00", "\u2028", "\x85", "\\", '{"event":"egress.decision"}']

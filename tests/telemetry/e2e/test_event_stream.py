@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from events_audit import audit_events
 from prometheus_client.parser import text_string_to_metric_families
 
 from addons.telemetry.report import build
 from tests.harness import PortcullisProc, assert_denied, base_config, tls_client_hello
+from tests.telemetry.events_audit import audit_events
 
 pytestmark = pytest.mark.e2e
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from events_audit import EventSchemaError, audit_events
-from tel_helpers import DECISIONS, make, record
+
+from tests.telemetry.events_audit import EventSchemaError, audit_events
+from tests.telemetry.tel_helpers import DECISIONS, make, record
 
 
 def test_accepts_a_clean_stream_and_counts_decisions() -> None:

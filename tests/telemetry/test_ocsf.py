@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from tel_helpers import DECISIONS, OTHER_EVENTS, lines, make, record
-from tel_ocsf_check import ocsf_errors
 
 from addons.telemetry.ocsf import to_ocsf
 from addons.telemetry.validate import validate_event
+from tests.telemetry.tel_helpers import DECISIONS, OTHER_EVENTS, lines, make, record
+from tests.telemetry.tel_ocsf_check import ocsf_errors
 
 NATIVE = {"rules.reloaded", "rules.reload_failed", "webhook.failed", "proxy.started", "proxy.stopped"}
 

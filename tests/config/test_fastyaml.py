@@ -7,11 +7,11 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from pol_helpers import REPO
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 
 from addons.config.fastyaml import parse_rule_file
+from tests.policy.pol_helpers import REPO
 
 
 def ruamel(text: str) -> Any:

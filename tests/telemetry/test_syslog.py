@@ -16,11 +16,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from tel_helpers import lines, make, record
 
 from addons.config.load import PolicyError, load_config
 from addons.telemetry.events import Telemetry
 from addons.telemetry.syslog import format_message, header_field
+from tests.telemetry.tel_helpers import lines, make, record
 
 RFC5424 = re.compile(
     r"^<(?P<pri>\d{1,3})>1 (?P<ts>\S+) (?P<host>\S+) (?P<app>\S+) (?P<procid>\S+) (?P<msgid>\S+) "

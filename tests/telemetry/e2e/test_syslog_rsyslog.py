@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from rsyslog_support import Rsyslog, free_port, make_syslog_pki, need_rsyslog
-from tel_helpers import lines, make, record
 
 from addons.telemetry.events import Telemetry
 from addons.telemetry.report import build as report_build
 from tests.harness import PortcullisProc, base_config, upstreams  # noqa: F401 - fixture
+from tests.telemetry.rsyslog_support import Rsyslog, free_port, make_syslog_pki, need_rsyslog
+from tests.telemetry.tel_helpers import lines, make, record
 
 pytestmark = pytest.mark.e2e
 
@@ -212,7 +212,7 @@ def test_a_proxy_sends_its_events_to_rsyslog(tmp_path: Path, upstreams: Any) -> 
 def test_the_readme_rsyslog_snippet_works(tmp_path: Path) -> None:
     """The receiving config the README shows, run as written (paths and port swapped for the test's)."""
     binary = need_rsyslog("tls")
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
     m = re.search(r"```\n(# /etc/rsyslog\.d/portcullis\.conf.*?)```", readme, re.DOTALL)
     assert m, "the rsyslog snippet is missing from the README"
     pki = make_syslog_pki(tmp_path / "pki")

@@ -12,11 +12,11 @@ from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsSer
 from opentelemetry.sdk._logs import LoggerProvider
 from opentelemetry.sdk._logs.export import InMemoryLogRecordExporter, SimpleLogRecordProcessor
 from opentelemetry.sdk.resources import Resource
-from tel_helpers import DECISIONS, OTHER_EVENTS, lines, make, record
 
 from addons.config.models import TelemetryConfig
 from addons.telemetry.events import Telemetry
 from addons.telemetry.otel import OtelBridge
+from tests.telemetry.tel_helpers import DECISIONS, OTHER_EVENTS, lines, make, record
 
 
 def _memory() -> tuple[OtelBridge, InMemoryLogRecordExporter]:

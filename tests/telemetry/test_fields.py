@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
-from tel_helpers import TtyIO, lines, make, record
 
 from addons.telemetry.fields import MAX_STR, TRUNCATED
 from addons.telemetry.validate import validate_lines
+from tests.telemetry.tel_helpers import TtyIO, lines, make, record
 
 HOSTILE = [
     'evil.com\r\n{"schema":"portcullis.event/v1","event":"egress.decision","decision":"allow"}',

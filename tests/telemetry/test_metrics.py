@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from tel_helpers import DECISIONS, make, record
 
 from addons.policy.model import Reason
+from tests.telemetry.tel_helpers import DECISIONS, make, record
 
 BOUNDED = {
     "decision": {"allow", "deny"},

@@ -6,11 +6,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pol_helpers import make_policy, q, summary, tunnel, write_config
 
 from addons.config.load import load_config
 from addons.policy.evaluate import Policy, normalize_path
 from addons.policy.model import Action, Client, Reason, Request
+from tests.policy.pol_helpers import make_policy, q, summary, tunnel, write_config
 
 RULES: list[dict[str, Any]] = [
     {"name": "exact", "action": "allow", "hosts": ["pypi.org", "Bücher.de"]},

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from pol_helpers import REPO, load_errors, make_policy, q, summary, write_config
 
 from addons.config.load import PolicyError, load_config, load_config_report, load_policy
 from addons.config.models import Config
+from tests.policy.pol_helpers import REPO, load_errors, make_policy, q, summary, write_config
 
 DATA = REPO / "tests" / "data" / "rules"
 RULE_FIXTURES = sorted(p for p in DATA.iterdir() if p.suffix == ".yaml" or p.name == "dup-across-files")

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tel_helpers import DECISIONS, lines, make
 
 from tests.harness import PortcullisProc, base_config, upstreams  # noqa: F401 - fixture
+from tests.telemetry.tel_helpers import DECISIONS, lines, make
 
 
 def closed_port() -> int:

@@ -7,9 +7,9 @@ import os
 from pathlib import Path
 
 import pytest
-from tel_helpers import lines, make, record
 
 from addons.telemetry import sinks
+from tests.telemetry.tel_helpers import lines, make, record
 
 
 def _file_lines(p: Path) -> list[dict[str, object]]:

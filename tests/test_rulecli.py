@@ -7,9 +7,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from pol_helpers import REPO, write_config
 
 from addons.cli import main
+from tests.policy.pol_helpers import REPO, write_config
 
 EXAMPLE = str(REPO / "portcullis.yaml")
 EXAMPLE_TESTS = str(REPO / "rules" / "tests.yaml")

@@ -7,10 +7,10 @@ import json
 import threading
 
 import pytest
-from tel_helpers import DECISIONS, OTHER_EVENTS, lines, make, record
 
 from addons.telemetry.events import EVENT_TYPES, Telemetry
 from addons.telemetry.validate import EventSchemaError, event_types, validate_event, validate_lines
+from tests.telemetry.tel_helpers import DECISIONS, OTHER_EVENTS, lines, make, record
 
 
 def test_every_event_type_has_a_schema() -> None:
@@ -141,7 +141,7 @@ def test_exactly_one_line_per_decision_under_threads() -> None:
 
 
 def test_console_format_on_a_tty_is_readable_and_one_line(tmp_path: object) -> None:
-    from tel_helpers import TtyIO
+    from tests.telemetry.tel_helpers import TtyIO
 
     t, out = make(stream=TtyIO(), log={"format": "console"})
     t.decision(record(host="evil.example\r\n\x1b[31mFAKE event=egress.decision decision=allow"))
