@@ -1,8 +1,13 @@
-"""Host normalisation, IP literal spellings, address classes, registrable domains and the pattern grammar."""
+"""addons/policy/hosts.py: host normalisation, IP literal spellings, address classes, registrable domains,
+the pattern grammar; and hypothesis properties (idempotent normalisation, IP spellings)."""
 
 from __future__ import annotations
 
+import ipaddress
+
 import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 
 from addons.policy.hosts import (
     HostError,
@@ -384,3 +389,66 @@ def test_deny_may_wildcard_a_private_section_suffix(raw: str) -> None:
 def test_deny_may_not_wildcard_an_icann_suffix(raw: str) -> None:
     with pytest.raises(HostError, match="public suffix"):
         parse_pattern(raw, deny=True)
+
+
+# -- properties (hypothesis) ------------------------------------------------------------------------
+
+FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+HOST_CHARS = "abcxyz019-_.AZ。．｡ßüÜé例ｅ\u200b0x:[]%"
+label = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789", min_size=1, max_size=8)
+suffix = st.sampled_from(["com", "org", "co.uk", "github.io", "net", "de", "test", "s3.amazonaws.com"])
+
+
+@FAST
+@given(st.text(alphabet=HOST_CHARS, min_size=1, max_size=24))
+def test_normalisation_is_idempotent(raw: str) -> None:
+    try:
+        once = normalize_host(raw)
+    except HostError:
+        once = None
+    assume(once is not None)  # not `return`: a normaliser that rejected everything would fail here
+    assert once is not None and normalize_host(once) == once
+    assert once == once.lower() and not once.endswith(".") and once.isascii()
+
+
+@FAST
+@given(st.lists(label, min_size=1, max_size=4), suffix, st.booleans(), st.booleans())
+def test_case_and_trailing_dot_do_not_matter(labels: list[str], sfx: str, upper: bool, dot: bool) -> None:
+    name = ".".join([*labels, sfx])
+    spelled = (name.upper() if upper else name) + ("." if dot else "")
+    assert normalize_host(spelled) == name
+
+
+def _spell_part(n: int, style: str) -> str:
+    return {"dec": str(n), "hex": hex(n), "HEX": "0X" + format(n, "X"), "oct": "0" + format(n, "o")}[style]
+
+
+@FAST
+@given(
+    st.integers(0, 2**32 - 1),
+    st.sampled_from([1, 2, 3, 4]),
+    st.lists(st.sampled_from(["dec", "hex", "HEX", "oct"]), min_size=4, max_size=4),
+    st.sampled_from(["v4", "mapped", "mapped-hex", "bracket"]),
+    st.booleans(),
+)
+def test_ip_spellings_canonicalise_to_one_address(
+    value: int, parts: int, styles: list[str], form: str, dot: bool
+) -> None:
+    want = str(ipaddress.IPv4Address(value))
+    octets = list(ipaddress.IPv4Address(value).packed)
+    head = octets[: parts - 1]
+    rest = int.from_bytes(bytes(octets[parts - 1 :]), "big")
+    text = ".".join(
+        [_spell_part(n, s) for n, s in zip(head, styles, strict=False)] + [_spell_part(rest, styles[-1])]
+    )
+    if form == "mapped":
+        text = f"[::ffff:{want}]"
+    elif form == "mapped-hex":
+        text = f"[::ffff:{value >> 16:x}:{value & 0xFFFF:x}]"
+    elif form == "bracket":
+        text = f"[::FFFF:{want}]"
+    elif dot:
+        text += "."
+    assert normalize_host(text) == want
+

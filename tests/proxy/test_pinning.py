@@ -1,11 +1,9 @@
-"""Resolve-once and pinning, in process: rebinding, mixed answers, and the server_connect hook."""
+"""addons/proxy/pinning.py: the `server_connect` side of pinning, in process with mitmproxy's test
+connections: every upstream connection goes to an address a decision checked (else it is refused), TLS
+keeps the name, and the name is given back once connected (mitmproxy's connection reuse needs it)."""
 
 from __future__ import annotations
 
-import asyncio
-import io
-import json
-import socket
 from pathlib import Path
 
 import pytest
@@ -13,218 +11,161 @@ from mitmproxy import connection
 from mitmproxy.proxy import server_hooks
 from mitmproxy.test import tflow
 
-from addons.approvals.service import ApprovalService
-from addons.config.load import load_config
-from addons.pipeline.decide import Pipeline
-from addons.pipeline.dns import PinStore, ResolveError, canonical_ip, resolve, system_lookup
-from addons.pipeline.identity import ProxyAuth
-from addons.pipeline.model import Incoming
-from addons.policy.model import Layer
+from addons.pipeline.dns import Pin, PinStore
 from addons.proxy.addon import Portcullis
-from addons.proxy.approvals_bridge import ApprovalsBridge
-from addons.proxy.reload import PolicyHolder
-from addons.telemetry.events import Telemetry
+from addons.proxy.pinning import Pinner
+from tests.pipeline import pipe_helpers as ph
+from tests.pipeline.pipe_helpers import Lookup, http
+from tests.telemetry.tel_helpers import make as make_telemetry
 
-PUBLIC_A, PUBLIC_B = "8.8.8.8", "1.1.1.1"
-
-
-def make(tmp_path: Path, answers: list[list[str]]):
-    (tmp_path / "rules").mkdir()
-    (tmp_path / "rules" / "r.yaml").write_text(
-        json.dumps({"rules": [{"name": "ex", "action": "allow", "hosts": ["**.example.com"]}]})
-    )
-    (tmp_path / "c.yaml").write_text(json.dumps({"rules": ["rules/"], "default_action": "deny"}))
-    loaded = load_config(tmp_path / "c.yaml")
-    tel = Telemetry(loaded.config.telemetry, tmp_path, stream=io.StringIO())
-    holder = PolicyHolder(loaded, tel)
-    calls: list[str] = []
-
-    async def lookup(host: str, port: int) -> list[str]:
-        calls.append(host)
-        return answers[min(len(calls), len(answers)) - 1]
-
-    pins = PinStore()
-    pipeline = Pipeline(
-        holder,
-        auth=ProxyAuth(loaded.config, environ={}),
-        approvals=ApprovalsBridge(ApprovalService(loaded.config.approvals, tmp_path, tel)),
-        pins=pins,
-        lookup=lookup,
-        healthy=tel.healthy,
-    )
-    addon = Portcullis(pipeline, tel)
-    return pipeline, addon, pins, calls
+PUBLIC_A = "8.8.8.8"
 
 
-def req(client_id: str = "c1", host: str = "api.example.com") -> Incoming:
-    return Incoming(
-        Layer.HTTP,
-        host,
-        443,
-        conn_id=client_id,
-        flow_id="f",
-        peer=("10.9.9.9", 1234),
-        scheme="https",
-        method="GET",
-        path="/",
-    )
-
-
-async def test_a_name_whose_second_resolution_changes_stays_on_the_first_checked_address(tmp_path):
-    pipeline, addon, pins, calls = make(tmp_path, [[PUBLIC_A], ["127.0.0.1"]])
-    v1 = await pipeline.decide(req())
-    assert v1.passes and v1.ip == PUBLIC_A
-    # Same client connection: no second DNS query; the pinned, checked answer is reused.
-    v2 = await pipeline.decide(req())
-    assert v2.passes and v2.ip == PUBLIC_A and calls == ["api.example.com"]
-    # The connect goes to the checked address, with SNI/verification on the name.
+def hook(host: str | None, port: int = 443, client_id: str = "c1") -> server_hooks.ServerConnectionHookData:
     client = tflow.tclient_conn()
-    client.id = "c1"
-    data = server_hooks.ServerConnectionHookData(
-        server=connection.Server(address=("api.example.com", 443)), client=client
-    )
-    addon.server_connect(data)
-    assert data.server.address == (PUBLIC_A, 443) and data.server.sni == "api.example.com"
+    client.id = client_id
+    address = (host, port) if host is not None else None
+    return server_hooks.ServerConnectionHookData(server=connection.Server(address=address), client=client)
+
+
+def addon(tmp_path: Path, lookup: Lookup | None = None) -> Portcullis:
+    pipeline, _, _ = ph.pipeline(ph.policy(tmp_path), lookup=lookup or Lookup())
+    tel, _ = make_telemetry()
+    return Portcullis(pipeline, tel)
+
+
+async def test_a_name_whose_second_resolution_changes_stays_on_the_first_checked_address(
+    tmp_path: Path,
+) -> None:
+    lookup = Lookup({"api.public.test": [PUBLIC_A]})
+    a = addon(tmp_path, lookup)
+    v1 = await a.pipeline.decide(http("api.public.test", 443, host_header="api.public.test:443"))
+    assert v1.passes and v1.ip == PUBLIC_A
+    lookup.table["api.public.test"] = ["127.0.0.1"]  # rebinding
+    # Same client connection: no second DNS query; the pinned, checked answer is reused.
+    v2 = await a.pipeline.decide(http("api.public.test", 443, host_header="api.public.test:443"))
+    assert v2.passes and v2.ip == PUBLIC_A and lookup.calls == ["api.public.test"]
+    # The connect goes to the checked address, with SNI/verification on the name.
+    data = hook("api.public.test")
+    a.server_connect(data)
+    assert data.server.address == (PUBLIC_A, 443) and data.server.sni == "api.public.test"
     assert data.server.error is None
-    addon.server_connected(data)
-    assert data.server.address == ("api.example.com", 443)  # restored for connection reuse
+    a.server_connected(data)
+    assert data.server.address == ("api.public.test", 443)  # restored for connection reuse
     # A new client connection resolves again and sees the rebinding: refused.
-    v3 = await pipeline.decide(req("c2"))
-    assert not v3.passes and v3.reason == "private_address"
-    assert pins.get("c2", "api.example.com", 443) is None
-
-
-@pytest.mark.parametrize(
-    "answers",
-    [
-        [PUBLIC_A, "10.0.0.5"],
-        ["127.0.0.1", PUBLIC_A],
-        [PUBLIC_B, "::ffff:169.254.169.254"],
-        [PUBLIC_A, "fd00::1"],
-        [PUBLIC_A, "100.64.1.1"],
-    ],
-)
-async def test_any_private_answer_refuses_the_name(tmp_path, answers):
-    pipeline, _, pins, _ = make(tmp_path, [answers])
-    v = await pipeline.decide(req())
-    assert not v.passes and v.status == 403 and v.reason == "private_address"
-    assert len(pins) == 0
-
-
-async def test_real_resolver_path_with_mixed_answers(tmp_path, monkeypatch):
-    pipeline, _, _, _ = make(tmp_path, [[PUBLIC_A]])
-    pipeline.lookup = system_lookup
-    loop = asyncio.get_running_loop()
-
-    async def fake_getaddrinfo(host, port, **kw):
-        assert host == "api.example.com"
-        return [
-            (socket.AF_INET, socket.SOCK_STREAM, 6, "", (PUBLIC_A, port)),
-            (socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::1", port, 0, 0)),
-        ]
-
-    monkeypatch.setattr(loop, "getaddrinfo", fake_getaddrinfo)
-    v = await pipeline.decide(req())
-    assert not v.passes and v.reason == "private_address"
-
-
-async def test_a_denied_name_is_never_resolved(tmp_path):
-    pipeline, _, _, calls = make(tmp_path, [[PUBLIC_A]])
-    v = await pipeline.decide(req(host="pastebin.test"))
-    assert not v.passes and v.reason == "default" and calls == []
-
-
-async def test_unresolvable_allowed_name_is_502_allow(tmp_path):
-    pipeline, _, _, _ = make(tmp_path, [[PUBLIC_A]])
-
-    async def nx(host: str, port: int) -> list[str]:
-        raise ResolveError("cannot resolve api.example.com: NXDOMAIN")
-
-    pipeline.lookup = nx
-    v = await pipeline.decide(req())
-    assert not v.passes and v.action == "allow" and v.status == 502
-
-
-def test_server_connect_without_a_decision_is_refused(tmp_path):
-    _, addon, _, _ = asyncio.run(_make_async(tmp_path))
-    data = server_hooks.ServerConnectionHookData(
-        server=connection.Server(address=("other.example.com", 443)), client=tflow.tclient_conn()
+    v3 = await a.pipeline.decide(
+        http("api.public.test", 443, host_header="api.public.test:443", conn_id="c2")
     )
-    addon.server_connect(data)
+    assert not v3.passes and v3.reason == "private_address"
+    assert a.pipeline.pins.get("c2", "api.public.test", 443) is None
+
+
+def test_server_connect_without_a_decision_is_refused(tmp_path: Path) -> None:
+    a = addon(tmp_path)
+    data = hook("other.example.com")
+    a.server_connect(data)
     assert data.server.error and data.server.address == ("other.example.com", 443)
 
 
-async def _make_async(tmp_path):
-    return make(tmp_path, [[PUBLIC_A]])
-
-
-@pytest.mark.parametrize(
-    ("raw", "canon"),
-    [("::ffff:8.8.8.8", "8.8.8.8"), ("fe80::1%eth0", "fe80::1"), ("2001:DB8::1", "2001:db8::1")],
-)
-def test_canonical_ip(raw, canon):
-    assert canonical_ip(raw) == canon
-
-
-async def test_resolve_prefers_literal_then_static():
-    async def boom(host: str, port: int) -> list[str]:
-        raise AssertionError("no DNS for literals or static answers")
-
-    assert await resolve("8.8.8.8", 80, True, None, boom) == ("8.8.8.8",)
-    assert await resolve("a.example.com", 80, False, ("1.1.1.1", "1.1.1.1"), boom) == ("1.1.1.1",)
-
-
-@pytest.mark.parametrize(
-    ("peer", "cidrs", "refused"),
-    [
-        ("8.8.8.8", [], True),
-        ("2001:4860::8888", [], True),
-        ("::ffff:8.8.8.8", [], True),
-        ("8.8.8.8", ["8.8.8.0/24"], False),
-        ("10.1.2.3", [], False),
-        ("127.0.0.1", [], False),
-        ("172.17.0.2", [], False),
-        ("fd00::5", [], False),
-    ],
-)
-def test_clients_on_public_addresses_are_refused_unless_configured(tmp_path, peer, cidrs, refused):
-    import ipaddress
-
-    _, addon, _, _ = asyncio.run(_make_async(tmp_path))
-    addon.client_cidrs = tuple(ipaddress.ip_network(c) for c in cidrs)
-    client = tflow.tclient_conn()
-    client.peername = (peer, 40000)
-    client.error = None
-    addon.client_connected(client)
-    assert bool(client.error) is refused
-
-
-def test_an_error_while_pinning_refuses_the_connection(tmp_path):
-    _, addon, _, _ = asyncio.run(_make_async(tmp_path))
+def test_an_error_while_pinning_refuses_the_connection(tmp_path: Path) -> None:
+    a = addon(tmp_path)
 
     class Broken:
-        def get(self, *a):
+        def get(self, *a: object) -> None:
             raise RuntimeError("boom")
 
-    addon.pinner.pins = Broken()
-    data = server_hooks.ServerConnectionHookData(
-        server=connection.Server(address=("api.example.com", 443)), client=tflow.tclient_conn()
-    )
-    addon.server_connect(data)
+    a.pinner.pins = Broken()  # type: ignore[assignment]
+    data = hook("api.example.com")
+    a.server_connect(data)
     assert data.server.error and data.server.address == ("api.example.com", 443)
 
 
-async def test_an_error_outside_the_decision_kills_the_flow(tmp_path):
-    _, addon, _, _ = make(tmp_path, [[PUBLIC_A]])
+@pytest.fixture
+def pinner() -> tuple[Pinner, PinStore]:
+    pins = PinStore()
+    pins.put("c1", Pin("a.test", 443, (PUBLIC_A, "1.1.1.1")))
+    pins.put("c1", Pin("8.8.4.4", 443, ("8.8.4.4",)))
+    return Pinner(pins), pins
 
-    def boom(*a, **k):
-        raise RuntimeError("boom")
 
-    addon.pipeline.decide = boom
-    f = tflow.tflow()
-    await addon.requestheaders(f)
-    assert f.error is not None and f.error.msg  # killed: never forwarded undecided
-    c = tflow.tflow()
-    c.request.method = "CONNECT"
-    await addon.http_connect(c)
-    assert c.error is not None
+@pytest.mark.parametrize("spelling", ["a.test", "A.TEST.", "A.Test"])
+def test_every_spelling_of_a_pinned_name_dials_its_first_checked_address(
+    pinner: tuple[Pinner, PinStore], spelling: str
+) -> None:
+    p, _ = pinner
+    data = hook(spelling)
+    p.pin(data)
+    assert data.server.error is None and data.server.address == (PUBLIC_A, 443)
+    assert data.server.sni == "a.test"  # TLS is verified against the (normalised) name
+    p.restore(data.server)
+    assert data.server.address == (spelling, 443)  # the name as mitmproxy asked for it
+
+
+def test_an_ip_literal_gets_no_sni_and_an_existing_sni_is_kept(pinner: tuple[Pinner, PinStore]) -> None:
+    p, _ = pinner
+    lit = hook("8.8.4.4")
+    p.pin(lit)
+    assert lit.server.address == ("8.8.4.4", 443) and lit.server.sni is None and lit.server.error is None
+    named = hook("a.test")
+    named.server.sni = "a.test"
+    p.pin(named)
+    assert named.server.sni == "a.test" and named.server.address == (PUBLIC_A, 443)
+
+
+@pytest.mark.parametrize(
+    ("host", "port", "client_id"),
+    [("a.test", 8443, "c1"), ("a.test", 443, "c2"), ("b.test", 443, "c1")],
+    ids=["other-port", "other-connection", "other-host"],
+)
+def test_a_connect_no_decision_covered_is_refused(
+    pinner: tuple[Pinner, PinStore], host: str, port: int, client_id: str
+) -> None:
+    p, _ = pinner
+    data = hook(host, port, client_id)
+    p.pin(data)
+    assert data.server.error == "portcullis: destination was not checked"
+    assert data.server.address == (host, port)
+
+
+def test_an_unusable_destination_is_refused(pinner: tuple[Pinner, PinStore]) -> None:
+    p, _ = pinner
+    data = hook("a..test")
+    p.pin(data)
+    assert data.server.error == "portcullis: unusable destination"
+
+
+def test_a_connect_already_refused_or_without_address_is_left_alone(pinner: tuple[Pinner, PinStore]) -> None:
+    p, _ = pinner
+    refused = hook("a.test")
+    refused.server.error = "refused earlier"
+    p.pin(refused)
+    assert refused.server.error == "refused earlier" and refused.server.address == ("a.test", 443)
+    nowhere = hook(None)
+    p.pin(nowhere)
+    assert nowhere.server.address is None and nowhere.server.error is None
+
+
+def test_restore_and_forget_only_touch_pinned_connections(pinner: tuple[Pinner, PinStore]) -> None:
+    p, _ = pinner
+    data = hook("a.test")
+    p.pin(data)
+    p.forget(data.server)  # disconnected before it connected: nothing to give back
+    p.restore(data.server)
+    assert data.server.address == (PUBLIC_A, 443)
+    other = hook("a.test")
+    p.restore(other.server)  # never pinned: untouched
+    assert other.server.address == ("a.test", 443)
+
+
+def test_the_addon_hooks_drive_the_pinner(tmp_path: Path) -> None:
+    a = addon(tmp_path)
+    a.pipeline.pins.put("c1", Pin("a.test", 443, (PUBLIC_A,)))
+    ok = hook("a.test")
+    a.server_connect(ok)
+    a.server_connect_error(ok)  # a failed connect gives the name back too
+    assert ok.server.address == ("a.test", 443)
+    again = hook("a.test")
+    a.server_connect(again)
+    a.server_disconnected(again)
+    a.server_connected(again)  # forgotten: nothing restored any more
+    assert again.server.address == (PUBLIC_A, 443)
