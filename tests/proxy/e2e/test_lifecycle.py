@@ -230,3 +230,21 @@ def test_held_request_is_released_by_an_admin_decision(upstreams, tmp_path):
         assert (
             dec["decision"] == "allow" and dec["reason"] == "approved" and dec["approval_id"] == approval_id
         )
+
+
+def test_run_refuses_to_start_on_an_unsupported_mitmproxy(tmp_path):
+    # A sitecustomize makes the installed mitmproxy claim another version before the CLI starts.
+    (tmp_path / "sitecustomize.py").write_text("import mitmproxy.version as v\nv.VERSION = '13.0.0'\n")
+    (tmp_path / "portcullis.yaml").write_text("rules: []\n")
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}"}
+    p = subprocess.run(
+        [sys.executable, "-m", "addons.cli", "run", "--config", str(tmp_path / "portcullis.yaml")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
+        check=False,
+    )
+    assert p.returncode == 2, p.stderr
+    assert "mitmproxy 13.0.0 is not supported" in p.stderr and "mitmproxy>=12.2,<12.3" in p.stderr
