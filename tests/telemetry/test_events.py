@@ -77,7 +77,7 @@ def test_no_query_string_no_credentials_no_header_values() -> None:
     first, second = lines(out)
     assert first["request"]["path"] == "/search"
     assert second["url"] == "https://hooks.example.com/p"
-    validate_lines(text)
+    assert len(validate_lines(text)) == 2
 
 
 def test_schema_rejects_a_forged_or_broken_event() -> None:
@@ -154,13 +154,15 @@ def test_console_format_on_a_tty_is_readable_and_one_line(tmp_path: object) -> N
 def test_console_format_without_a_tty_writes_json() -> None:
     t, out = make(log={"format": "console"})
     t.decision(record())
-    validate_lines(out.getvalue())
+    (ev,) = validate_lines(out.getvalue())
+    assert ev["event"] == "egress.decision" and ev["flow_id"] == "flow-1"
 
 
 def test_default_stream_is_stdout(capsys: pytest.CaptureFixture[str]) -> None:
     t = Telemetry()
     t.emit("proxy.started", listen=["127.0.0.1:1"], mode="enforce")
-    validate_lines(capsys.readouterr().out)
+    (ev,) = validate_lines(capsys.readouterr().out)
+    assert ev["event"] == "proxy.started" and ev["listen"] == ["127.0.0.1:1"]
 
 
 def test_closed_stream_counts_and_fails_closed() -> None:

@@ -1,8 +1,12 @@
-"""OpenTelemetry export: events as OTel log records (in-memory, and OTLP/HTTP to a loopback receiver)."""
+"""addons/telemetry/otel.py: events as OTel log records (in memory, and OTLP/HTTP to a loopback receiver);
+at shutdown an unreachable collector costs close() its budget only, and what was lost is counted."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import socket
+import threading
 from collections.abc import AsyncIterator
 
 import pytest
@@ -163,3 +167,38 @@ async def test_records_the_collector_refuses_are_counted(monkeypatch: pytest.Mon
         assert t.metrics.events_dropped.labels("otlp")._value.get() == 3
     finally:
         await runner.cleanup()
+
+
+# -- shutdown with an unreachable collector ------------------------------------------------------------
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def unreachable_collector(monkeypatch: pytest.MonkeyPatch) -> str:
+    url = f"http://127.0.0.1:{closed_port()}/v1/logs"
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_LOGS_ENDPOINT", url)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    for var in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    return url
+
+
+def test_close_counts_what_the_collector_never_got(
+    unreachable_collector: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    t, out = make(otlp=True)
+    for rec in DECISIONS[:5]:
+        t.decision(rec)
+    with caplog.at_level(logging.WARNING, logger="portcullis.telemetry"):
+        closer = threading.Thread(target=t.close, daemon=True)
+        closer.start()
+        closer.join(60)   # a bound for the test, not a measurement: close() itself gives up after ~1 s
+        assert not closer.is_alive()
+    assert len(lines(out)) == 5 and t.healthy()
+    assert t.metrics.registry.get_sample_value("portcullis_events_dropped_total", {"sink": "otlp"}) == 5
+    assert "OTLP: 5 of 5 events were not exported" in caplog.text
