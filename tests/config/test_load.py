@@ -1,4 +1,5 @@
-"""Loading: every error as path:line:col (a fixture per kind of broken file), folders, persist_to."""
+"""addons/config/load.py: every error as path:line:col (a fixture per kind of broken file), folders,
+persist_to, reload reusing unchanged files."""
 
 from __future__ import annotations
 
@@ -143,26 +144,6 @@ def test_load_policy_for_reload(tmp_path: Path) -> None:
         load_policy(lc.config, lc.base_dir)
     assert e.value.errors[0].startswith(f"{tmp_path / 'rules' / 'r.yaml'}:1:41: rule 'b': wildcard '*.com'")
     assert summary(lc.policy.decide(q("a.test"))) == ("allow", "rule", "a")  # the old policy is untouched
-
-
-def test_config_values_are_parsed(tmp_path: Path) -> None:
-    lc = load_config(
-        write_config(
-            tmp_path,
-            [],
-            listen="[::1]:8080",
-            network={
-                "allow_cidrs": ["::ffff:10.1.0.0/112", "192.168.0.7"],
-                "resolve": {"A.test": ["127.0.0.2", "0x7f000003"]},
-            },
-            clients=[{"name": "a", "cidrs": ["10.0.0.0/8"]}],
-        )
-    )
-    st = lc.policy.settings
-    assert [str(n) for n in st.allow_cidrs] == ["10.1.0.0/16", "192.168.0.7/32"]
-    assert st.resolve == {"a.test": ("127.0.0.2", "127.0.0.3")}
-    assert st.self_addresses == ("::1",)
-    assert lc.resolve_path("state/x.db") == tmp_path / "state/x.db"
 
 
 def test_absurdly_deep_yaml_is_an_error_not_a_crash(tmp_path: Path) -> None:
