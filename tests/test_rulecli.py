@@ -1,9 +1,9 @@
-"""`portcullis validate | check | test`: output, JSON and exit codes, also via the console script."""
+"""addons/rulecli.py: `portcullis validate | check | test`: output, JSON and exit codes (the console script
+itself: tests/test_cli.py; `check`'s pipeline run: tests/test_check.py)."""
 
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -233,30 +233,3 @@ def test_bad_cases_file(tmp_path: Path, capsys: pytest.CaptureFixture[str], text
 def test_missing_cases_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run(capsys, "test", "--config", EXAMPLE, str(tmp_path / "x.yaml"))
     assert code == 2 and err == f"{tmp_path / 'x.yaml'}: cannot read: no such file\n"
-
-
-# -- the installed console script -------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("argv", "code"),
-    [
-        (["validate", "--config", EXAMPLE], 0),
-        (["check", "--config", EXAMPLE, "https://pypi.org/simple/"], 0),
-        (["check", "--config", EXAMPLE, "https://paste.ee/"], 1),
-        (["check", "--config", EXAMPLE, "https://new.example/"], 3),
-        (["check", "--config", EXAMPLE, "not-a-url"], 2),
-        (["test", "--config", EXAMPLE, EXAMPLE_TESTS], 0),
-        (["validate", "--config", "/nonexistent/portcullis.yaml"], 1),
-    ],
-)
-def test_console_script_exit_codes(argv: list[str], code: int) -> None:
-    p = subprocess.run(
-        [str(REPO / ".venv" / "bin" / "portcullis"), *argv],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=REPO,
-    )
-    assert p.returncode == code, p.stderr
-    assert "Traceback" not in p.stderr
