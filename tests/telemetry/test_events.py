@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import threading
@@ -174,18 +175,102 @@ def test_closed_stream_counts_and_fails_closed() -> None:
     assert not t.healthy()
 
 
-@pytest.mark.parametrize(("host", "want"), [
-    ("api.build.corp", "build.corp"),        # no PSL suffix: the default rule `*` makes `corp` the suffix
-    ("x.corp.internal", "corp.internal"),
-    ("foo.test", "foo.test"),
-    ("www.bbc.co.uk", "bbc.co.uk"),
-    ("localhost", None),                     # a single label is itself a suffix
-    ("10.20.0.7", None),                     # IP literals have none
-    ("2001:db8::7", None),
-])
+@pytest.mark.parametrize(
+    ("host", "want"),
+    [
+        ("api.build.corp", "build.corp"),  # no PSL suffix: the default rule `*` makes `corp` the suffix
+        ("x.corp.internal", "corp.internal"),
+        ("foo.test", "foo.test"),
+        ("www.bbc.co.uk", "bbc.co.uk"),
+        ("localhost", None),  # a single label is itself a suffix
+        ("10.20.0.7", None),  # IP literals have none
+        ("2001:db8::7", None),
+    ],
+)
 def test_every_name_has_a_registered_domain(host: str, want: str | None) -> None:
     t, out = make()
     t.decision(record(host=host))
     (ev,) = lines(out)
     assert ev["destination"]["registered_domain"] == want
     validate_event(ev)
+
+
+def test_every_decision_field_is_always_present() -> None:
+    t, out = make()
+    t.decision(
+        record(
+            rule=None,
+            rule_file=None,
+            rule_line=None,
+            matched_rules=(),
+            latency_s=None,
+            client_user=None,
+            ip=None,
+        )
+    )
+    (ev,) = lines(out)
+    for key in ("rule", "rule_file", "rule_line", "approval_id", "latency_ms", "approval_wait_ms", "detail"):
+        assert key in ev and ev[key] is None, key
+    assert ev["matched_rules"] == [] and set(ev["client"]) == {"address", "port", "name", "user"}
+    assert set(ev["destination"]) == {"host", "port", "ip", "registered_domain"}
+    assert set(ev["request"]) == {"scheme", "method", "path"}
+
+
+def test_times_are_milliseconds_and_a_private_class_is_the_detail() -> None:
+    t, out = make()
+    t.decision(record(latency_s=0.0012345, approval_wait_s=2.5))
+    o = record(decision="deny", reason="private_address", detail="long sentence")
+    t.decision(dataclasses.replace(o, private_class="metadata"))
+    first, second = lines(out)
+    assert (first["latency_ms"], first["approval_wait_ms"]) == (1.234, 2500.0)
+    assert second["detail"] == "metadata"
+    assert t.metrics.registry.get_sample_value("portcullis_decision_duration_seconds_count") == 2
+
+
+def test_a_tunnel_is_counted_while_open_and_closed_once() -> None:
+    t, out = make()
+    o = record(decision="allow", reason="rule", layer="connect", method="CONNECT", path=None, status=None)
+    t.tunnel_opened()
+    t.tunnel_opened()
+    assert t.metrics.tunnels_open._value.get() == 2
+    t.tunnel_closed(dataclasses.replace(o, inspect=True), 10, 20, 1.23456)
+    t.tunnel_ended()  # one refused after its first bytes: no tunnel.closed
+    assert t.metrics.tunnels_open._value.get() == 0
+    (ev,) = lines(out)
+    assert ev["event"] == "tunnel.closed" and validate_event(ev) is None
+    assert (ev["flow_id"], ev["bytes_up"], ev["bytes_down"], ev["duration_s"], ev["inspected"]) == (
+        "flow-1",
+        10,
+        20,
+        1.235,
+        True,
+    )
+    assert ev["client"] == {"address": "10.0.1.5", "port": 50123, "name": "ci-agents", "user": None}
+    assert ev["destination"] == {"host": "pastebin.com", "port": 443, "ip": "203.0.113.7"}
+
+
+@pytest.mark.parametrize(
+    ("event", "fields", "level"),
+    [
+        ("egress.decision", {"decision": "allow", "reason": "rule"}, "info"),
+        ("egress.decision", {"decision": "deny", "reason": "rule"}, "warning"),
+        ("egress.decision", {"decision": "deny", "reason": "internal_error"}, "error"),
+        ("rules.reload_failed", {}, "warning"),
+        ("webhook.failed", {}, "warning"),
+        ("proxy.started", {}, "info"),
+    ],
+)
+def test_levels(event: str, fields: dict[str, str], level: str) -> None:
+    from addons.telemetry.events import _level
+
+    assert _level(event, fields) == level
+
+
+def test_close_is_idempotent_and_reopen_is_harmless_without_a_file() -> None:
+    t, out = make()
+    t.reopen()
+    t.emit("proxy.stopped", exit_code=0)
+    t.close()
+    t.close()
+    (ev,) = lines(out)
+    assert ev["event"] == "proxy.stopped" and ev["timestamp"].endswith("Z") and len(ev["timestamp"]) == 24

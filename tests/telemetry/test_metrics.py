@@ -61,3 +61,30 @@ def test_requests_counted_by_decision_and_reason() -> None:
     assert 'portcullis_requests_total{decision="deny",enforced="true",reason="default"} 2.0' in text
     assert 'portcullis_requests_total{decision="allow",enforced="true",reason="rule"} 1.0' in text
     assert "portcullis_decision_duration_seconds_count 3.0" in text
+
+
+def test_every_metric_is_exported_and_each_instance_has_its_own_registry() -> None:
+    from addons.telemetry.metrics import Metrics
+
+    a, b = Metrics(), Metrics()
+    a.requests.labels("allow", "rule", "true").inc()
+    a.tunnels_open.inc()
+    text = a.render().decode()
+    for name in (
+        "portcullis_requests_total",
+        "portcullis_decision_duration_seconds_bucket",
+        "portcullis_approvals_pending",
+        "portcullis_rules_loaded",
+        "portcullis_tunnels_open 1.0",
+    ):
+        assert name in text, name
+    for help_name in (
+        "approval_requests",
+        "approval_wait_seconds",
+        "webhook_deliveries",
+        "rule_reloads",
+        "events_dropped",
+        "events_buffered",
+    ):
+        assert f"# HELP portcullis_{help_name}" in text, help_name
+    assert "portcullis_tunnels_open 0.0" in b.render().decode()  # not shared

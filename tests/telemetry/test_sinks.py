@@ -88,3 +88,47 @@ def test_disk_full_fails_open_when_configured(tmp_path: Path) -> None:
     assert not t2.healthy()
     t.close()
     t2.close()
+
+
+# -- the sinks on their own -------------------------------------------------------------------------
+
+
+def test_the_stream_sink_writes_a_line_and_flushes() -> None:
+    import io
+
+    class Counting(io.StringIO):
+        flushes = 0
+
+        def flush(self) -> None:
+            self.flushes += 1
+            super().flush()
+
+    s = Counting()
+    sink = sinks.StreamSink(s)
+    sink.write('{"a":1}')
+    assert s.getvalue() == '{"a":1}\n' and s.flushes == 1
+    sink.reopen()  # the stream belongs to the process: nothing to do
+    s.close()
+    sink.close()  # a closed stream is no error at shutdown
+    with pytest.raises(ValueError):
+        sink.write("x")  # but a write is (Telemetry counts it)
+
+
+def test_the_file_sink_opens_lazily_appends_and_raises_what_it_cannot_write(tmp_path: Path) -> None:
+    p = tmp_path / "e.jsonl"
+    sink = sinks.FileSink(p)
+    assert not p.exists()
+    sink.write("one")
+    sink.write("two")
+    assert p.read_text() == "one\ntwo\n"
+    sink.close()
+    sink.write("three")  # reopened by the next write
+    assert p.read_text() == "one\ntwo\nthree\n"
+    sink.close()
+    missing = sinks.FileSink(tmp_path / "no" / "e.jsonl")
+    with pytest.raises(OSError):
+        missing.write("x")
+    (tmp_path / "no").mkdir()
+    missing.write("x")  # the next write retries the open
+    assert (tmp_path / "no" / "e.jsonl").read_text() == "x\n"
+    missing.close()
