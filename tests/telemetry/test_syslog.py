@@ -1,6 +1,6 @@
 """The syslog sink without rsyslog (fast tier): config errors, the RFC 5424 line, octet-counting frames
 read by a loopback receiver, a receiver that stops reading (the caller never waits), an oversized
-UDP datagram, and shutdown with the receiver away. The rsyslog tests are test_tel_syslog_rsyslog.py."""
+UDP datagram, and shutdown with the receiver away. The rsyslog tests are e2e/test_syslog_rsyslog.py."""
 
 from __future__ import annotations
 

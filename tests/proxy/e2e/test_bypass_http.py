@@ -165,7 +165,7 @@ def test_a_malformed_request_inside_an_inspected_tunnel_is_logged(proxy, clean):
     "target", ["http://api.public.test:{port}/x", "https://api.public.test:{port}/x", "*"]
 )
 def test_inside_an_inspected_tunnel_only_origin_form_targets_pass(proxy, clean, target):
-    # An absolute-form target naming another host is host_mismatch (tests/proxy/test_proxy_connect.py).
+    # An absolute-form target naming another host is host_mismatch (tests/proxy/e2e/test_connect.py).
     n = len(proxy.decisions(reason="bad_request"))
     t = target.format(port=clean.record_tls_port)
     with _inspected(proxy, clean.record_tls_port) as tls:
