@@ -184,11 +184,6 @@ def test_nest() -> None:
     assert nest({}) == {}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="nest() merges a nested dict into what dotted keys built one level deep only: "
-    "{'a.b.c': 1, 'a': {'b': {'d': 2}}} loses a.b.c (reported to the lead; no caller does this today)",
-)
 def test_nest_merges_at_every_depth() -> None:
     assert nest({"a.b.c": 1, "a": {"b": {"d": 2}}}) == {"a": {"b": {"c": 1, "d": 2}}}
 
