@@ -253,6 +253,7 @@ OTHER_EVENTS: list[tuple[str, dict[str, Any]]] = [
     ),
     ("approval.decided", {"approval_id": "apr-5", "decision": "deny", "scope": "once", "by": "bob"}),
     ("rules.reloaded", {"rule_count": 12, "files": ["rules/base.yaml"], "trigger": "watch"}),
+    ("worker.exited", {"worker": 1, "pid": 4242, "exit_code": None, "signal": "SIGKILL", "restarted": True}),
     ("rules.reload_failed", {"error": "rules/base.yaml:3:5: unknown key 'hostz'", "trigger": "sighup"}),
     (
         "webhook.failed",
