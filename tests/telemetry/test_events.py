@@ -212,7 +212,8 @@ def test_every_decision_field_is_always_present() -> None:
     (ev,) = lines(out)
     for key in ("rule", "rule_file", "rule_line", "approval_id", "latency_ms", "approval_wait_ms", "detail"):
         assert key in ev and ev[key] is None, key
-    assert ev["matched_rules"] == [] and set(ev["client"]) == {"address", "port", "name", "user"}
+    assert ev["matched_rules"] == [] and set(ev["client"]) == {
+        "address", "port", "name", "user", "task_id", "profile", "labels"}
     assert set(ev["destination"]) == {"host", "port", "ip", "registered_domain"}
     assert set(ev["request"]) == {"scheme", "method", "path"}
 
@@ -246,7 +247,8 @@ def test_a_tunnel_is_counted_while_open_and_closed_once() -> None:
         1.235,
         True,
     )
-    assert ev["client"] == {"address": "10.0.1.5", "port": 50123, "name": "ci-agents", "user": None}
+    assert ev["client"] == {"address": "10.0.1.5", "port": 50123, "name": "ci-agents", "user": None,
+                            "task_id": None, "profile": None}
     assert ev["destination"] == {"host": "pastebin.com", "port": 443, "ip": "203.0.113.7"}
 
 
