@@ -98,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("events", help="events file (JSON lines)")
     rep.add_argument("--since", help="only events newer than this (e.g. 1h, 30m)")
     rep.add_argument("--format", choices=["auto", "table", "markdown", "json"], default="auto")
+    rep.add_argument("--by", choices=["domain", "task"], default="domain",
+                     help="group by registrable domain (default) or by agent task")
 
     ca = sub.add_parser("ca", help="create the CA if missing; print the public certificate path")
     ca.add_argument("--dir", default="certs/", help="CA directory (default: certs/)")
