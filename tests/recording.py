@@ -229,6 +229,33 @@ def _framing(head: dict[str, object]) -> tuple[str, int]:
     return "length", 0
 
 
+def _chunked_end(data: bytes) -> int | None:
+    """Where a chunked body (sizes read properly, trailers skipped) ends, or None if incomplete.
+    A size line that is not hex ends the body where it stands (the server would fail there)."""
+    i = 0
+    while True:
+        eol = data.find(b"\r\n", i)
+        if eol < 0:
+            return None
+        size_text = data[i:eol].split(b";", 1)[0].strip()
+        try:
+            size = int(size_text, 16)
+        except ValueError:
+            return eol + 2
+        i = eol + 2
+        if size == 0:
+            while True:  # trailer fields, then the empty line
+                eol = data.find(b"\r\n", i)
+                if eol < 0:
+                    return None
+                if eol == i:
+                    return eol + 2
+                i = eol + 2
+        if len(data) < i + size + 2:
+            return None
+        i += size + 2
+
+
 class RecordingServer:
     """Loopback servers that record everything (run in a background thread).
 
@@ -311,10 +338,10 @@ class RecordingServer:
             head = parse_head(raw_head)
             mode, n = _framing(head)
             if mode == "chunked":
-                body_end = rest.find(b"0\r\n\r\n")
-                if body_end < 0:
+                end = _chunked_end(rest)
+                if end is None:
                     return buf, False
-                rest = rest[body_end + 5 :]
+                rest = rest[end:]
             else:
                 if len(rest) < n:
                     return buf, False
