@@ -327,7 +327,7 @@ class RecordingServer:
         srv = await asyncio.start_server(handle, host, port, ssl=ctx)
         self._servers.append(srv)
         box["port"] = int(srv.sockets[0].getsockname()[1])
-        self.conns[box["port"]] = []
+        self.conns.setdefault(box["port"], [])  # servers on several addresses may share a port number
         return box["port"]
 
     def _answer(

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from tests.harness import PUBLIC_IP, PortcullisProc, Reply, Upstreams, base_config, read_reply
-from tests.recording import RecordingServer
+from tests.recording import RecordingServer, free_port_pair
 
 # Names every adversarial proxy resolves statically (all to the "public" loopback upstream address).
 NAMES = [
@@ -64,6 +64,7 @@ class Recorders:
     upgrade: int  # 127.0.0.2: HTTP/1 that answers any Upgrade with 101, then records raw bytes
     http3: int  # 127.0.0.3: HTTP/1 (the address a deny rule names)
     raw3: int  # 127.0.0.3: raw sink
+    loop: int  # HTTP/1 on 127.0.0.2, 127.0.0.1 and ::1, the same port: a loopback bypass is recorded
 
     def mark(self) -> dict[int, int]:
         return self.server.mark()
@@ -78,7 +79,15 @@ class Recorders:
 def start_recorders(u: Upstreams) -> Recorders:
     s = RecordingServer()
     cert = (u.pki["public_cert"], u.pki["public_key"])
+    loop = free_port_pair("127.0.0.2", "127.0.0.1")
+    for host in ("127.0.0.2", "127.0.0.1", "::1"):
+        try:
+            s.start("http", host=host, port=loop)
+        except OSError:
+            if host != "::1":  # a host without IPv6 loopback: the v6 spellings just find nothing
+                raise
     return Recorders(
+        loop=loop,
         server=s,
         raw=s.start("raw"),
         http=s.start("http"),
