@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import random
 import socket
 import ssl
 import struct
@@ -417,3 +418,79 @@ def free_port_pair(a: str, b: str) -> int:
                     continue
                 return port
     raise RuntimeError("no port free on both addresses")
+
+
+# ------------------------------------------------------------------------------------ scripted DNS
+
+
+class ScriptedDNS:
+    """A UDP DNS server on a loopback address whose answers a test scripts per name and per query.
+
+    `script[name](qtype, n)` returns the addresses for the n-th query (1-based, counted per name
+    and type) or None for NXDOMAIN; names without a script are NXDOMAIN. `queries` records every
+    (name, qtype) asked, so a test can prove a name was never resolved.
+    """
+
+    A, AAAA = 1, 28
+
+    def __init__(self, script: dict[str, object]) -> None:
+        self.script = script
+        self.queries: list[tuple[str, int]] = []
+        self._counts: dict[tuple[str, int], int] = {}
+        self._lock = threading.Lock()
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        for _ in range(50):
+            addr = f"127.53.{random.randint(1, 254)}.{random.randint(1, 254)}"  # noqa: S311
+            try:
+                self.sock.bind((addr, 53))
+                break
+            except OSError:
+                continue
+        else:
+            raise OSError("no free 127.53.x.y:53")
+        self.address = addr
+        self.sock.settimeout(0.2)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="scripted-dns", daemon=True)
+        self._thread.start()
+
+    def count(self, name: str, qtype: int | None = None) -> int:
+        with self._lock:
+            return sum(1 for n, t in self.queries if n == name and (qtype is None or t == qtype))
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data, peer = self.sock.recvfrom(4096)
+            except (TimeoutError, OSError):
+                continue
+            with contextlib.suppress(Exception):
+                self.sock.sendto(self._answer(data), peer)
+
+    def _answer(self, q: bytes) -> bytes:
+        qid, labels, i = q[:2], [], 12
+        while q[i]:
+            labels.append(q[i + 1 : i + 1 + q[i]].decode("ascii", "replace"))
+            i += 1 + q[i]
+        qtype = struct.unpack(">H", q[i + 1 : i + 3])[0]
+        question = q[12 : i + 5]
+        name = ".".join(labels).lower()
+        with self._lock:
+            self.queries.append((name, qtype))
+            n = self._counts[(name, qtype)] = self._counts.get((name, qtype), 0) + 1
+        fn = self.script.get(name)
+        addrs = fn(qtype, n) if callable(fn) else None
+        if addrs is None:
+            return qid + b"\x81\x83" + struct.pack(">HHHH", 1, 0, 0, 0) + question  # NXDOMAIN
+        family = socket.AF_INET if qtype == self.A else socket.AF_INET6
+        answers = [a for a in addrs if (":" in a) == (family == socket.AF_INET6)]
+        out = qid + b"\x81\x80" + struct.pack(">HHHH", 1, len(answers), 0, 0) + question
+        for a in answers:
+            rdata = socket.inet_pton(family, a)
+            out += b"\xc0\x0c" + struct.pack(">HHIH", qtype, 1, 0, len(rdata)) + rdata
+        return out
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self.sock.close()
