@@ -152,6 +152,8 @@ def server_names(data: bytes) -> list[bytes] | None:
     hs, i = b"", 0
     while i + 5 <= len(data) and data[i] == 22:
         ln = struct.unpack(">H", data[i + 3 : i + 5])[0]
+        if ln > 16384 or i + 5 + ln > len(data):  # oversized: a server refuses; short: it waits
+            return None
         hs += data[i + 5 : i + 5 + ln]
         i += 5 + ln
         if len(hs) >= 4 and len(hs) >= 4 + int.from_bytes(hs[1:4], "big"):

@@ -49,6 +49,13 @@ LEADING_EMPTY_LINE = bypass(
     "is not parsed until more bytes arrive",
     arrives=False,
 )
+PUNYCODE_OVERFLOW = bypass(
+    "a host label whose punycode overflows CPython's decoder makes mitmproxy's request-line parser raise "
+    "OverflowError (it catches only ValueError, url.parse_authority -> bytes.decode('idna')): the "
+    "connection's layer dies with a traceback on stderr, the client gets no answer, nothing is logged",
+    arrives=False,
+)
+OVERFLOW_LABEL = "xn--hk0sxn--mmheR-k" + "0" * 100 + "1siie"  # found by ./dev fuzz (requestline)
 NO_HEAD_LIMIT = bypass(
     "no limit on the size of a request head: a 1 MiB header line or target is read, buffered and "
     "forwarded (a serious proxy answers 431/414 and logs it)",
@@ -198,6 +205,10 @@ MALFORMED = [
     case("huge-target", OK.replace("/m ", "/" + "a" * (1 << 20) + " ", 1), BAD,
          marks=NO_HEAD_LIMIT),
     case("leading-empty-line", "\r\n" + OK, "allow", marks=LEADING_EMPTY_LINE),
+    case("punycode-overflow-absolute", f"GET http://{OVERFLOW_LABEL}:1/ HTTP/1.1\r\nHost: x\r\n\r\n", BAD,
+         marks=PUNYCODE_OVERFLOW),
+    case("punycode-overflow-connect", f"CONNECT {OVERFLOW_LABEL}:1 HTTP/1.1\r\nHost: x\r\n\r\n", BAD,
+         marks=PUNYCODE_OVERFLOW),
     case("connect-without-port", "CONNECT public.test HTTP/1.1\r\nHost: public.test\r\n\r\n",
          BAD, marks=UNLOGGED),
     case("connect-url", "CONNECT http://public.test:443/ HTTP/1.1\r\nHost: public.test\r\n\r\n",
