@@ -95,12 +95,14 @@ def client_hello(
     padding: int = 0,
     handshake_type: int = 1,
     content_type: int = 22,
+    after_block: list[tuple[int, bytes]] | None = None,
 ) -> bytes:
     """A ClientHello record (or several records, `record_sizes` giving the fragment sizes).
 
     `sni`: one name, a list of names (one extension listing them all), or None for no extension;
     `sni_body` replaces the extension body with raw bytes; `duplicate_sni` adds a second server_name
-    extension; `padding` adds a padding extension of that many bytes (large hellos).
+    extension; `padding` adds a padding extension of that many bytes (large hellos); `after_block`
+    extensions follow the extensions block without being counted in its declared length.
     """
     key = tuple(alpn or ())
     if key not in _TEMPLATES:
@@ -117,6 +119,7 @@ def client_hello(
     if padding:
         exts.append((21, b"\x00" * padding))
     ext_bytes = b"".join(struct.pack(">HH", t, len(d)) + d for t, d in exts)
+    trailing = b"".join(struct.pack(">HH", t, len(d)) + d for t, d in after_block or [])
     body = (
         p.legacy_version
         + p.random
@@ -128,6 +131,7 @@ def client_hello(
         + p.compression
         + struct.pack(">H", len(ext_bytes))
         + ext_bytes
+        + trailing
     )
     hs = bytes([handshake_type]) + struct.pack(">I", len(body))[1:] + body
     sizes = list(record_sizes or [])
@@ -146,9 +150,16 @@ def client_hello(
 def server_names(data: bytes) -> list[bytes] | None:
     """Every name in every server_name extension of the ClientHello at the start of `data`.
 
-    Tolerant like a server: any record-layer version, the handshake reassembled from as many
-    handshake records as it spans. None when the bytes do not (yet) hold a whole ClientHello.
+    Read like a server: any record-layer version, the handshake reassembled from as many records as
+    it spans, extensions only inside their declared block. None when the bytes do not hold a whole
+    ClientHello a server would accept (incomplete, another handshake type, a malformed block).
     """
+    layout = hello_layout(data)
+    return None if layout is None else layout[0]
+
+
+def hello_layout(data: bytes) -> tuple[list[bytes], bool] | None:
+    """(server names inside the declared extensions block, whether bytes follow that block)."""
     hs, i = b"", 0
     while i + 5 <= len(data) and data[i] == 22:
         ln = struct.unpack(">H", data[i + 3 : i + 5])[0]
@@ -166,11 +177,19 @@ def server_names(data: bytes) -> list[bytes] | None:
         j += 1 + body[j]
         j += 2 + struct.unpack(">H", body[j : j + 2])[0]
         j += 1 + body[j]
+        if j == len(body):
+            return [], False  # no extensions at all
         end = j + 2 + struct.unpack(">H", body[j : j + 2])[0]
+        if end > len(body):
+            return None
         j += 2
         names: list[bytes] = []
-        while j + 4 <= end:
+        while j < end:
+            if j + 4 > end:
+                return None
             t, ln = struct.unpack(">HH", body[j : j + 4])
+            if j + 4 + ln > end:
+                return None  # an extension overruns its block: a server's decode error
             ext = body[j + 4 : j + 4 + ln]
             j += 4 + ln
             if t != 0 or len(ext) < 2:
@@ -180,9 +199,9 @@ def server_names(data: bytes) -> list[bytes] | None:
                 n = struct.unpack(">H", ext[k + 1 : k + 3])[0]
                 names.append(ext[k + 3 : k + 3 + n])
                 k += 3 + n
-        return names
+        return names, end < len(body)
     except (IndexError, struct.error):
-        return []
+        return None
 
 
 # ------------------------------------------------------------------------------------ recorders
