@@ -39,6 +39,7 @@ sys.path.insert(0, str(REPO / "tests" / "fuzz"))
 OUT = REPO / "fuzz-findings"
 STRICT = False
 FOUND: Counter[str] = Counter()
+STATS: Counter[str] = Counter()  # not findings: how much of the input reached the interesting paths
 EXAMPLES: dict[str, list[str]] = {}
 _last_write = 0.0
 _target_name = "none"
@@ -69,7 +70,7 @@ def _write(force: bool = False) -> None:
     _last_write = now
     OUT.mkdir(exist_ok=True)
     doc = {"target": _target_name, "seconds": round(now - _started, 1), "runs": _runs,
-           "known_classes": dict(FOUND), "examples_hex": EXAMPLES}
+           "stats": dict(STATS), "known_classes": dict(FOUND), "examples_hex": EXAMPLES}
     (OUT / f"{_target_name}.json").write_text(json.dumps(doc, indent=1))
 
 
@@ -108,6 +109,7 @@ def clienthello_one(data: bytes, reader: Callable[[bytes], Any]) -> None:
         known(f"reader-raises-{type(e).__name__}", data)
         return
     names = server_names(data)  # what a tolerant server would read (None: not a whole ClientHello)
+    STATS["tls" if fb.tls else "need more" if fb.need_more else "not tls"] += 1
     if fb.need_more:
         if names is not None and len(data) < 65536:
             # The reader waits for more although a server already has a whole ClientHello.
@@ -168,6 +170,7 @@ def fastyaml_one(data: bytes) -> None:
     fast = parse_rule_file(text)
     if fast is None:
         return
+    STATS["accepted by the fast reader (compared with ruamel)"] += 1
     y = YAML(typ="rt")
     y.allow_duplicate_keys = False
     try:
@@ -219,6 +222,7 @@ def requestline_one(data: bytes) -> None:
     except Exception as e:  # noqa: BLE001 - mitmproxy's layer catches only ValueError: the connection dies
         known(f"bypass:mitmproxy-request-head-raises-{type(e).__name__}", data)
         return
+    STATS["parsed by mitmproxy"] += 1
     if req.method != "CONNECT" and req.path:
         p = _path_only(req.path)
         if "?" in p or "#" in p:
