@@ -381,8 +381,8 @@ def judge(w: Window, out: Outcome, expect: str, forbid: bytes | None = b"blocked
         expect_allowed(w, out, forbid=forbid, status=int(rest or 200))
     elif kind == "deny":
         reason, _, st = rest.partition(":")
-        status: int | str = (407 if reason == "proxy_auth" else 403) if not st else (
-            st if st in ("any", "4xx") else int(st))
+        default = {"proxy_auth": 407, "bad_request": "4xx"}.get(reason, 403)  # malformed: 400 or 403
+        status: int | str = default if not st else (st if st in ("any", "4xx") else int(st))
         expect_refused(w, out, reason, status=status, forbid=forbid)
     elif kind == "refuse":
         expect_refused(w, out, rest, status=None, forbid=forbid)

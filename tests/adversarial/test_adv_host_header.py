@@ -44,6 +44,8 @@ FOLD = issue8("obsolete line folding / bare CR in a header is forwarded", arrive
 UNLOGGED = issue8("mitmproxy's own 400 is not logged", arrives=False)
 H2_ABSOLUTE = issue8("HTTP/2 :path that is not origin-form is forwarded", arrives=True)
 H2_UNLOGGED = issue8("an HTTP/2 request mitmproxy refuses itself is not logged", arrives=False)
+ABSOLUTE_IN_TUNNEL = issue8("an HTTP/1 absolute-form target inside an inspected tunnel is forwarded",
+                            arrives=True)
 CONNECT_INSIDE = issue8("a CONNECT inside an inspected tunnel is logged host_mismatch, answered 400")
 NO_HOST = bypass("an absolute-form request without Host is forwarded with no Host at all (RFC 9112 "
                  "3.2.2: the proxy must send the target's authority); a shared upstream picks any vhost")
@@ -186,9 +188,10 @@ def test_bytes_after_an_upgrade_are_never_a_new_request(proxy, upgrade, status, 
 HOST_API = "Host: api.public.test:{P}\r\n"
 INSPECTED = [
     case("matching", "GET /ok/1 HTTP/1.1\r\nHost: api.public.test:{P}\r\n\r\n", "allow"),
-    case("absolute-same", "GET https://api.public.test:{P}/ok/1 HTTP/1.1\r\n" + HOST_API + "\r\n", "allow"),
+    case("absolute-same", "GET https://api.public.test:{P}/ok/1 HTTP/1.1\r\n" + HOST_API + "\r\n",
+         "deny:bad_request", marks=ABSOLUTE_IN_TUNNEL),
     case("absolute-http-scheme-same", "GET http://api.public.test:{P}/ok/1 HTTP/1.1\r\n"
-         "Host: api.public.test:{P}\r\n\r\n", "allow"),
+         "Host: api.public.test:{P}\r\n\r\n", "deny:bad_request", marks=ABSOLUTE_IN_TUNNEL),
     case("other-host", "GET /ok/1 HTTP/1.1\r\nHost: blocked.test\r\n\r\n", "deny:host_mismatch"),
     case("allowed-other-host", "GET /ok/1 HTTP/1.1\r\nHost: public.test:{P}\r\n\r\n", "deny:host_mismatch"),
     case("other-port", "GET /ok/1 HTTP/1.1\r\nHost: api.public.test:1\r\n\r\n", "deny:host_mismatch"),
