@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import cast
 
-from addons import __version__
+from addons import __version__, envcmd
 
 # command -> "module:function"; the function takes the parsed namespace and returns the exit status.
 _HANDLERS = {
@@ -20,6 +20,8 @@ _HANDLERS = {
     "webhook-verify": "addons.approvals.cli:webhook_verify_command",
     "report": "addons.telemetry.report:report_command",
     "ca": "addons.proxy.ca:ca_command",
+    "env": "addons.envcmd:env_command",
+    "healthcheck": "addons.healthcheck:healthcheck_command",
 }
 
 
@@ -50,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     apr = sub.add_parser("approvals", help="list or decide approvals on a running proxy")
     apr.add_argument("--admin", metavar="URL", help="admin base URL (default: from --config, else http://127.0.0.1:9090)")
-    apr.add_argument("--config", help="config file, to find the admin address and token variable")
+    apr.add_argument("--config", help="config file, for the admin address, the token variable and "
+                     "state/admin-token next to it (default: portcullis.yaml when it exists)")
     apr.add_argument("--json", action="store_true")
     apr_sub = apr.add_subparsers(dest="action", required=True, metavar="ACTION")
     apr_sub.add_parser("list", help="pending and recent approvals")
@@ -77,6 +80,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     ca = sub.add_parser("ca", help="create the CA if missing; print the public certificate path")
     ca.add_argument("--dir", default="certs/", help="CA directory (default: certs/)")
+
+    envcmd.add_parser(sub)
+
+    hc = sub.add_parser("healthcheck", help="is a running proxy alive? (for container health checks)")
+    hc.add_argument("--config", default="/app/portcullis.yaml",
+                    help="config file, to find admin.listen (default: /app/portcullis.yaml)")
+    hc.add_argument("--url", help="admin base URL instead (e.g. http://127.0.0.1:9090)")
+    hc.add_argument("--ready", action="store_true",
+                    help="ask /readyz (serving with a policy) instead of /healthz")
+    hc.add_argument("--timeout", type=float, default=3.0, help="seconds (default: 3)")
     return p
 
 

@@ -19,6 +19,8 @@ Upstreams (one set per test session, in a background thread):
   - 127.0.0.2:sink_port   raw TCP sink counting every byte it receives (upstreams.sink)
   - 127.0.0.2:greet_port  raw TCP server that speaks first ("SSH-2.0-test") and echoes
   - 127.0.0.2:h2_port     HTTP/2-only TLS server (ALPN h2, same cert as tls_port), JSON answers
+  - 127.0.0.2:record_port / record_tls_port  raw recorders: every byte of each connection kept as sent
+                          (`upstreams.recorded`, no HTTP parser in between), one canned 200 per connection
 `base_config()` (the default config) maps public.test, api/www/deep.api.public.test, blocked.test,
 approve.test -> 127.0.0.2 and other.test -> 127.0.0.3 in `network.resolve`, and `network.allow_cidrs`
 admits 127.0.0.2/32 and 127.0.0.3/32, so 127.0.0.1 stays private. default_action is deny.
@@ -154,7 +156,8 @@ class Upstreams:
         self.requests: list[dict[str, Any]] = []
         self.sink = Sink()
         self.http_port = self.tls_port = self.other_tls_port = self.sink_port = self.greet_port = 0
-        self.h2_port = 0
+        self.h2_port = self.record_port = self.record_tls_port = 0
+        self.recorded: list[bytes] = []  # raw bytes of each connection to the recorders
         self.closed_port = _free_port(PUBLIC_IP)  # nothing listens here: connect is refused
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="upstreams", daemon=True)
@@ -183,6 +186,12 @@ class Upstreams:
             self.requests.clear()
         with self.sink.lock:
             self.sink.connections = self.sink.bytes = 0
+        with self._lock:
+            self.recorded.clear()
+
+    def recorded_bytes(self) -> list[bytes]:
+        with self._lock:
+            return list(self.recorded)
 
     def seen(self, pred: Callable[[dict[str, Any]], bool] | None = None) -> list[dict[str, Any]]:
         with self._lock:
@@ -270,10 +279,51 @@ class Upstreams:
         self.h2_port = int(srv.sockets[0].getsockname()[1])
         self._cleanups.append(_closer(srv))
 
+        async def record(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            # Raw bytes as the upstream receives them; a request head (for the suite's audit) when it parses.
+            data = b""
+            with contextlib.suppress(Exception):
+                while b"\r\n\r\n" not in data and len(data) < 1 << 20:
+                    chunk = await asyncio.wait_for(reader.read(65536), 5)
+                    if not chunk:
+                        break
+                    data += chunk
+            self._record(data)  # before answering: a client that saw the answer finds the bytes here
+            with contextlib.suppress(Exception):
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+                await writer.drain()
+            writer.close()
+
+        srv = await asyncio.start_server(record, PUBLIC_IP, 0)
+        self.record_port = int(srv.sockets[0].getsockname()[1])
+        self._cleanups.append(_closer(srv))
+        srv = await asyncio.start_server(record, PUBLIC_IP, 0, ssl=tls_ctx("public"))
+        self.record_tls_port = int(srv.sockets[0].getsockname()[1])
+        self._cleanups.append(_closer(srv))
+
         for handler, attr in ((sink, "sink_port"), (greet, "greet_port")):
             srv = await asyncio.start_server(handler, PUBLIC_IP, 0)
             setattr(self, attr, int(srv.sockets[0].getsockname()[1]))
             self._cleanups.append(_closer(srv))
+
+    def _record(self, data: bytes) -> None:
+        """Keep one recorder connection's bytes (and, when it parses, a request line for the audit)."""
+        line, _, rest = data.partition(b"\r\n")
+        parts = line.split(b" ")
+        host = next(
+            (h.split(b":", 1)[1].strip() for h in rest.split(b"\r\n") if h.lower().startswith(b"host:")), b""
+        )
+        with self._lock:
+            self.recorded.append(data)
+            if data:
+                self.requests.append(
+                    {
+                        "server": "recorder",
+                        "method": parts[0].decode("latin-1"),
+                        "path": parts[1].decode("latin-1") if len(parts) > 1 else None,
+                        "host": host.decode("latin-1"),
+                    }
+                )
 
     async def _h2_conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """A tiny HTTP/2-only (ALPN h2) server answering JSON like the HTTP/1 upstreams."""

@@ -10,7 +10,9 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+
+from addons.policy.authority import split_authority
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(s|m|h)$")
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
@@ -90,10 +92,79 @@ class LogConfig(Strict):
     on_write_error: Literal["closed", "open"] = "closed"
 
 
+# RFC 5424 facility codes, by the names syslog.conf and rsyslog use.
+SYSLOG_FACILITIES = {
+    "kern": 0, "user": 1, "mail": 2, "daemon": 3, "auth": 4, "syslog": 5, "lpr": 6, "news": 7,
+    "uucp": 8, "cron": 9, "authpriv": 10, "ftp": 11, "ntp": 12, "security": 13, "console": 14,
+    "solaris-cron": 15, **{f"local{i}": 16 + i for i in range(8)},
+}
+
+
+def _facility(value: object) -> object:
+    if isinstance(value, str):
+        if value not in SYSLOG_FACILITIES:
+            raise ValueError(f"unknown facility {value!r}: use a name (kern, user, daemon, auth, authpriv, "
+                             "local0 ... local7, ...) or a number 0-23")
+        return SYSLOG_FACILITIES[value]
+    return value
+
+
+_PRINTUSASCII = re.compile(r"^[\x21-\x7e]+$")
+
+
+def _header_field(limit: int) -> BeforeValidator:
+    """An RFC 5424 header field: 1..limit printable US-ASCII characters, no space."""
+    def check(value: object) -> object:
+        if isinstance(value, str) and not (len(value) <= limit and _PRINTUSASCII.match(value)):
+            raise ValueError(f"use 1 to {limit} printable ASCII characters without spaces (RFC 5424)")
+        return value
+    return BeforeValidator(check)
+
+
+class SyslogTlsConfig(Strict):
+    ca: NonEmpty | None = None            # PEM bundle that verifies the receiver (default: system store)
+    server_name: NonEmpty | None = None   # name expected in the receiver's certificate (default: the host)
+    cert: NonEmpty | None = None          # client certificate, for receivers that require one
+    key: NonEmpty | None = None           # its private key (default: in the cert file)
+
+    @model_validator(mode="after")
+    def _key_needs_cert(self) -> SyslogTlsConfig:
+        if self.key is not None and self.cert is None:
+            raise ValueError("tls.key is set without tls.cert")
+        return self
+
+
+class SyslogConfig(Strict):
+    """`telemetry.syslog`: RFC 5424 messages to a syslog receiver (off when absent or null)."""
+
+    address: NonEmpty                      # HOST:PORT (port defaults: udp/tcp 514, tls 6514)
+    transport: Literal["udp", "tcp", "tls"]
+    facility: Annotated[int, BeforeValidator(_facility), Field(ge=0, le=23)] = SYSLOG_FACILITIES["local0"]
+    app_name: Annotated[str, _header_field(48)] = "portcullis"
+    hostname: Annotated[str, _header_field(255)] | None = None   # default: this machine's name
+    buffer: Annotated[int, Field(ge=1, le=1_000_000)] = 10_000  # events held while the receiver is away
+    tls: SyslogTlsConfig | None = None
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        host, _ = split_authority(value)  # AuthorityError is a ValueError: reported with its position
+        if host in ("[]", ""):
+            raise ValueError(f"{value!r} has no host (expected HOST:PORT)")
+        return value
+
+    @model_validator(mode="after")
+    def _tls_only_with_tls(self) -> SyslogConfig:
+        if self.tls is not None and self.transport != "tls":
+            raise ValueError(f"tls: is only used with transport: tls (not {self.transport})")
+        return self
+
+
 class TelemetryConfig(Strict):
     log: LogConfig = LogConfig()
     metrics: bool = True
     otlp: bool = False
+    syslog: SyslogConfig | None = None
 
 
 class Config(Strict):

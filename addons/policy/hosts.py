@@ -199,13 +199,22 @@ def _parse_ipv4_quiet(host: str) -> bool:
 
 @functools.lru_cache(maxsize=65536)
 def registered_domain(host: str) -> str | None:
-    """The registrable domain (private PSL section on) of a normalised name; None for IPs/unknown."""
+    """The registrable domain (private PSL section on) of a normalised name; None for IP literals.
+
+    As the PSL algorithm prescribes, a name under no listed suffix falls to the default rule `*`:
+    its last label is the public suffix, so `api.build.corp` -> `build.corp`, `x.corp.internal` ->
+    `corp.internal`, `foo.test` -> `foo.test`. A name that is itself a public suffix (`com`, `co.uk`,
+    `github.io`, any single label such as `localhost`) has no registrable domain: None.
+    """
     if not host or is_ip(host):
         return None
     r = _PSL.extract_str(host)
-    if not r.suffix or not r.domain:
+    if r.suffix:
+        return f"{r.domain}.{r.suffix}" if r.domain else None
+    head, dot, last = host.rpartition(".")
+    if not dot or not head:
         return None
-    return f"{r.domain}.{r.suffix}"
+    return f"{head.rpartition('.')[2]}.{last}"
 
 
 def public_suffix_section(name: str) -> Literal["icann", "private"] | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,10 +18,13 @@ from addons.policy.authority import same_destination
 from addons.policy.hosts import normalize_host
 from addons.policy.model import Reason
 from addons.proxy.auth import AuthResult, ProxyAuth, public_client_refusal
+from addons.proxy.mitm_compat import Refusal, already_refused
 from addons.proxy.pinning import Pinner, PinStore
+from addons.proxy.requestform import request_problem
 from addons.proxy.responses import DECISION_HEADER, deny_response, upstream_error_response
 from addons.proxy.tunnel import CloseClientLayer, FirstLayer, Tunnel, choose_first_layer
 from addons.proxy.verdict import Decider, Request, Verdict, record, refusal
+from addons.telemetry.record import DecisionRecord
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +77,13 @@ class Portcullis:
 
     def _log(self, req: Request, v: Verdict) -> None:
         try:
-            self.telemetry.decision(record(req, v))
+            self._record(record(req, v))
+        except Exception:
+            log.exception("could not record a decision")
+
+    def _record(self, rec: DecisionRecord) -> None:
+        try:
+            self.telemetry.decision(rec)
         except Exception:
             log.exception("could not record a decision")
 
@@ -150,6 +160,12 @@ class Portcullis:
     async def _requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None:
             return
+        if flow.error is not None or already_refused(flow.request):
+            # mitmproxy refuses this request itself (malformed framing): its error page is the
+            # answer, and that refusal is the one decision logged (record_refusal).
+            if flow.error is None:
+                flow.kill()  # type: ignore[no-untyped-call]
+            return
         st = self._conn(flow.client_conn.id)
         tunnel = st.tunnel
         raw_host = flow.request.host
@@ -213,6 +229,13 @@ class Portcullis:
                 client_name=cname,
                 detail="the Host header differs from the request target",
             )
+        # Framing a lenient upstream could read differently (line folding, bare CR, control bytes,
+        # a target that is not a plain path) is refused, never forwarded.
+        absolute_form = tunnel is not None and bool(r.data.authority) and r.http_version.startswith("HTTP/1")
+        if problem := request_problem(
+            r.data.method, r.scheme, r.data.path, r.headers.fields, absolute_form=absolute_form
+        ):
+            return req, refusal(req, Reason.BAD_REQUEST, detail=problem, client_name=cname)
         if r.headers.get("upgrade", "").lower() == "h2c":
             # mitmproxy cannot relay h2c; drop the upgrade so the connection stays HTTP/1 (and judged).
             for name in ("upgrade", "http2-settings"):
@@ -220,6 +243,43 @@ class Portcullis:
             r.headers.pop("connection", None)
         v = await self.decider.decide(req, lambda: _client_alive(flow.client_conn))
         return req, v
+
+    def record_refusal(self, r: Refusal) -> None:
+        """A request mitmproxy refused by itself (malformed, before or without a hook): one decision."""
+        st = self.conns.get(r.client.id)
+        tunnel = st.tunnel if st else None
+        peer = r.client.peername
+        address = str(peer[0]) if peer else None
+        req = r.request
+        host: str | None = None
+        port: int | None = None
+        if tunnel is not None:
+            host, port = tunnel.host, tunnel.port
+        elif req is not None and req.host:
+            try:
+                host = normalize_host(req.host)
+            except ValueError:
+                host = None
+            port = req.port or None
+        method = req.method if req is not None and req.method.isascii() and req.method.isalpha() else None
+        self._record(
+            DecisionRecord(
+                decision="deny",
+                reason=Reason.BAD_REQUEST.value,
+                enforced=True,
+                host=host,
+                port=port,
+                flow_id=str(uuid.uuid4()),
+                client_address=address,
+                client_port=int(peer[1]) if peer else None,
+                client_name=self._client_name(address, tunnel.client_user if tunnel else None),
+                client_user=tunnel.client_user if tunnel else None,
+                method=method,
+                status=r.status,
+                layer="inspected" if tunnel is not None else "http",
+                detail=r.message[:300] or "malformed request",
+            )
+        )
 
     # ---- CONNECT ----------------------------------------------------------------------------------
     async def http_connect(self, flow: http.HTTPFlow) -> None:
@@ -267,7 +327,7 @@ class Portcullis:
     ) -> tuple[Request, Verdict]:
         r = flow.request
         if st.tunnel is not None:
-            return req, refusal(req, Reason.HOST_MISMATCH, detail="CONNECT inside a tunnel")
+            return req, refusal(req, Reason.BAD_REQUEST, detail="CONNECT inside a tunnel")
         if (refused := self._identify(req, r.host, r.headers.get("proxy-authorization"))) is not None:
             return req, refused
         return req, await self.decider.decide(req, lambda: _client_alive(flow.client_conn))
@@ -280,7 +340,7 @@ class Portcullis:
         if check_auth:
             res, user = self.auth.check(proxy_authz, req.client_address)
             if res is AuthResult.BAD:
-                return refusal(req, Reason.PROXY_AUTH, status=407)
+                return refusal(req, Reason.PROXY_AUTH)
             req.client_user = user
         try:
             req.host = normalize_host(raw_host)
@@ -329,19 +389,27 @@ class Portcullis:
             nl.layer = None  # wait for the whole ClientHello
         else:
             t.layer_decided = True
+            client = nl.context.client
+            t.on_refused = lambda detail: self._log_tunnel_refusal(client, t, detail)
             nl.layer = choice.layer
         return True
 
     def _refuse_tunnel(self, nl: layer.NextLayer, t: Tunnel, detail: str) -> None:
         """An allowed CONNECT whose first bytes break the rules: a second decision on the same tunnel."""
-        peer = nl.context.client.peername
+        self._log_tunnel_refusal(nl.context.client, t, detail)
+        nl.layer = CloseClientLayer(nl.context)
+
+    def _log_tunnel_refusal(self, client: connection.Client, t: Tunnel, detail: str) -> None:
+        if t.refused:
+            return
+        peer = client.peername
         req = Request(
             host=t.host,
             port=t.port,
             scheme=None,
             method="CONNECT",
             path=None,
-            client_id=nl.context.client.id,
+            client_id=client.id,
             client_address=str(peer[0]) if peer else None,
             client_port=int(peer[1]) if peer else None,
             client_user=t.client_user,
@@ -360,7 +428,6 @@ class Portcullis:
         )
         self._log(req, v)  # enforced even in audit mode: a mismatched SNI is a bypass, not a rule question
         t.refused = True
-        nl.layer = CloseClientLayer(nl.context)
 
     # ---- pinning ------------------------------------------------------------------------------------
     def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:

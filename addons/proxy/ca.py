@@ -20,7 +20,30 @@ def public_cert_path(ca_dir: Path) -> Path:
 
 
 def ensure_ca(ca_dir: Path) -> Path:
-    """Create the CA in `ca_dir` if it is missing; tighten permissions; return the public cert path."""
+    """Create the CA in `ca_dir` if it is missing; tighten permissions; return the public cert path.
+
+    A PermissionError says what to do when the folder belongs to another user (a host folder
+    mounted into the container, which runs as its own uid)."""
+    try:
+        return _ensure_ca(ca_dir)
+    except PermissionError as e:
+        where = f": {str(e.filename)!r}" if e.filename else ""
+        raise PermissionError(e.errno, f"{e.strerror}{where}{_ownership_hint(ca_dir)}") from e
+
+
+def _ownership_hint(ca_dir: Path) -> str:
+    uid = os.getuid()
+    try:
+        owner = ca_dir.stat().st_uid
+    except OSError:
+        return ""
+    if owner == uid:
+        return ""
+    return (f" (the folder belongs to uid {owner}, this process runs as uid {uid}: give it to uid {uid}, "
+            f"e.g. 'chown -R {uid} <host folder>', or mount a named volume there instead)")
+
+
+def _ensure_ca(ca_dir: Path) -> Path:
     ca_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(ca_dir, 0o700)
     if not (ca_dir / f"{BASENAME}-ca.pem").exists():

@@ -23,15 +23,17 @@ from addons.approvals import api as approvals_api
 from addons.approvals.service import ApprovalService
 from addons.policy.authority import AuthorityError, split_authority
 from addons.policy.load import LoadedConfig, PolicyError, load_config
+from addons.proxy import mitm_compat
 from addons.proxy.addon import Portcullis
 from addons.proxy.auth import AuthConfigError, ProxyAuth
 from addons.proxy.ca import ensure_ca
 from addons.proxy.pinning import PinStore
 from addons.proxy.reload import PolicyHolder
-from addons.proxy.responses import install_error_pages
+from addons.proxy.responses import error_body, h2_error_headers, http1_error_response
 from addons.proxy.tunnel import TunnelAwareNextLayer
 from addons.proxy.verdict import Decider
 from addons.telemetry.events import Telemetry
+from addons.telemetry.syslog import SyslogConfigError
 
 log = logging.getLogger("portcullis")
 
@@ -166,6 +168,7 @@ class Runtime:
             rawtcp=False,  # no silent raw relay: tunnels are ours to decide (next_layer)
             websocket=True,
             stream_large_bodies="1m",  # decided on headers; big bodies stream, never buffered whole
+            validate_inbound_headers=True,  # mitmproxy's own smuggling checks (CL/TE): refused and logged
             ssl_verify_upstream_trusted_ca=self.bundle,
         )
         self.master = m
@@ -263,6 +266,8 @@ def _fmt(host: str) -> str:
 
 def prepare(args: argparse.Namespace) -> Runtime:
     """Everything that can fail before listening. Raises StartupError / PolicyError."""
+    if (unsupported := mitm_compat.check_version()) is not None:
+        raise StartupError(f"portcullis: {unsupported}")
     loaded = load_config(args.config)
     cfg = loaded.config
     listen = parse_hostport(args.listen or cfg.listen, "listen")
@@ -278,7 +283,10 @@ def prepare(args: argparse.Namespace) -> Runtime:
         ensure_ca(ca_dir)
     except OSError as e:
         raise StartupError(f"{loaded.path}: tls.ca_dir: cannot create the CA in {ca_dir}: {e}") from e
-    return Runtime(loaded, listen, admin, token, auth, ca_dir, upstream_bundle(loaded, ca_dir))
+    try:
+        return Runtime(loaded, listen, admin, token, auth, ca_dir, upstream_bundle(loaded, ca_dir))
+    except SyslogConfigError as e:
+        raise StartupError(f"{loaded.path}: {e}") from e
 
 
 async def _serve(rt: Runtime) -> int:
@@ -289,7 +297,7 @@ async def _serve(rt: Runtime) -> int:
         print(f"{rt.loaded.path}: approvals: {e}", file=sys.stderr)
         rt.telemetry.close()
         return 2
-    install_error_pages()
+    mitm_compat.install(http1_error_response, error_body, h2_error_headers, rt.addon.record_refusal)
     m = rt.build_master()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from typing import Any
 
 from mitmproxy import http
 
@@ -119,7 +118,7 @@ def _error_verdict(status_code: int) -> tuple[str, str]:
     return "deny", Reason.BAD_REQUEST.value
 
 
-def _error_body(status_code: int, message: str) -> bytes:
+def error_body(status_code: int, message: str) -> bytes:
     if status_code >= 500:
         return upstream_error_body(None, None, message or "no response")
     return _json(
@@ -135,14 +134,14 @@ def _error_body(status_code: int, message: str) -> bytes:
     )
 
 
-def _portcullis_error_response(status_code: int, message: str = "") -> bytes:
+def http1_error_response(status_code: int, message: str = "") -> bytes:
     """Replacement for mitmproxy's HTML error page on HTTP/1 connections (JSON, our headers)."""
     from mitmproxy.net.http import http1
 
     decision, reason = _error_verdict(status_code)
     resp = http.Response.make(
         status_code,
-        _error_body(status_code, message),
+        error_body(status_code, message),
         {
             "Content-Type": "application/json",
             DECISION_HEADER: decision,
@@ -157,27 +156,11 @@ def _portcullis_error_response(status_code: int, message: str = "") -> bytes:
     return out
 
 
-def install_error_pages() -> None:
-    """mitmproxy writes its own HTML page for unparsable requests and failed upstream connects;
-    those paths have no addon hook that can replace the bytes, so swap the page builders themselves
-    (HTTP/1: the whole response; HTTP/2: the body and the fixed three-header list)."""
-    from mitmproxy import version
-    from mitmproxy.proxy.layers.http import _http1, _http2, _http_h2
-
-    _http1.make_error_response = _portcullis_error_response
-    _http2.format_error = _error_body  # type: ignore[attr-defined]
-    page_headers = [(b"server", version.MITMPROXY.encode()), (b"content-type", b"text/html")]
-    original = _http_h2.BufferedH2Connection.send_headers
-
-    def send_headers(self: Any, stream_id: int, headers: Any, *args: Any, **kwargs: Any) -> Any:
-        if isinstance(headers, list) and len(headers) == 3 and headers[1:] == page_headers:
-            decision, reason = _error_verdict(int(headers[0][1]))
-            headers = [
-                headers[0],
-                (b"content-type", b"application/json"),
-                (DECISION_HEADER.lower().encode(), decision.encode()),
-                (REASON_HEADER.lower().encode(), reason.encode()),
-            ]
-        return original(self, stream_id, headers, *args, **kwargs)
-
-    _http_h2.BufferedH2Connection.send_headers = send_headers  # type: ignore[method-assign]
+def h2_error_headers(status_code: int) -> list[tuple[bytes, bytes]]:
+    """The headers (besides `:status`) of an HTTP/2 error answer mitmproxy sends by itself."""
+    decision, reason = _error_verdict(status_code)
+    return [
+        (b"content-type", b"application/json"),
+        (DECISION_HEADER.lower().encode(), decision.encode()),
+        (REASON_HEADER.lower().encode(), reason.encode()),
+    ]

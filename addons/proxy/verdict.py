@@ -65,17 +65,33 @@ class Request:
     layer: str  # http | connect | inspected
 
 
+# The status of a denial the proxy answers itself: 400 for a malformed request, 407 for proxy
+# credentials, 403 for every policy decision.
+DENY_STATUS = {Reason.BAD_REQUEST: 400, Reason.PROXY_AUTH: 407}
+
+
+def deny_status(reason: Reason) -> int:
+    return DENY_STATUS.get(reason, 403)
+
+
 def refusal(
     req: Request,
     reason: Reason,
     *,
-    status: int = 403,
+    status: int | None = None,
     detail: str | None = None,
     client_name: str | None = None,
 ) -> Verdict:
     """A denial the proxy takes before (or without) asking the policy."""
     return Verdict(
-        False, "deny", reason.value, req.host, req.port, status=status, detail=detail, client_name=client_name
+        False,
+        "deny",
+        reason.value,
+        req.host,
+        req.port,
+        status=status or deny_status(reason),
+        detail=detail,
+        client_name=client_name,
     )
 
 
@@ -176,7 +192,7 @@ class Decider:
             client_name=d.client_name,
             ip=pin.ip if pin else (req.host if is_ip(req.host) else None),
             detail=d.private_class if d.reason is Reason.PRIVATE_ADDRESS else d.detail,
-            status=None if allow else 403,
+            status=None if allow else deny_status(d.reason),
             inspect=d.inspect,
             raw_tcp=d.raw_tcp,
             pin=pin,

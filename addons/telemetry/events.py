@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
+import logging
 import sys
 import threading
+import time
 from collections.abc import Callable, Mapping, MutableMapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,6 +23,7 @@ from addons.telemetry.metrics import Metrics
 from addons.telemetry.otel import OtelBridge
 from addons.telemetry.record import DecisionRecord
 from addons.telemetry.sinks import FileSink, StreamSink
+from addons.telemetry.syslog import SyslogSink
 
 SCHEMA = "portcullis.event/v1"
 EVENT_TYPES = (
@@ -32,6 +35,10 @@ DECISIONS = frozenset({"allow", "deny"})
 REASONS = frozenset(r.value for r in Reason)
 _ENVELOPE = ("schema", "timestamp", "event")
 _WARN_EVENTS = frozenset({"rules.reload_failed", "webhook.failed"})
+# close(): what the network sinks (OTLP, syslog) may still deliver at shutdown, together, in seconds.
+CLOSE_BUDGET_S = 0.9
+
+log = logging.getLogger("portcullis.telemetry")
 
 Processor = Callable[[Any, str, MutableMapping[str, Any]], Any]
 
@@ -42,6 +49,7 @@ class Telemetry:
     Nothing raised while building, rendering or writing an event ever reaches the caller:
     it is counted in `portcullis_events_dropped_total{sink}`; with `on_write_error: closed`
     `healthy()` turns False until a write succeeds again, and the proxy denies meanwhile.
+    The network sinks (OTLP, syslog) never block the caller and never make the proxy unhealthy.
     """
 
     def __init__(
@@ -69,6 +77,10 @@ class Telemetry:
         if log.file:
             path = Path(log.file)
             self._file = FileSink(path if path.is_absolute() else self.base_dir / path)
+        self._syslog: SyslogSink | None = None
+        if self.config.syslog is not None:
+            self._syslog = SyslogSink(self.config.syslog, self.base_dir, self._syslog_dropped)
+            self.metrics.events_buffered.labels("syslog").set_function(lambda: self._syslog_buffered())
         self._to_ocsf: Callable[[dict[str, Any]], dict[str, Any]] | None = None
         if self._format == "ocsf":
             from addons.telemetry.ocsf import to_ocsf
@@ -132,20 +144,32 @@ class Telemetry:
                 self._file.reopen()
 
     def close(self) -> None:
-        """Flush and close every sink (after proxy.stopped); flushes the OTLP exporter."""
+        """Flush and close every sink (after proxy.stopped).
+
+        The OTLP exporter and the syslog sink get CLOSE_BUDGET_S together to deliver what they hold;
+        what they could not deliver by then is counted in events_dropped and reported on stderr.
+        """
         with self._lock:
             if self._closed:
                 return
             self._closed = True
+            deadline = time.monotonic() + CLOSE_BUDGET_S
+            if self._syslog is not None:
+                self._syslog.begin_close(deadline)
             if self.otel is not None:
-                self.otel.shutdown()
+                failed, emitted = self.otel.shutdown(deadline)
+                if failed:
+                    log.warning("OTLP: %d of %d events were not exported (collector unreachable or refusing; "
+                                "counted in portcullis_events_dropped_total{sink=\"otlp\"})", failed, emitted)
+            if self._syslog is not None:
+                self._syslog.close(deadline)
             self._stdout.close()
             if self._file is not None:
                 self._file.close()
 
     # ---- internals --------------------------------------------------------------------
 
-    def _write(self, doc: dict[str, Any]) -> None:
+    def _write(self, doc: dict[str, Any], level: str) -> None:
         out = self._to_ocsf(doc) if self._to_ocsf is not None else doc
         line = str(self._json(None, "info", dict(out)))
         ok = True
@@ -162,6 +186,11 @@ class Telemetry:
                 ok = False
                 self._dropped(sink.name)
         self._ok = ok
+        if self._syslog is not None:
+            try:  # only queues the message; the network is the sender thread's business
+                self._syslog.write(line, level, str(doc.get("event", "")), str(doc.get("timestamp", "")))
+            except Exception:  # noqa: BLE001
+                self._dropped("syslog")
 
     def _dropped(self, sink: str) -> None:
         with contextlib.suppress(Exception):  # the counter is the last resort
@@ -172,17 +201,30 @@ class Telemetry:
     def _otel_dropped(self) -> None:
         self._dropped("otlp")
 
+    def _syslog_dropped(self, n: int) -> None:
+        with contextlib.suppress(Exception):
+            self.metrics.events_dropped.labels("syslog").inc(n)
+
+    def _syslog_buffered(self) -> int:
+        return self._syslog.buffered if self._syslog is not None else 0
+
 
 class _Dispatch:
     """The structlog 'logger': receives the finished event dict and hands it to the sinks."""
 
-    def __init__(self, write: Callable[[dict[str, Any]], None]) -> None:
+    def __init__(self, write: Callable[[dict[str, Any], str], None]) -> None:
         self._write = write
 
-    def _call(self, doc: dict[str, Any]) -> None:
-        self._write(doc)
+    def info(self, doc: dict[str, Any]) -> None:
+        self._write(doc, "info")
 
-    info = warning = error = msg = _call
+    def warning(self, doc: dict[str, Any]) -> None:
+        self._write(doc, "warning")
+
+    def error(self, doc: dict[str, Any]) -> None:
+        self._write(doc, "error")
+
+    msg = info
 
 
 def _envelope(_logger: Any, _method: str, ed: MutableMapping[str, Any]) -> dict[str, Any]:
@@ -235,9 +277,11 @@ def decision_fields(rec: DecisionRecord) -> dict[str, Any]:
 _rd_func: Callable[[str], str | None] | None = None
 
 
-def registered_domain(host: str) -> str | None:
+def registered_domain(host: str | None) -> str | None:
     """The registrable domain (policy.hosts, offline PSL); None for IP literals or when unknown."""
     global _rd_func
+    if not host:
+        return None
     if _rd_func is None:
         try:
             mod = importlib.import_module("addons.policy.hosts")

@@ -45,6 +45,10 @@ class Metrics:
         self.events_dropped = Counter(
             PREFIX + "events_dropped", "Events that could not be written to a sink.", ["sink"], registry=r,
         )
+        self.events_buffered = Gauge(
+            PREFIX + "events_buffered", "Events held for a sink whose receiver is slow or away.", ["sink"],
+            registry=r,
+        )
         self.tunnels_open = Gauge(PREFIX + "tunnels_open", "CONNECT tunnels currently open.", registry=r)
 
     def render(self) -> bytes:

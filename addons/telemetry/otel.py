@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from functools import cache
@@ -74,10 +75,15 @@ class OtelBridge:
     proxy; when its queue is full the SDK drops records (the JSON lines stay the audit trail).
     """
 
-    def __init__(self, provider: LoggerProvider, on_error: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self, provider: LoggerProvider, on_error: Callable[[], None] | None = None,
+        counting: _Counting | None = None,
+    ) -> None:
         self.provider = provider
         self._logger = provider.get_logger(SCOPE, product_version())
         self._on_error = on_error
+        self._counting = counting
+        self.emitted = 0  # records handed to the SDK
 
     @classmethod
     def from_env(
@@ -88,8 +94,9 @@ class OtelBridge:
             from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter
             exporter = OTLPLogExporter()
         provider = LoggerProvider(resource=_resource())
-        provider.add_log_record_processor(BatchLogRecordProcessor(_Counting(exporter, on_error)))
-        return cls(provider, on_error)
+        counting = _Counting(exporter, on_error)
+        provider.add_log_record_processor(BatchLogRecordProcessor(counting))
+        return cls(provider, on_error, counting)
 
     def __call__(self, _logger: Any, method: str, ed: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
         try:
@@ -102,6 +109,7 @@ class OtelBridge:
                 event_name=name,
                 attributes=attributes(ed),
             )
+            self.emitted += 1
         except Exception:  # noqa: BLE001 - OTLP is an extra sink: never lose the local line for it
             if self._on_error is not None:
                 self._on_error()
@@ -110,35 +118,75 @@ class OtelBridge:
     def force_flush(self) -> None:
         self.provider.force_flush()
 
-    def shutdown(self) -> None:
-        """Flush what is queued and stop the export thread (proxy shutdown)."""
-        try:
-            self.provider.force_flush()
-        finally:
-            self.provider.shutdown()
+    def shutdown(self, deadline: float | None = None) -> tuple[int, int]:
+        """Export what is queued until `deadline` (time.monotonic(); default 0.9 s from now), then stop.
+
+        The SDK's own shutdown retries an unreachable collector for seconds; it runs in a helper thread
+        and is abandoned at the deadline. Returns (records never exported, records emitted) over the
+        bridge's life; the ones not exported by the deadline are counted through `on_error` too.
+        """
+        if deadline is None:
+            deadline = time.monotonic() + 0.9
+        helper = threading.Thread(target=self.provider.shutdown, name="portcullis-otlp-shutdown", daemon=True)
+        helper.start()
+        helper.join(max(0.0, deadline - time.monotonic()))
+        if self._counting is None:
+            return 0, self.emitted
+        lost = self._counting.finish(self.emitted)
+        if self._on_error is not None:
+            for _ in range(lost):
+                self._on_error()
+        self._counting.shutdown()  # ends the exporter's retry wait, so its thread stops soon
+        return self._counting.failed + lost, self.emitted
 
 
 class _Counting(LogRecordExporter):
-    """Wraps the OTLP exporter so records the collector did not take are counted (events_dropped{otlp})."""
+    """Wraps the OTLP exporter so records the collector did not take are counted (events_dropped{otlp}).
+
+    After `finish()` nothing more is counted: whatever was still queued or in flight then is
+    counted once by the caller of `finish()`.
+    """
 
     def __init__(self, inner: LogRecordExporter, on_error: Callable[[], None] | None) -> None:
         self.inner = inner
         self.on_error = on_error
+        self.exported = 0
+        self.failed = 0
+        self._finished = False
+        self._shut = False
+        self._lock = threading.Lock()
 
     def export(self, batch: Sequence[Any]) -> Any:
         try:
             result = self.inner.export(batch)
         except Exception:  # noqa: BLE001 - a broken exporter is a failed export, nothing more
             result = LogRecordExportResult.FAILURE
-        if result != LogRecordExportResult.SUCCESS and self.on_error is not None:
+        with self._lock:
+            if self._finished:
+                return result
+            if result == LogRecordExportResult.SUCCESS:
+                self.exported += len(batch)
+                return result
+            self.failed += len(batch)
+        if self.on_error is not None:
             for _ in batch:
                 self.on_error()
         return result
+
+    def finish(self, emitted: int) -> int:
+        """Stop counting; returns how many of `emitted` records were neither exported nor counted."""
+        with self._lock:
+            self._finished = True
+            return max(0, emitted - self.exported - self.failed)
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         return bool(self.inner.force_flush(timeout_millis))
 
     def shutdown(self) -> None:
+        with self._lock:
+            if self._shut:
+                return
+            self._shut = True
         self.inner.shutdown()  # type: ignore[no-untyped-call]
 
 

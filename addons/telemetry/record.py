@@ -17,8 +17,8 @@ class DecisionRecord:
     decision: str                   # "allow" | "deny"
     reason: str                     # addons.policy.model.Reason value
     enforced: bool
-    host: str
-    port: int
+    host: str | None                # null only when a malformed request named no usable host
+    port: int | None
     flow_id: str
     rule: str | None = None
     rule_file: str | None = None

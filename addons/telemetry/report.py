@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TextIO
 
+from addons.policy.hosts import registered_domain
 from addons.telemetry.events import SCHEMA
 from addons.telemetry.fields import escape_controls
 
@@ -152,7 +153,7 @@ def build(lines: Iterable[str], since: datetime | None = None) -> Report:
             continue
         dest = _obj(doc.get("destination"))
         host = str(dest.get("host") or "").lower()
-        domain = str(dest.get("registered_domain") or host).lower()
+        domain = str(dest.get("registered_domain") or _domain_of(host)).lower()
         bad_name = not all(_HOSTNAME.match(h) or _IP.match(h) for h in (host, domain))
         target = rep.suspicious if reason in SUSPICIOUS or bad_name else rep.groups
         key = domain[:253]
@@ -162,6 +163,14 @@ def build(lines: Iterable[str], since: datetime | None = None) -> Report:
         if set(g.reasons) == {"rule"}:
             rep.denied_by_rule[key] = rep.groups.pop(key)
     return rep
+
+
+def _domain_of(host: str) -> str:
+    """The registrable domain of a host the event left without one (events written before every name
+    had one: `api.build.corp` -> `build.corp`); the host itself for IP literals and odd names."""
+    if not _HOSTNAME.match(host):
+        return host
+    return registered_domain(host) or host
 
 
 def parse_since(text: str, now: datetime | None = None) -> datetime:

@@ -281,7 +281,15 @@ def test_classify_address_rejects_names() -> None:
         ("127.0.0.1", None),
         ("::1", None),
         ("xn--bcher-kva.de", "xn--bcher-kva.de"),
-        ("x.example.notatld", None),
+        # Under no listed suffix the PSL's default rule `*` applies: the last label is the suffix.
+        ("x.example.notatld", "example.notatld"),
+        ("api.build.corp", "build.corp"),
+        ("x.corp.internal", "corp.internal"),
+        ("a.b.c.corp.internal", "corp.internal"),
+        ("foo.test", "foo.test"),
+        ("corp", None),
+        ("10.0.0.1", None),
+        ("2001:db8::1", None),
     ],
 )
 def test_registered_domain(host: str, want: str | None) -> None:

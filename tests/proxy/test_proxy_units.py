@@ -11,8 +11,6 @@ from addons.policy.authority import AuthorityError, same_destination, split_auth
 from addons.policy.config import Config
 from addons.proxy.auth import AuthConfigError, AuthResult, ProxyAuth
 from addons.proxy.responses import deny_response, upstream_error_response
-from addons.proxy.tunnel import inspect_first_bytes
-from tests.harness import tls_client_hello
 
 CFG = Config.model_validate(
     {
@@ -120,14 +118,3 @@ def test_deny_response_shape():
     assert r407.status_code == 407 and r407.headers["Proxy-Authenticate"].startswith("Basic")
     r502 = upstream_error_response("x.test", 443, "refused")
     assert r502.status_code == 502 and r502.headers["X-Portcullis-Decision"] == "allow"
-
-
-def test_first_bytes():
-    hello = tls_client_hello("public.test")
-    assert inspect_first_bytes(hello).sni == "public.test"
-    assert inspect_first_bytes(hello[:20]).need_more
-    assert inspect_first_bytes(b"").need_more
-    assert inspect_first_bytes(b"\x16").need_more
-    assert inspect_first_bytes(b"GET / HTTP/1.1\r\n").problem
-    nosni = inspect_first_bytes(tls_client_hello(None))
-    assert nosni.tls and nosni.sni is None

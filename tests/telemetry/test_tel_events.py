@@ -174,3 +174,20 @@ def test_closed_stream_counts_and_fails_closed() -> None:
     t.decision(record())
     assert t.metrics.events_dropped.labels("stdout")._value.get() == 1
     assert not t.healthy()
+
+
+@pytest.mark.parametrize(("host", "want"), [
+    ("api.build.corp", "build.corp"),        # no PSL suffix: the default rule `*` makes `corp` the suffix
+    ("x.corp.internal", "corp.internal"),
+    ("foo.test", "foo.test"),
+    ("www.bbc.co.uk", "bbc.co.uk"),
+    ("localhost", None),                     # a single label is itself a suffix
+    ("10.20.0.7", None),                     # IP literals have none
+    ("2001:db8::7", None),
+])
+def test_every_name_has_a_registered_domain(host: str, want: str | None) -> None:
+    t, out = make()
+    t.decision(record(host=host))
+    (ev,) = lines(out)
+    assert ev["destination"]["registered_domain"] == want
+    validate_event(ev)

@@ -101,3 +101,26 @@ def test_empty_and_garbage_input() -> None:
     assert (
         rep.groups == {} and rep.skipped_not_json == 1 and rep.skipped_other_schema == 1 and rep.events == 1
     )
+
+
+def _decision(host: str, rd: str | None, n: int) -> str:
+    return json.dumps({
+        "schema": "portcullis.event/v1", "timestamp": f"2026-11-20T10:{n:02d}:00.000Z",
+        "event": "egress.decision", "decision": "deny", "reason": "default", "rule": None,
+        "client": {"address": "10.0.1.5", "name": None},
+        "destination": {"host": host, "port": 443, "ip": None, "registered_domain": rd},
+    })
+
+
+def test_names_under_unlisted_suffixes_group_by_their_registrable_domain() -> None:
+    # Older events carry registered_domain null for such names; newer ones carry it: both group alike.
+    events = [_decision("api.build.corp", None, 1), _decision("ci.build.corp", None, 2),
+              _decision("cache.build.corp", "build.corp", 3), _decision("x.corp.internal", None, 4),
+              _decision("y.corp.internal", "corp.internal", 5), _decision("foo.test", None, 6),
+              _decision("10.9.8.7", None, 7), _decision("intranet", None, 8)]
+    rep = build(events).as_dict()
+    cands = {g["domain"]: g for g in rep["candidates"]}
+    assert set(cands) == {"build.corp", "corp.internal", "foo.test", "10.9.8.7", "intranet"}
+    assert cands["build.corp"]["hosts"] == {"api.build.corp": 1, "ci.build.corp": 1, "cache.build.corp": 1}
+    assert '"**.build.corp"' in cands["build.corp"]["rule_yaml"]   # three names: one wildcard rule
+    assert cands["corp.internal"]["denied"] == 2

@@ -1,0 +1,100 @@
+"""What addons/proxy/mitm_compat.py relies on in mitmproxy's internals. Each test names one
+assumption; a mitmproxy upgrade that changes it fails here, loudly, before any bypass can."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import subprocess
+import sys
+
+import pytest
+from mitmproxy import version
+from mitmproxy.proxy.layers import http as http_layers
+from mitmproxy.proxy.layers.http import _http1, _http2, _http_h2
+
+from addons.proxy import mitm_compat
+from addons.proxy.responses import error_body, h2_error_headers, http1_error_response
+from tests.harness import REPO
+
+
+def test_the_installed_mitmproxy_is_supported():
+    assert mitm_compat.check_version() is None
+
+
+@pytest.mark.parametrize("fake", ["12.3.0", "13.0.1", "11.1.3"])
+def test_an_unsupported_mitmproxy_names_what_to_install(monkeypatch, fake):
+    monkeypatch.setattr(version, "VERSION", fake)
+    msg = mitm_compat.check_version()
+    assert msg is not None and fake in msg and "mitmproxy>=12.2,<12.3" in msg
+
+
+def test_http1_error_pages_come_from_the_module_level_builder():
+    # The swap replaces _http1.make_error_response; every call site must look it up by that name.
+    assert inspect.signature(_http1.make_error_response).parameters.keys() == {"status_code", "message"}
+    assert "make_error_response(400, str(e))" in inspect.getsource(_http1.Http1Server.read_headers)
+    assert "make_error_response(status, event.message)" in inspect.getsource(_http1.Http1Server.send)
+
+
+def test_http2_error_pages_come_from_format_error_with_three_fixed_headers():
+    src = inspect.getsource(_http2.Http2Connection._handle_event)
+    assert "format_error(status, event.message)" in src
+    assert '(b"server", version.MITMPROXY.encode())' in src and '(b"content-type", b"text/html")' in src
+    assert list(inspect.signature(_http_h2.BufferedH2Connection.send_headers).parameters)[:3] == [
+        "self",
+        "stream_id",
+        "headers",
+    ]
+
+
+def test_the_wrapped_connection_handlers_are_generators_on_the_server_side():
+    assert inspect.isgeneratorfunction(_http1.Http1Connection._handle_event)
+    assert inspect.isgeneratorfunction(_http1.Http1Server._handle_event)
+    assert inspect.isgeneratorfunction(_http2.Http2Server._handle_event)
+    # The HTTP/1 server keeps what it parsed on `self.request` (the refusal names its host).
+    assert "self.request = http1.read_request_head(" in inspect.getsource(_http1.Http1Server.read_headers)
+    assert _http2.Http2Server.__init__.__code__.co_varnames[:2] == ("self", "context")
+
+
+def test_http2_connection_errors_go_through_protocol_error():
+    pe = _http2.Http2Connection.protocol_error
+    assert inspect.isgeneratorfunction(pe)
+    assert list(inspect.signature(pe).parameters)[:2] == ["self", "message"]
+    assert "self.protocol_error(" in inspect.getsource(_http2.Http2Server.handle_h2_event)
+    assert "self.protocol_error(" in inspect.getsource(_http2.Http2Connection.handle_h2_event)
+
+
+def test_invalid_requests_fire_requestheaders_with_flow_error_set_first():
+    # The addon skips deciding when flow.error is set: mitmproxy answers (and the reporter logs) it.
+    src = inspect.getsource(http_layers.HttpStream.check_invalid)
+    assert src.index("self.flow.error = flow.Error(err)") < src.index("HttpRequestHeadersHook(self.flow)")
+    assert "validate_request(" in src
+
+
+def test_installed_builders_answer_json_and_report_only_with_a_running_connection():
+    seen: list[object] = []
+    for _ in range(2):  # idempotent: wrapping twice would report twice
+        mitm_compat.install(http1_error_response, error_body, h2_error_headers, seen.append)
+    page = _http1.make_error_response(400, "bad")
+    assert page.startswith(b"HTTP/1.1 400 ") and b'"reason":"bad_request"' in page
+    assert seen == []  # no connection layer is running here: nothing to attribute it to
+    assert _http2.format_error(502, "x").startswith(b"{")  # type: ignore[attr-defined]
+
+
+@pytest.mark.e2e
+def test_run_refuses_to_start_on_an_unsupported_mitmproxy(tmp_path):
+    # A sitecustomize makes the installed mitmproxy claim another version before the CLI starts.
+    (tmp_path / "sitecustomize.py").write_text("import mitmproxy.version as v\nv.VERSION = '13.0.0'\n")
+    (tmp_path / "portcullis.yaml").write_text("rules: []\n")
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}"}
+    p = subprocess.run(
+        [sys.executable, "-m", "addons.cli", "run", "--config", str(tmp_path / "portcullis.yaml")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
+        check=False,
+    )
+    assert p.returncode == 2, p.stderr
+    assert "mitmproxy 13.0.0 is not supported" in p.stderr and "mitmproxy>=12.2,<12.3" in p.stderr
