@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.adversarial.adv import Adv, Outcome, issue8, proxy_fixture, run
+from tests.adversarial.adv import Adv, Outcome, proxy_fixture, run
 
 pytestmark = pytest.mark.e2e
 
@@ -23,7 +23,7 @@ proxy = proxy_fixture(
 )
 
 BAD = "deny:bad_request:4xx"
-U = "unlogged"  # mitmproxy's own 400: today without an egress.decision (issue 8 #5)
+U = "unparsable"  # refused as malformed (mitmproxy's parser or ours): one logged bad_request
 TUNNEL = "tunnel"  # a CONNECT to exactly public.test / 127.0.0.2 on the right port: 200, one allow
 
 # authority ({P} = the recorder's port): expectation for (absolute-form, Host header, CONNECT)
@@ -67,16 +67,12 @@ TABLE: list[tuple[str, str, tuple[str, str, str]]] = [
 ]
 
 
-UNLOGGED = issue8("mitmproxy's own 400 for an unparsable authority is not logged")
-
-
 def _params() -> list:
     out = []
     for name, authority, expects in TABLE:
         for via, exp in zip(("url", "host", "connect"), expects, strict=True):
-            marks = UNLOGGED if exp == U else ()
             expect = BAD if exp == U else exp
-            out.append(pytest.param(authority, via, expect, id=f"{name}-{via}", marks=marks))
+            out.append(pytest.param(authority, via, expect, id=f"{name}-{via}"))
     return out
 
 

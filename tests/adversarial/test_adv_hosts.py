@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import pytest
 
-from tests.adversarial.adv import Adv, Outcome, adv_config, case, issue8, proxy_fixture, run
+from tests.adversarial.adv import Adv, Outcome, adv_config, case, proxy_fixture, run
 
 pytestmark = pytest.mark.e2e
 
-UNLOGGED_400 = issue8("mitmproxy's own 400 for an unparsable host is not logged")
 
 
 def _deny_list(u, folder):
@@ -58,24 +57,23 @@ SPELLINGS = [
     case("mixed-case", "BlOcKeD.TeSt", "deny:rule"),
     case("trailing-dot", "blocked.test.", "deny:rule"),
     case("upper-trailing-dot", "BLOCKED.TEST.", "deny:rule"),
-    case("two-trailing-dots", "blocked.test..", "deny:bad_request:4xx", marks=UNLOGGED_400),
-    case("leading-dot", ".blocked.test", "deny:bad_request:4xx", marks=UNLOGGED_400),
-    case("inner-empty-label", "blocked..test", "deny:bad_request:4xx", marks=UNLOGGED_400),
-    case("ideographic-dot", "blocked\u3002test", "deny:bad_request:4xx", marks=UNLOGGED_400),
-    case("fullwidth-dot", "blocked\uff0etest", "deny:bad_request:4xx", marks=UNLOGGED_400),
-    case("halfwidth-dot", "blocked\uff61test", "deny:bad_request:4xx", marks=UNLOGGED_400),
-    case("fullwidth-letters", "\uff42\uff4c\uff4f\uff43\uff4b\uff45\uff44.test", "deny:bad_request:4xx",
-         marks=UNLOGGED_400),
-    case("soft-hyphen", "blocked\u00ad.test", "deny:bad_request:4xx", marks=UNLOGGED_400),
-    case("zero-width-space", "block\u200bed.test", "deny:bad_request:4xx", marks=UNLOGGED_400),
-    case("bad-punycode", "xn--blocked-.test", "deny:bad_request:4xx", marks=UNLOGGED_400),
-    case("label-64", LONG_LABEL, "deny:bad_request:4xx", marks=UNLOGGED_400),
-    case("name-over-253", LONG_NAME, "deny:bad_request:4xx", marks=UNLOGGED_400),
+    case("two-trailing-dots", "blocked.test..", "deny:bad_request:4xx"),
+    case("leading-dot", ".blocked.test", "deny:bad_request:4xx"),
+    case("inner-empty-label", "blocked..test", "deny:bad_request:4xx"),
+    case("ideographic-dot", "blocked\u3002test", "deny:bad_request:4xx"),
+    case("fullwidth-dot", "blocked\uff0etest", "deny:bad_request:4xx"),
+    case("halfwidth-dot", "blocked\uff61test", "deny:bad_request:4xx"),
+    case("fullwidth-letters", "\uff42\uff4c\uff4f\uff43\uff4b\uff45\uff44.test", "deny:bad_request:4xx"),
+    case("soft-hyphen", "blocked\u00ad.test", "deny:bad_request:4xx"),
+    case("zero-width-space", "block\u200bed.test", "deny:bad_request:4xx"),
+    case("bad-punycode", "xn--blocked-.test", "deny:bad_request:4xx"),
+    case("label-64", LONG_LABEL, "deny:bad_request:4xx"),
+    case("name-over-253", LONG_NAME, "deny:bad_request:4xx"),
     case("trailing-hyphen-label", "blocked-.test", "deny:bad_request"),
     case("leading-hyphen-label", "-blocked.test", "deny:bad_request"),
-    case("wildcard-literal", "*.blocked.test", "deny:bad_request:4xx", marks=UNLOGGED_400),
-    case("percent-dot", "blocked%2etest", "deny:bad_request:4xx", marks=UNLOGGED_400),
-    case("percent-letter", "%62locked.test", "deny:bad_request:4xx", marks=UNLOGGED_400),
+    case("wildcard-literal", "*.blocked.test", "deny:bad_request:4xx"),
+    case("percent-dot", "blocked%2etest", "deny:bad_request:4xx"),
+    case("percent-letter", "%62locked.test", "deny:bad_request:4xx"),
 ]
 
 
@@ -103,9 +101,9 @@ LOOKALIKES = [
     case("apex-rule-glued", "xapex.test", "deny:default"),
     case("idn-a-label", "xn--bcher-kva.test", "allow"),
     case("idn-a-label-upper", "XN--BCHER-KVA.TEST", "allow"),
-    case("idn-u-label", "bücher.test", "deny:bad_request:4xx", marks=UNLOGGED_400),
-    case("homograph-cyrillic-es", "publi\u0441.test", "deny:bad_request:4xx", marks=UNLOGGED_400),
-    case("homograph-cyrillic-er", "\u0440ublic.test", "deny:bad_request:4xx", marks=UNLOGGED_400),
+    case("idn-u-label", "bücher.test", "deny:bad_request:4xx"),
+    case("homograph-cyrillic-es", "publi\u0441.test", "deny:bad_request:4xx"),
+    case("homograph-cyrillic-er", "\u0440ublic.test", "deny:bad_request:4xx"),
     case("homograph-punycode", "xn--publi-4ve.test", "deny:default"),
     case("homograph-greek-omicron-idn", "xn--bcher-kva.test.xn--pblic-mva.test", "deny:default"),
     case("underscore-lookalike", "public_test", "deny:default"),

@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from addons.telemetry.validate import validate_event
-from tests.adversarial.adv import Adv, adv_config, bypass, case, issue8, proxy_fixture
+from tests.adversarial.adv import Adv, adv_config, bypass, case, proxy_fixture
 from tests.recording import client_hello
 
 pytestmark = pytest.mark.e2e
@@ -191,7 +191,6 @@ def test_approval_by_and_reason(proxy, by):
     assert ev["by"] == by and ev["reason"] == by
 
 
-UNLOGGED = issue8("mitmproxy's own 400 is not logged (so these refusals have no event yet)", arrives=True)
 HOST_HDR = " HTTP/1.1\r\nHost: public.test:{P}\r\n\r\n"
 RAW_IN_REQUEST_LINE = [
     case("host-line-separator", "GET http://pub\u2028lic.test:{P}/" + HOST_HDR),
@@ -203,7 +202,6 @@ RAW_IN_REQUEST_LINE = [
 
 
 @pytest.mark.parametrize("text", RAW_IN_REQUEST_LINE)
-@UNLOGGED
 def test_raw_separators_in_the_request_line(proxy, text):
     """Refused by mitmproxy's parser today (400, no event); once logged, the event must stay one line."""
     data = text.replace("{P}", str(proxy.rec.http)).encode("utf-8")

@@ -1,11 +1,11 @@
 """The long fuzzing harness (outside CI): `./dev fuzz [seconds] [target ...]`.
 
 Targets
-  clienthello  the tunnel's first-bytes reader (default addons.proxy.tunnel:inspect_first_bytes, which
-               uses mitmproxy's parse_client_hello) against a tolerant, server-like ClientHello reader
-               (tests/recording.py server_names). Point it at another reader with
-               `--sni-reader module:function` (or PORTCULLIS_FUZZ_SNI_READER): a function
-               bytes -> object with .need_more, .tls, .sni, .problem (like FirstBytes).
+  clienthello  the tunnel's first-bytes reader (addons.proxy.clienthello:read_first_bytes, else the
+               older addons.proxy.tunnel:inspect_first_bytes on mitmproxy's parse_client_hello)
+               against a server-like ClientHello reader (tests/recording.py server_names). Point it
+               at another reader with `--sni-reader module:function` (or PORTCULLIS_FUZZ_SNI_READER):
+               bytes -> an object with .kind (Kind) or with .need_more, .tls, .sni, .problem.
   fastyaml     addons.policy.fastyaml.parse_rule_file against ruamel.yaml: same tree or None.
   requestline  mitmproxy's HTTP/1 request-head reader, then Portcullis' host normalisation, authority
                parser and Host check, as the proxy chains them: only ValueError, and the two parsers
@@ -30,6 +30,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
@@ -76,10 +77,32 @@ def _write(force: bool = False) -> None:
 
 # ------------------------------------------------------------------------------------- clienthello
 
+DEFAULT_READERS = ("addons.proxy.clienthello:read_first_bytes", "addons.proxy.tunnel:inspect_first_bytes")
+
+
 def _reader() -> Callable[[bytes], Any]:
-    spec = os.environ.get("PORTCULLIS_FUZZ_SNI_READER", "addons.proxy.tunnel:inspect_first_bytes")
-    mod, _, fn = spec.partition(":")
-    return getattr(importlib.import_module(mod), fn)  # type: ignore[no-any-return]
+    """The first-bytes reader under test, adapted to need_more / tls / sni / problem."""
+    specs = [os.environ["PORTCULLIS_FUZZ_SNI_READER"]] if os.environ.get("PORTCULLIS_FUZZ_SNI_READER") \
+        else list(DEFAULT_READERS)
+    for spec in specs:
+        mod, _, name = spec.partition(":")
+        try:
+            fn = getattr(importlib.import_module(mod), name)
+        except (ImportError, AttributeError):
+            continue
+        print(f"fuzz: first-bytes reader {spec}", file=sys.stderr)
+        return lambda data: _adapt(fn(data))
+    raise SystemExit(f"no first-bytes reader among {specs}")
+
+
+def _adapt(r: Any) -> Any:
+    kind = getattr(r, "kind", None)
+    if kind is None:
+        return r  # already need_more / tls / sni / problem (tunnel.inspect_first_bytes)
+    k = str(getattr(kind, "value", kind))  # clienthello.read_first_bytes: Kind.NEED_MORE/TLS/NOT_TLS/BAD
+    if k == "bad":
+        raise ValueError(r.problem)  # refused: the tunnel is closed
+    return SimpleNamespace(need_more=k == "need_more", tls=k == "tls", sni=r.sni, problem=r.problem)
 
 
 def clienthello_seeds() -> list[bytes]:
@@ -276,6 +299,8 @@ def _preload() -> None:
     import addons.policy.fastyaml  # noqa: F401
     import addons.policy.hosts  # noqa: F401
     import addons.proxy.addon  # noqa: F401
+    import addons.proxy.clienthello  # noqa: F401
+    import addons.proxy.tunnel  # noqa: F401
 
 
 def run_atheris(name: str, seconds: int, extra: list[str]) -> None:
@@ -358,8 +383,8 @@ def main() -> None:
 
         # Coverage guidance for the code under test (and mitmproxy's parsers), not for the tooling.
         with atheris.instrument_imports(include=["addons", "mitmproxy", "ruamel", "idna"]):
-            _setup_targets()
             _preload()
+            _setup_targets()
     else:
         _setup_targets()
     global _started
