@@ -32,6 +32,8 @@ def split_authority(raw: str, allow_zero: bool = False) -> tuple[str, int | None
         return host, _port(rest[1:], raw, allow_zero)
     if raw.count(":") == 1:
         host, port = raw.split(":")
+        if not host:  # ":8080" is not "every interface": a listen address or Host names its host
+            raise AuthorityError(f"no host before the port in {raw!r}")
         return host, _port(port, raw, allow_zero)
     if ":" in raw:  # a bare IPv6 address without brackets is not a valid Host header
         raise AuthorityError(f"bad authority {raw!r}")

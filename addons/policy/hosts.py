@@ -265,6 +265,7 @@ _V6_CLASSES: tuple[tuple[str, ipaddress.IPv6Network], ...] = tuple(
         ("reserved", "::/8"),                 # incl. deprecated IPv4-compatible ::a.b.c.d
         ("reserved", "64:ff9b:1::/48"),       # local-use NAT64
         ("reserved", "100::/64"),             # discard-only
+        ("reserved", "2001::/23"),            # IETF protocol assignments (Teredo 2001::/32 is read first)
         ("reserved", "2001:db8::/32"),        # documentation
         ("reserved", "2001:2::/48"),          # benchmarking
         ("reserved", "2001:10::/28"),         # ORCHID
