@@ -13,6 +13,7 @@ from html import escape
 from aiohttp import web
 
 from addons.approvals.auth import NO_TOKEN, token_ok
+from addons.approvals.errors import StoreUnavailable
 from addons.approvals.model import Approval, Choice, DecideError, Scope, State, rfc3339
 from addons.approvals.service import ApprovalService
 
@@ -85,7 +86,7 @@ class _Page:
         nonce = self._session(request)
         if nonce is None:
             return self._login_page(request)
-        return self._list_page(nonce)
+        return await self._list_page(nonce)
 
     async def login(self, request: web.Request) -> web.Response:
         form = await request.post()
@@ -126,11 +127,11 @@ class _Page:
             return self._login_page(request, "Log in first.", status=401)
         form = await request.post()
         if not self._same_origin(request) or not hmac.compare_digest(self._csrf(nonce), _field(form, "csrf")):
-            return self._list_page(nonce, "Refused: missing or wrong CSRF token. Reload the page.",
-                                   status=403)
+            return await self._list_page(nonce, "Refused: missing or wrong CSRF token. Reload the page.",
+                                         status=403)
         action = _BY_VALUE.get(_field(form, "action"))
         if action is None:
-            return self._list_page(nonce, "Unknown action.", status=422)
+            return await self._list_page(nonce, "Unknown action.", status=422)
         decision, scope = action
         by = _field(form, "by").strip() or "approval page"
         reason = _field(form, "reason").strip() or None
@@ -138,9 +139,11 @@ class _Page:
         try:
             a = await self.service.decide(approval_id, decision, scope, by[:200], reason)
         except DecideError as e:
-            return self._list_page(nonce, e.message, status=e.status)
+            return await self._list_page(nonce, e.message, status=e.status)
+        except StoreUnavailable as e:
+            return _unavailable(e)
         verb = "Allowed" if decision is Choice.ALLOW else "Denied"
-        return self._list_page(nonce, f"{verb} ({scope.value}): {a.host}:{a.port} [{a.id}]", ok=True)
+        return await self._list_page(nonce, f"{verb} ({scope.value}): {a.host}:{a.port} [{a.id}]", ok=True)
 
     # Rendering
 
@@ -159,12 +162,15 @@ class _Page:
                         secure=request.secure)
         return resp
 
-    def _list_page(self, nonce: str, msg: str | None = None, status: int = 200,
-                   ok: bool = False) -> web.Response:
+    async def _list_page(self, nonce: str, msg: str | None = None, status: int = 200,
+                         ok: bool = False) -> web.Response:
         csrf = self._csrf(nonce)
         now = time.time()
         note = f"<p class='msg{'' if ok else ' err'}'>{escape(msg)}</p>" if msg else ""
-        items = self.service.listing(recent=20)
+        try:
+            items = await self.service.listing(recent=20)
+        except StoreUnavailable as e:
+            return _unavailable(e)
         pending = [a for a in items if a.state is State.PENDING and a.expires_at > now]
         rows = "".join(self._row(a, csrf, now) for a in pending) or \
             "<tr><td colspan='7'>Nothing is waiting for a decision.</td></tr>"
@@ -198,6 +204,11 @@ class _Page:
             f"<input type='hidden' name='csrf' value='{csrf}'>"
             "<input name='by' placeholder='your name' size='10'> "
             f"<input name='reason' placeholder='reason' size='16'> {buttons}</form></td></tr>")
+
+
+def _unavailable(e: StoreUnavailable) -> web.Response:
+    return _html(f"<h1>Portcullis approvals</h1><p class='msg err'>{escape(str(e))}. Nothing can be listed "
+                 "or decided until it is back; <a href='/'>try again</a>.</p>", status=503)
 
 
 def _field(form: Mapping[str, object], name: str) -> str:

@@ -26,10 +26,14 @@ from typing import Any
 
 from addons.admin.server import AdminServer
 from addons.approvals import api as approvals_api
+from addons.approvals.health import StoreHealth
 from addons.approvals.service import ApprovalService
+from addons.approvals.stores import is_redis
+from addons.approvals.stores.redis import safe_url
 from addons.background import spawn
-from addons.bus import LocalHub, Message
+from addons.bus import Bus, LocalHub, Message
 from addons.proxy.runtime import Prepared, fmt_host
+from addons.redisbus import RedisBus
 from addons.telemetry.events import Telemetry
 from addons.telemetry.metrics import multiprocess_render, use_multiprocess
 
@@ -58,7 +62,13 @@ class Supervisor:
         cfg = p.loaded.config
         self.telemetry = Telemetry(cfg.telemetry, p.loaded.base_dir)
         self.hub = LocalHub(self.state / "bus.sock")
-        self.approvals = ApprovalService(cfg.approvals, p.loaded.base_dir, self.telemetry, bus=self.hub)
+        # With a Redis store, decisions travel on the replicas' bus (every worker subscribes too); the
+        # local hub then only carries the workers' "ready" and ties them to this supervisor.
+        store = cfg.approvals.store
+        self.store_health = StoreHealth(self.telemetry, safe_url(store))
+        self.approvals_bus: Bus = RedisBus(store, self.store_health) if is_redis(store) else self.hub
+        self.approvals = ApprovalService(cfg.approvals, p.loaded.base_dir, self.telemetry,
+                                         bus=self.approvals_bus, health=self.store_health)
         self.sock: socket.socket | None = None
         self.admin: AdminServer | None = None
         self.procs: dict[int, asyncio.subprocess.Process] = {}
@@ -74,8 +84,12 @@ class Supervisor:
     async def run(self) -> int:
         try:
             await self.approvals.start()
+            if isinstance(self.approvals_bus, RedisBus):
+                await self.approvals_bus.start()
         except Exception as e:
             print(f"{self.p.loaded.path}: approvals: {e}", file=sys.stderr)
+            with contextlib.suppress(Exception):
+                await self.approvals.stop()
             return self._cleanup(2)
         try:
             self.sock = _bind(self.p.listen)
@@ -235,6 +249,9 @@ class Supervisor:
             await self.admin.stop()
         with contextlib.suppress(Exception):
             await self.approvals.stop()
+        if self.approvals_bus is not self.hub:
+            with contextlib.suppress(Exception):
+                await self.approvals_bus.close()
         await self.hub.close()
         self.telemetry.emit("proxy.stopped", exit_code=self.exit_code)
         return self._cleanup(self.exit_code)

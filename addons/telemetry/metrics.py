@@ -54,6 +54,10 @@ class Metrics:
             PREFIX + "events_buffered", "Events held for a sink whose receiver is slow or away.", ["sink"],
             registry=r, multiprocess_mode="livesum",
         )
+        self.store_up = Gauge(
+            PREFIX + "store_up", "1 while the approvals store answers, 0 while it is unreachable (Redis).",
+            registry=r, multiprocess_mode="livemin",
+        )
         self.tunnels_open = Gauge(
             PREFIX + "tunnels_open", "CONNECT tunnels currently open.", registry=r,
             multiprocess_mode="livesum",
