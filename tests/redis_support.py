@@ -26,12 +26,13 @@ def free_port() -> int:
 class RedisServer:
     """`start()`, `stop()` (SIGTERM: the append-only file is flushed), `kill()`, `url`."""
 
-    def __init__(self, folder: Path, port: int | None = None) -> None:
+    def __init__(self, folder: Path, port: int | None = None, appendfsync: str = "always") -> None:
         if shutil.which("redis-server") is None:
             pytest.skip(MISSING)
         self.folder = folder
         self.folder.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
+        self.appendfsync = appendfsync
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -39,10 +40,11 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisServer:
-        # appendfsync always: every write is on disk before Redis answers, so a restart keeps it all.
+        # appendfsync always (the default here): every write is on disk before Redis answers, so a
+        # restart keeps it all; Redis's own default is everysec.
         self.proc = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.folder),
+             "--appendonly", "yes", "--appendfsync", self.appendfsync, "--dir", str(self.folder),
              "--logfile", str(self.folder / "redis.log")],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 15

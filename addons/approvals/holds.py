@@ -83,10 +83,14 @@ class Holds:
 
     # Waiting
 
-    async def wait(self, a: Approval, client_alive: Callable[[], bool]) -> Settlement:
-        """Hold until a decision, the expiry, or the client hangs up (checked every poll_interval)."""
+    async def wait(self, a: Approval, client_alive: Callable[[], bool]) -> Settlement | None:
+        """Hold until a decision, the expiry, or the client hangs up (checked every poll_interval).
+        None: `a` ended before this request began to wait (a look at the store under way found it
+        decided): the request asks afresh."""
         assert self.ledger is not None
-        live = self._live[a.id]
+        live = self._live.get(a.id)
+        if live is None:
+            return None
         start = time.monotonic()
         live.waiters += 1
         reason: Reason | None = None
@@ -130,7 +134,7 @@ class Holds:
             while True:
                 live.again = False
                 live.synced = time.monotonic()
-                if await self.ledger.refresh(a, live.waiters):
+                if await self.ledger.refresh(a, lambda: live.waiters):
                     return True
                 if not live.again:
                     return False

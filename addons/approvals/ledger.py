@@ -49,6 +49,13 @@ class Listener(Protocol):
         expired it (it is logged once); else another process sharing the store did."""
 
 
+Held = int | Callable[[], int]  # how many requests wait on an approval here (or how to count them now)
+
+
+def _count(held: Held) -> int:
+    return held() if callable(held) else held
+
+
 def new_id() -> str:
     return "apr_" + secrets.token_hex(16)
 
@@ -161,7 +168,7 @@ class Ledger:
             return
         self.listener.ended(cur or a, (cur.ending if cur else None) or Reason.APPROVAL_TIMEOUT, False)
 
-    async def refresh(self, a: Approval, held: int) -> bool:
+    async def refresh(self, a: Approval, held: Held) -> bool:
         """Was `a` decided by another process sharing the store? Then it ends here too (True).
 
         A `once` decision taken elsewhere found nobody waiting there and left a single-use grant for
@@ -171,7 +178,7 @@ class Ledger:
         reason = stored.ending if stored is not None else None
         if stored is None or reason is None:
             return False
-        if held > 0 and stored.scope is Scope.ONCE:
+        if _count(held) > 0 and stored.scope is Scope.ONCE:  # counted now: one may have joined meanwhile
             await self.store.drop_single_use(stored)
         self._untrack(a)
         self.listener.ended(stored, reason, False)
@@ -207,7 +214,7 @@ class Ledger:
         return a
 
     async def decide(self, a: Approval, choice: Choice, scope: Scope, by: str | None, reason: str | None,
-                     now: float, held: int) -> Approval:
+                     now: float, held: Held) -> Approval:
         """The first decision wins (compare-and-set); it leaves a grant by its scope. `held`: how many
         requests wait on `a` here (a `once` with nobody held applies to the next retry instead)."""
         if not await self.store.decide(a.id, choice, scope, by, reason, now):
@@ -223,14 +230,14 @@ class Ledger:
         self.listener.ended(after, choice.reason, True)
         return after
 
-    async def _grant(self, a: Approval, choice: Choice, scope: Scope, now: float, held: int) -> None:
+    async def _grant(self, a: Approval, choice: Choice, scope: Scope, now: float, held: Held) -> None:
         if scope is Scope.SESSION:
             await self.store.add_grant(a.key, choice, scope, a.id, now, now + self.session_ttl,
                                        single_use=False)
         elif scope is Scope.ALWAYS:
             until = now + min(self.session_ttl, ALWAYS_BRIDGE_S)
             await self.store.add_grant(a.key, choice, scope, a.id, now, until, single_use=False)
-        elif held == 0:
+        elif _count(held) == 0:  # counted after the compare-and-set: a request may have joined meanwhile
             # Nobody is held (hold: false, or the waiters were lost to a restart or hung up): the
             # decision applies once, to the next retry within one approval timeout.
             await self.store.add_grant(a.key, choice, scope, a.id, now, now + self.timeout, single_use=True)

@@ -11,6 +11,7 @@ admin API answers 503 (api.py); `health` (health.py) says when it is away and wh
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import time
@@ -36,6 +37,9 @@ from addons.policy.model import Reason
 from addons.telemetry.events import Telemetry
 
 log = logging.getLogger(__name__)
+
+
+ASK_AFRESH = 3  # a request whose approval ends as it arrives asks again, this many times at most
 
 
 def _poll_interval() -> float:
@@ -146,15 +150,21 @@ class ApprovalService:
         """Grant, or coalesce onto/open a pending approval and hold (or answer pending at once).
         Never raises: any internal error denies (internal_error), and the pipeline logs it."""
         try:
-            got = await self.ledger.admit(pending)
             assert self._holds is not None
-            if isinstance(got, Approval) and await self._holds.sync(got):  # decided elsewhere meanwhile:
-                got = await self.ledger.admit(pending)  # this request asks afresh
-            if isinstance(got, Settlement):
-                return got
-            if not self.config.hold:
-                return self.ledger.answer_pending(got)
-            return await self._holds.wait(got, client_alive)
+            last: Approval | None = None
+            for _ in range(ASK_AFRESH):
+                got = await self.ledger.admit(pending)
+                if isinstance(got, Settlement):
+                    return got
+                last = got
+                if await self._holds.sync(got):  # decided elsewhere meanwhile: this request asks afresh
+                    continue
+                if not self.config.hold:
+                    return self.ledger.answer_pending(got)
+                if (settled := await self._holds.wait(got, client_alive)) is not None:
+                    return settled
+            assert last is not None
+            return self.ledger.answer_pending(last)  # it kept ending under this request's feet: retry
         except asyncio.CancelledError:
             raise
         except StoreUnavailable as e:  # fail closed, and say why (the health logged it once)
@@ -174,7 +184,8 @@ class ApprovalService:
             a = await self.ledger.check(approval_id, now)
             if scope is Scope.ALWAYS:  # the rule first: if it cannot be written, nothing is decided
                 await self.persister.write(a, choice, by, reason, now)
-            decided = await self.ledger.decide(a, choice, scope, by, reason, now, held=self.waiters(a))
+            held = functools.partial(self.waiters, a)  # counted once the decision is in the store
+            decided = await self.ledger.decide(a, choice, scope, by, reason, now, held=held)
         self.bus.publish({"t": "approval", "id": decided.id})  # releases the waiters of every process
         return decided
 

@@ -372,3 +372,32 @@ async def test_a_remote_decision_found_on_arrival_ends_the_tracked_approval_and_
     again = await a.resolve(request(), alive)
     assert again.reason == Reason.APPROVAL_PENDING and again.approval_id != first.approval_id
     assert not a.ledger.tracks(await a.store.get(first.approval_id))
+
+
+async def test_a_request_that_joins_while_a_look_is_under_way_is_counted_when_the_decision_is_seen(
+        make_service):
+    """The look at the store that A starts when it opens the approval is slow; meanwhile the request
+    begins to wait and B decides `once` (nobody waits on B: it leaves a single-use grant). When A's
+    look comes back it must count the waiter it has now, so the waiter is that one use and the grant
+    goes: no spare pass for the next request."""
+    a = await make_service(timeout=30, poll=30.0)
+    b = await make_service(timeout=30, poll=30.0)
+    gate, real_get = asyncio.Event(), a.store.get
+    stalled: list[str] = []
+
+    async def slow_get(approval_id):
+        if not gate.is_set():
+            stalled.append(approval_id)
+            await gate.wait()
+        return await real_get(approval_id)
+
+    a.store.get = slow_get  # the store itself is real; only this look is held up
+    held = asyncio.create_task(a.resolve(request(), alive))
+    key = ("10.0.0.5", "unknown.example", 443)
+    await wait_until(lambda: bool(stalled) and a.waiters(a.ledger._open[key]) == 1)
+    await b.decide(stalled[0], ALLOW, ONCE, "b", None)
+    assert [g.single_use for g in await b.store.grants(time.time())] == [True]  # B found nobody waiting
+    gate.set()
+    out = await asyncio.wait_for(held, 5)
+    assert (out.allowed, out.reason, out.approval_id) == (True, Reason.APPROVED, stalled[0])
+    assert await b.store.grants(time.time()) == []  # the held request was the use
