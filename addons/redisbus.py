@@ -62,17 +62,23 @@ class RedisBus:
         self._tasks: list[asyncio.Task[None]] = []
         self._unreachable: tuple[type[BaseException], ...] = ()
 
-    async def start(self) -> None:
-        """Subscribe now (Redis must answer at start), then listen and publish in the background."""
+    async def start(self, required: bool = True) -> None:
+        """Subscribe now, then listen and publish in the background. Redis must answer now if
+        `required`; else (a worker started again during an outage) the bus keeps trying."""
         self._unreachable = unreachable_errors()
         self._r = client(self.url, max_connections=4, retries=0)  # the loop below does the retrying
+        ps: Any = None
         try:
             ps = await self._subscribe()
         except self._unreachable as e:
-            await self._r.aclose()
-            raise ApprovalError(f"cannot subscribe to {self.channel} on {self.name}: "
-                                f"{type(e).__name__}: {e}") from e
-        self._subscribed()
+            if required:
+                await self._r.aclose()
+                raise ApprovalError(f"cannot subscribe to {self.channel} on {self.name}: "
+                                    f"{type(e).__name__}: {e}") from e
+            if self.health is not None:
+                self.health.failed(e)
+        else:
+            self._subscribed()
         self._tasks = [spawn(self._run(ps), "redis-bus-listen"), spawn(self._send(), "redis-bus-publish")]
 
     def subscribe(self, handler: Handler) -> None:
@@ -126,14 +132,16 @@ class RedisBus:
         deliver(self._handlers, dict(RESYNC))
 
     async def _run(self, ps: Any) -> None:
+        """`ps`: the subscription made at start, or None (none yet: keep trying)."""
         while True:
-            try:
-                await self._listen(ps)
-            except self._unreachable as e:
-                log.warning("redis bus: lost the subscription on %s (%s: %s); subscribing again", self.name,
-                            type(e).__name__, e)
-            self.connected = False
-            await _drop(ps)
+            if ps is not None:
+                try:
+                    await self._listen(ps)
+                except self._unreachable as e:
+                    log.warning("redis bus: lost the subscription on %s (%s: %s); subscribing again",
+                                self.name, type(e).__name__, e)
+                self.connected = False
+                await _drop(ps)
             ps = await self._resubscribe()
             self._subscribed()
 

@@ -59,11 +59,16 @@ class ApprovalService:
     def __init__(self, config: ApprovalsConfig, base_dir: Path, telemetry: Telemetry, *,
                  clock: Callable[[], float] = time.time, admin_url: str | None = None,
                  sweep_interval: float = 30.0, webhook_backoff: float = 0.5, leader: bool = True,
-                 bus: Bus | None = None, health: StoreHealth | None = None) -> None:
+                 bus: Bus | None = None, health: StoreHealth | None = None,
+                 require_store: bool = True) -> None:
         """`leader` (one process, or the supervisor of `--workers N`) sweeps, re-sends the webhooks a
         restart cut short and reports the pending count; a worker (leader False) does none of these.
         `bus` carries "approval X changed" between the processes that share the store; `health` hears
-        whether the store answers (the RedisBus reports there too)."""
+        whether the store answers (the RedisBus reports there too). Not `require_store` (a worker the
+        supervisor starts again, having checked the store itself at start): start even while the
+        store is unreachable, failing closed, and load the pending approvals once it answers."""
+        self.require_store = require_store
+        self._loaded = False
         self.leader = leader
         self.bus: Bus = bus if bus is not None else NullBus()
         self.health = health if health is not None else StoreHealth(telemetry, safe_url(config.store))
@@ -103,21 +108,38 @@ class ApprovalService:
     async def start(self) -> None:
         """Check the webhook secrets, open the store, load pending approvals, start webhook delivery."""
         targets = endpoints(self.config.webhooks)
-        store = await open_store(self.config.store, self.base_dir, self.health)
+        store = await open_store(self.config.store, self.base_dir, self.health, self.require_store)
         holds = Holds(self.notifier, self.telemetry, self.clock, self.poll_interval, self.leader, self.bus)
         ledger = Ledger(store, holds, timeout=self.config.timeout, session_ttl=self.config.session_ttl,
                         clock=self.clock)
         self._holds, self._ledger, holds.ledger = holds, ledger, ledger
         try:
-            await ledger.load()
+            await self._load()
         except BaseException:
             await store.close()
             raise
         await self.notifier.start(targets, store, ledger.is_pending, resend=self.leader)
         self.bus.subscribe(self._on_message)
-        self.health.on_up(holds.resync)  # what was said while the store was away: look again
+        self.health.on_up(self._store_is_back)
         if self.leader:
             self._sweeper = spawn(self._sweep_loop(), "approvals sweep")
+
+    async def _load(self) -> None:
+        try:
+            await self.ledger.load()
+            self._loaded = True
+        except StoreUnavailable:
+            if self.require_store:
+                raise
+            log.warning("approvals store unreachable at start; pending approvals are loaded once it answers")
+
+    def _store_is_back(self) -> None:
+        """What was said while the store was away is lost: look again at everything held (and load
+        what a start without the store could not)."""
+        if self._holds is not None:
+            self._holds.resync()
+        if not self._loaded and self._ledger is not None:
+            spawn(self._load(), "approvals load")
 
     def _on_message(self, m: Message) -> None:
         if self._holds is not None:

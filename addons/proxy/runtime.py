@@ -142,7 +142,7 @@ class Runtime:
         self.approvals_bus: Bus = RedisBus(store, self.store_health) if is_redis(store) else self.bus
         self.approvals = ApprovalService(
             cfg.approvals, p.loaded.base_dir, self.telemetry, leader=worker is None, bus=self.approvals_bus,
-            health=self.store_health,
+            health=self.store_health, require_store=worker is None,  # a worker may (re)start in an outage
         )
         self.own = OwnAddresses()
         self.pipeline = Pipeline(
@@ -291,7 +291,7 @@ async def serve(rt: Runtime) -> int:
         # Store and webhook secrets: a problem here is a config error, found before listening.
         await rt.approvals.start()
         if isinstance(rt.approvals_bus, RedisBus):
-            await rt.approvals_bus.start()
+            await rt.approvals_bus.start(required=rt.worker is None)
     except Exception as e:
         print(f"{rt.p.loaded.path}: approvals: {e}", file=sys.stderr)
         with contextlib.suppress(Exception):

@@ -8,7 +8,9 @@ the poll of the store."""
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -182,3 +184,38 @@ def test_replicas_with_two_workers_each_share_one_approval_and_one_webhook(tmp_p
         assert len(hooks.got) == 1
         assert len(a.find("approval.requested")) + len(b.find("approval.requested")) == 1
         assert [len(p.find("approval.decided")) for p in (a, b)] == [0, 1]
+
+
+def worker_pids(p: PortcullisProc) -> list[int]:
+    assert p.proc is not None
+    out = subprocess.run(["pgrep", "-P", str(p.proc.pid)], capture_output=True, text=True, check=False).stdout
+    return [int(x) for x in out.split()]
+
+
+def ready(p: PortcullisProc) -> bool:
+    return httpx.get(f"{p.admin_url}/readyz", timeout=5, trust_env=False).status_code == 200
+
+
+def test_a_worker_started_again_while_redis_is_down_serves_and_catches_up(tmp_path, upstreams, hooks,
+                                                                          own_redis):
+    """The supervisor checked Redis at start; a worker it starts again during an outage comes up all
+    the same (failing closed for what needs Redis) instead of dying until the proxy gives up."""
+    with replica(tmp_path, "a", upstreams, hooks, own_redis, workers=2) as a, ThreadPoolExecutor(4) as pool:
+        own_redis.stop()
+        a.wait_event("store.unreachable", timeout=15)
+        victim = worker_pids(a)[0]
+        os.kill(victim, signal.SIGKILL)
+        assert a.wait_event("worker.exited", timeout=15)["restarted"] is True
+        wait_for(lambda: len(worker_pids(a)) == 2 and victim not in worker_pids(a) and ready(a), timeout=30)
+        assert a.find("worker.exited") and len(a.find("worker.exited")) == 1  # started once, and stays up
+        for i in range(6):  # both workers serve what needs no shared state
+            assert a.curl(url(upstreams, f"/open{i}", host="public.test")).status == 200
+        assert_denied(a.curl(url(upstreams, "/needs-redis")), "internal_error")
+        own_redis.start()
+        wait_for(lambda: len(a.find("store.reconnected")) >= 3, timeout=30)  # supervisor and both workers
+        replies = [pool.submit(held_get, a, upstreams, f"/later{i}") for i in range(4)]
+        [hook] = hooks.wait(1)
+        time.sleep(1.0)  # every request reaches its worker and joins (bounded; the oracle is the counts)
+        assert decide(a, hook["body"]["id"], "allow").status_code == 200
+        assert [f.result(HELD_S) for f in replies] == [200] * 4
+        assert len(a.find("worker.exited")) == 1

@@ -147,6 +147,10 @@ class RedisStore:
             raise ApprovalError(f"cannot use the approvals store {self.name}: "
                                 f"{type(e).__name__}: {e or 'no answer'}") from e
 
+    @_guarded
+    async def ping(self) -> None:
+        await self._r.ping()
+
     async def close(self) -> None:
         await self._r.aclose()
 
