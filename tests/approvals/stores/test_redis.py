@@ -9,13 +9,15 @@ import socket
 
 import pytest
 
-from addons.approvals.errors import ApprovalError
+from addons.approvals.errors import ApprovalError, StoreUnavailable
+from addons.approvals.health import StoreHealth
 from addons.approvals.model import Choice, Scope, State
 from addons.approvals.stores import open_store
 from addons.approvals.stores.redis import RedisStore
 from addons.approvals.stores.sqlite import SqliteStore
 from addons.policy.model import Reason
 from tests.approvals.approvals_support import alive, approval, request, wait_until
+from tests.redis_support import RedisServer
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None,
                                 reason="redis-server missing: apt-get install -y redis-server "
@@ -155,4 +157,45 @@ async def test_replicas_racing_to_open_one_key_get_one_approval(redis_url, tmp_p
     s = await open_store(redis_url, tmp_path)
     assert [a.id for a in await s.pending()] == results[:1]
     assert (await s.get(results[0])).state is State.PENDING
+    await s.close()
+
+
+async def test_a_call_while_redis_is_down_fails_closed_and_the_health_hears_it_once(tmp_path, events):
+    with RedisServer(tmp_path / "redis") as server:
+        health = StoreHealth(events.telemetry, server.url)
+        s = await open_store(server.url, tmp_path, health)
+        await s.open(approval(), now=100)
+        await asyncio.to_thread(server.stop)
+        said = rf"^the approvals store {server.url} is unreachable \(ConnectionError: "
+        for call in (s.get("apr_1"), s.take_grant(("c", "h", 443), now=150), s.pending()):
+            with pytest.raises(StoreUnavailable, match=said):
+                await call
+        assert not health.up and len(events.of("store.unreachable")) == 1
+        await asyncio.to_thread(server.start)
+        assert (await s.get("apr_1")).state is State.PENDING  # a new connection, made on demand
+        assert health.up and len(events.of("store.reconnected")) == 1
+        await s.close()
+
+
+async def test_a_redis_that_does_not_answer_costs_one_bounded_call(tmp_path, events):
+    with RedisServer(tmp_path / "redis") as server:
+        health = StoreHealth(events.telemetry, server.url)
+        s = await open_store(server.url, tmp_path, health)
+        with server.client() as r:
+            r.execute_command("CLIENT", "PAUSE", "5000", "ALL")
+        with pytest.raises(StoreUnavailable, match=r"is unreachable \(TimeoutError"):
+            await asyncio.wait_for(s.get("apr_1"), 10)  # its own deadline (2 s) ends it first
+        assert not health.up
+        await s.close()
+
+
+async def test_a_store_not_required_at_start_opens_and_fails_closed_until_redis_answers(tmp_path, events):
+    server = RedisServer(tmp_path / "redis")  # not started yet
+    health = StoreHealth(events.telemetry, server.url)
+    s = await open_store(server.url, tmp_path, health, require=False)
+    assert not health.up and len(events.of("store.unreachable")) == 1
+    with pytest.raises(StoreUnavailable):
+        await s.pending()
+    with server:
+        assert await s.pending() == [] and health.up
     await s.close()
