@@ -11,7 +11,8 @@ from tel_ocsf_check import ocsf_errors
 from addons.telemetry.ocsf import to_ocsf
 from addons.telemetry.validate import validate_event
 
-NATIVE = {"rules.reloaded", "rules.reload_failed", "webhook.failed", "proxy.started", "proxy.stopped"}
+NATIVE = {"rules.reloaded", "rules.reload_failed", "webhook.failed", "proxy.started", "proxy.stopped",
+          "worker.exited", "store.unreachable", "store.reconnected"}
 
 
 def _ocsf_stream() -> list[dict[str, object]]:
