@@ -42,13 +42,13 @@ class NullBus:
         self._handlers.append(handler)
 
     def publish(self, message: Message) -> None:
-        _deliver(self._handlers, message)
+        deliver(self._handlers, message)
 
     async def close(self) -> None:
         self._handlers.clear()
 
 
-def _deliver(handlers: list[Handler], message: Message) -> None:
+def deliver(handlers: list[Handler], message: Message) -> None:
     for h in list(handlers):
         try:
             h(message)
@@ -79,7 +79,7 @@ class LocalHub:
 
     def publish(self, message: Message) -> None:
         self._broadcast(_line(message), None)
-        _deliver(self._handlers, message)
+        deliver(self._handlers, message)
 
     @property
     def connections(self) -> int:
@@ -96,7 +96,7 @@ class LocalHub:
                     continue
                 if isinstance(message, dict):
                     self._broadcast(line if line.endswith(b"\n") else line + b"\n", writer)
-                    _deliver(self._handlers, message)
+                    deliver(self._handlers, message)
         except (ConnectionError, asyncio.IncompleteReadError, ValueError):
             pass
         finally:
@@ -139,7 +139,7 @@ class LocalBus:
         """To every other process (through the hub) and to this one's subscribers."""
         if self._writer is not None and not self._writer.is_closing():
             self._writer.write(_line(message))
-        _deliver(self._handlers, message)
+        deliver(self._handlers, message)
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
         try:
@@ -147,7 +147,7 @@ class LocalBus:
                 with contextlib.suppress(ValueError):
                     message = json.loads(line)
                     if isinstance(message, dict):
-                        _deliver(self._handlers, message)
+                        deliver(self._handlers, message)
         except (ConnectionError, asyncio.IncompleteReadError, ValueError):
             pass
         if self.on_lost is not None:

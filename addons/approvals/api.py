@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from addons.approvals import page
 from addons.approvals.auth import NO_TOKEN, Principal, Principals, bearer
+from addons.approvals.errors import StoreUnavailable
 from addons.approvals.links import Links
 from addons.approvals.model import Approval, Choice, DecideError, Scope, rfc3339
 from addons.approvals.service import ApprovalService
@@ -52,13 +53,20 @@ def authenticate(request: web.Request, principals: Principals) -> Principal | we
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+STORE_RETRY_AFTER_S = 5
+
+
 def _json_errors(handler: Handler) -> Handler:
-    """A store failure (disk full, Redis down) is a JSON 500 the CLI can show, and is logged."""
+    """A store that cannot be reached (Redis down) is a JSON 503 that says so (its health logged it once);
+    any other failure (disk full, a bug) is a JSON 500 the CLI can show, and is logged."""
     async def wrapped(request: web.Request) -> web.StreamResponse:
         try:
             return await handler(request)
         except web.HTTPException:
             raise
+        except StoreUnavailable as e:
+            return error(503, "store_unavailable", f"{e}; nothing was listed or decided, try again when "
+                         "it is back", headers={"Retry-After": str(STORE_RETRY_AFTER_S)})
         except Exception as e:  # the seam between HTTP and the service
             log.exception("approvals API %s %s failed", request.method, request.path)
             return error(500, "internal_error", f"the approvals service failed: {type(e).__name__}: {e}")
@@ -79,8 +87,10 @@ def _value(e: Choice | Scope | None) -> str | None:
     return None if e is None else e.value
 
 
-def error(status: int, code: str, message: str, **extra: Any) -> web.Response:
-    headers = {"WWW-Authenticate": 'Bearer realm="portcullis"'} if status == 401 else None
+def error(status: int, code: str, message: str, headers: dict[str, str] | None = None,
+          **extra: Any) -> web.Response:
+    if status == 401:
+        headers = {**(headers or {}), "WWW-Authenticate": 'Bearer realm="portcullis"'}
     return web.json_response({"error": code, "message": message, **extra}, status=status, headers=headers)
 
 
@@ -96,13 +106,13 @@ class _Api:
     async def list(self, request: web.Request) -> web.Response:
         if (refused := self._refuse(request)) is not None:
             return refused
-        items = [approval_json(a, self.service) for a in self.service.listing()]
+        items = [approval_json(a, self.service) for a in await self.service.listing()]
         return web.json_response({"approvals": items})
 
     async def get(self, request: web.Request) -> web.Response:
         if (refused := self._refuse(request)) is not None:
             return refused
-        a = self.service.get(request.match_info["id"])
+        a = await self.service.get(request.match_info["id"])
         if a is None:
             return error(404, "not_found", f"no approval {request.match_info['id']}")
         return web.json_response(approval_json(a, self.service))

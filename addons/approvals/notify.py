@@ -5,18 +5,22 @@ and the re-send after a restart of what the last shutdown cut short)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from addons.approvals.errors import ApprovalError
 from addons.approvals.links import Links
 from addons.approvals.model import Approval, Choice, Store, rfc3339
 from addons.approvals.webhook import Endpoint, WebhookSender, parse_secret
+from addons.background import spawn
 from addons.config.models import WebhookConfig
 from addons.policy.model import Reason
 from addons.telemetry.events import Telemetry
+
+log = logging.getLogger(__name__)
 
 DEFAULT_ADMIN_URL = "http://127.0.0.1:9090"
 RESEND_GRACE_S = 5.0
@@ -68,7 +72,7 @@ class Notifier:
         self._resend_due = False
         self._grace: asyncio.TimerHandle | None = None
         self._store: Store | None = None
-        self._still_pending: Callable[[str], bool] = lambda _id: False
+        self._still_pending: Callable[[str], Awaitable[bool]] | None = None
         self.sender: WebhookSender | None = None
 
     @property
@@ -83,7 +87,7 @@ class Notifier:
         self._resend()
 
     async def start(self, targets: list[Endpoint], store: Store,
-                    still_pending: Callable[[str], bool], resend: bool = True) -> None:
+                    still_pending: Callable[[str], Awaitable[bool]], resend: bool = True) -> None:
         """Start delivery. Webhooks cut short by the last shutdown are sent again (same webhook-id:
         receivers dedupe) once the decide_url is known, or after a grace period if nobody sets it."""
         self._store, self._still_pending = store, still_pending
@@ -126,17 +130,41 @@ class Notifier:
         if self.sender is None or not self.sender.endpoints:
             return
         approval_id = a.id
-        self.sender.send(approval_id, self.payload(a), a.expires_at, lambda: self._still_pending(approval_id),
+        self.sender.send(approval_id, self.payload(a), a.expires_at, lambda: self._pending(approval_id),
                          on_done=lambda: self._notified(approval_id))
+
+    async def _pending(self, approval_id: str) -> bool:
+        """Still worth notifying? A store that does not answer now: yes (until the expiry)."""
+        if self._still_pending is None:
+            return False
+        try:
+            return await self._still_pending(approval_id)
+        except Exception:  # noqa: BLE001 - the store is away: keep notifying until the expiry
+            return True
 
     def _notified(self, approval_id: str) -> None:
         if self._store is not None:
-            self._store.mark_notified(approval_id)
+            spawn(self._mark(self._store, approval_id), "webhook notified")
+
+    @staticmethod
+    async def _mark(store: Store, approval_id: str) -> None:
+        try:
+            await store.mark_notified(approval_id)
+        except Exception:  # noqa: BLE001 - then it is sent again after a restart (receivers dedupe)
+            log.warning("could not mark the webhooks of %s as sent; they may be sent again", approval_id)
 
     def _resend(self) -> None:
         if not self._resend_due or self._store is None:
             return
         self._resend_due = False
-        for a in self._store.pending():
+        spawn(self._resend_cut_short(self._store), "webhook resend")
+
+    async def _resend_cut_short(self, store: Store) -> None:
+        try:
+            pending = await store.pending()
+        except Exception:  # noqa: BLE001 - no re-send this time; receivers are told of new ones
+            log.warning("could not read the pending approvals to re-send their webhooks")
+            return
+        for a in pending:
             if not a.notified and a.expires_at > self.clock():
                 self._send(a)

@@ -14,6 +14,7 @@ from html import escape
 from aiohttp import web
 
 from addons.approvals.auth import NO_TOKEN, Principal, Principals
+from addons.approvals.errors import StoreUnavailable
 from addons.approvals.links import Links
 from addons.approvals.model import Approval, Choice, DecideError, Scope, State, rfc3339
 from addons.approvals.service import ApprovalService
@@ -94,7 +95,7 @@ class _Page:
         session = self._session(request)
         if session is None:
             return self._login_page(request)
-        return self._list_page(*session)
+        return await self._list_page(*session)
 
     async def login(self, request: web.Request) -> web.Response:
         form = await request.post()
@@ -138,25 +139,31 @@ class _Page:
         nonce, who = session
         form = await request.post()
         if not self._same_origin(request) or not hmac.compare_digest(self._csrf(nonce), _field(form, "csrf")):
-            return self._list_page(nonce, who, "Refused: missing or wrong CSRF token. Reload the page.",
-                                   status=403)
+            return await self._list_page(nonce, who, "Refused: missing or wrong CSRF token. Reload the page.",
+                                         status=403)
         action = _BY_VALUE.get(_field(form, "action"))
         if action is None:
-            return self._list_page(nonce, who, "Unknown action.", status=422)
+            return await self._list_page(nonce, who, "Unknown action.", status=422)
         decision, scope = action
         reason = _field(form, "reason").strip() or None
         approval_id = request.match_info["id"]
         try:
             a = await self.service.decide(approval_id, decision, scope, who.name, reason)
         except DecideError as e:
-            return self._list_page(nonce, who, e.message, status=e.status)
+            return await self._list_page(nonce, who, e.message, status=e.status)
+        except StoreUnavailable as e:
+            return _unavailable(e)
         verb = "Allowed" if decision is Choice.ALLOW else "Denied"
-        return self._list_page(nonce, who, f"{verb} ({scope.value}): {a.host}:{a.port} [{a.id}]", ok=True)
+        return await self._list_page(nonce, who, f"{verb} ({scope.value}): {a.host}:{a.port} [{a.id}]",
+                                     ok=True)
 
     # Decision links: one approval, no login; the capability in the link is the authority.
 
     async def link_page(self, request: web.Request) -> web.Response:
-        a, problem = self._linked(request, request.query.get("cap", ""))
+        try:
+            a, problem = await self._linked(request, request.query.get("cap", ""))
+        except StoreUnavailable as e:
+            return _unavailable(e)
         if a is None or problem is not None:
             return _html(f"<h1>Portcullis approval</h1><p class='msg err'>{escape(problem or '')}</p>",
                          status=403 if a is not None else 404)
@@ -172,7 +179,10 @@ class _Page:
 
     async def link_decide(self, request: web.Request) -> web.Response:
         form = await request.post()
-        a, problem = self._linked(request, _field(form, "cap"))
+        try:
+            a, problem = await self._linked(request, _field(form, "cap"))
+        except StoreUnavailable as e:
+            return _unavailable(e)
         if a is None or problem is not None:
             return _html(f"<p class='msg err'>{escape(problem or '')}</p>", status=403 if a else 404)
         if not self._same_origin(request):
@@ -185,12 +195,14 @@ class _Page:
                                              _field(form, "reason").strip() or None)
         except DecideError as e:
             return _html(f"<p class='msg err'>{escape(e.message)}</p>", status=e.status)
+        except StoreUnavailable as e:
+            return _unavailable(e)
         return _html(f"<p class='msg'>{escape(done.state.value.capitalize())}: {escape(_dest(done))}</p>")
 
-    def _linked(self, request: web.Request, cap: str) -> tuple[Approval | None, str | None]:
+    async def _linked(self, request: web.Request, cap: str) -> tuple[Approval | None, str | None]:
         if self.links is None:
             return None, "decision links are not enabled (approvals.links)"
-        a = self.service.get(request.match_info["id"])
+        a = await self.service.get(request.match_info["id"])
         if a is None:
             return None, "no such approval"
         return a, self.links.problem(a.id, cap)
@@ -212,12 +224,15 @@ class _Page:
                         secure=request.secure)
         return resp
 
-    def _list_page(self, nonce: str, who: Principal, msg: str | None = None, status: int = 200,
-                   ok: bool = False) -> web.Response:
+    async def _list_page(self, nonce: str, who: Principal, msg: str | None = None, status: int = 200,
+                         ok: bool = False) -> web.Response:
         csrf = self._csrf(nonce)
         now = time.time()
         note = f"<p class='msg{'' if ok else ' err'}'>{escape(msg)}</p>" if msg else ""
-        items = self.service.listing(recent=20)
+        try:
+            items = await self.service.listing(recent=20)
+        except StoreUnavailable as e:
+            return _unavailable(e)
         pending = [a for a in items if a.state is State.PENDING and a.expires_at > now]
         rows = "".join(self._row(a, csrf, now) for a in pending) or \
             "<tr><td colspan='7'>Nothing is waiting for a decision.</td></tr>"
@@ -250,6 +265,11 @@ class _Page:
             f"<td><form method='post' action='/ui/approvals/{escape(a.id)}'>"
             f"<input type='hidden' name='csrf' value='{csrf}'>"
             f"<input name='reason' placeholder='reason' size='16'> {buttons}</form></td></tr>")
+
+
+def _unavailable(e: StoreUnavailable) -> web.Response:
+    return _html(f"<h1>Portcullis approvals</h1><p class='msg err'>{escape(str(e))}. Nothing can be listed "
+                 "or decided until it is back; <a href='/'>try again</a>.</p>", status=503)
 
 
 def _field(form: Mapping[str, object], name: str) -> str:

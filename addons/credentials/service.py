@@ -184,9 +184,13 @@ class CredentialService:
 
     # ---- keeping every process right ----------------------------------------------------------------
     def _on_message(self, m: Message) -> None:
-        if m.get("t") == "credential":
+        kind = m.get("t")
+        if kind == "credential":
             self._forget(str(m.get("id")))
             self._gauge()
+        elif kind == "resync":  # cut off from the replicas' bus: a revocation may have been missed
+            self._cache.clear()
+            self._unknown.clear()
 
     def _forget(self, task_id: str) -> None:
         self._cache.pop(task_id, None)

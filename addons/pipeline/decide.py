@@ -50,6 +50,7 @@ class Settlement:
     approval_id: str | None
     retry_after: int | None = None
     waited_s: float = 0.0
+    detail: str | None = None  # why, beyond the reason (e.g. "the approvals store ... is unreachable")
 
 
 class Approvals(Protocol):
@@ -263,6 +264,7 @@ class Pipeline:
             approval_id=s.approval_id,
             retry_after=None if s.allowed else s.retry_after,
             approval_wait_s=s.waited_s,
+            detail=s.detail if s.detail is not None else pending.detail,
         )
 
 

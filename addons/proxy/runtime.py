@@ -26,7 +26,10 @@ from mitmproxy.addons import core, proxyserver, tlsconfig
 from addons.admin.server import AdminServer, RouteAdder
 from addons.approvals import api as approvals_api
 from addons.approvals.auth import Principals
+from addons.approvals.health import StoreHealth
 from addons.approvals.service import ApprovalService
+from addons.approvals.stores import is_redis
+from addons.approvals.stores.redis import safe_url
 from addons.background import spawn
 from addons.bus import Bus, LocalBus, NullBus
 from addons.config.load import LoadedConfig
@@ -41,6 +44,7 @@ from addons.proxy.addon import Portcullis
 from addons.proxy.reload import PolicyHolder
 from addons.proxy.responses import error_body, h2_error_headers, http1_error_response
 from addons.proxy.tunnel import TunnelAwareNextLayer
+from addons.redisbus import RedisBus
 from addons.telemetry.events import Telemetry
 
 LISTEN_BACKLOG = 1024  # asyncio's default accept queue (100) refuses bursts of new agents
@@ -153,13 +157,19 @@ class Runtime:
         cfg = p.loaded.config
         self.telemetry = Telemetry(cfg.telemetry, p.loaded.base_dir, worker=worker.index if worker else None)
         self.holder = PolicyHolder(p.loaded, self.telemetry)
-        # A worker hears decisions taken in the supervisor (and other workers) on the local bus; it
-        # leaves sweeping, webhook re-sends and the pending count to the supervisor.
+        # A worker is tied to its supervisor by the local bus (it stops when the supervisor is gone)
+        # and leaves sweeping, webhook re-sends and the pending count to the supervisor.
         self.bus: Bus = LocalBus(worker.bus_path, on_lost=self._supervisor_gone) if worker else NullBus()
+        # Decisions taken elsewhere arrive on the local bus (workers sharing a SQLite file) or, with a
+        # Redis store, on the replicas' bus: every process of every replica subscribes to it.
+        store = cfg.approvals.store
+        self.store_health = StoreHealth(self.telemetry, safe_url(store))
+        self.approvals_bus: Bus = RedisBus(store, self.store_health) if is_redis(store) else self.bus
         self.approvals = ApprovalService(
-            cfg.approvals, p.loaded.base_dir, self.telemetry, leader=worker is None, bus=self.bus
+            cfg.approvals, p.loaded.base_dir, self.telemetry, leader=worker is None, bus=self.approvals_bus,
+            health=self.store_health, require_store=worker is None,  # a worker may (re)start in an outage
         )
-        self.credentials = credential_service(p, self.telemetry, self.bus, leader=worker is None)
+        self.credentials = credential_service(p, self.telemetry, self.approvals_bus, leader=worker is None)
         self.own = OwnAddresses()
         self.pipeline = Pipeline(
             self.holder,
@@ -286,6 +296,9 @@ class Runtime:
             await self.admin.stop()
         with contextlib.suppress(Exception):
             await self.approvals.stop()
+        if self.approvals_bus is not self.bus:
+            with contextlib.suppress(Exception):
+                await self.approvals_bus.close()
         with contextlib.suppress(Exception):
             await self.credentials.stop()
         with contextlib.suppress(Exception):
@@ -307,8 +320,12 @@ async def serve(rt: Runtime) -> int:
         # Store and webhook secrets: a problem here is a config error, found before listening.
         await rt.approvals.start()
         await rt.credentials.start()
+        if isinstance(rt.approvals_bus, RedisBus):
+            await rt.approvals_bus.start(required=rt.worker is None)
     except Exception as e:
         print(f"{rt.p.loaded.path}: approvals: {e}", file=sys.stderr)
+        with contextlib.suppress(Exception):
+            await rt.approvals.stop()
         rt.telemetry.close()
         return 2
     mitm_compat.install(http1_error_response, error_body, h2_error_headers, rt.addon.record_refusal)

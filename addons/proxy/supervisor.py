@@ -25,10 +25,14 @@ from pathlib import Path
 from typing import Any
 
 from addons.admin.server import AdminServer
+from addons.approvals.health import StoreHealth
 from addons.approvals.service import ApprovalService
+from addons.approvals.stores import is_redis
+from addons.approvals.stores.redis import safe_url
 from addons.background import spawn
-from addons.bus import LocalHub, Message
+from addons.bus import Bus, LocalHub, Message
 from addons.proxy.runtime import Prepared, admin_routes, credential_service, fmt_host
+from addons.redisbus import RedisBus
 from addons.telemetry.events import Telemetry
 from addons.telemetry.metrics import multiprocess_render, use_multiprocess
 
@@ -57,8 +61,14 @@ class Supervisor:
         cfg = p.loaded.config
         self.telemetry = Telemetry(cfg.telemetry, p.loaded.base_dir)
         self.hub = LocalHub(self.state / "bus.sock")
-        self.approvals = ApprovalService(cfg.approvals, p.loaded.base_dir, self.telemetry, bus=self.hub)
-        self.credentials = credential_service(p, self.telemetry, self.hub, leader=True)
+        # With a Redis store, decisions travel on the replicas' bus (every worker subscribes too); the
+        # local hub then only carries the workers' "ready" and ties them to this supervisor.
+        store = cfg.approvals.store
+        self.store_health = StoreHealth(self.telemetry, safe_url(store))
+        self.approvals_bus: Bus = RedisBus(store, self.store_health) if is_redis(store) else self.hub
+        self.approvals = ApprovalService(cfg.approvals, p.loaded.base_dir, self.telemetry,
+                                         bus=self.approvals_bus, health=self.store_health)
+        self.credentials = credential_service(p, self.telemetry, self.approvals_bus, leader=True)
         self.sock: socket.socket | None = None
         self.admin: AdminServer | None = None
         self.procs: dict[int, asyncio.subprocess.Process] = {}
@@ -75,8 +85,12 @@ class Supervisor:
         try:
             await self.approvals.start()
             await self.credentials.start()
+            if isinstance(self.approvals_bus, RedisBus):
+                await self.approvals_bus.start()
         except Exception as e:
             print(f"{self.p.loaded.path}: approvals: {e}", file=sys.stderr)
+            with contextlib.suppress(Exception):
+                await self.approvals.stop()
             return self._cleanup(2)
         try:
             self.sock = _bind(self.p.listen)
@@ -238,6 +252,9 @@ class Supervisor:
             await self.approvals.stop()
         with contextlib.suppress(Exception):
             await self.credentials.stop()
+        if self.approvals_bus is not self.hub:
+            with contextlib.suppress(Exception):
+                await self.approvals_bus.close()
         await self.hub.close()
         self.telemetry.emit("proxy.stopped", exit_code=self.exit_code)
         return self._cleanup(self.exit_code)

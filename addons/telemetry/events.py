@@ -28,10 +28,11 @@ SCHEMA = "portcullis.event/v1"
 EVENT_TYPES = (
     "egress.decision", "tunnel.closed", "approval.requested", "approval.decided",
     "rules.reloaded", "rules.reload_failed", "webhook.failed", "proxy.started", "proxy.stopped",
-    "worker.exited", "credential.minted", "credential.revoked", "credential.expired",
+    "worker.exited", "credential.minted", "credential.revoked", "credential.expired", "store.unreachable",
+    "store.reconnected",
 )
 _ENVELOPE = ("schema", "timestamp", "event")
-_WARN_EVENTS = frozenset({"rules.reload_failed", "webhook.failed", "worker.exited"})
+_WARN_EVENTS = frozenset({"rules.reload_failed", "webhook.failed", "worker.exited", "store.unreachable"})
 # close(): what the network sinks (OTLP, syslog) may still deliver at shutdown, together, in seconds.
 CLOSE_BUDGET_S = 0.9
 

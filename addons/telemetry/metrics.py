@@ -62,6 +62,10 @@ class Metrics:
             PREFIX + "credentials_live", "Task credentials that can be used now.", registry=r,
             multiprocess_mode="livemax",
         )
+        self.store_up = Gauge(
+            PREFIX + "store_up", "1 while the approvals store answers, 0 while it is unreachable (Redis).",
+            registry=r, multiprocess_mode="livemin",
+        )
         self.tunnels_open = Gauge(
             PREFIX + "tunnels_open", "CONNECT tunnels currently open.", registry=r,
             multiprocess_mode="livesum",

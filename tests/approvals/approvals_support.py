@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from collections.abc import Callable
+import inspect
+from collections.abc import Awaitable, Callable
 
 from addons.approvals.model import Approval
 from addons.pipeline.model import Outcome
@@ -32,10 +33,14 @@ def alive() -> bool:
     return True
 
 
-async def wait_until(pred: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Poll a condition (bounded): the tests never sleep a fixed time and hope."""
+async def wait_until(pred: Callable[[], bool | Awaitable[bool]], timeout: float = 5.0) -> None:
+    """Poll a condition, plain or a coroutine function (bounded): the tests never sleep a fixed time
+    and hope."""
     for _ in range(int(timeout / 0.01)):
-        if pred():
+        got = pred()
+        if inspect.isawaitable(got):
+            got = await got
+        if got:
             return
         await asyncio.sleep(0.01)
     raise AssertionError("condition not reached in time")

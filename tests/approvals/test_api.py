@@ -34,7 +34,7 @@ async def test_401_without_the_right_bearer_token(setup, headers):
         assert r.status_code == 401, (method, path)
         assert r.headers["WWW-Authenticate"].startswith("Bearer")
         assert r.json()["error"] == "unauthorized"
-    assert svc.store.get(pend.approval_id).state is State.PENDING
+    assert (await svc.store.get(pend.approval_id)).state is State.PENDING
 
 
 async def test_no_token_configured_refuses_every_call_and_says_how_to_fix_it(make_service, admin_server):
@@ -66,7 +66,7 @@ async def test_422_for_a_bad_body_with_a_clear_message(setup, body):
                           headers={"Content-Type": "application/json"})
     assert r.status_code == 422
     assert r.json()["error"] == "invalid_body" and r.json()["message"]
-    assert svc.store.get(pend.approval_id).state is State.PENDING
+    assert (await svc.store.get(pend.approval_id)).state is State.PENDING
 
 
 async def test_200_then_409_with_the_standing_decision(setup):
@@ -107,14 +107,16 @@ async def test_500_when_the_always_rule_cannot_be_written(setup, tmp_path):
     pend = await svc.resolve(request(), alive)
     r = await client.post(f"/approvals/{pend.approval_id}", json={"decision": "allow", "scope": "always"})
     assert r.status_code == 500 and r.json()["error"] == "persist_failed"
-    assert svc.store.get(pend.approval_id).state is State.PENDING
+    assert (await svc.store.get(pend.approval_id)).state is State.PENDING
 
 
 async def test_list_shows_pending_with_waiters_and_recent_decisions(make_service, admin_server):
     svc = await make_service(hold=True, timeout=30)
     admin = await admin_server(svc)
     held = asyncio.create_task(svc.resolve(request(host="held.example"), alive))
-    await wait_until(lambda: bool(svc.store.pending()))
+    async def cond() -> bool:
+        return bool(await svc.store.pending())
+    await wait_until(cond)
     async with httpx.AsyncClient(base_url=admin.url, headers=AUTH, trust_env=False) as client:
         items = (await client.get("/approvals")).json()["approvals"]
         assert [(a["host"], a["state"], a["waiters"]) for a in items] == [("held.example", "pending", 1)]
@@ -132,7 +134,7 @@ async def test_422_for_always_without_persist_to(make_service, admin_server):
     async with httpx.AsyncClient(base_url=admin.url, headers=AUTH, trust_env=False) as client:
         r = await client.post(f"/approvals/{pend.approval_id}", json={"decision": "allow", "scope": "always"})
         assert r.status_code == 422 and r.json()["error"] == "no_persist_to"
-        assert svc.store.get(pend.approval_id).state is State.PENDING
+        assert (await svc.store.get(pend.approval_id)).state is State.PENDING
         session = {"decision": "allow", "scope": "session"}
         ok = await client.post(f"/approvals/{pend.approval_id}", json=session)
         assert ok.status_code == 200

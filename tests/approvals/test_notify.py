@@ -94,7 +94,7 @@ def test_the_events_match_the_shipped_schemas_and_are_counted():
 async def test_payload_for_a_tunnel_matches_the_shipped_schema(make_service):
     svc = await make_service(hold=False)
     out = await svc.resolve(request(method="CONNECT", path=None, scheme=None, client_name="ci"), alive)
-    body = svc.notifier.payload(svc.store.get(out.approval_id))
+    body = svc.notifier.payload(await svc.store.get(out.approval_id))
     Draft202012Validator(WEBHOOK_SCHEMA).validate(body)
     assert (body["client"], body["method"], body["path"]) == ("ci", "CONNECT", None)
 
@@ -102,7 +102,9 @@ async def test_payload_for_a_tunnel_matches_the_shipped_schema(make_service):
 async def test_a_joined_approval_sends_no_second_webhook(make_service, receiver, events):
     svc = await make_service(hold=False, webhooks=[receiver.url])
     first = await svc.resolve(request(flow_id="a"), alive)
-    await wait_until(lambda: svc.store.get(first.approval_id).notified)
+    async def cond() -> bool:
+        return bool((await svc.store.get(first.approval_id)).notified)
+    await wait_until(cond)
     again = await svc.resolve(request(flow_id="b"), alive)
     assert again.approval_id == first.approval_id
     assert not svc.notifier.sender._tasks  # nothing is being sent
@@ -135,7 +137,9 @@ async def test_a_webhook_cut_short_by_shutdown_is_sent_again_after_restart(make_
     svc2 = await make_service(hold=False, timeout=60, webhooks=[receiver.url])
     assert not svc2.notifier.sender._tasks  # waits for the decide_url (or the grace period)
     svc2.admin_url = "http://127.0.0.1:19090"  # as the launcher does once the admin port is bound
-    await wait_until(lambda: svc2.store.get(cut.approval_id).notified)
+    async def cond() -> bool:
+        return bool((await svc2.store.get(cut.approval_id)).notified)
+    await wait_until(cond)
     resent = receiver.deliveries()[-1]
     assert resent["verified"] and resent["headers"]["webhook-id"] == first_id
     assert resent["body"]["decide_url"] == f"http://127.0.0.1:19090/approvals/{cut.approval_id}"
@@ -161,5 +165,7 @@ async def test_without_an_admin_url_the_resend_waits_for_the_grace_period(make_s
     await svc1.stop()
     receiver.replies = []
     svc2 = await make_service(hold=False, timeout=60, webhooks=[receiver.url])
-    await wait_until(lambda: svc2.store.get(cut.approval_id).notified)
+    async def cond() -> bool:
+        return bool((await svc2.store.get(cut.approval_id)).notified)
+    await wait_until(cond)
     assert receiver.deliveries()[-1]["body"]["decide_url"].startswith("http://127.0.0.1:9090/")

@@ -287,6 +287,9 @@ OTHER_EVENTS: list[tuple[str, dict[str, Any]]] = [
         },
     ),
     ("proxy.stopped", {"exit_code": 0, "uptime_s": 3600.5}),
+    ("worker.exited", {"worker": 1, "pid": 4243, "exit_code": None, "signal": "SIGKILL", "restarted": True}),
+    ("store.unreachable", {"store": "redis://***@valkey:6379/0", "error": "ConnectionError: refused"}),
+    ("store.reconnected", {"store": "redis://***@valkey:6379/0", "down_s": 12.5}),
 ]
 
 # Each decision its own flow, as the proxy does.

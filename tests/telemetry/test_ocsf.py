@@ -13,7 +13,7 @@ from tests.telemetry.tel_ocsf_check import ocsf_errors
 
 NATIVE = {
     "rules.reloaded", "rules.reload_failed", "webhook.failed", "proxy.started", "proxy.stopped",
-    "worker.exited",
+    "worker.exited", "store.unreachable", "store.reconnected",
     "credential.minted", "credential.revoked", "credential.expired",
 }
 

@@ -37,8 +37,10 @@ async def test_clicking_allow_releases_the_held_request(make_service, admin_serv
     admin = await admin_server(svc)
     held = asyncio.create_task(svc.resolve(
         request(host="held.example", method="POST", path="/upload", client_name="ci-agents"), alive))
-    await wait_until(lambda: bool(svc.store.pending()))
-    approval = svc.store.pending()[0]
+    async def cond() -> bool:
+        return bool(await svc.store.pending())
+    await wait_until(cond)
+    approval = (await svc.store.pending())[0]
 
     page = await browser.new_page()
     await page.goto(admin.url + "/")
@@ -58,7 +60,7 @@ async def test_clicking_allow_releases_the_held_request(make_service, admin_serv
     assert "Allowed (once)" in await page.locator("p.msg").inner_text()
     out = await asyncio.wait_for(held, 10)
     assert (out.allowed, out.reason, out.approval_id) == (True, Reason.APPROVED, approval.id)
-    assert svc.store.get(approval.id).decided_by == "browser-user"
+    assert (await svc.store.get(approval.id)).decided_by == "browser-user"
     assert "Nothing is waiting" in await page.locator("#pending").inner_text()
     await page.screenshot(path=str(tmp_path / "approved.png"))
 
