@@ -5,11 +5,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import inspect
+import io
+import json
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from addons.approvals.model import Approval
 from addons.pipeline.model import Outcome
 from addons.policy.model import Action, Client, Layer, Reason, Request, RuleRef
+from addons.telemetry.events import Telemetry
 
 SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
 SECRET_ENV = "PORTCULLIS_TEST_WEBHOOK_SECRET"
@@ -54,3 +58,17 @@ def approval(i: str = "apr_1", **kw: object) -> Approval:
         "expires_at": 200.0,
     }
     return Approval(**(base | kw))  # type: ignore[arg-type]
+
+
+class Events:
+    """Telemetry writing into memory; `of(kind)` parses and filters the emitted events."""
+
+    def __init__(self) -> None:
+        self.stream = io.StringIO()
+        self.telemetry = Telemetry(stream=self.stream)
+
+    def all(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.stream.getvalue().splitlines() if line.strip()]
+
+    def of(self, kind: str) -> list[dict[str, Any]]:
+        return [e for e in self.all() if e["event"] == kind]

@@ -15,11 +15,16 @@ from addons import redisbus
 from addons.approvals.errors import ApprovalError
 from addons.approvals.health import StoreHealth
 from addons.redisbus import RedisBus
-from tests.approvals.approvals_support import wait_until
+from tests.approvals.approvals_support import Events, wait_until
 from tests.redis_support import RedisServer, free_port, needs_redis
 
 pytestmark = needs_redis
 RESYNC = {"t": "resync"}
+
+
+@pytest.fixture
+def events() -> Events:
+    return Events()
 
 
 @pytest.fixture
