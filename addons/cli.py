@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     for verb in ("allow", "deny"):
         v = apr_sub.add_parser(verb, help=f"{verb} a pending approval")
         v.add_argument("id")
-        v.add_argument("--scope", choices=["once", "session", "always"], default="once")
+        v.add_argument("--scope", choices=["once", "session", "task", "always"], default="once")
         v.add_argument("--by", help="who decides (default: $USER)")
         v.add_argument("--reason", default="")
 

@@ -76,6 +76,8 @@ def _json_errors(handler: Handler) -> Handler:
 def approval_json(a: Approval, service: ApprovalService) -> dict[str, Any]:
     return {
         "id": a.id, "state": a.state.value, "client": a.client_address, "client_name": a.client_name,
+        "task_id": a.task_id, "labels": dict(a.labels),
+        "task_expires_at": rfc3339(a.task_until) if a.task_until is not None else None,
         "host": a.host, "port": a.port, "scheme": a.scheme, "method": a.method, "path": a.path,
         "rule": a.rule, "created_at": rfc3339(a.created_at), "expires_at": rfc3339(a.expires_at),
         "decision": _value(a.decision), "scope": _value(a.scope), "by": a.decided_by, "reason": a.reason,

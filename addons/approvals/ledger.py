@@ -217,6 +217,9 @@ class Ledger:
                      now: float, held: Held) -> Approval:
         """The first decision wins (compare-and-set); it leaves a grant by its scope. `held`: how many
         requests wait on `a` here (a `once` with nobody held applies to the next retry instead)."""
+        if scope is Scope.TASK and (a.task_id is None or a.task_until is None or a.task_until <= now):
+            raise DecideError(422, "not_a_task", f"scope task: approval {a.id} was not asked by a live task "
+                              "credential (use once, session or always)", a)
         if not await self.store.decide(a.id, choice, scope, by, reason, now):
             # Lost a race (expiry while the rule was being written, another replica): say what did happen.
             cur = await self.store.get(a.id)
@@ -234,6 +237,9 @@ class Ledger:
         if scope is Scope.SESSION:
             await self.store.add_grant(a.key, choice, scope, a.id, now, now + self.session_ttl,
                                        single_use=False)
+        elif scope is Scope.TASK:
+            assert a.task_until is not None  # checked before the compare-and-set
+            await self.store.add_grant(a.key, choice, scope, a.id, now, a.task_until, single_use=False)
         elif scope is Scope.ALWAYS:
             until = now + min(self.session_ttl, ALWAYS_BRIDGE_S)
             await self.store.add_grant(a.key, choice, scope, a.id, now, until, single_use=False)

@@ -8,6 +8,7 @@ The stores live beside this module in stores/ and import it; this module imports
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -28,10 +29,12 @@ class State(StrEnum):
 
 class Scope(StrEnum):
     """How far a decision reaches: the requests held now (or the next retry), the client's session
-    on that host:port (approvals.session_ttl), or a rule appended to approvals.persist_to."""
+    on that host:port (approvals.session_ttl), the rest of the asking task's life on that host:port
+    (until its credential expires or is revoked), or a rule appended to approvals.persist_to."""
 
     ONCE = "once"
     SESSION = "session"
+    TASK = "task"
     ALWAYS = "always"
 
 
@@ -73,13 +76,17 @@ class Approval:
     reason: str | None = None
     decided_at: float | None = None
     notified: bool = False  # every webhook endpoint reached a final answer (else re-sent after a restart)
+    labels: tuple[tuple[str, str], ...] = ()  # the asking task's labels (who started it, which repo ...)
+    task_until: float | None = None  # when the asking task's credential expires (what scope `task` lasts)
 
     @classmethod
     def opened(cls, approval_id: str, pending: Outcome, now: float, timeout: float) -> Approval:
         """A new pending approval for a request the policy judged `approval`."""
         r = pending.request
-        return cls(approval_id, r.client.key, r.client.address, pending.client_name, r.host, r.port, r.scheme,
-                   r.method, r.path, pending.rule.name if pending.rule else None, now, now + timeout)
+        c = r.client
+        return cls(approval_id, c.key, c.address, pending.client_name, r.host, r.port, r.scheme,
+                   r.method, r.path, pending.rule.name if pending.rule else None, now, now + timeout,
+                   labels=c.labels, task_until=c.task_until if c.task_id else None)
 
     @property
     def key(self) -> Key:
@@ -166,6 +173,9 @@ class Store(Protocol):
         """Remove the unused `once` grant a decision left for this approval; returns how many."""
         ...
     async def grants(self, now: float) -> list[Grant]: ...
+    async def drop_grants_of(self, client_key: str) -> int:
+        """Remove every grant of one client (a revoked task's); returns how many."""
+        ...
     async def sweep(self, now: float, keep_decided_s: float = 7 * 86400) -> int:
         """Delete expired grants and old decided approvals. Returns the number of grants removed."""
         ...
@@ -177,6 +187,14 @@ class DecideError(Exception):
     def __init__(self, status: int, code: str, message: str, approval: Approval | None = None) -> None:
         super().__init__(message)
         self.status, self.code, self.message, self.approval = status, code, message, approval
+
+
+def decode_labels(text: str | None) -> tuple[tuple[str, str], ...]:
+    """Labels as the stores keep them (a JSON object, or nothing) -> the row's tuple."""
+    if not text:
+        return ()
+    doc = json.loads(text)
+    return tuple((str(k), str(v)) for k, v in doc.items()) if isinstance(doc, dict) else ()
 
 
 def rfc3339(ts: float) -> str:

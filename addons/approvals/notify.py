@@ -43,7 +43,7 @@ def endpoints(webhooks: list[WebhookConfig]) -> list[Endpoint]:
 def event_fields(a: Approval) -> dict[str, Any]:
     """The approval.* event fields, dotted like the egress.decision event's."""
     return {"client.address": a.client_address, "client.name": a.client_name, "client.task_id": a.task_id,
-            "destination.host": a.host,
+            **({"client.labels": dict(a.labels)} if a.labels else {}), "destination.host": a.host,
             "destination.port": a.port, "request.scheme": a.scheme, "request.method": a.method,
             "request.path": a.path, "rule": a.rule, "created_at": rfc3339(a.created_at),
             "expires_at": rfc3339(a.expires_at)}
@@ -52,7 +52,9 @@ def event_fields(a: Approval) -> dict[str, Any]:
 def payload(a: Approval, admin_url: str) -> dict[str, Any]:
     """The thin webhook body: no headers, bodies or query strings."""
     return {"type": "approval.requested", "id": a.id, "client": a.client_name or a.client_address,
-            "task_id": a.task_id, "host": a.host, "port": a.port, "scheme": a.scheme, "method": a.method,
+            "task_id": a.task_id, "labels": dict(a.labels),
+            "task_expires_at": rfc3339(a.task_until) if a.task_until is not None else None,
+            "host": a.host, "port": a.port, "scheme": a.scheme, "method": a.method,
             "path": a.path,
             "rule": a.rule, "created_at": rfc3339(a.created_at), "expires_at": rfc3339(a.expires_at),
             "decide_url": f"{admin_url}/approvals/{a.id}"}

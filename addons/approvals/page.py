@@ -24,11 +24,13 @@ LOGIN_COOKIE = "portcullis_login"
 SESSION_S = 12 * 3600
 LOGIN_FAILURES, LOGIN_WINDOW_S = 10, 60.0
 _ACTIONS = ((Choice.ALLOW, Scope.ONCE, "Allow once"), (Choice.ALLOW, Scope.SESSION, "Allow for session"),
-            (Choice.ALLOW, Scope.ALWAYS, "Allow always"), (Choice.DENY, Scope.ONCE, "Deny"),
-            (Choice.DENY, Scope.SESSION, "Deny for session"), (Choice.DENY, Scope.ALWAYS, "Deny always"))
+            (Choice.ALLOW, Scope.TASK, "Allow for this task"), (Choice.ALLOW, Scope.ALWAYS, "Allow always"),
+            (Choice.DENY, Scope.ONCE, "Deny"), (Choice.DENY, Scope.SESSION, "Deny for session"),
+            (Choice.DENY, Scope.TASK, "Deny for this task"), (Choice.DENY, Scope.ALWAYS, "Deny always"))
 _BY_VALUE = {f"{d.value}:{s.value}": (d, s) for d, s, _ in _ACTIONS}  # the buttons' values: "allow:once" ...
 _HINTS = {Scope.ONCE: "only the requests waiting now (or the next retry)",
           Scope.SESSION: "this client, this host:port, for approvals.session_ttl",
+          Scope.TASK: "this task, this host:port, until its credential expires or is revoked",
           Scope.ALWAYS: "adds a rule to approvals.persist_to"}
 _HEADERS = {
     # No scripts at all; forms may only post back here; never framed (clickjacking).
@@ -256,7 +258,8 @@ class _Page:
         client = escape(_who(a))
         buttons = "".join(f"<button type='submit' name='action' value='{d.value}:{s.value}' "
                           f"title='{_HINTS[s]}'>"
-                          f"{label}</button>" for d, s, label in _ACTIONS)
+                          f"{label}</button>" for d, s, label in _ACTIONS
+                          if s is not Scope.TASK or a.task_id is not None)  # task: only for a task's ask
         return (
             f"<tr data-id='{escape(a.id)}'><td>{client}</td><td>{escape(_dest(a))}</td>"
             f"<td>{escape(a.rule or '(default)')}</td><td>{_ago(now - a.created_at)}</td>"
@@ -279,7 +282,9 @@ def _field(form: Mapping[str, object], name: str) -> str:
 
 def _who(a: Approval) -> str:
     """The asker: its task (when it presented a task credential), group and address."""
-    parts = [f"task {a.task_id}" if a.task_id else "", a.client_name or "", a.client_address or ""]
+    labels = ", ".join(f"{k}={v}" for k, v in a.labels)
+    parts = [f"task {a.task_id}" if a.task_id else "", f"({labels})" if labels else "", a.client_name or "",
+             a.client_address or ""]
     return " ".join(p for p in parts if p)
 
 

@@ -214,6 +214,11 @@ class ApprovalService:
         self.bus.publish({"t": "approval", "id": decided.id})  # releases the waiters of every process
         return decided
 
+    async def forget_task(self, task_id: str) -> int:
+        """A task's credential was revoked: its session and task grants go with it (every replica reads
+        the same store). Returns how many grants were removed."""
+        return await self.store.drop_grants_of(f"task:{task_id}")
+
     # Queries (admin API, page)
 
     async def get(self, approval_id: str) -> Approval | None:

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 from addons.background import spawn
@@ -65,6 +65,7 @@ class CredentialService:
         leader: bool = True,
         clock: Callable[[], float] = time.time,
         sweep_interval: float = 30.0,
+        on_revoke: Callable[[str], Awaitable[object]] | None = None,
     ) -> None:
         self.config = config
         self._open_store = open_store
@@ -76,6 +77,7 @@ class CredentialService:
         self.leader = leader
         self.clock = clock
         self.sweep_interval = sweep_interval
+        self.on_revoke = on_revoke  # what else ends with the task (its approval grants)
         self._cache: dict[str, Credential] = {}
         self._unknown: dict[str, float] = {}  # task id -> until when "unknown" is believed
         self._sweeper: asyncio.Task[None] | None = None
@@ -137,6 +139,11 @@ class CredentialService:
             raise MintError(404, "not_found", f"no live credential for task {task_id!r}")
         self._forget(task_id)
         self.bus.publish({"t": "credential", "id": task_id})  # every process drops its copy now
+        if self.on_revoke is not None:
+            try:
+                await self.on_revoke(task_id)
+            except Exception:  # noqa: BLE001 - the credential is revoked all the same: its requests get 407
+                log.warning("grants of revoked task %s could not be removed", task_id, exc_info=True)
         self.telemetry.metrics.credentials.labels("revoked").inc()
         self._event("credential.revoked", c, by)
         self._gauge()
@@ -189,8 +196,23 @@ class CredentialService:
             self._forget(str(m.get("id")))
             self._gauge()
         elif kind == "resync":  # cut off from the replicas' bus: a revocation may have been missed
-            self._cache.clear()
             self._unknown.clear()
+            spawn(self._reread(), "credentials resync")
+
+    async def _reread(self) -> None:
+        """Read every cached credential again from the store (the truth); one it cannot read is
+        dropped, so the next request reads it itself (and fails closed while the store is away)."""
+        for task_id in list(self._cache):
+            try:
+                c = await self.store.get(task_id)
+            except Exception:  # noqa: BLE001 - logged; dropping the copy fails closed
+                log.warning("credential %s could not be read again after a resync", task_id, exc_info=True)
+                c = None
+            if c is None:
+                self._cache.pop(task_id, None)
+            else:
+                self._cache[task_id] = c
+        self._gauge()
 
     def _forget(self, task_id: str) -> None:
         self._cache.pop(task_id, None)

@@ -139,6 +139,10 @@ class Pipeline:
         # 5. A person decides what the policy left to one.
         if decision.action is Action.APPROVAL:
             outcome = await self._settle(outcome, client_alive)
+            task, creds = client.task_id, self.credentials
+            if outcome.passes and task and creds is not None and not creds.still_valid(task):
+                return refusal(req, Reason.PROXY_AUTH, "the task credential was revoked or expired while the "
+                               "request was held", name, latency_s=time.monotonic() - t0)
         # 6. What the proxy does.
         if outcome.passes and outcome.action is Action.ALLOW and pin is None and unresolvable is not None:
             outcome = replace(outcome, status=502, detail=unresolvable)  # allowed, but nowhere to connect
@@ -189,7 +193,8 @@ class Pipeline:
         if self.credentials is not None and self.credentials.knows(user):
             check, cred = await self.credentials.verify(user, secret)
             if cred is not None:
-                return Client(address, port, user, inc.conn_id, cred.task_id, cred.profile, cred.labels)
+                return Client(address, port, user, inc.conn_id, cred.task_id, cred.profile, cred.labels,
+                              cred.expires_at)
             return check.value
         return "unknown proxy user"
 

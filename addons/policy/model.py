@@ -67,6 +67,7 @@ class Client:
     task_id: str | None = None  # the agent task whose credential it presented
     profile: str | None = None  # that task's profile: the rules tagged with it apply too
     labels: tuple[tuple[str, str], ...] = ()  # that task's labels (who started it, which repo ...)
+    task_until: float | None = None  # when that task's credential expires
 
     @property
     def key(self) -> str:

@@ -73,13 +73,16 @@ class WorkerSpec:
     bus_path: Path
 
 
-def credential_service(p: Prepared, telemetry: Telemetry, bus: Bus, leader: bool) -> CredentialService:
-    """Task credentials beside the approvals (same SQLite file or Redis), for one process."""
+def credential_service(p: Prepared, telemetry: Telemetry, bus: Bus, leader: bool,
+                       approvals: ApprovalService) -> CredentialService:
+    """Task credentials beside the approvals (same SQLite file or Redis), for one process; a revoked
+    task's approval grants go with it."""
     cfg = p.loaded.config
     profiles = p.loaded.policy.settings.profiles
     return CredentialService(
         cfg.credentials, lambda: open_credential_store(cfg.approvals.store, p.loaded.base_dir), telemetry,
         profiles=lambda: profiles, reserved_users=p.auth.users, bus=bus, leader=leader,
+        on_revoke=approvals.forget_task,
     )
 
 
@@ -169,7 +172,8 @@ class Runtime:
             cfg.approvals, p.loaded.base_dir, self.telemetry, leader=worker is None, bus=self.approvals_bus,
             health=self.store_health, require_store=worker is None,  # a worker may (re)start in an outage
         )
-        self.credentials = credential_service(p, self.telemetry, self.approvals_bus, leader=worker is None)
+        self.credentials = credential_service(p, self.telemetry, self.approvals_bus, leader=worker is None,
+                                              approvals=self.approvals)
         self.own = OwnAddresses()
         self.pipeline = Pipeline(
             self.holder,

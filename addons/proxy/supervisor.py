@@ -68,7 +68,8 @@ class Supervisor:
         self.approvals_bus: Bus = RedisBus(store, self.store_health) if is_redis(store) else self.hub
         self.approvals = ApprovalService(cfg.approvals, p.loaded.base_dir, self.telemetry,
                                          bus=self.approvals_bus, health=self.store_health)
-        self.credentials = credential_service(p, self.telemetry, self.approvals_bus, leader=True)
+        self.credentials = credential_service(p, self.telemetry, self.approvals_bus, leader=True,
+                                              approvals=self.approvals)
         self.sock: socket.socket | None = None
         self.admin: AdminServer | None = None
         self.procs: dict[int, asyncio.subprocess.Process] = {}

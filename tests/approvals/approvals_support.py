@@ -23,11 +23,13 @@ TOKEN = "test-admin-token-0123456789"
 def request(host: str = "unknown.example", port: int = 443, client: str = "10.0.0.5", *,
             user: str | None = None, client_name: str | None = None, scheme: str | None = "https",
             method: str | None = None, path: str | None = None, rule: str | None = None,
-            flow_id: str = "f1") -> Outcome:
+            flow_id: str = "f1", task: str | None = None, task_until: float | None = None,
+            labels: tuple[tuple[str, str], ...] = ()) -> Outcome:
     """The provisional outcome the pipeline hands to approvals for a request the policy judged
     `approval` (addons/pipeline/decide.py: `_outcome`, then `_settle`)."""
     layer = Layer.CONNECT if method == "CONNECT" else Layer.HTTP
-    req = Request(host, port, Client(client, 40000, user, "conn1"), scheme, method, path, layer, flow_id)
+    who = Client(client, 40000, user, "conn1", task, "frontend" if task else None, labels, task_until)
+    req = Request(host, port, who, scheme, method, path, layer, flow_id)
     ref = RuleRef(rule, Action.APPROVAL, "rules/base.yaml", 3) if rule else None
     return Outcome(req, Action.DENY, Reason.RULE if rule else Reason.DEFAULT, status=403, rule=ref,
                    client_name=client_name)

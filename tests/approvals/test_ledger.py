@@ -370,3 +370,50 @@ async def test_queries(r, clock):
     assert [x.id for x in await r.ledger.listing()] == [a.id, b.id]  # pending first, then recent
     clock.t = a.expires_at
     assert not await r.ledger.is_pending(a.id)  # past its time, even before the sweep
+
+
+# Scope task: the rest of the asking task's life, that task only
+
+async def test_scope_task_grants_until_the_credential_expires_for_that_task_only(r, clock):
+    until = clock.t + 600
+    a = await opened(r, task="build-7", task_until=until, labels=(("repo", "web"),))
+    assert (a.client_key, a.task_id, a.task_until, a.labels) == ("task:build-7", "build-7", until,
+                                                                 (("repo", "web"),))
+    assert await r.store.get(a.id) == a  # labels and the task's expiry are stored with the row
+    await r.ledger.decide(a, Choice.ALLOW, Scope.TASK, "alice", None, clock.t, held=lambda: 1)
+    (g,) = await r.store.grants(clock.t)
+    assert (g.client_key, g.scope, g.expires_at) == ("task:build-7", Scope.TASK, until)
+    clock.t += 500  # past any approval timeout, still inside the task's life
+    got = await r.ledger.admit(request(task="build-7", task_until=until))
+    assert isinstance(got, Settlement) and (got.allowed, got.reason) == (True, Reason.APPROVED)
+    other = await r.ledger.admit(request(task="build-8", task_until=until))
+    assert isinstance(other, Approval)  # another task asks afresh
+    clock.t = until
+    assert isinstance(await r.ledger.admit(request(task="build-7", task_until=until + 600)), Approval)
+
+
+@pytest.mark.parametrize("kw", [{}, {"user": "bob"}])
+async def test_scope_task_is_refused_for_an_approval_no_task_asked(r, clock, kw):
+    a = await opened(r, **kw)
+    with pytest.raises(DecideError) as e:
+        await r.ledger.decide(a, Choice.ALLOW, Scope.TASK, "alice", None, clock.t, held=lambda: 1)
+    assert (e.value.status, e.value.code) == (422, "not_a_task")
+    assert (await r.store.get(a.id)).state is State.PENDING  # nothing decided
+    assert await r.store.grants(clock.t) == []
+
+
+async def test_scope_task_is_refused_once_the_tasks_credential_expired(r, clock):
+    a = await opened(r, task="build-7", task_until=clock.t + 5)
+    clock.t += 5
+    with pytest.raises(DecideError) as e:
+        await r.ledger.decide(a, Choice.ALLOW, Scope.TASK, "alice", None, clock.t, held=lambda: 1)
+    assert e.value.status == 422
+
+
+async def test_a_revoked_tasks_grants_are_dropped_and_no_one_elses(r, clock):
+    for who in ("task:build-7", "task:build-8", "10.0.0.5"):
+        for scope in (Scope.SESSION, Scope.TASK):
+            await r.store.add_grant((who, "h.example", 443), Choice.ALLOW, scope, None, clock.t, clock.t + 60,
+                                    single_use=False)
+    assert await r.store.drop_grants_of("task:build-7") == 2
+    assert sorted({g.client_key for g in await r.store.grants(clock.t)}) == ["10.0.0.5", "task:build-8"]

@@ -54,8 +54,8 @@ def test_payload_and_event_fields_carry_the_approval_and_no_more():
     a = approval()
     body = payload(a, "http://127.0.0.1:9090")
     Draft202012Validator(WEBHOOK_SCHEMA).validate(body)
-    assert body == {"type": "approval.requested", "id": AID, "client": "ci", "task_id": None,
-                    "host": "unknown.example",
+    assert body == {"type": "approval.requested", "id": AID, "client": "ci", "task_id": None, "labels": {},
+                    "task_expires_at": None, "host": "unknown.example",
                     "port": 443, "scheme": "https", "method": "GET", "path": "/p", "rule": "ask",
                     "created_at": "2023-11-14T22:13:20Z", "expires_at": "2023-11-14T22:15:20Z",
                     "decide_url": f"http://127.0.0.1:9090/approvals/{AID}"}

@@ -25,7 +25,8 @@ ONCE, SESSION, ALWAYS = Scope.ONCE, Scope.SESSION, Scope.ALWAYS
 WEBHOOK_SCHEMA = json.loads((Path(__file__).parents[2] / "addons/approvals/webhook.schema.json").read_text())
 
 # The contract's keys, plus task_id (the agent task that asked: null without a task credential).
-SPEC_PAYLOAD_KEYS = {"type", "id", "client", "task_id", "host", "port", "scheme", "method", "path", "rule",
+SPEC_PAYLOAD_KEYS = {"type", "id", "client", "task_id", "labels", "task_expires_at",
+                     "host", "port", "scheme", "method", "path", "rule",
                      "created_at", "expires_at", "decide_url"}
 
 

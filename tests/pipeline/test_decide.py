@@ -592,3 +592,49 @@ def test_denied_outcomes_leave_no_pin(pol: Policy) -> None:
     ):
         assert not decide(p, inc).passes
     assert len(p.pins) == 0
+
+
+# -- task credentials ------------------------------------------------------------------------------
+
+
+class _Tasks:
+    """The TaskCredentials protocol over one credential; `live` flips when it is revoked."""
+
+    def __init__(self) -> None:
+        from addons.credentials.model import Credential, hash_secret
+
+        self.cred = Credential("build-7", None, (("repo", "web"),), hash_secret("s3cret"), 0.0, 4e9)
+        self.live = True
+
+    def knows(self, user: str) -> bool:
+        return user == "build-7"
+
+    async def verify(self, task_id: str, secret: str) -> tuple[Any, Any]:
+        from addons.credentials.model import Check
+
+        return (Check.OK, self.cred) if self.live and secret == "s3cret" else (Check.REVOKED, None)
+
+    def still_valid(self, task_id: str) -> bool:
+        return self.live
+
+
+def test_a_task_credential_names_the_task_and_its_expiry(pol: Policy) -> None:
+    p, _, _ = pipeline(pol, credentials=_Tasks())
+    o = decide(p, http(credentials=_basic("build-7", "s3cret")))
+    c = o.request.client
+    assert (c.task_id, c.labels, c.task_until, c.key) == ("build-7", (("repo", "web"),), 4e9, "task:build-7")
+
+
+def test_a_task_revoked_while_its_request_was_held_is_refused_after_the_approval(pol: Policy) -> None:
+    tasks = _Tasks()
+
+    class RevokedMeanwhile(Approvals):
+        async def resolve(self, pending: Outcome, client_alive: Any) -> Settlement:
+            tasks.live = False  # DELETE /credentials/build-7 while a person was deciding
+            return await super().resolve(pending, client_alive)
+
+    p, _, approvals = pipeline(pol, credentials=tasks, approvals=RevokedMeanwhile())
+    o = decide(p, http("ask.test", credentials=_basic("build-7", "s3cret")))
+    assert len(approvals.asked) == 1
+    assert summary(o) == ("deny", "proxy_auth", 407, False) and "revoked" in (o.detail or "")
+    assert p.pins.get("c1", "ask.test", 80) is None  # nothing pinned for it

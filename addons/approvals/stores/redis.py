@@ -11,13 +11,14 @@ that gets an answer tells it Redis is back. Connections are made again by the cl
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import fields
 from types import ModuleType
 from typing import Any, Concatenate, Protocol
 
 from addons.approvals.errors import ApprovalError, StoreUnavailable
-from addons.approvals.model import Approval, Choice, Grant, Key, Scope, State
+from addons.approvals.model import Approval, Choice, Grant, Key, Scope, State, decode_labels
 
 PREFIX = "portcullis:"
 _SEP = "\x1f"  # cannot occur in a client key, a normalised host or a port
@@ -261,6 +262,14 @@ class RedisStore:
         return sorted(await _grants(self._r, gids), key=lambda g: g.created_at)
 
     @_guarded
+    async def drop_grants_of(self, client_key: str) -> int:
+        every = await _grants(self._r, list(await self._r.zrange(PREFIX + "grants", 0, -1)))
+        mine = [g for g in every if g.client_key == client_key]
+        for g in mine:
+            await _drop_grant(self._r, g)
+        return len(mine)
+
+    @_guarded
     async def sweep(self, now: float, keep_decided_s: float = 7 * 86400) -> int:
         old = await _grants(self._r, list(await self._r.zrangebyscore(PREFIX + "grants", "-inf", now)))
         for g in old:
@@ -318,7 +327,7 @@ def _grant_key(gid: int) -> str:
 
 
 _INT = {"port"}
-_FLOAT = {"created_at", "expires_at", "decided_at"}
+_FLOAT = {"created_at", "expires_at", "decided_at", "task_until"}
 _ENUM: dict[str, type[State | Choice | Scope]] = {"state": State, "decision": Choice, "scope": Scope}
 
 
@@ -326,9 +335,11 @@ def _encode(a: Approval) -> dict[str, str]:
     out: dict[str, str] = {}
     for f in fields(Approval):
         v = getattr(a, f.name)
-        if v is None:
+        if v is None or v == ():
             continue
-        if isinstance(v, bool):
+        if f.name == "labels":
+            out[f.name] = json.dumps(dict(v))
+        elif isinstance(v, bool):
             out[f.name] = str(int(v))
         elif isinstance(v, float):
             out[f.name] = repr(v)
@@ -343,7 +354,9 @@ def _decode(h: dict[str, str]) -> Approval | None:
     kw: dict[str, Any] = {}
     for f in fields(Approval):
         v = h.get(f.name)
-        if v is None:
+        if f.name == "labels":
+            kw[f.name] = decode_labels(v)
+        elif v is None:
             kw[f.name] = False if f.name == "notified" else None
         elif f.name in _INT:
             kw[f.name] = int(v)

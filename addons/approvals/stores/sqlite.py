@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from pathlib import Path
 from typing import Any
 
 from addons.approvals.errors import ApprovalError
-from addons.approvals.model import Approval, Choice, Grant, Key, Scope, State
+from addons.approvals.model import Approval, Choice, Grant, Key, Scope, State, decode_labels
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS approvals (
@@ -29,7 +30,9 @@ CREATE TABLE IF NOT EXISTS approvals (
     decided_by TEXT,
     reason TEXT,
     decided_at REAL,
-    notified INTEGER NOT NULL DEFAULT 0
+    notified INTEGER NOT NULL DEFAULT 0,
+    labels TEXT,
+    task_until REAL
 );
 CREATE INDEX IF NOT EXISTS approvals_by_key ON approvals (state, client_key, host, port);
 CREATE TABLE IF NOT EXISTS grants (
@@ -49,7 +52,8 @@ CREATE INDEX IF NOT EXISTS grants_by_key ON grants (client_key, host, port);
 
 _COLUMNS = (
     "id, client_key, client_address, client_name, host, port, scheme, method, path, rule, "
-    "created_at, expires_at, state, decision, scope, decided_by, reason, decided_at, notified"
+    "created_at, expires_at, state, decision, scope, decided_by, reason, decided_at, notified, labels, "
+    "task_until"
 )
 _GRANT_COLUMNS = ("id, client_key, host, port, decision, scope, approval_id, created_at, expires_at, "
                   "single_use")
@@ -88,6 +92,9 @@ class SqliteStore:
             cols = {r[1] for r in self._db.execute("PRAGMA table_info(approvals)")}
             if "notified" not in cols:  # a store written before webhooks were tracked
                 self._db.execute("ALTER TABLE approvals ADD COLUMN notified INTEGER NOT NULL DEFAULT 0")
+            for col, kind in (("labels", "TEXT"), ("task_until", "REAL")):  # before task credentials
+                if col not in cols:
+                    self._db.execute(f"ALTER TABLE approvals ADD COLUMN {col} {kind}")
         except (OSError, sqlite3.Error) as e:
             raise ApprovalError(f"cannot open the approvals store {path}: {e}") from e
 
@@ -108,10 +115,11 @@ class SqliteStore:
             rows = self._select(_PENDING_FOR, (*a.key, now))
             if not rows:
                 self._db.execute(
-                    f"INSERT INTO approvals ({_COLUMNS}) VALUES ({', '.join('?' * 19)})",  # noqa: S608 constants
+                    f"INSERT INTO approvals ({_COLUMNS}) VALUES ({', '.join('?' * 21)})",  # noqa: S608 constants
                     (a.id, a.client_key, a.client_address, a.client_name, a.host, a.port, a.scheme, a.method,
                      a.path, a.rule, a.created_at, a.expires_at, a.state.value, _v(a.decision), _v(a.scope),
-                     a.decided_by, a.reason, a.decided_at, int(a.notified)),
+                     a.decided_by, a.reason, a.decided_at, int(a.notified),
+                     json.dumps(dict(a.labels)) if a.labels else None, a.task_until),
                 )
             self._db.execute("COMMIT")
         except BaseException:
@@ -198,6 +206,9 @@ class SqliteStore:
         ).fetchall()
         return [_grant(r) for r in rows]
 
+    async def drop_grants_of(self, client_key: str) -> int:
+        return int(self._db.execute("DELETE FROM grants WHERE client_key = ?", (client_key,)).rowcount)
+
     async def sweep(self, now: float, keep_decided_s: float = 7 * 86400) -> int:
         n = self._db.execute("DELETE FROM grants WHERE expires_at <= ?", (now,)).rowcount
         self._db.execute(
@@ -213,10 +224,11 @@ def _v(e: Choice | Scope | None) -> str | None:
 
 def _approval(row: tuple[Any, ...]) -> Approval:
     (aid, client_key, address, name, host, port, scheme, method, path, rule, created_at, expires_at, state,
-     decision, scope, by, reason, decided_at, notified) = row
+     decision, scope, by, reason, decided_at, notified, labels, task_until) = row
     return Approval(aid, client_key, address, name, host, port, scheme, method, path, rule, created_at,
                     expires_at, State(state), Choice(decision) if decision else None,
-                    Scope(scope) if scope else None, by, reason, decided_at, bool(notified))
+                    Scope(scope) if scope else None, by, reason, decided_at, bool(notified),
+                    decode_labels(labels), task_until)
 
 
 def _grant(row: tuple[Any, ...]) -> Grant:

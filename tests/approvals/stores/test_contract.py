@@ -4,6 +4,7 @@ and `open_store`'s choice between them."""
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 
 import pytest
 
@@ -41,6 +42,28 @@ async def test_both_stores_have_the_same_state_machine(store):
     await store.mark_notified("apr_missing")
     assert await store.get("apr_missing") is None
     assert await store.get("nope") is None
+
+
+async def test_both_stores_keep_the_asking_tasks_labels_and_expiry(store):
+    a = replace(approval("apr_t"), client_key="task:build-7", labels=(("repo", "web"), ("by", "ci|x")),
+                task_until=1234.5)
+    await store.open(a, now=100)
+    got = await store.get("apr_t")
+    assert got == a and (got.task_id, got.labels, got.task_until) == ("build-7", a.labels, 1234.5)
+    assert await store.decide("apr_t", Choice.ALLOW, Scope.TASK, "alice", None, now=101)
+    assert (await store.get("apr_t")).scope is Scope.TASK
+
+
+async def test_both_stores_drop_every_grant_of_one_client(store):
+    for who in ("task:a", "task:b"):
+        for host in ("h1", "h2"):
+            await store.add_grant((who, host, 443), Choice.ALLOW, Scope.TASK, None, 100, 200,
+                                  single_use=False)
+    assert await store.drop_grants_of("task:a") == 2
+    assert {g.client_key for g in await store.grants(150)} == {"task:b"}
+    assert await store.take_grant(("task:a", "h1", 443), 150) is None
+    assert (await store.take_grant(("task:b", "h1", 443), 150)) is not None
+    assert await store.drop_grants_of("task:nobody") == 0
 
 
 async def test_both_stores_have_the_same_grants(store):

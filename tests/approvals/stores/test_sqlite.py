@@ -129,6 +129,7 @@ async def test_a_store_written_before_webhooks_were_tracked_gains_the_notified_c
     old = await s.get("apr_old")
     assert (old.state, old.decision, old.scope, old.notified) == (State.DENIED, Choice.DENY, Scope.SESSION,
                                                                   False)
+    assert (old.labels, old.task_until) == ((), None)  # and the task columns of release 2
     await s.close()
 
 
