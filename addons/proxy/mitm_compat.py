@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -335,12 +336,14 @@ def harden_request_parsing() -> None:
         return
     valid_host, parse = net_check.is_valid_host, url.parse_authority
 
+    @functools.wraps(valid_host)  # inspect.getsource still shows the original (test_mitm_compat)
     def is_valid_host(host: Any) -> bool:
         try:
             return valid_host(host)
         except Exception:  # noqa: BLE001 - a label the codec cannot decode is not a valid host
             return False
 
+    @functools.wraps(parse)
     def parse_authority(authority: Any, check: bool) -> tuple[str, int | None]:
         try:
             return parse(authority, check)
@@ -351,7 +354,8 @@ def harden_request_parsing() -> None:
                 raise ValueError(f"unreadable authority ({type(e).__name__})") from e
             return always_str(authority, "utf-8", "surrogateescape"), None
 
-    net_check.is_valid_host = url.is_valid_host = is_valid_host  # url imported it by name
+    net_check.is_valid_host = is_valid_host
+    url.is_valid_host = is_valid_host  # type: ignore[attr-defined]  # url imported it by name
     url.parse_authority = parse_authority
     url._portcullis_hardened = True  # type: ignore[attr-defined]
 
@@ -362,6 +366,7 @@ def _bounded_read_headers(original: Callable[..., Generator[Any, Any, Any]]) -> 
     is buffered behind it). Empty lines before the request line are skipped (RFC 9112 §2.2); a head is
     refused (414/431) as soon as its buffered part breaks a size limit."""
 
+    @functools.wraps(original)
     def read_headers(self: Any, event: events.Event) -> Generator[Any, Any, Any]:
         if not isinstance(event, events.DataReceived):
             return (yield from original(self, event))
@@ -407,10 +412,12 @@ def answer_at_once(flow: http.HTTPFlow) -> None:
 
 
 def _answer_before_the_body() -> None:
-    from mitmproxy.proxy.layers.http import HttpResponseHeadersHook, HttpStream
+    from mitmproxy.proxy.layers.http import HttpStream
+    from mitmproxy.proxy.layers.http._hooks import HttpResponseHeadersHook
 
     original = HttpStream.start_request_stream
 
+    @functools.wraps(original)
     def start_request_stream(self: Any) -> Generator[Any, Any, None]:
         if self.flow.response is None:
             return (yield from original(self))

@@ -121,7 +121,8 @@ def test_a_second_decision_is_409_and_changes_nothing(proxy):
     assert r.status_code == 409 and r.json()["approval"]["decision"] == "deny"
     # `by` is the authenticated approver (the admin token's principal), never what the body says.
     first = state(proxy, approval_id)
-    assert (first["decision"], first["scope"], first["by"], first["reason"]) == ("deny", "once", "admin", "first")
+    got = (first["decision"], first["scope"], first["by"], first["reason"])
+    assert got == ("deny", "once", "admin", "first")
     assert retry(proxy, port) == (403, "approval_denied")
 
 

@@ -231,7 +231,7 @@ def requestline_one(data: bytes) -> None:
     buf = ReceiveBuffer()  # the head is cut into lines exactly as mitmproxy's HTTP/1 server does
     buf += data
     got = buf.maybe_extract_lines()
-    while got == []:  # leading empty lines (mitmproxy stalls there instead: reported separately)
+    while got == []:  # leading empty lines, skipped as the proxy does (mitm_compat read_headers)
         got = buf.maybe_extract_lines()
     if not got:
         return
@@ -281,6 +281,9 @@ TARGETS: dict[str, tuple[Callable[[], list[bytes]], Callable[[bytes], None]]] = 
 
 
 def _setup_targets() -> None:
+    from addons.proxy import mitm_compat
+
+    mitm_compat.harden_request_parsing()  # mitmproxy's request reader as the proxy runs it
     reader = _reader()
     TARGETS["clienthello"] = (clienthello_seeds, lambda d: clienthello_one(d, reader))
     TARGETS["fastyaml"] = (fastyaml_seeds, fastyaml_one)
@@ -294,9 +297,9 @@ def _preload() -> None:
     import mitmproxy.net.http.validate  # noqa: F401
     import ruamel.yaml  # noqa: F401
 
-    import addons.policy.authority  # noqa: F401
     import addons.config.fastyaml  # noqa: F401
     import addons.pipeline.clienthello  # noqa: F401
+    import addons.policy.authority  # noqa: F401
     import addons.policy.hosts  # noqa: F401
     import addons.proxy.addon  # noqa: F401
 

@@ -64,7 +64,8 @@ class Server:
         self._n += 1
         # The provisional outcome the pipeline hands to approvals (a fresh client each: a new approval).
         client = Client(f"10.0.{self._n // 250}.{self._n % 250}", 40000, None, f"c{self._n}")
-        req = Request("fuzz.test", 1 + self._n % 65000, client, "https", None, None, Layer.HTTP, f"f{self._n}")
+        port = 1 + self._n % 65000
+        req = Request("fuzz.test", port, client, "https", None, None, Layer.HTTP, f"f{self._n}")
         pending = Outcome(req, Action.DENY, Reason.DEFAULT, status=403)
         out = self._run(self.service.resolve(pending, lambda: True))
         assert out.approval_id

@@ -50,10 +50,10 @@ def test_json_keeps_one_event_per_line_and_the_exact_value(value: str, tmp_path:
     t, out = make(tmp_path, log={"file": "ev.jsonl"})
     t.decision(record(host=value, path="/" + value, detail=f"SNI {value} != authority"))
     t.emit("approval.requested", approval_id=value, destination={"host": value, "port": 443})
-    for text in (out.getvalue(), (tmp_path / "ev.jsonl").read_text()):
-        assert text.count("\n") == 2 and len(text.splitlines()) == 2  # str.splitlines knows \u2028, \x85 ...
-        assert text.isascii() and all(c == "\n" or 0x20 <= ord(c) < 0x7F for c in text)
-        dec, req = validate_lines(text)
+    for written in (out.getvalue(), (tmp_path / "ev.jsonl").read_text()):
+        assert written.count("\n") == 2 and len(written.splitlines()) == 2  # splitlines knows \u2028, \x85
+        assert written.isascii() and all(c == "\n" or 0x20 <= ord(c) < 0x7F for c in written)
+        dec, req = validate_lines(written)
         assert dec["destination"]["host"] == value and dec["decision"] == "deny"
         assert dec["request"]["path"] == "/" + value.split("?")[0].split("#")[0]
         assert dec["detail"] == f"SNI {value} != authority"
@@ -321,7 +321,8 @@ def test_no_output_carries_a_lone_surrogate(tmp_path: Path) -> None:
         if fmt == "json":
             ev = lines(out)[0]
             assert ev["request"]["method"] == "G\\x85T" and ev["destination"]["host"] == "h\\xff.test"
-            assert (ev["detail"], ev["client"]["user"], ev["request"]["path"]) == ("d\\ud800", "u\\x80", "/p\\x85")
+            got = (ev["detail"], ev["client"]["user"], ev["request"]["path"])
+            assert got == ("d\\ud800", "u\\x80", "/p\\x85")
     exp = InMemoryLogRecordExporter()
     provider = LoggerProvider()
     provider.add_log_record_processor(SimpleLogRecordProcessor(exp))
