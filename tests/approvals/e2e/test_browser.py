@@ -52,13 +52,15 @@ async def test_clicking_allow_releases_the_held_request(make_service, admin_serv
     assert cookies["portcullis_session"]["httpOnly"] and cookies["portcullis_session"]["sameSite"] == "Strict"
     assert await page.evaluate("document.cookie") == ""  # invisible to scripts
 
-    await row.locator("input[name=by]").fill("browser-user")
+    await row.locator("input[name=reason]").fill("needed for the upload")
     await row.locator("button[value='allow:once']").click()
     await page.locator("p.msg").wait_for()
     assert "Allowed (once)" in await page.locator("p.msg").inner_text()
     out = await asyncio.wait_for(held, 10)
     assert (out.allowed, out.reason, out.approval_id) == (True, Reason.APPROVED, approval.id)
-    assert svc.store.get(approval.id).decided_by == "browser-user"
+    decided = svc.store.get(approval.id)
+    # `by` is the logged-in principal (the admin token here), never a form field.
+    assert (decided.decided_by, decided.reason) == ("admin", "needed for the upload")
     assert "Nothing is waiting" in await page.locator("#pending").inner_text()
     await page.screenshot(path=str(tmp_path / "approved.png"))
 
