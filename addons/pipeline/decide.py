@@ -22,7 +22,7 @@ from typing import Protocol
 from addons.pipeline.dns import Lookup, Pin, PinStore, ResolveError, resolve
 from addons.pipeline.identity import ProxyAuth, TaskCredentials, parse_basic
 from addons.pipeline.model import Incoming, Outcome, deny_status, refusal
-from addons.policy.authority import same_destination
+from addons.policy.authority import connect_authority_problem, names_port_zero, same_destination
 from addons.policy.evaluate import Policy
 from addons.policy.hosts import HostError, is_ip, normalize_host
 from addons.policy.model import Action, Client, Decision, Layer, Reason, Request
@@ -130,7 +130,10 @@ class Pipeline:
         except HostError as e:
             return refusal(req, Reason.BAD_REQUEST, str(e), name)
         if (problem := _authority_problem(inc, req)) is not None:
-            return refusal(req, problem[0], problem[1], name)
+            out = refusal(req, problem[0], problem[1], name)
+            if inc.problem_status is not None and problem[1] == inc.problem:
+                out = replace(out, status=inc.problem_status)  # 414/431: a head over the size limits
+            return out
         if not self.healthy():  # events cannot be written: decide nothing that would go unrecorded
             return refusal(req, Reason.INTERNAL_ERROR, "the event log cannot be written", name)
         # 3 and 4. The policy, with the checked DNS answers.
@@ -285,9 +288,18 @@ def _as_received(inc: Incoming, client: Client) -> Request:
 def _authority_problem(inc: Incoming, req: Request) -> tuple[Reason, str] | None:
     """Does the request name exactly one destination, in a shape nothing reads differently?"""
     if inc.layer is Layer.CONNECT:
-        return (Reason.BAD_REQUEST, inc.problem) if inc.problem else None
+        if inc.problem:
+            return Reason.BAD_REQUEST, inc.problem
+        if inc.target_authority is not None:
+            why = connect_authority_problem(inc.target_authority, req.host, req.port)
+            return (Reason.BAD_REQUEST, why) if why else None
+        return None
     if inc.host_headers > 1:
         return Reason.BAD_REQUEST, "more than one Host header"
+    if inc.host_headers == 0 and inc.http_version == "HTTP/1.1":
+        return Reason.BAD_REQUEST, "an HTTP/1.1 request without a Host header (RFC 9112 3.2)"
+    if any(v is not None and names_port_zero(v) for v in (inc.target_authority, inc.host_header)):
+        return Reason.BAD_REQUEST, "port 0 is not a destination"  # before it reads as a mismatch
     t = inc.tunnel
     if t is not None and (req.host != t.request.host or req.port != t.request.port):
         where = f"{t.request.host}:{t.request.port}"

@@ -143,6 +143,9 @@ def _normalize_name(text: str) -> str:
             idna.ulabel(alabel)  # round-trip checks a punycode label is well formed
         except (idna.IDNAError, UnicodeError) as e:
             raise HostError(f"bad international label {label!r}: {e}") from None
+        except (OverflowError, MemoryError, RecursionError) as e:
+            # CPython's punycode decoder overflows on some labels (xn--...0000000000000001siie).
+            raise HostError(f"bad international label {label!r}: {type(e).__name__}") from None
         out.append(alabel)
     result = ".".join(out)
     if len(result) > 253:

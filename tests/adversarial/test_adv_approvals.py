@@ -116,10 +116,13 @@ def test_concurrent_decisions_one_wins(proxy):
 
 def test_a_second_decision_is_409_and_changes_nothing(proxy):
     approval_id, port = new_approval(proxy)
-    assert post(proxy, approval_id, {"decision": "deny", "by": "first"}).status_code == 200
-    r = post(proxy, approval_id, {"decision": "allow", "scope": "session", "by": "second"})
+    assert post(proxy, approval_id, {"decision": "deny", "reason": "first"}).status_code == 200
+    r = post(proxy, approval_id, {"decision": "allow", "scope": "session", "reason": "second"})
     assert r.status_code == 409 and r.json()["approval"]["decision"] == "deny"
-    assert state(proxy, approval_id)["by"] == "first"
+    # `by` is the authenticated approver (the admin token's principal), never what the body says.
+    first = state(proxy, approval_id)
+    got = (first["decision"], first["scope"], first["by"], first["reason"])
+    assert got == ("deny", "once", "admin", "first")
     assert retry(proxy, port) == (403, "approval_denied")
 
 

@@ -49,7 +49,7 @@ TABLE: list[tuple[str, str, tuple[str, str, str]]] = [
     ("path-in-host", "blocked.test:{P}/x", ("deny:host_mismatch", U, U)),
     ("name-after-port", "public.test:{P}.blocked.test", (U, U, U)),
     ("trailing-dot-denied", "blocked.test.:{P}", ("deny:rule", "deny:rule", "deny:rule")),
-    ("port-zero", "public.test:0", ("deny:host_mismatch", "deny:host_mismatch", U)),
+    ("port-zero", "public.test:0", (U, U, U)),  # no destination: malformed, not a mismatch
     ("port-65536", "public.test:65536", (U, U, U)),
     ("port-99999", "public.test:99999", (U, U, U)),
     ("port-negative", "public.test:-1", (U, U, U)),
@@ -58,9 +58,10 @@ TABLE: list[tuple[str, str, tuple[str, str, str]]] = [
     ("port-twice", "public.test:{P}:{P}", (U, U, U)),
     ("port-exponent", "public.test:1e3", (U, U, U)),
     ("port-leading-zero", "public.test:0{P}", ("deny:host_mismatch", "deny:host_mismatch", TUNNEL)),
-    ("port-fullwidth-digits", "public.test:\uff18\uff10", (U, "deny:host_mismatch", "allow:502")),
-    ("brackets-around-name", "[public.test]:{P}", (U, "deny:host_mismatch", TUNNEL)),
-    ("brackets-around-v4", "[127.0.0.2]:{P}", (U, "deny:host_mismatch", TUNNEL)),
+    ("port-fullwidth-digits", "public.test:\uff18\uff10", (U, "deny:host_mismatch", U)),  # ASCII digits only
+    ("brackets-around-name", "[public.test]:{P}", (U, "deny:host_mismatch", U)),  # brackets: IPv6 only
+    ("brackets-around-v4", "[127.0.0.2]:{P}", (U, "deny:host_mismatch", U)),
+    ("brackets-around-v6", "[::ffff:127.0.0.2]:{P}", ("allow", "allow", TUNNEL)),
     ("mapped-v6-denied", "[::ffff:127.0.0.3]:{P}", ("deny:rule", "deny:rule", "deny:rule")),
     ("unclosed-bracket", "[::1", (U, U, U)),
     ("v6-without-brackets", "::1:{P}", (U, U, U)),

@@ -20,7 +20,6 @@ from tests.adversarial.adv import (
     Replies,
     Window,
     _ok,
-    bypass,
     case,
     h2_request,
     judge,
@@ -39,8 +38,6 @@ proxy = proxy_fixture(
     ],
 )
 
-NO_HOST = bypass("an absolute-form request without Host is forwarded with no Host at all (RFC 9112 "
-                 "3.2.2: the proxy must send the target's authority); a shared upstream picks any vhost")
 
 
 def heads_name_only(w: Window, authority: str) -> None:
@@ -99,8 +96,10 @@ PLAIN = [
          "Host: blocked.test\r\n\r\n", "deny:bad_request:4xx"),
     case("nul-in-value", "GET http://public.test:{P}/a HTTP/1.1\r\nHost: public.test:{P}\r\nX-A: 1\x00"
          "Host: blocked.test\r\n\r\n", "deny:bad_request:4xx"),
-    case("no-host-http11", "GET http://public.test:{P}/a HTTP/1.1\r\n\r\n", "allow", marks=NO_HOST),
-    case("no-host-http10", "GET http://public.test:{P}/a HTTP/1.0\r\n\r\n", "allow", marks=NO_HOST),
+    # RFC 9112 3.2: HTTP/1.1 without Host is a 400; HTTP/1.0 gets the target's authority as Host
+    # (heads_name_only: every head that arrives names exactly public.test:{P}).
+    case("no-host-http11", "GET http://public.test:{P}/a HTTP/1.1\r\n\r\n", "deny:bad_request:400"),
+    case("no-host-http10", "GET http://public.test:{P}/a HTTP/1.0\r\n\r\n", "allow"),
     case("https-absolute-denied", "GET https://blocked.test:{P}/ HTTP/1.1\r\nHost: blocked.test:{P}\r\n\r\n",
          "deny:rule"),
     case("origin-form-denied-host", "GET /a HTTP/1.1\r\nHost: blocked.test:{P}\r\n\r\n", "deny:rule"),
@@ -192,7 +191,8 @@ INSPECTED = [
          "deny:bad_request:4xx"),
     case("bare-cr", "GET /ok/1 HTTP/1.1\r\n" + HOST_API + "X-A: 1\rHost: blocked.test\r\n\r\n",
          "deny:bad_request:4xx"),
-    case("no-host", "GET /ok/1 HTTP/1.1\r\n\r\n", "allow", marks=NO_HOST),
+    case("no-host", "GET /ok/1 HTTP/1.1\r\n\r\n", "deny:bad_request:400"),
+    case("no-host-http10", "GET /ok/1 HTTP/1.0\r\n\r\n", "allow"),  # Host: the CONNECT authority
     case("invalid-header-name", "GET /ok/1 HTTP/1.1\r\nHost: api.public.test:{P}\r\nBad Header: x\r\n\r\n",
          "deny:bad_request:4xx"),
     case("cl-and-te", "POST /ok/1 HTTP/1.1\r\nHost: api.public.test:{P}\r\nContent-Length: 5\r\n"

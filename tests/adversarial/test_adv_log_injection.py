@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from addons.telemetry.validate import validate_event
-from tests.adversarial.adv import Adv, adv_config, bypass, case, proxy_fixture
+from tests.adversarial.adv import Adv, adv_config, case, proxy_fixture
 from tests.recording import client_hello
 
 pytestmark = pytest.mark.e2e
@@ -43,10 +43,6 @@ proxy = proxy_fixture(
     env={"ADV_LOG_PW": "pw", "PORTCULLIS_TEST_ADMIN_TOKEN": TOKEN},
 )
 
-LONE_SURROGATE = bypass(
-    "a non-UTF-8 byte in the request method (mitmproxy decodes it with surrogateescape) is logged as a "
-    "lone surrogate escape (\\udc85): the line is JSON that strict parsers (serde_json, Vector) refuse",
-)
 
 
 def strings(v: Any) -> list[str]:
@@ -111,14 +107,18 @@ def test_request_path(proxy, path):
     assert logged == sent or (len(sent) > 2048 and logged.startswith(sent[:2000])), (logged[:80], sent[:80])
 
 
+# (raw method, as logged): methods are logged upper-cased; a byte that is not UTF-8 (mitmproxy decodes
+# it with surrogateescape) is logged as the text \xNN, never as a lone surrogate (\udc85 in JSON,
+# which serde_json or Vector refuse). None of these is a token: each is refused as bad_request.
 METHODS = [
     case("at-sign", b"G@T", "G@T"),
     case("escape-sequence", b"GET\x1b[2J", "GET\x1b[2J"),
-    case("json-breakout", b'G"},"forged":true,{"x":"', 'G"},"forged":true,{"x":"'),
+    case("json-breakout", b'G"},"forged":true,{"x":"', 'G"},"FORGED":TRUE,{"X":"'),
     case("utf8-line-separator", "G\u2028T".encode(), "G\u2028T"),
     case("utf8-paragraph-separator", "G\u2029T".encode(), "G\u2029T"),
-    case("latin1-nel-byte", b"G\x85T", "G\ufffdT", marks=LONE_SURROGATE),
-    case("invalid-utf8", b"G\xff\xfeT", "G\ufffd\ufffdT", marks=LONE_SURROGATE),
+    case("latin1-nel-byte", b"G\x85T", "G\\x85T"),
+    case("invalid-utf8", b"G\xff\xfeT", "G\\xff\\xfeT"),
+    case("lower-case-latin1", b"g\xe9t", "G\\xe9T"),
 ]
 
 
@@ -127,7 +127,7 @@ def test_request_method(proxy, method, logged):
     port = proxy.rec.http
     (d,) = send_and_check(proxy, b"%s http://public.test:%d/m HTTP/1.1\r\nHost: public.test:%d\r\n\r\n"
                           % (method, port, port))
-    assert d["request"]["method"] == logged.upper()  # methods are logged upper-cased
+    assert (d["decision"], d["reason"], d["request"]["method"]) == ("deny", "bad_request", logged)
 
 
 SNIS = [
@@ -188,7 +188,8 @@ def test_approval_by_and_reason(proxy, by):
     proxy.p.wait_event("approval.decided", approval_id=approval_id)
     lines_oracle(proxy, start)
     (ev,) = proxy.p.find("approval.decided", approval_id=approval_id)
-    assert ev["by"] == by and ev["reason"] == by
+    # `by` in the body is ignored (the authenticated approver decides); the reason is free text.
+    assert ev["by"] == "admin" and ev["reason"] == by
 
 
 HOST_HDR = " HTTP/1.1\r\nHost: public.test:{P}\r\n\r\n"

@@ -1,12 +1,11 @@
 """The long fuzzing harness (outside CI): `./dev fuzz [seconds] [target ...]`.
 
 Targets
-  clienthello  the tunnel's first-bytes reader (addons.proxy.clienthello:read_first_bytes, else the
-               older addons.proxy.tunnel:inspect_first_bytes on mitmproxy's parse_client_hello)
+  clienthello  the tunnel's first-bytes reader (addons.pipeline.clienthello:read_first_bytes)
                against a server-like ClientHello reader (tests/recording.py server_names). Point it
                at another reader with `--sni-reader module:function` (or PORTCULLIS_FUZZ_SNI_READER):
                bytes -> an object with .kind (Kind) or with .need_more, .tls, .sni, .problem.
-  fastyaml     addons.policy.fastyaml.parse_rule_file against ruamel.yaml: same tree or None.
+  fastyaml     addons.config.fastyaml.parse_rule_file against ruamel.yaml: same tree or None.
   requestline  mitmproxy's HTTP/1 request-head reader, then Portcullis' host normalisation, authority
                parser and Host check, as the proxy chains them: only ValueError, and the two parsers
                agree on the destination wherever both accept it.
@@ -77,7 +76,7 @@ def _write(force: bool = False) -> None:
 
 # ------------------------------------------------------------------------------------- clienthello
 
-DEFAULT_READERS = ("addons.proxy.clienthello:read_first_bytes", "addons.proxy.tunnel:inspect_first_bytes")
+DEFAULT_READERS = ("addons.pipeline.clienthello:read_first_bytes",)
 
 
 def _reader() -> Callable[[bytes], Any]:
@@ -98,7 +97,7 @@ def _reader() -> Callable[[bytes], Any]:
 def _adapt(r: Any) -> Any:
     kind = getattr(r, "kind", None)
     if kind is None:
-        return r  # already need_more / tls / sni / problem (tunnel.inspect_first_bytes)
+        return r  # already need_more / tls / sni / problem
     k = str(getattr(kind, "value", kind))  # clienthello.read_first_bytes: Kind.NEED_MORE/TLS/NOT_TLS/BAD
     if k == "bad":
         raise ValueError(r.problem)  # refused: the tunnel is closed
@@ -184,7 +183,7 @@ def fastyaml_one(data: bytes) -> None:
     from fuzz_support import same_tree
     from ruamel.yaml import YAML
 
-    from addons.policy.fastyaml import parse_rule_file
+    from addons.config.fastyaml import parse_rule_file
 
     try:
         text = data.decode("utf-8")
@@ -227,12 +226,12 @@ def requestline_one(data: bytes) -> None:
 
     from addons.policy.authority import same_destination, split_authority
     from addons.policy.hosts import normalize_host
-    from addons.proxy.addon import _path_only
+    from addons.proxy.addon import path_only
 
     buf = ReceiveBuffer()  # the head is cut into lines exactly as mitmproxy's HTTP/1 server does
     buf += data
     got = buf.maybe_extract_lines()
-    while got == []:  # leading empty lines (mitmproxy stalls there instead: reported separately)
+    while got == []:  # leading empty lines, skipped as the proxy does (mitm_compat read_headers)
         got = buf.maybe_extract_lines()
     if not got:
         return
@@ -247,9 +246,9 @@ def requestline_one(data: bytes) -> None:
         return
     STATS["parsed by mitmproxy"] += 1
     if req.method != "CONNECT" and req.path:
-        p = _path_only(req.path)
+        p = path_only(req.path)
         if "?" in p or "#" in p:
-            raise Finding(f"_path_only kept a query or fragment: {req.path!r} -> {p!r}")
+            raise Finding(f"path_only kept a query or fragment: {req.path!r} -> {p!r}")
     host = req.host
     if not host:
         try:
@@ -282,6 +281,9 @@ TARGETS: dict[str, tuple[Callable[[], list[bytes]], Callable[[bytes], None]]] = 
 
 
 def _setup_targets() -> None:
+    from addons.proxy import mitm_compat
+
+    mitm_compat.harden_request_parsing()  # mitmproxy's request reader as the proxy runs it
     reader = _reader()
     TARGETS["clienthello"] = (clienthello_seeds, lambda d: clienthello_one(d, reader))
     TARGETS["fastyaml"] = (fastyaml_seeds, fastyaml_one)
@@ -295,12 +297,11 @@ def _preload() -> None:
     import mitmproxy.net.http.validate  # noqa: F401
     import ruamel.yaml  # noqa: F401
 
+    import addons.config.fastyaml  # noqa: F401
+    import addons.pipeline.clienthello  # noqa: F401
     import addons.policy.authority  # noqa: F401
-    import addons.policy.fastyaml  # noqa: F401
     import addons.policy.hosts  # noqa: F401
     import addons.proxy.addon  # noqa: F401
-    import addons.proxy.clienthello  # noqa: F401
-    import addons.proxy.tunnel  # noqa: F401
 
 
 def run_atheris(name: str, seconds: int, extra: list[str]) -> None:

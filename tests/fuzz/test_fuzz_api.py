@@ -23,8 +23,11 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from addons.approvals import api
-from addons.approvals.service import ApprovalRequest, ApprovalService
-from addons.policy.config import ApprovalsConfig
+from addons.approvals.auth import Principals
+from addons.approvals.service import ApprovalService
+from addons.config.models import ApprovalsConfig
+from addons.pipeline.model import Outcome
+from addons.policy.model import Action, Client, Layer, Reason, Request
 from addons.telemetry.events import Telemetry
 
 TOKEN = "fuzz-admin-token-0123456789abcdef"
@@ -51,7 +54,7 @@ class Server:
         self.service = ApprovalService(cfg, self.folder, Telemetry(stream=io.StringIO()))
         await self.service.start()
         app = web.Application()
-        api.add_routes(app, self.service, TOKEN)
+        api.add_routes(app, self.service, Principals(TOKEN), self.service.links)
         self.runner = web.AppRunner(app, access_log=None)
         await self.runner.setup()
         await web.TCPSite(self.runner, "127.0.0.1", 0).start()
@@ -59,10 +62,12 @@ class Server:
 
     def pending(self) -> str:
         self._n += 1
-        req = ApprovalRequest(client_key=f"10.0.{self._n // 250}.{self._n % 250}", client_address="10.0.0.1",
-                              client_name=None, host="fuzz.test", port=1 + self._n % 65000, scheme="https",
-                              method=None, path=None, rule=None, flow_id=f"f{self._n}")
-        out = self._run(self.service.resolve(req, lambda: True))
+        # The provisional outcome the pipeline hands to approvals (a fresh client each: a new approval).
+        client = Client(f"10.0.{self._n // 250}.{self._n % 250}", 40000, None, f"c{self._n}")
+        port = 1 + self._n % 65000
+        req = Request("fuzz.test", port, client, "https", None, None, Layer.HTTP, f"f{self._n}")
+        pending = Outcome(req, Action.DENY, Reason.DEFAULT, status=403)
+        out = self._run(self.service.resolve(pending, lambda: True))
         assert out.approval_id
         return str(out.approval_id)
 

@@ -1,4 +1,4 @@
-"""Fuzzing rule loading (addons/policy/load.py) and the fast YAML reader (addons/policy/fastyaml.py).
+"""Fuzzing rule loading (addons/config/load.py) and the fast YAML reader (addons/config/fastyaml.py).
 
 Loading: whatever a rule file or config holds, the result is a policy or a PolicyError whose every
 line is `path:line:col: message` (or `path: message`), never another exception. The fast reader
@@ -18,8 +18,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from ruamel.yaml import YAML
 
-from addons.policy.fastyaml import parse_rule_file
-from addons.policy.load import PolicyError, load_config
+from addons.config.fastyaml import parse_rule_file
+from addons.config.load import PolicyError, load_config
 
 KEYS = ["name", "action", "hosts", "ports", "methods", "paths", "clients", "raw_tcp", "description", "x"]
 scalars = st.one_of(

@@ -179,6 +179,33 @@ AUTHORITY = [
     ("host-header-spelling", http(host_header="PUBLIC.TEST."), ("allow", "rule", None), None),
     ("host-header-default-port", http(host_header="public.test:80"), ("allow", "rule", None), None),
     ("no-host-header", http(host_header=None, host_headers=0), ("allow", "rule", None), None),
+    # RFC 9112 3.2: an HTTP/1.1 request without Host is malformed; HTTP/1.0 and HTTP/2 (:authority) are not.
+    ("no-host-http11", http(host_header=None, host_headers=0, http_version="HTTP/1.1"),
+     ("deny", "bad_request", 400), "without a Host header"),
+    ("no-host-http10", http(host_header=None, host_headers=0, http_version="HTTP/1.0"),
+     ("allow", "rule", None), None),
+    ("no-host-http2", http(host_header=None, host_headers=0, http_version="HTTP/2.0",
+                           target_authority="public.test"), ("allow", "rule", None), None),
+    # Port 0 named explicitly is no destination (mitmproxy reads `:0` in a target as the default port).
+    ("target-port-zero", http(target_authority="public.test:0"), ("deny", "bad_request", 400), "port 0"),
+    ("host-port-zero", http(host_header="public.test:000"), ("deny", "bad_request", 400), "port 0"),
+    ("head-too-large", http(problem="the header fields are larger than 65536 bytes", problem_status=431),
+     ("deny", "bad_request", 431), "65536"),
+    ("target-too-long", http(problem="the request target is longer than 8192 bytes", problem_status=414),
+     ("deny", "bad_request", 414), "8192"),
+    # A CONNECT target as received: ASCII digits, brackets around IPv6 only, naming what was read.
+    ("connect-plain", connect(target_authority="public.test:443"), ("allow", "rule", None), None),
+    ("connect-spelling", connect(target_authority="PUBLIC.test.:0443"), ("allow", "rule", None), None),
+    ("connect-fullwidth-port", connect(port=80, target_authority="public.test:\uff18\uff10"),
+     ("deny", "bad_request", 400), "ASCII digits"),
+    ("connect-arabic-indic-port", connect(target_authority="public.test:\u0664\u0664\u0663"),
+     ("deny", "bad_request", 400), "ASCII digits"),
+    ("connect-bracketed-name", connect(target_authority="[public.test]:443"), ("deny", "bad_request", 400),
+     "IPv6"),
+    ("connect-bracketed-v4", connect("8.8.8.8", target_authority="[8.8.8.8]:443"),
+     ("deny", "bad_request", 400), "IPv6"),
+    ("connect-other-host", connect(target_authority="evil.test:443"), ("deny", "bad_request", 400),
+     "not the host read"),
     ("two-host-headers", http(host_headers=2), ("deny", "bad_request", 400), "more than one Host header"),
     ("target-differs", http(target_authority="evil.test"), ("deny", "host_mismatch", 403), "target"),
     ("target-agrees", http(target_authority="public.test:80"), ("allow", "rule", None), None),
@@ -592,6 +619,17 @@ def test_denied_outcomes_leave_no_pin(pol: Policy) -> None:
     ):
         assert not decide(p, inc).passes
     assert len(p.pins) == 0
+
+
+@pytest.mark.parametrize(("version", "want"), [("HTTP/1.1", ("deny", "bad_request", 400)),
+                                                ("HTTP/1.0", ("allow", "rule", None))])
+def test_inside_a_tunnel_a_request_without_host(
+    pol: Policy, version: str, want: tuple[str, str, int | None]
+) -> None:
+    p, _, _ = pipeline(pol)
+    tunnel = decide(p, connect("insp.test"))
+    o = decide(p, inner(tunnel, host_header=None, host_headers=0, http_version=version))
+    assert (o.action.value, o.reason.value, o.status) == want
 
 
 # -- task credentials ------------------------------------------------------------------------------

@@ -59,12 +59,15 @@ async def test_clicking_allow_releases_the_held_request(make_service, admin_serv
 
     assert await page.locator("#approver").inner_text() == "browser-user"  # the login names the approver
     assert await row.locator("input[name=by]").count() == 0  # nobody types a name to be recorded
+    await row.locator("input[name=reason]").fill("needed for the upload")
     await row.locator("button[value='allow:once']").click()
     await page.locator("p.msg").wait_for()
     assert "Allowed (once)" in await page.locator("p.msg").inner_text()
     out = await asyncio.wait_for(held, 10)
     assert (out.allowed, out.reason, out.approval_id) == (True, Reason.APPROVED, approval.id)
-    assert (await svc.store.get(approval.id)).decided_by == "browser-user"
+    decided = await svc.store.get(approval.id)
+    # `by` is the logged-in principal, never a form field.
+    assert (decided.decided_by, decided.reason) == ("browser-user", "needed for the upload")
     assert "Nothing is waiting" in await page.locator("#pending").inner_text()
     await page.screenshot(path=str(tmp_path / "approved.png"))
 
