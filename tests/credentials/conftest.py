@@ -1,14 +1,27 @@
-"""Fixtures for the credentials tests: a real redis-server on a free loopback port, and a clock."""
+"""Fixtures for the credentials tests: a real redis-server on a free loopback port, a clock, and a real
+loopback admin server (the credentials API over a CredentialService on SQLite)."""
 
 from __future__ import annotations
 
+import io
 import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
+import httpx
 import pytest
+from aiohttp import web
+
+from addons.approvals.auth import Principals
+from addons.config.models import ApproverConfig, CredentialsConfig
+from addons.credentials import api
+from addons.credentials.service import CredentialService
+from addons.credentials.stores import SqliteCredentialStore
+from addons.telemetry.events import Telemetry
 
 
 class Clock:
@@ -42,9 +55,23 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         pytest.skip("redis-server missing: apt-get install -y redis-server (./dev test installs it)")
     port = free_port()
     folder = tmp_path_factory.mktemp("redis")
-    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--dir", str(folder)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(folder),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     import redis
 
     client = redis.Redis(port=port)
@@ -78,3 +105,48 @@ def redis_url(redis_server: str) -> str:
     with redis.Redis.from_url(redis_server) as r:
         r.flushall()
     return redis_server
+
+
+TOKEN = "cred-api-admin-token-0123456789"
+ALICE = "alice-approver-token-0123456789"
+BOSS = "boss-admin-token-0123456789"
+PROXY_URL = "http://portcullis.internal:3128"
+
+
+@dataclass
+class Admin:
+    url: str
+    client: httpx.AsyncClient
+    svc: CredentialService
+    stream: io.StringIO
+
+
+@pytest.fixture
+async def admin(tmp_path: Path, clock: Clock) -> AsyncIterator[Admin]:
+    stream = io.StringIO()
+    svc = CredentialService(
+        CredentialsConfig(default_ttl=3600, max_ttl=86400),
+        lambda: SqliteCredentialStore(tmp_path / "state" / "approvals.db"),
+        Telemetry(stream=stream),
+        profiles=lambda: frozenset({"frontend"}),
+        reserved_users=frozenset({"ci-user"}),
+        clock=clock,
+        sweep_interval=3600,
+    )
+    await svc.start()
+    approvers = [
+        ApproverConfig(name="alice", token_env="ALICE_T"),
+        ApproverConfig(name="boss", token_env="BOSS_T", role="admin"),
+    ]
+    app = web.Application()
+    api.add_routes(app, svc, Principals(TOKEN, approvers, {"ALICE_T": ALICE, "BOSS_T": BOSS}), PROXY_URL)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    base = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    async with httpx.AsyncClient(
+        base_url=base, headers={"Authorization": f"Bearer {TOKEN}"}, trust_env=False
+    ) as client:
+        yield Admin(base, client, svc, stream)
+    await runner.cleanup()
+    await svc.stop()

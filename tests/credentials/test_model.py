@@ -16,9 +16,14 @@ SECRET = "s3cret-AbCdEfGhIjKlMnOpQrStUvWxYz0123456789_-"
 
 def cred(**kw: object) -> Credential:
     base: dict[str, object] = {
-        "task_id": "build-1", "profile": "frontend", "labels": (("repo", "web"), ("team", "ui")),
-        "secret_hash": hash_secret(SECRET), "created_at": 100.0, "expires_at": 200.0,
-        "revoked_at": None, "minted_by": "admin",
+        "task_id": "build-1",
+        "profile": "frontend",
+        "labels": (("repo", "web"), ("team", "ui")),
+        "secret_hash": hash_secret(SECRET),
+        "created_at": 100.0,
+        "expires_at": 200.0,
+        "revoked_at": None,
+        "minted_by": "admin",
     }
     return Credential(**(base | kw))  # type: ignore[arg-type]
 
@@ -58,8 +63,13 @@ def test_public_never_shows_the_hash_and_says_the_state():
     c = cred(revoked_at=150.0)
     doc = c.public(160.0)
     assert doc == {
-        "task_id": "build-1", "profile": "frontend", "labels": {"repo": "web", "team": "ui"},
-        "state": "revoked", "created_at": 100.0, "expires_at": 200.0, "revoked_at": 150.0,
+        "task_id": "build-1",
+        "profile": "frontend",
+        "labels": {"repo": "web", "team": "ui"},
+        "state": "revoked",
+        "created_at": 100.0,
+        "expires_at": 200.0,
+        "revoked_at": 150.0,
         "minted_by": "admin",
     }
     text = json.dumps(doc)

@@ -56,13 +56,24 @@ async def make(tmp_path: Path, clock: Clock) -> AsyncIterator[Factory]:
     """`await make(bus=..., leader=..., sweep_interval=...)` -> a started Proc on tmp_path's SQLite file."""
     started: list[CredentialService] = []
 
-    async def factory(*, bus: Bus | None = None, leader: bool = True, sweep_interval: float = 3600.0,
-                      open_store: Callable[[], Any] | None = None) -> Proc:
+    async def factory(
+        *,
+        bus: Bus | None = None,
+        leader: bool = True,
+        sweep_interval: float = 3600.0,
+        open_store: Callable[[], Any] | None = None,
+    ) -> Proc:
         stream = io.StringIO()
         svc = CredentialService(
-            CONFIG, open_store or (lambda: SqliteCredentialStore(tmp_path / "state" / "approvals.db")),
-            Telemetry(stream=stream), profiles=lambda: PROFILES, reserved_users=RESERVED, bus=bus,
-            leader=leader, clock=clock, sweep_interval=sweep_interval,
+            CONFIG,
+            open_store or (lambda: SqliteCredentialStore(tmp_path / "state" / "approvals.db")),
+            Telemetry(stream=stream),
+            profiles=lambda: PROFILES,
+            reserved_users=RESERVED,
+            bus=bus,
+            leader=leader,
+            clock=clock,
+            sweep_interval=sweep_interval,
         )
         await svc.start()
         started.append(svc)
@@ -152,7 +163,11 @@ async def test_mint_accepts_the_edges(make, clock, change):
     m = await p.svc.mint(args["task_id"], args["profile"], args["ttl"], args["labels"], args["by"])
     c = m.credential
     assert (c.task_id, c.profile, dict(c.labels), c.minted_by) == (
-        args["task_id"], args["profile"], args["labels"], args["by"])
+        args["task_id"],
+        args["profile"],
+        args["labels"],
+        args["by"],
+    )
     assert c.created_at == clock.now and c.expires_at == clock.now + (args["ttl"] or CONFIG.default_ttl)
     assert await p.svc.store.get(c.task_id) == c and p.minted() == 1
 
@@ -394,9 +409,13 @@ async def test_still_valid(make, clock):
 
 
 def test_knows():
-    svc = CredentialService(CONFIG, lambda: SqliteCredentialStore(Path("/nonexistent/never-opened.db")),
-                            Telemetry(stream=io.StringIO()), profiles=lambda: PROFILES,
-                            reserved_users=RESERVED)
+    svc = CredentialService(
+        CONFIG,
+        lambda: SqliteCredentialStore(Path("/nonexistent/never-opened.db")),
+        Telemetry(stream=io.StringIO()),
+        profiles=lambda: PROFILES,
+        reserved_users=RESERVED,
+    )
     assert svc.knows("build-1") and svc.knows("a" * 64)
     assert not svc.knows("ci-user")  # the config's proxy_auth user: checked by ProxyAuth, not here
     assert not svc.knows("a" * 65) and not svc.knows("a:b") and not svc.knows("")

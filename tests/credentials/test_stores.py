@@ -20,9 +20,14 @@ KEEP = 50.0
 
 def cred(task: str = "t1", **kw: object) -> Credential:
     base: dict[str, object] = {
-        "task_id": task, "profile": "frontend", "labels": (("repo", "web"),),
-        "secret_hash": hash_secret("secret-" + task), "created_at": 100.0, "expires_at": 200.0,
-        "revoked_at": None, "minted_by": "admin",
+        "task_id": task,
+        "profile": "frontend",
+        "labels": (("repo", "web"),),
+        "secret_hash": hash_secret("secret-" + task),
+        "created_at": 100.0,
+        "expires_at": 200.0,
+        "revoked_at": None,
+        "minted_by": "admin",
     }
     return Credential(**(base | kw))  # type: ignore[arg-type]
 
@@ -79,15 +84,24 @@ async def test_insert_refuses_a_live_duplicate_and_keeps_the_first(store):
 )
 async def test_insert_replaces_an_ended_credential(store, first, now):
     assert await store.insert(first, now=100.0)
-    again = cred(secret_hash=hash_secret("new"), created_at=now, expires_at=now + 100, minted_by=None,
-                 profile=None, labels=())
+    again = cred(
+        secret_hash=hash_secret("new"),
+        created_at=now,
+        expires_at=now + 100,
+        minted_by=None,
+        profile=None,
+        labels=(),
+    )
     assert await store.insert(again, now=now) is True
     assert await store.get("t1") == again
 
 
 async def test_all_lists_every_credential_in_minting_order(store):
-    cs = [cred("c", created_at=130.0), cred("a", created_at=110.0), cred("b", created_at=120.0,
-                                                                             revoked_at=125.0)]
+    cs = [
+        cred("c", created_at=130.0),
+        cred("a", created_at=110.0),
+        cred("b", created_at=120.0, revoked_at=125.0),
+    ]
     for c in cs:
         assert await store.insert(c, now=100.0)
     assert [c.task_id for c in await store.all()] == ["a", "b", "c"]
@@ -124,8 +138,13 @@ async def test_revoke_only_a_live_credential(store):
     ids=["none", "two", "odd-characters", "sixteen-long", "json-characters"],
 )
 async def test_labels_profile_and_minter_round_trip(store, labels, profile, minted_by):
-    c = cred(labels=labels, profile=profile, minted_by=minted_by, created_at=1712345678.123456,
-             expires_at=1712345678.123456 + 28800.000001)
+    c = cred(
+        labels=labels,
+        profile=profile,
+        minted_by=minted_by,
+        created_at=1712345678.123456,
+        expires_at=1712345678.123456 + 28800.000001,
+    )
     assert await store.insert(c, now=1712345678.2)
     assert await store.get("t1") == c
     assert await store.all() == [c]
@@ -203,8 +222,9 @@ async def test_a_sweep_never_deletes_or_marks_a_credential_minted_while_it_runs(
     names = [f"t{i:03d}" for i in range(120)]
     for i, n in enumerate(names):
         await a.insert(cred(n, created_at=100.0 + i, expires_at=200.0 + i), now=100.0)
-    fresh = {n: cred(n, created_at=5_000.0, expires_at=6_000.0, secret_hash=hash_secret("new" + n))
-             for n in names}
+    fresh = {
+        n: cred(n, created_at=5_000.0, expires_at=6_000.0, secret_hash=hash_secret("new" + n)) for n in names
+    }
 
     async def mint_all() -> None:
         for n in reversed(names):  # from the other end of the sweep's order, so that they cross
@@ -263,8 +283,10 @@ async def test_redis_ignores_a_hash_that_is_not_a_whole_credential(redis_url):
     try:
         await s.insert(cred("ok", expires_at=5_000.0), now=100.0)
         await r.hset(RedisCredentialStore.PREFIX + "half", mapping={"expiry_seen": "1"})
-        await r.hset(RedisCredentialStore.PREFIX + "junk", mapping={"task_id": "junk", "labels": "{not json",
-                                                                    "expires_at": "x"})
+        await r.hset(
+            RedisCredentialStore.PREFIX + "junk",
+            mapping={"task_id": "junk", "labels": "{not json", "expires_at": "x"},
+        )
         assert await s.get("half") is None and await s.get("junk") is None
         assert [c.task_id for c in await s.all()] == ["ok"]
         assert await s.sweep(now=200.0, keep_s=KEEP) == []
