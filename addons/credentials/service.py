@@ -86,6 +86,8 @@ class CredentialService:
         self._forgotten = 0  # counts invalidations: a read that overlapped one is not cached
         self._refreshing: set[str] = set()
         self._sweeper: asyncio.Task[None] | None = None
+        self._counting: asyncio.Task[None] | None = None  # the live gauge's count, one at a time
+        self._count_again = False
         self.bus.subscribe(self._on_message)
 
     @property
@@ -104,6 +106,9 @@ class CredentialService:
         if self._sweeper is not None:
             self._sweeper.cancel()
             await asyncio.gather(self._sweeper, return_exceptions=True)
+        if self._counting is not None:
+            self._counting.cancel()
+            await asyncio.gather(self._counting, return_exceptions=True)
         if self._store is not None:
             await self._store.close()
             self._store = None
@@ -246,22 +251,31 @@ class CredentialService:
         for c in await self.store.sweep(self.clock(), KEEP_ENDED_S):
             self.telemetry.metrics.credentials.labels("expired").inc()
             self._event("credential.expired", c, None)
-        self._gauge_now(await self.store.all())
+        await self._count_live()
 
     def _gauge(self) -> None:
-        if self.leader:
-            spawn(self._refresh_gauge(), "credentials gauge")
+        """Count the live credentials again, soon: a burst of mints or messages costs one count in
+        progress and one more after it, never one per mint."""
+        if not self.leader:
+            return
+        if self._counting is not None and not self._counting.done():
+            self._count_again = True
+            return
+        self._counting = spawn(self._refresh_gauge(), "credentials gauge")
 
     async def _refresh_gauge(self) -> None:
-        try:
-            self._gauge_now(await self.store.all())
-        except Exception:  # noqa: BLE001
-            log.exception("could not count credentials")
+        while True:
+            self._count_again = False
+            try:
+                await self._count_live()
+            except Exception:  # noqa: BLE001
+                log.exception("could not count credentials")
+            if not self._count_again:
+                return
 
-    def _gauge_now(self, creds: list[Credential]) -> None:
+    async def _count_live(self) -> None:
         if self.leader:
-            now = self.clock()
-            self.telemetry.metrics.credentials_live.set(sum(c.state(now) is State.LIVE for c in creds))
+            self.telemetry.metrics.credentials_live.set(await self.store.count_live(self.clock()))
 
     def _event(self, name: str, c: Credential, by: str | None) -> None:
         self.telemetry.emit(

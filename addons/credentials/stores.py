@@ -105,6 +105,12 @@ class SqliteCredentialStore:
         )
         return sorted((_row(r) for r in rows), key=lambda c: c.created_at)
 
+    async def count_live(self, now: float) -> int:
+        row = self._db.execute(
+            "SELECT COUNT(*) FROM credentials WHERE revoked_at IS NULL AND expires_at > ?", (now,)
+        ).fetchone()
+        return int(row[0])
+
     async def close(self) -> None:
         self._db.close()
 
@@ -200,6 +206,16 @@ class RedisCredentialStore:
     return found
     """
 
+    _COUNT = """
+    local n = 0
+    for _, key in ipairs(KEYS) do
+        local cur = redis.call('HMGET', key, 'revoked_at', 'expires_at')
+        local exp = tonumber(cur[2])
+        if exp and (not cur[1] or cur[1] == '') and exp > tonumber(ARGV[1]) then n = n + 1 end
+    end
+    return n
+    """
+
     async def insert(self, c: Credential, now: float) -> bool:
         flat = [x for kv in self._encode(c).items() for x in kv]
         return bool(await self._r.eval(self._INSERT, 1, self.PREFIX + c.task_id, repr(now), *flat))
@@ -228,6 +244,14 @@ class RedisCredentialStore:
             if c is not None:
                 found[c.task_id] = c  # SCAN may return a key twice; the script reports it once anyway
         return sorted(found.values(), key=lambda c: c.created_at)
+
+    async def count_live(self, now: float) -> int:
+        keys = sorted({k async for k in self._r.scan_iter(match=self.PREFIX + "*", count=500)})
+        n = 0
+        for i in range(0, len(keys), 500):  # one script per 500 keys: a round trip each, not one per key
+            batch = keys[i : i + 500]
+            n += int(await self._r.eval(self._COUNT, len(batch), *batch, repr(now)))
+        return n
 
     async def close(self) -> None:
         await self._r.aclose()

@@ -489,3 +489,16 @@ async def test_the_cache_keeps_live_credentials_and_drops_ended_ones_past_its_bo
     assert sorted(p.svc._cache) == ["live", "new"]  # noqa: SLF001 - the bound is the point
     assert p.svc.still_valid("live") and p.svc.still_valid("new")
     assert (await p.svc.verify("old0", old[0].secret))[0] is Check.EXPIRED  # read again: still refused
+
+
+async def test_a_burst_of_mints_counts_the_live_credentials_once_at_a_time(make):
+    """Each mint asks for the live gauge again; a burst must not queue one full count per mint (each
+    reads the whole store, on the leader's event loop)."""
+    p = await make()
+    for i in range(50):
+        await p.svc.mint(f"t{i}", None, 600, {}, "admin")  # SQLite: no await yields in between
+    counting = [t for t in asyncio.all_tasks() if t.get_name() == "credentials gauge" and not t.done()]
+    assert len(counting) <= 1
+    await until(lambda: p.metric("portcullis_credentials_live") == 50)
+    await p.svc.revoke("t0", "admin")
+    await until(lambda: p.metric("portcullis_credentials_live") == 49)

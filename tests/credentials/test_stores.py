@@ -150,6 +150,19 @@ async def test_labels_profile_and_minter_round_trip(store, labels, profile, mint
     assert await store.all() == [c]
 
 
+async def test_count_live(opener):
+    a, b = opener(), opener()
+    assert await a.count_live(100.0) == 0
+    for i in range(600):  # more than one batch of keys in Redis
+        await a.insert(cred(f"t{i}", created_at=100.0, expires_at=200.0 + (i % 3) * 100), now=100.0)
+    await a.revoke("t0", now=150.0)
+    await a.revoke("t2", now=150.0)
+    assert await b.count_live(150.0) == 598
+    assert await b.count_live(200.0) == 399  # t0, t3, t6 ... expired at 200 (t0 revoked before)
+    assert await b.count_live(300.0) == 199
+    assert await b.count_live(400.0) == 0
+
+
 async def test_sweep_reports_each_expiry_once_on_every_process(opener):
     a, b = opener(), opener()
     await a.insert(cred("x", expires_at=200.0), now=100.0)
