@@ -22,9 +22,11 @@ from a private /etc/hosts in a mount namespace of our own, so every proxy resolv
   mitmdump         bare mitmdump (its default addons)
   squid            squid, one worker, no cache, no access log
 The proxies of one workload run back to back (ABBA order over rounds); the report gives req/s and p50
-(median of rounds) and the ratios cred/anon, cred/mitmdump, cred/squid (median of the ratios within
-a round). What a credential adds to one request is the in-process parse_basic + verify warm: a few
-microseconds against a request of milliseconds, below what the end-to-end cells can resolve here.
+(median of rounds), the CPU the proxy's processes used per request (user + system, all its processes:
+far less sensitive than req/s to what else runs on the machine), the ratios cred/anon, cred/mitmdump,
+cred/squid and the CPU difference cred - anon (medians of the values within a round). What a
+credential adds to one request is, in process, parse_basic + verify warm: a few microseconds against a
+request of milliseconds; end to end, the CPU difference is the figure to read, req/s is noise here.
 
 Needs (e2e): nginx, squid, wrk, openssl (Debian: nginx-light squid wrk openssl), root (unshare -m).
 """
@@ -259,13 +261,40 @@ def run_wrk(
         raise RuntimeError(f"wrk printed no rate: {out[-300:]!r}")
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     errors = re.search(r"Socket errors: (.*)", out)
+    n = re.search(r"(\d+) requests in", out)
     return {
+        "requests": float(n.group(1)) if n else float("nan"),
         "rps": float(m.group(1)),
         "p50_ms": _latency(out, "50%"),
         "p99_ms": _latency(out, "99%"),
         "bad": float(non2xx.group(1)) if non2xx else 0.0,
         "errors": 1.0 if errors else 0.0,
     }
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process and all its descendants (Portcullis may run workers)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    stats: dict[int, tuple[int, float]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        stats[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+    tree, total = {pid}, 0.0
+    grown = True
+    while grown:
+        grown = False
+        for p, (ppid, _) in stats.items():
+            if ppid in tree and p not in tree:
+                tree.add(p)
+                grown = True
+    for p in tree:
+        total += stats.get(p, (0, 0.0))[1]
+    return total
 
 
 def _latency(out: str, q: str) -> float:
@@ -312,10 +341,14 @@ def e2e(rounds: int, seconds: float, proxies: list[str], workloads: list[str]) -
                             procs.append(start_squid(cell, port, http_port, tls_port))
                         wait_answers(port, http_port, auth)
                         run_wrk(port, http_port, 1.0, wl == "http-close", auth, d)  # warm-up
+                        cpu0 = cpu_seconds(procs[0].pid)
                         r = dict(run_wrk(port, http_port, seconds, wl == "http-close", auth, d))
+                        # CPU per request: far less sensitive than req/s to what else runs on the machine
+                        r["cpu_us"] = (cpu_seconds(procs[0].pid) - cpu0) / float(r["requests"]) * 1e6
                     except Exception as e:  # noqa: BLE001 - a failed cell is reported, not fatal
                         r = {
                             "rps": float("nan"),
+                            "cpu_us": float("nan"),
                             "p50_ms": float("nan"),
                             "p99_ms": float("nan"),
                             "bad": 0.0,
@@ -355,10 +388,10 @@ def report_inproc(out: dict[str, dict[str, float]]) -> None:
 def report_e2e(
     results: list[dict[str, object]], workloads: list[str], proxies: list[str], args: argparse.Namespace
 ) -> None:
-    def cell(proxy: str, wl: str, rnd: int) -> float:
+    def cell(proxy: str, wl: str, rnd: int, key: str = "rps") -> float:
         for r in results:
             if (r["proxy"], r["workload"], r["round"]) == (proxy, wl, rnd):
-                return float(r["rps"])  # type: ignore[arg-type]
+                return float(r.get(key, float("nan")))  # type: ignore[arg-type]
         return float("nan")
 
     def med(proxy: str, wl: str, key: str) -> float:
@@ -376,20 +409,39 @@ def report_e2e(
         ]
         return statistics.median(ratios) if ratios else float("nan")
 
+    def extra_cpu(wl: str) -> float:
+        """The median over rounds of cred - anon CPU µs per request, measured in the same round."""
+        d = [
+            x - y
+            for rnd in range(args.rounds)
+            if (x := cell("portcullis-cred", wl, rnd, "cpu_us")) == x
+            and (y := cell("portcullis-anon", wl, rnd, "cpu_us")) == y
+        ]
+        return statistics.median(d) if d else float("nan")
+
     print(
         f"\n## End to end ({args.rounds} interleaved rounds x {args.seconds:g}s per cell; req/s and p50: "
         "median of rounds; ratios: median of the ratios within each round)\n"
     )
     print(
         "| workload | "
-        + " | ".join(f"{p} req/s (p50 ms)" for p in proxies)
-        + " | cred/anon | cred/mitmdump | cred/squid |"
+        + " | ".join(f"{p} req/s (p50 ms) CPU µs/req" for p in proxies)
+        + " | cred/anon | cred/mitmdump | cred/squid | cred - anon CPU µs/req |"
     )
-    print("|---|" + "---|" * (len(proxies) + 3))
+    print("|---|" + "---|" * (len(proxies) + 4))
     for wl in workloads:
-        cells = [f"{med(p, wl, 'rps'):,.0f} ({med(p, wl, 'p50_ms'):.2f})" for p in proxies]
+        cells = [
+            f"{med(p, wl, 'rps'):,.0f} ({med(p, wl, 'p50_ms'):.2f}) {med(p, wl, 'cpu_us'):,.0f}"
+            for p in proxies
+        ]
         ratios = [paired("portcullis-cred", other, wl) for other in ("portcullis-anon", "mitmdump", "squid")]
-        print(f"| {wl} | " + " | ".join(cells) + " | " + " | ".join(_fmt(x) for x in ratios) + " |")
+        print(
+            f"| {wl} | "
+            + " | ".join(cells)
+            + " | "
+            + " | ".join(_fmt(x) for x in ratios)
+            + f" | {extra_cpu(wl):,.0f} |"
+        )
     bad = [r for r in results if r.get("failure") or float(r.get("bad", 0)) > 0]  # type: ignore[arg-type]
     if bad:
         print(f"\n{len(bad)} cell(s) had failures or non-2xx answers:")
