@@ -69,7 +69,8 @@ def approval_json(a: Approval, service: ApprovalService) -> dict[str, Any]:
     return {
         "id": a.id, "state": a.state.value, "client": a.client_address, "client_name": a.client_name,
         "host": a.host, "port": a.port, "scheme": a.scheme, "method": a.method, "path": a.path,
-        "rule": a.rule, "created_at": rfc3339(a.created_at), "expires_at": rfc3339(a.expires_at),
+        "rule": a.rule, "credential": a.credential,
+        "created_at": rfc3339(a.created_at), "expires_at": rfc3339(a.expires_at),
         "decision": _value(a.decision), "scope": _value(a.scope), "by": a.decided_by, "reason": a.reason,
         "decided_at": rfc3339(a.decided_at) if a.decided_at else None, "waiters": service.waiters(a),
     }

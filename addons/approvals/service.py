@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from addons.approvals.errors import ApprovalError
 from addons.approvals.ledger import Ledger
 from addons.approvals.links import Links
-from addons.approvals.model import Approval, Choice, Scope, Store
+from addons.approvals.model import Approval, Choice, DecideError, Scope, Store
 from addons.approvals.notify import Notifier, endpoints
 from addons.approvals.persist import Persister
 from addons.approvals.stores import open_store
@@ -289,6 +289,9 @@ class ApprovalService:
         async with self._decide_lock:
             now = self.clock()
             a = self.ledger.check(approval_id, now)
+            if scope is Scope.ALWAYS and a.credential is not None:
+                raise DecideError(422, "credential_scope", f"approval {a.id} is about the first use of "
+                                  f"credential {a.credential!r} in a task: decide it once or for the session")
             if scope is Scope.ALWAYS:  # the rule first: if it cannot be written, nothing is decided
                 await self.persister.write(a, choice, by, reason, now)
             decided = self.ledger.decide(a, choice, scope, by, reason, now, held=self.waiters(a))

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
+from addons.pipeline import inject
 from addons.pipeline.dns import Lookup, Pin, PinStore, ResolveError, resolve
 from addons.pipeline.identity import ProxyAuth, TaskCredentials, parse_basic
 from addons.pipeline.model import Incoming, Outcome, deny_status, refusal
@@ -132,6 +133,11 @@ class Pipeline:
             return refusal(req, problem[0], problem[1], name)
         if not self.healthy():  # events cannot be written: decide nothing that would go unrecorded
             return refusal(req, Reason.INTERNAL_ERROR, "the event log cannot be written", name)
+        # 2b. A placeholder or secret where its credential is not applied: refused before any rule or DNS.
+        creds = inject.plan(policy, inc, req)
+        if creds.leak is not None:
+            leak = refusal(req, Reason.CREDENTIAL_LEAK, creds.detail, name)
+            return replace(leak, credential=creds.leak.name)
         # 3 and 4. The policy, with the checked DNS answers.
         decision, pin, unresolvable = await self._judge(policy, req, groups)
         outcome = self._outcome(req, decision, pin, time.monotonic() - t0)
@@ -143,6 +149,8 @@ class Pipeline:
             outcome = replace(outcome, status=502, detail=unresolvable)  # allowed, but nowhere to connect
         if self.audit and not outcome.passes and outcome.status == 403 and outcome.reason in AUDITED:
             outcome = replace(outcome, enforced=False, status=None)
+        if creds.credential is not None:  # only ever onto a request that passes
+            outcome = await inject.apply(outcome, creds.credential, self.approvals, self.audit, client_alive)
         if outcome.passes and pin is not None:
             self.pins.put(client.conn_id, pin)
         return outcome

@@ -57,6 +57,7 @@ def test_payload_and_event_fields_carry_the_approval_and_no_more():
     assert body == {"type": "approval.requested", "id": AID, "client": "ci", "task_id": None,
                     "host": "unknown.example",
                     "port": 443, "scheme": "https", "method": "GET", "path": "/p", "rule": "ask",
+                    "credential": None,
                     "created_at": "2023-11-14T22:13:20Z", "expires_at": "2023-11-14T22:15:20Z",
                     "decide_url": f"http://127.0.0.1:9090/approvals/{AID}"}
     assert event_fields(a)["client.address"] == "10.0.0.5" and event_fields(a)["destination.port"] == 443

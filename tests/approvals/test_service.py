@@ -24,9 +24,10 @@ ONCE, SESSION, ALWAYS = Scope.ONCE, Scope.SESSION, Scope.ALWAYS
 
 WEBHOOK_SCHEMA = json.loads((Path(__file__).parents[2] / "addons/approvals/webhook.schema.json").read_text())
 
-# The contract's keys, plus task_id (the agent task that asked: null without a task credential).
+# The contract's keys, plus task_id (the agent task that asked: null without a task credential) and
+# credential (the credential whose first use is asked about: null for a destination).
 SPEC_PAYLOAD_KEYS = {"type", "id", "client", "task_id", "host", "port", "scheme", "method", "path", "rule",
-                     "created_at", "expires_at", "decide_url"}
+                     "credential", "created_at", "expires_at", "decide_url"}
 
 
 def gauge(svc, name="portcullis_approvals_pending", **labels):
