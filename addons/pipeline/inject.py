@@ -110,7 +110,8 @@ def plan(policy: Policy, inc: Incoming, req: Request) -> Plan:
     applied, why = candidates(policy, inc, req)
     leak = creds.leaked(_texts(inc), skip=applied.name if applied is not None else None)
     if leak is not None:
-        reason = why.get(leak.name) or f"it is bound to {', '.join(sorted(leak.hosts))} only"
+        bound = ", ".join(f"https://{h}:{p}" for h in sorted(leak.hosts) for p in sorted(leak.ports))
+        reason = why.get(leak.name) or f"it is bound to {bound} only"
         return Plan(None, leak, f"the request carries the placeholder or secret of credential "
                                 f"{leak.name!r}, which is not applied to it ({reason})")
     return Plan(applied)

@@ -181,8 +181,9 @@ def compile_needles(
 ) -> tuple[re.Pattern[str], re.Pattern[bytes], int]:
     """One pattern over text, one over bytes (longest needle first), and the longest needle's length."""
     found = needles(secret, placeholders)
-    text = re.compile("|".join(re.escape(n) for n in found))
-    data = re.compile(b"|".join(re.escape(n.encode()) for n in found))
+    # Case-insensitive: a host name (DNS exfiltration) or a header a client case-folds still matches.
+    text = re.compile("|".join(re.escape(n) for n in found), re.IGNORECASE)
+    data = re.compile(b"|".join(re.escape(n.encode()) for n in found), re.IGNORECASE)
     return text, data, max(len(n.encode()) for n in found)
 
 
