@@ -27,8 +27,10 @@ RULES = [
     {"name": "no-secret-repo", "action": "deny", "hosts": ["api.public.test"], "paths": ["/repos/secret/*"]},
     {"name": "ask", "action": "approval", "hosts": ["ask.public.test"]},
 ]
+BASIC_PH = "Basic " + base64.b64encode(f"u:{PH}".encode()).decode()
 TASK = Client("10.9.0.1", 40000, "t-1", "c1", task_id="t-1", profile="release")
-OTHER_TASK = Client("10.9.0.1", 40000, "t-2", "c1", task_id="t-2", profile="docs")
+OTHER_BASIC_PH = "Basic " + base64.b64encode(f"u:{PH}".encode()).decode()
+TASK = Client("10.9.0.1", 40000, "t-2", "c1", task_id="t-2", profile="docs")
 ANON = Client("10.9.0.1", 40000, None, "c1")
 
 
@@ -139,8 +141,7 @@ async def test_audit_mode_never_injects_into_what_it_only_records(tmp_path: Path
         ("another header", {"headers": (("X-Note", f"use {SECRET}"),)}),
         ("the query", {"target": f"/x?token={PH}"}),
         ("the query, %-encoded", {"target": "/x?token=portcullis%2Dcredential%2Dgh"}),
-        ("Basic auth", {"headers": (("Authorization", "Basic " + base64.b64encode(f"u:{PH}".encode()).decode()),
-                                    )}),
+        ("Basic auth", {"headers": (("Authorization", BASIC_PH),)}),
         ("the path", {"path": f"/{SECRET}/x", "target": f"/{SECRET}/x"}),
     ],
 )
@@ -150,7 +151,7 @@ async def test_a_needle_sent_to_another_allowed_host_is_refused(pol: Policy, whe
     t = await p.decide(connect("www.public.test"), client=TASK)
     kw.setdefault("path", "/x")
     o = await p.decide(req(t, **kw), client=TASK)
-    assert (o.action, o.reason, o.credential, o.status) == (Action.DENY, Reason.CREDENTIAL_LEAK, "gh", 403), where
+    assert (o.action, o.reason, o.credential, o.status) == (Action.DENY, Reason.CREDENTIAL_LEAK, "gh", 403)
     assert o.detail and "credential 'gh'" in o.detail
     assert "bound to https://api.public.test:443 only" in o.detail
     assert SECRET not in (o.detail or "")
