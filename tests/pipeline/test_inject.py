@@ -29,8 +29,7 @@ RULES = [
 ]
 BASIC_PH = "Basic " + base64.b64encode(f"u:{PH}".encode()).decode()
 TASK = Client("10.9.0.1", 40000, "t-1", "c1", task_id="t-1", profile="release")
-OTHER_BASIC_PH = "Basic " + base64.b64encode(f"u:{PH}".encode()).decode()
-TASK = Client("10.9.0.1", 40000, "t-2", "c1", task_id="t-2", profile="docs")
+OTHER_TASK = Client("10.9.0.1", 40000, "t-2", "c1", task_id="t-2", profile="docs")
 ANON = Client("10.9.0.1", 40000, None, "c1")
 
 
