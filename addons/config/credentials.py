@@ -220,7 +220,7 @@ def compile_credential(e: CredentialEntry, settings: Settings, base_dir: Path, e
     if not (ok and refs_ok and cond_ok) or hosts is None or apply is None or value is None:
         return None
     secret = Secret(value)
-    text_re, bytes_re, longest = compile_needles(secret, placeholders)
+    patterns = compile_needles(secret, placeholders)
     return Credential(
         name=m.name, file=e.ref_file, line=e.line, hosts=hosts, ports=frozenset(m.ports), apply=apply,
         secret=secret, source=source_text(m), methods=methods,
@@ -229,8 +229,7 @@ def compile_credential(e: CredentialEntry, settings: Settings, base_dir: Path, e
         clients=frozenset(m.clients) if m.clients is not None else None, client_users=users,
         approval=CredentialApproval(m.approval), placeholders=placeholders,
         secret_file=os.path.abspath(base_dir / m.secret.file) if m.secret.file is not None else None,
-        needle_max=longest,
-        _path_re=compile_paths(m.paths) if m.paths is not None else None, _text=text_re, _bytes=bytes_re,
+        needles=patterns, _path_re=compile_paths(m.paths) if m.paths is not None else None,
     )
 
 

@@ -136,8 +136,7 @@ class Pipeline:
         # 2b. A placeholder or secret where its credential is not applied: refused before any rule or DNS.
         creds = inject.plan(policy, inc, req)
         if creds.leak is not None:
-            leak = refusal(req, Reason.CREDENTIAL_LEAK, creds.detail, name)
-            return replace(leak, credential=creds.leak.name)
+            return inject.refusal_of(policy, req, creds, name)
         # 3 and 4. The policy, with the checked DNS answers.
         decision, pin, unresolvable = await self._judge(policy, req, groups)
         outcome = self._outcome(req, decision, pin, time.monotonic() - t0)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from typing import Protocol
 from urllib.parse import unquote
 
-from addons.pipeline.model import Incoming, Outcome
+from addons.pipeline.model import Incoming, Outcome, refusal
 from addons.policy.credentials import Credential, CredentialApproval, Injection
 from addons.policy.evaluate import Policy, normalize_path
 from addons.policy.model import Action, Layer, Reason, Request
@@ -102,6 +102,14 @@ def _texts(inc: Incoming) -> Iterator[str]:
         yield f"{name}: {value}"
 
 
+def refusal_of(policy: Policy, req: Request, p: Plan, client_name: str | None) -> Outcome:
+    """The credential_leak refusal: the host and path it reports have every needle redacted."""
+    assert p.leak is not None
+    creds = policy.credentials
+    shown = replace(req, host=creds.redact(req.host), path=creds.redact(req.path) if req.path else req.path)
+    return replace(refusal(shown, Reason.CREDENTIAL_LEAK, p.detail, client_name), credential=p.leak.name)
+
+
 def plan(policy: Policy, inc: Incoming, req: Request) -> Plan:
     """The credential this request would get, or the credential it carries without being bound."""
     creds = policy.credentials
@@ -109,6 +117,9 @@ def plan(policy: Policy, inc: Incoming, req: Request) -> Plan:
         return NO_PLAN
     applied, why = candidates(policy, inc, req)
     leak = creds.leaked(_texts(inc), skip=applied.name if applied is not None else None)
+    if leak is not None and leak is applied:
+        return Plan(None, leak, f"the request carries the secret of credential {leak.name!r} itself; an agent "
+                                "never holds it (the proxy adds it)")
     if leak is not None:
         bound = ", ".join(f"https://{h}:{p}" for h in sorted(leak.hosts) for p in sorted(leak.ports))
         reason = why.get(leak.name) or f"it is bound to {bound} only"

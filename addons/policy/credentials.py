@@ -107,10 +107,8 @@ class Credential:
     approval: CredentialApproval = CredentialApproval.NONE
     placeholders: tuple[str, ...] = ()
     secret_file: str | None = None  # the file it is read from (watched: a rotation reloads)
-    needle_max: int = 0  # the longest needle, in bytes (what a streamed body holds back)
+    needles: Needles | None = field(default=None, compare=False, repr=False)
     _path_re: re.Pattern[str] | None = field(default=None, compare=False, repr=False)
-    _text: re.Pattern[str] | None = field(default=None, compare=False, repr=False)
-    _bytes: re.Pattern[bytes] | None = field(default=None, compare=False, repr=False)
 
     def binds(self, host: str, port: int, method: str, paths: tuple[str, str]) -> bool:
         """Host, port, method and path (as sent and %-decoded: both must match) are bound."""
@@ -133,19 +131,25 @@ class Credential:
             return f"proxy user {client.user} is not in its client groups"
         return "the client is not authenticated (no task credential or proxy_auth user)"
 
-    def carried_in(self, text: str) -> bool:
-        return self._text is not None and self._text.search(text) is not None
+    def carried_in(self, text: str, secret_only: bool = False) -> bool:
+        """A placeholder or the secret (or only the secret) in `text`, in any of their forms."""
+        n = self.needles
+        return n is not None and (n.secret if secret_only else n.text).search(text) is not None
 
     def carried_in_bytes(self, data: bytes) -> bool:
-        return self._bytes is not None and self._bytes.search(data) is not None
+        return self.needles is not None and self.needles.data.search(data) is not None
 
     def spans_in(self, data: bytes) -> list[tuple[int, int]]:
         """Where its needles are in `data` (non-overlapping, in order)."""
-        return [] if self._bytes is None else [m.span() for m in self._bytes.finditer(data)]
+        return [] if self.needles is None else [m.span() for m in self.needles.data.finditer(data)]
+
+    def redact(self, text: str) -> str:
+        """`text` with every needle replaced by `[credential:<name>]` (what an event may show)."""
+        return text if self.needles is None else self.needles.text.sub(f"[credential:{self.name}]", text)
 
     @property
     def longest_needle(self) -> int:
-        return self.needle_max
+        return self.needles.longest if self.needles is not None else 0
 
 
 def base64_cores(data: bytes) -> list[bytes]:
@@ -176,15 +180,27 @@ def needles(secret: Secret, placeholders: Iterable[str]) -> list[str]:
     return sorted(set(found), key=lambda s: (-len(s), s))
 
 
-def compile_needles(
-    secret: Secret, placeholders: Sequence[str]
-) -> tuple[re.Pattern[str], re.Pattern[bytes], int]:
-    """One pattern over text, one over bytes (longest needle first), and the longest needle's length."""
+@dataclass(frozen=True, slots=True)
+class Needles:
+    """A credential's needles, compiled: over text and bytes (longest first), the secret's alone, and the
+    longest one's length (what a streamed body holds back). Case-insensitive: a host name (DNS
+    exfiltration) or a value a client case-folds still matches."""
+
+    text: re.Pattern[str]
+    data: re.Pattern[bytes]
+    secret: re.Pattern[str]
+    longest: int
+
+
+def _alternation(found: list[str]) -> re.Pattern[str]:
+    return re.compile("|".join(re.escape(n) for n in found), re.IGNORECASE)
+
+
+def compile_needles(secret: Secret, placeholders: Sequence[str]) -> Needles:
     found = needles(secret, placeholders)
-    # Case-insensitive: a host name (DNS exfiltration) or a header a client case-folds still matches.
-    text = re.compile("|".join(re.escape(n) for n in found), re.IGNORECASE)
     data = re.compile(b"|".join(re.escape(n.encode()) for n in found), re.IGNORECASE)
-    return text, data, max(len(n.encode()) for n in found)
+    return Needles(_alternation(found), data, _alternation(needles(secret, ())),
+                   max(len(n.encode()) for n in found))
 
 
 class CredentialSet:
@@ -216,12 +232,20 @@ class CredentialSet:
         return [c for c in self._by_host.get(host, ()) if c.binds(host, port, method, paths)]
 
     def leaked(self, texts: Iterable[str], skip: str | None = None) -> Credential | None:
-        """The first credential (other than `skip`, the one applied) whose needle is in a text."""
-        items = list(texts)
+        """The first credential whose needle is in a text. For `skip` (the one applied to this request)
+        only its secret counts: its placeholder may ride to where it is bound, the value never comes
+        from the agent (and a request's target is logged)."""
+        items = [t for t in texts if t]
         for c in self.creds:
-            if c.name != skip and any(c.carried_in(t) for t in items if t):
+            if any(c.carried_in(t, secret_only=c.name == skip) for t in items):
                 return c
         return None
+
+    def redact(self, text: str) -> str:
+        """Every credential's needles replaced by `[credential:<name>]`."""
+        for c in self.creds:
+            text = c.redact(text)
+        return text
 
     def body_watch(self, skip: str | None) -> tuple[Credential, ...]:
         """The credentials whose needles a request body (to which `skip` alone applies) must not carry."""

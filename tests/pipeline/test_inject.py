@@ -248,3 +248,14 @@ async def test_a_request_with_no_credentials_configured_costs_nothing(tmp_path: 
     o = await p.decide(http("public.test", target=f"/?x={PH}"))
     assert o.action is Action.ALLOW and o.credential is None and not pol.credentials
     assert lookup.calls == ["public.test"] and Layer.HTTP is o.request.layer
+
+
+async def test_the_secret_itself_is_refused_even_where_its_credential_applies(pol: Policy) -> None:
+    """An agent that somehow holds the value (an upstream echoed it) cannot send it, nor get it logged."""
+    p, _, _ = pipeline(pol)
+    t = await tunnel_to(p)
+    o = await p.decide(req(t, f"/repos/{SECRET}/x"), client=TASK)
+    assert (o.reason, o.credential) == (Reason.CREDENTIAL_LEAK, "gh") and "itself" in (o.detail or "")
+    assert o.request.path == "/repos/[credential:gh]/x"  # what the event and the answer show
+    c = await p.decide(connect(f"{SECRET}.public.test"), client=TASK)
+    assert c.request.host == "[credential:gh].public.test" and SECRET.lower() not in repr(c.request)

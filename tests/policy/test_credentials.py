@@ -30,15 +30,14 @@ PLACEHOLDER = "portcullis-credential-gh"
 
 def cred(name: str = "gh", secret: str = VALUE, placeholders: tuple[str, ...] = (PLACEHOLDER,),
          **kw: object) -> Credential:
-    text, data, longest = compile_needles(Secret(secret), placeholders)
+    patterns = compile_needles(Secret(secret), placeholders)
     paths = kw.pop("paths", None)
     base: dict[str, object] = {
         "name": name, "file": "rules/c.yaml", "line": 3, "hosts": frozenset({"api.github.com"}),
         "ports": frozenset({443}), "apply": Apply(ApplyKind.HEADER, "Authorization", "Bearer {secret}"),
-        "secret": Secret(secret), "placeholders": placeholders, "needle_max": longest,
+        "secret": Secret(secret), "placeholders": placeholders, "needles": patterns,
         "paths": tuple(paths) if paths else None,  # type: ignore[call-overload]
         "_path_re": compile_paths(paths) if paths else None,  # type: ignore[arg-type]
-        "_text": text, "_bytes": data,
     }
     base.update(kw)
     return Credential(**base)  # type: ignore[arg-type]
@@ -203,7 +202,9 @@ def test_the_set_indexes_hosts_and_ports_and_finds_leaks_but_the_applied_one() -
     assert not s.inspects("api.github.com", 8443) and not s.inspects("github.com", 443)
     assert s.bound("api.github.com", 443, "GET", ("/", "/")) == [gh]
     assert s.leaked([f"x: {VALUE}"]) is gh
-    assert s.leaked([f"x: {VALUE}"], skip="gh") is None  # the credential applied to this request
+    assert s.leaked([f"x: {PLACEHOLDER}"], skip="gh") is None  # its placeholder, where it is applied ...
+    assert s.leaked([f"x: {VALUE}"], skip="gh") is gh  # ... but never its value from the agent
+    assert s.redact(f"/a/{VALUE}/b?{PLACEHOLDER.upper()}") == "/a/[credential:gh]/b?[credential:gh]"
     assert s.leaked(["portcullis-credential-pypi"], skip="gh") is pypi
     assert s.leaked(["nothing here", ""]) is None
     assert s.body_watch("gh") == (pypi,) and s.body_watch(None) == (gh, pypi)
