@@ -49,6 +49,8 @@ class Recorder:
         return self
 
     def stop(self) -> None:
+        self._audit()
+
         async def down() -> None:
             for r in self._runners:
                 with contextlib.suppress(Exception):
@@ -60,8 +62,19 @@ class Recorder:
         self._thread.join(10)
 
     def clear(self) -> None:
+        self._audit()
         with self.lock:
             self.seen.clear()
+
+    def _audit(self) -> None:
+        """Hand what arrived to the suite's audit: every upstream request must be covered by a logged
+        decision that let it through (tests/telemetry/audit_plugin.py)."""
+        from tests.telemetry import audit_plugin
+
+        with self.lock:
+            audit_plugin.UPSTREAM_SEEN.extend(
+                {k: r[k] for k in ("server", "method", "path", "host")} for r in self.seen
+            )
 
     def requests(self, pred: Callable[[dict[str, Any]], bool] | None = None) -> list[dict[str, Any]]:
         with self.lock:
@@ -69,8 +82,13 @@ class Recorder:
 
     def with_header(self, value: str) -> list[dict[str, Any]]:
         """Every recorded request carrying `value` in any header or its body."""
-        return self.requests(lambda r: any(value in v for v in r["headers"].values())
-                             or value.encode() in r["body"] or value in r["path"])
+        return self.requests(
+            lambda r: (
+                any(value in v for v in r["headers"].values())
+                or value.encode() in r["body"]
+                or value in r["path"]
+            )
+        )
 
     # ---- servers
 
@@ -100,8 +118,14 @@ class Recorder:
 
     async def _record(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
-        entry = {"server": request.app["name"], "method": request.method, "path": request.path_qs,
-                 "host": request.headers.get("Host"), "headers": dict(request.headers), "body": body}
+        entry = {
+            "server": request.app["name"],
+            "method": request.method,
+            "path": request.path_qs,
+            "host": request.headers.get("Host"),
+            "headers": dict(request.headers),
+            "body": body,
+        }
         with self.lock:
             self.seen.append(entry)
             n = len(self.seen)
@@ -127,23 +151,45 @@ class Recorder:
 
     def _note(self, request: web.Request, name: str) -> None:
         with self.lock:
-            self.seen.append({"server": name, "method": request.method, "path": request.path_qs,
-                              "host": request.headers.get("Host"), "headers": dict(request.headers),
-                              "body": b""})
+            self.seen.append(
+                {
+                    "server": name,
+                    "method": request.method,
+                    "path": request.path_qs,
+                    "host": request.headers.get("Host"),
+                    "headers": dict(request.headers),
+                    "body": b"",
+                }
+            )
 
     async def _git(self, request: web.Request, root: Path) -> web.StreamResponse:
         if not self._authorized(request, self.git_token, "x-access-token", "git"):
             return web.Response(status=401, headers={"WWW-Authenticate": 'Basic realm="git"'})
         body = await request.read()
-        env = {"GIT_PROJECT_ROOT": str(root), "GIT_HTTP_EXPORT_ALL": "1", "PATH_INFO": request.path,
-               "QUERY_STRING": request.query_string, "REQUEST_METHOD": request.method,
-               "CONTENT_TYPE": request.headers.get("Content-Type", ""), "CONTENT_LENGTH": str(len(body)),
-               "REMOTE_USER": "agent", "REMOTE_ADDR": "127.0.0.1", "PATH": os.environ.get("PATH", ""),
-               "HTTP_GIT_PROTOCOL": request.headers.get("Git-Protocol", "")}
+        env = {
+            "GIT_PROJECT_ROOT": str(root),
+            "GIT_HTTP_EXPORT_ALL": "1",
+            "PATH_INFO": request.path,
+            "QUERY_STRING": request.query_string,
+            "REQUEST_METHOD": request.method,
+            "CONTENT_TYPE": request.headers.get("Content-Type", ""),
+            "CONTENT_LENGTH": str(len(body)),
+            "REMOTE_USER": "agent",
+            "REMOTE_ADDR": "127.0.0.1",
+            "PATH": os.environ.get("PATH", ""),
+            "HTTP_GIT_PROTOCOL": request.headers.get("Git-Protocol", ""),
+        }
         if request.headers.get("Content-Encoding"):
             env["HTTP_CONTENT_ENCODING"] = request.headers["Content-Encoding"]
-        out = await asyncio.to_thread(subprocess.run, ["git", "http-backend"], input=body, env=env,
-                                      capture_output=True, timeout=60, check=False)
+        out = await asyncio.to_thread(
+            subprocess.run,
+            ["git", "http-backend"],
+            input=body,
+            env=env,
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
         head, _, payload = out.stdout.partition(b"\r\n\r\n")
         if not _:
             head, _, payload = out.stdout.partition(b"\n\n")
@@ -170,7 +216,8 @@ class Recorder:
             if not self._authorized(request, self.pypi_token, user, "pypi"):
                 return web.Response(status=401, headers={"WWW-Authenticate": 'Basic realm="pypi"'})
             if request.path.rstrip("/") in ("/simple/injtest", "/simple/injtest/"):
-                html = f"<html><body><a href='/files/{wheel_name}#sha256={digest}'>{wheel_name}</a></body></html>"
+                link = f"<a href='/files/{wheel_name}#sha256={digest}'>{wheel_name}</a>"
+                html = f"<html><body>{link}</body></html>"
                 return web.Response(text=html, content_type="text/html")
             if request.path == f"/files/{wheel_name}":
                 return web.Response(body=wheel, content_type="application/octet-stream")
@@ -206,8 +253,15 @@ def make_repo(root: Path) -> Path:
     """A bare repository `root/acme/tools.git` with one commit on main."""
     work = root / "work"
     bare = root / "acme" / "tools.git"
-    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@x", "GIT_COMMITTER_NAME": "t",
-           "GIT_COMMITTER_EMAIL": "t@x", "GIT_CONFIG_NOSYSTEM": "1", "HOME": str(root)}
+    env = {
+        **os.environ,
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@x",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@x",
+        "GIT_CONFIG_NOSYSTEM": "1",
+        "HOME": str(root),
+    }
     subprocess.run(["git", "init", "-q", "-b", "main", str(work)], check=True, env=env)
     (work / "README").write_text("hello from the loopback forge\n")
     subprocess.run(["git", "-C", str(work), "add", "README"], check=True, env=env)

@@ -34,29 +34,65 @@ ENV = {"GH_TOKEN": GH, "FIRST_TOKEN": FIRST, "AGENT_PW": PW, "PORTCULLIS_TEST_AD
 def rules(rec: Recorder) -> dict[str, Any]:
     return {
         "rules": [
-            {"name": "hosts", "action": "allow",
-             "hosts": ["api.public.test", "www.public.test", "public.test", "other.test"]},
-            {"name": "no-denied", "action": "deny", "hosts": ["api.public.test"], "paths": ["/repos/denied/*"]},
+            {
+                "name": "hosts",
+                "action": "allow",
+                "hosts": ["api.public.test", "www.public.test", "public.test", "other.test"],
+            },
+            {
+                "name": "no-denied",
+                "action": "deny",
+                "hosts": ["api.public.test"],
+                "paths": ["/repos/denied/*"],
+            },
         ],
         "credentials": [
-            {"name": "gh", "secret": {"env": "GH_TOKEN"}, "hosts": ["api.public.test"],
-             "ports": [rec.tls_port, rec.http_port], "methods": ["GET", "POST"], "paths": ["/repos/*"],
-             "apply": {"header": "Authorization", "template": "Bearer {secret}"},
-             "clients": ["agents"], "profiles": ["release"]},
-            {"name": "pub-key", "secret": {"file": "secrets/pub-key"}, "hosts": ["public.test"],
-             "ports": [rec.tls_port], "apply": {"header": "X-Api-Key"}, "clients": ["agents"]},
-            {"name": "first", "secret": {"env": "FIRST_TOKEN"}, "hosts": ["www.public.test"],
-             "ports": [rec.tls_port], "paths": ["/first/*"], "apply": {"header": "X-First"},
-             "approval": "first_use", "profiles": ["release"]},
+            {
+                "name": "gh",
+                "secret": {"env": "GH_TOKEN"},
+                "hosts": ["api.public.test"],
+                "ports": [rec.tls_port, rec.http_port],
+                "methods": ["GET", "POST"],
+                "paths": ["/repos/*"],
+                "apply": {"header": "Authorization", "template": "Bearer {secret}"},
+                "clients": ["agents"],
+                "profiles": ["release"],
+            },
+            {
+                "name": "pub-key",
+                "secret": {"file": "secrets/pub-key"},
+                "hosts": ["public.test"],
+                "ports": [rec.tls_port],
+                "apply": {"header": "X-Api-Key"},
+                "clients": ["agents"],
+            },
+            {
+                "name": "first",
+                "secret": {"env": "FIRST_TOKEN"},
+                "hosts": ["www.public.test"],
+                "ports": [rec.tls_port],
+                "paths": ["/first/*"],
+                "apply": {"header": "X-First"},
+                "approval": "first_use",
+                "profiles": ["release"],
+            },
         ],
     }
 
 
 def config(upstreams: Any, folder: Path, **over: Any) -> dict[str, Any]:
-    return base_config(upstreams, folder, profiles=[{"name": "release"}, {"name": "docs"}],
-                       clients=[{"name": "agents", "proxy_auth": {"user": "agent", "password_env": "AGENT_PW"}}],
-                       approvals={"timeout": "20s", "store": "sqlite:///state/portcullis.db",
-                                  "persist_to": "rules/approved.yaml"}, **over)
+    return base_config(
+        upstreams,
+        folder,
+        profiles=[{"name": "release"}, {"name": "docs"}],
+        clients=[{"name": "agents", "proxy_auth": {"user": "agent", "password_env": "AGENT_PW"}}],
+        approvals={
+            "timeout": "20s",
+            "store": "sqlite:///state/portcullis.db",
+            "persist_to": "rules/approved.yaml",
+        },
+        **over,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -67,12 +103,19 @@ def rec(upstreams: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Re
 
 
 @pytest.fixture(scope="module")
-def proxy(upstreams: Any, rec: Recorder, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PortcullisProc]:
+def proxy(
+    upstreams: Any, rec: Recorder, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[PortcullisProc]:
     folder = tmp_path_factory.mktemp("inject")
     (folder / "secrets").mkdir()
     (folder / "secrets" / "pub-key").write_text(PUB + "\n")
-    with PortcullisProc(folder, upstreams, config=config(upstreams, folder), env=ENV,
-                        extra_rule_files={"credentials.yaml": json.dumps(rules(rec))}) as p:
+    with PortcullisProc(
+        folder,
+        upstreams,
+        config=config(upstreams, folder),
+        env=ENV,
+        extra_rule_files={"credentials.yaml": json.dumps(rules(rec))},
+    ) as p:
         yield p
 
 
@@ -87,9 +130,12 @@ def api(rec: Recorder, path: str = "/repos/acme/web", host: str = "api.public.te
 
 
 def admin(p: PortcullisProc, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
-    req = urllib.request.Request(f"{p.admin_url}{path}", method=method,
-                                 data=None if body is None else json.dumps(body).encode(),
-                                 headers={"Authorization": f"Bearer {ADMIN}", "Content-Type": "application/json"})
+    req = urllib.request.Request(
+        f"{p.admin_url}{path}",
+        method=method,
+        data=None if body is None else json.dumps(body).encode(),
+        headers={"Authorization": f"Bearer {ADMIN}", "Content-Type": "application/json"},
+    )
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
         with opener.open(req, timeout=10) as resp:
@@ -113,21 +159,31 @@ def last(p: PortcullisProc, **match: Any) -> dict[str, Any]:
 # ---- where the secret goes ---------------------------------------------------------------------------
 
 
-def test_the_secret_arrives_only_at_the_bound_host_method_and_path(proxy: PortcullisProc, r: Recorder) -> None:
+def test_the_secret_arrives_only_at_the_bound_host_method_and_path(
+    proxy: PortcullisProc, r: Recorder
+) -> None:
     assert proxy.curl(api(r), *AGENT).status == 200
     assert proxy.curl(api(r), *AGENT, "-X", "POST", "-d", "{}").status == 200
-    for url, extra in [(api(r), ("-X", "PUT", "-d", "{}")),  # method not bound
-                       (api(r, "/user"), ()),  # path not bound
-                       (api(r, "/repos/acme/web", "www.public.test"), ()),  # another allowed host
-                       (f"https://other.test:{r.other_port}/repos/acme/web", ())]:
+    for url, extra in [
+        (api(r), ("-X", "PUT", "-d", "{}")),  # method not bound
+        (api(r, "/user"), ()),  # path not bound
+        (api(r, "/repos/acme/web", "www.public.test"), ()),  # another allowed host
+        (f"https://other.test:{r.other_port}/repos/acme/web", ()),
+    ]:
         assert proxy.curl(url, *AGENT, *extra).status == 200, url
     got = r.with_header(GH)
     assert [(g["server"], g["method"], g["path"], g["headers"]["Authorization"]) for g in got] == [
-        ("tls", "GET", "/repos/acme/web", f"Bearer {GH}"), ("tls", "POST", "/repos/acme/web", f"Bearer {GH}")]
+        ("tls", "GET", "/repos/acme/web", f"Bearer {GH}"),
+        ("tls", "POST", "/repos/acme/web", f"Bearer {GH}"),
+    ]
     assert len(r.requests()) == 6 and all(g["host"].startswith("api.public.test") for g in got)
     ev = last(proxy, **{"request.method": "POST", "request.path": "/repos/acme/web"})
-    assert (ev["decision"], ev["credential"], ev["layer"], ev["client"]["user"]) == ("allow", "gh", "inspected",
-                                                                                      "agent")
+    assert (ev["decision"], ev["credential"], ev["layer"], ev["client"]["user"]) == (
+        "allow",
+        "gh",
+        "inspected",
+        "agent",
+    )
     assert last(proxy, **{"request.path": "/user"})["credential"] is None
 
 
@@ -166,14 +222,20 @@ def test_the_agents_own_value_is_replaced(proxy: PortcullisProc, r: Recorder) ->
 
 
 def test_a_redirect_never_carries_the_secret_elsewhere(proxy: PortcullisProc, r: Recorder) -> None:
-    for to in (api(r, "/landing", "www.public.test"), api(r, "/user"),
-               f"https://other.test:{r.other_port}/landing"):
+    for to in (
+        api(r, "/landing", "www.public.test"),
+        api(r, "/user"),
+        f"https://other.test:{r.other_port}/landing",
+    ):
         r.clear()
         res = proxy.curl(api(r, f"/repos/redirect?to={to}"), *AGENT, "-L", "--location-trusted")
         assert res.status == 200, (res.stderr, res.headers, res.body)
         assert len(r.requests()) == 2, (r.requests(), res)
         first, second = r.requests()
-        assert first["path"].startswith("/repos/redirect") and first["headers"]["Authorization"] == f"Bearer {GH}"
+        assert (
+            first["path"].startswith("/repos/redirect")
+            and first["headers"]["Authorization"] == f"Bearer {GH}"
+        )
         assert second["path"] in ("/landing", "/user") and "Authorization" not in second["headers"]
 
 
@@ -185,14 +247,18 @@ def test_a_redirect_never_carries_the_secret_elsewhere(proxy: PortcullisProc, r:
     [
         ("https://www.public.test:{tls}/x", ("-H", f"Authorization: Bearer {PH}")),
         ("https://www.public.test:{tls}/x?token=" + PH, ()),
-        ("https://api.public.test:{tls}/user", ("-H", f"Authorization: token {PH}")),  # bound host, not bound path
+        (
+            "https://api.public.test:{tls}/user",
+            ("-H", f"Authorization: token {PH}"),
+        ),  # bound host, not bound path
         ("https://www.public.test:{tls}/x", ("-d", f"token={GH}")),  # the secret itself, in a held body
         ("https://www.public.test:{tls}/x", ("-u", f"user:{PH}")),  # Basic auth
         ("http://public.test:{http}/x?k=" + PH, ()),  # plain HTTP too
     ],
 )
-def test_a_placeholder_or_the_secret_sent_elsewhere_is_refused(proxy: PortcullisProc, r: Recorder, url: str,
-                                                               extra: tuple[str, ...]) -> None:
+def test_a_placeholder_or_the_secret_sent_elsewhere_is_refused(
+    proxy: PortcullisProc, r: Recorder, url: str, extra: tuple[str, ...]
+) -> None:
     res = proxy.curl(url.format(tls=r.tls_port, http=r.http_port), *AGENT, *extra)
     body = assert_denied(res, "credential_leak")
     assert "credential 'gh'" in body["message"] and GH not in res.body.decode()
@@ -202,8 +268,10 @@ def test_a_placeholder_or_the_secret_sent_elsewhere_is_refused(proxy: Portcullis
 
 
 def test_a_secret_in_a_host_name_is_refused_before_dns(proxy: PortcullisProc, r: Recorder) -> None:
-    s, reply = proxy.connect_tunnel(f"{GH[:40].lower()}.public.test:443", f"Proxy-Authorization: Basic "
-                                    f"{__import__('base64').b64encode(f'agent:{PW}'.encode()).decode()}\r\n")
+    s, reply = proxy.connect_tunnel(
+        f"{GH[:40].lower()}.public.test:443",
+        f"Proxy-Authorization: Basic {__import__('base64').b64encode(f'agent:{PW}'.encode()).decode()}\r\n",
+    )
     s.close()
     assert reply.status == 403 and reply.headers["x-portcullis-reason"] == "credential_leak"
 
@@ -213,18 +281,29 @@ def test_a_streamed_body_with_a_needle_is_overwritten_and_its_answer_refused(
 ) -> None:
     body = tmp_path / "body"
     body.write_bytes(b"a" * 70_000 + PH.encode() + b"b" * 1000)
-    res = proxy.curl(api(r, "/upload", "www.public.test"), *AGENT, "-H", "Transfer-Encoding: chunked",
-                     "--data-binary", f"@{body}")
+    res = proxy.curl(
+        api(r, "/upload", "www.public.test"),
+        *AGENT,
+        "-H",
+        "Transfer-Encoding: chunked",
+        "--data-binary",
+        f"@{body}",
+    )
     assert res.exit_code == 52 and res.body == b""  # the answer never reaches the agent (empty reply)
     (seen,) = r.requests()
     assert PH.encode() not in seen["body"] and len(seen["body"]) == body.stat().st_size
     allowed, refused = proxy.decisions(**{"request.path": "/upload"})[-2:]
-    assert (allowed["decision"], refused["reason"], refused["credential"]) == ("allow", "credential_leak", "gh")
+    assert (allowed["decision"], refused["reason"], refused["credential"]) == (
+        "allow",
+        "credential_leak",
+        "gh",
+    )
     assert refused["flow_id"] == allowed["flow_id"]
 
 
-def test_a_large_declared_body_streams_and_is_searched_too(proxy: PortcullisProc, r: Recorder,
-                                                           tmp_path: Path) -> None:
+def test_a_large_declared_body_streams_and_is_searched_too(
+    proxy: PortcullisProc, r: Recorder, tmp_path: Path
+) -> None:
     body = tmp_path / "big"
     body.write_bytes(b"x" * (2 << 20) + b"innocent")
     assert proxy.curl(api(r, "/big", "www.public.test"), *AGENT, "--data-binary", f"@{body}").status == 200
@@ -239,17 +318,22 @@ def test_the_first_use_in_a_task_waits_for_a_person(proxy: PortcullisProc, r: Re
 
     who = task(proxy, "rel-first", "release")
     out: dict[str, Any] = {}
-    t = threading.Thread(target=lambda: out.setdefault("res", proxy.curl(api(r, "/first/x", "www.public.test"),
-                                                                          *who)))
+    t = threading.Thread(
+        target=lambda: out.setdefault("res", proxy.curl(api(r, "/first/x", "www.public.test"), *who))
+    )
     t.start()
     req = proxy.wait_event("approval.requested", credential="first")
     assert req["client"]["task_id"] == "rel-first" and req["destination"]["host"] == "www.public.test"
     assert r.requests() == []  # held
     status, doc = admin(proxy, "GET", f"/approvals/{req['approval_id']}")
     assert doc["credential"] == "first"
-    status, doc = admin(proxy, "POST", f"/approvals/{req['approval_id']}", {"decision": "allow", "scope": "always"})
+    status, doc = admin(
+        proxy, "POST", f"/approvals/{req['approval_id']}", {"decision": "allow", "scope": "always"}
+    )
     assert status == 422 and doc["error"] == "credential_scope"
-    status, doc = admin(proxy, "POST", f"/approvals/{req['approval_id']}", {"decision": "allow", "scope": "session"})
+    status, doc = admin(
+        proxy, "POST", f"/approvals/{req['approval_id']}", {"decision": "allow", "scope": "session"}
+    )
     assert status == 200, doc
     t.join(20)
     assert out["res"].status == 200
@@ -290,9 +374,23 @@ def test_check_says_which_credential_a_url_gets(proxy: PortcullisProc, rec: Reco
     from tests.harness import REPO
 
     def check(*args: str) -> dict[str, Any]:
-        out = subprocess.run([sys.executable, "-m", "addons.cli", "check", "--config", str(proxy.config_path),
-                              "--json", *args], cwd=REPO, capture_output=True, timeout=60, check=False,
-                             env={**os.environ, "GH_TOKEN": ""})
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "addons.cli",
+                "check",
+                "--config",
+                str(proxy.config_path),
+                "--json",
+                *args,
+            ],
+            cwd=REPO,
+            capture_output=True,
+            timeout=60,
+            check=False,
+            env={**os.environ, "GH_TOKEN": ""},
+        )
         doc: dict[str, Any] = json.loads(out.stdout)
         assert GH not in out.stdout.decode() + out.stderr.decode()
         return doc

@@ -38,8 +38,13 @@ FIRST = "first-" + secrets.token_hex(16)
 PW = "pw-" + secrets.token_hex(8)
 ADMIN = "admin-" + secrets.token_hex(8)
 SECRETS = (GH, KEY1, KEY2, FIRST)
-ENV = {"GH_TOKEN": GH, "FIRST_TOKEN": FIRST, "AGENT_PW": PW, "PORTCULLIS_TEST_ADMIN_TOKEN": ADMIN,
-       HOOK_ENV: HOOK_SECRET}
+ENV = {
+    "GH_TOKEN": GH,
+    "FIRST_TOKEN": FIRST,
+    "AGENT_PW": PW,
+    "PORTCULLIS_TEST_ADMIN_TOKEN": ADMIN,
+    HOOK_ENV: HOOK_SECRET,
+}
 AGENT = ("--proxy-user", f"agent:{PW}")
 
 
@@ -51,35 +56,69 @@ def rec(upstreams: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Re
 
 
 def creds(rec: Recorder) -> str:
-    return json.dumps({
-        "rules": [{"name": "hosts", "action": "allow", "hosts": ["api.public.test", "www.public.test",
-                                                               "public.test", "other.test"]}],
-        "credentials": [
-            {"name": "gh", "secret": {"env": "GH_TOKEN"}, "hosts": ["api.public.test"], "ports": [rec.tls_port],
-             "apply": {"basic": {"username": "x-access-token"}}, "clients": ["agents"]},
-            {"name": "key", "secret": {"file": "secrets/key"}, "hosts": ["public.test"], "ports": [rec.tls_port],
-             "apply": {"header": "X-Api-Key", "template": "Key {secret}"}, "clients": ["agents"]},
-            {"name": "first", "secret": {"env": "FIRST_TOKEN"}, "hosts": ["www.public.test"],
-             "ports": [rec.tls_port], "paths": ["/first/*"], "apply": {"header": "X-First"},
-             "approval": "first_use", "clients": ["agents"]},
-        ]})
+    return json.dumps(
+        {
+            "rules": [
+                {
+                    "name": "hosts",
+                    "action": "allow",
+                    "hosts": ["api.public.test", "www.public.test", "public.test", "other.test"],
+                }
+            ],
+            "credentials": [
+                {
+                    "name": "gh",
+                    "secret": {"env": "GH_TOKEN"},
+                    "hosts": ["api.public.test"],
+                    "ports": [rec.tls_port],
+                    "apply": {"basic": {"username": "x-access-token"}},
+                    "clients": ["agents"],
+                },
+                {
+                    "name": "key",
+                    "secret": {"file": "secrets/key"},
+                    "hosts": ["public.test"],
+                    "ports": [rec.tls_port],
+                    "apply": {"header": "X-Api-Key", "template": "Key {secret}"},
+                    "clients": ["agents"],
+                },
+                {
+                    "name": "first",
+                    "secret": {"env": "FIRST_TOKEN"},
+                    "hosts": ["www.public.test"],
+                    "ports": [rec.tls_port],
+                    "paths": ["/first/*"],
+                    "apply": {"header": "X-First"},
+                    "approval": "first_use",
+                    "clients": ["agents"],
+                },
+            ],
+        }
+    )
 
 
-def start(upstreams: Any, rec: Recorder, folder: Path, hooks: HookReceiver | None = None,
-          workers: int = 1) -> PortcullisProc:
+def start(
+    upstreams: Any, rec: Recorder, folder: Path, hooks: HookReceiver | None = None, workers: int = 1
+) -> PortcullisProc:
     (folder / "secrets").mkdir(parents=True, exist_ok=True)
     (folder / "secrets" / "key").write_text(KEY1 + "\n")
     webhooks = [{"url": hooks.url, "secret_env": HOOK_ENV}] if hooks else []
-    cfg = base_config(upstreams, folder,
-                      clients=[{"name": "agents", "proxy_auth": {"user": "agent", "password_env": "AGENT_PW"}}],
-                      approvals={"timeout": "20s", "webhooks": webhooks},
-                      telemetry={"log": {"format": "json", "file": "events.jsonl"}, "metrics": True, "otlp": False})
-    return PortcullisProc(folder, upstreams, config=cfg, env=ENV, workers=workers,
-                          extra_rule_files={"creds.yaml": creds(rec)}).start()
+    cfg = base_config(
+        upstreams,
+        folder,
+        clients=[{"name": "agents", "proxy_auth": {"user": "agent", "password_env": "AGENT_PW"}}],
+        approvals={"timeout": "20s", "webhooks": webhooks},
+        telemetry={"log": {"format": "json", "file": "events.jsonl"}, "metrics": True, "otlp": False},
+    )
+    return PortcullisProc(
+        folder, upstreams, config=cfg, env=ENV, workers=workers, extra_rule_files={"creds.yaml": creds(rec)}
+    ).start()
 
 
 def get(url: str, token: str | None = ADMIN, data: bytes | None = None, opener: Any = None) -> bytes:
-    req = urllib.request.Request(url, data=data, headers={"Authorization": f"Bearer {token}"} if token else {})
+    req = urllib.request.Request(
+        url, data=data, headers={"Authorization": f"Bearer {token}"} if token else {}
+    )
     o = opener or urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
         with o.open(req, timeout=10) as resp:
@@ -90,7 +129,9 @@ def get(url: str, token: str | None = ADMIN, data: bytes | None = None, opener: 
 
 def page_html(p: PortcullisProc) -> bytes:
     """The approval page as an approver sees it (logged in)."""
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), urllib.request.HTTPCookieProcessor())
+    opener = urllib.request.build_opener(
+        urllib.request.ProxyHandler({}), urllib.request.HTTPCookieProcessor()
+    )
     login = get(p.admin_url + "/", None, opener=opener).decode()
     csrf = re.search(r"name='csrf' value='([^']+)'", login)
     assert csrf, login
@@ -119,28 +160,35 @@ def test_no_secret_in_any_byte_the_proxy_wrote(upstreams: Any, rec: Recorder, tm
         assert any(r["headers"].get("Authorization", "").startswith("Basic ") for r in rec.requests())
         # Leak attempts in every place, each answered by the proxy itself.
         basic = base64.b64encode(f"u:{GH}".encode()).decode()
-        for url, extra in [(f"https://www.public.test:{tls}/x", ("-H", f"Authorization: Bearer {GH}")),
-                           (f"https://www.public.test:{tls}/x?t={GH}", ()),
-                           (f"https://www.public.test:{tls}/x", ("-H", f"Authorization: Basic {basic}")),
-                           (f"https://www.public.test:{tls}/x", ("-d", f"k={KEY1}")),
-                           (f"https://www.public.test:{tls}/{GH}/x", ()),
-                           (f"http://public.test:{rec.http_port}/x?t={KEY1}", ()),
-                           (f"https://{GH.lower()}.public.test:{tls}/", ())]:
+        for url, extra in [
+            (f"https://www.public.test:{tls}/x", ("-H", f"Authorization: Bearer {GH}")),
+            (f"https://www.public.test:{tls}/x?t={GH}", ()),
+            (f"https://www.public.test:{tls}/x", ("-H", f"Authorization: Basic {basic}")),
+            (f"https://www.public.test:{tls}/x", ("-d", f"k={KEY1}")),
+            (f"https://www.public.test:{tls}/{GH}/x", ()),
+            (f"http://public.test:{rec.http_port}/x?t={KEY1}", ()),
+            (f"https://{GH.lower()}.public.test:{tls}/", ()),
+        ]:
             res = p.curl(url, *AGENT, *extra)
             written += [res.body, json.dumps(res.headers).encode(), res.stderr.encode()]
             assert res.status == 403, (url, res.status)
         # A first use held for a person: webhook, page, API, then allowed.
         out: dict[str, Any] = {}
-        th = threading.Thread(target=lambda: out.setdefault(
-            "r", p.curl(f"https://www.public.test:{tls}/first/a", *AGENT)))
+        th = threading.Thread(
+            target=lambda: out.setdefault("r", p.curl(f"https://www.public.test:{tls}/first/a", *AGENT))
+        )
         th.start()
         asked = p.wait_event("approval.requested", credential="first")
         hooks.wait(1)
         written.append(page_html(p))
         written.append(get(p.admin_url + "/approvals"))
         written.append(get(p.admin_url + f"/approvals/{asked['approval_id']}"))
-        written.append(get(p.admin_url + f"/approvals/{asked['approval_id']}", data=json.dumps(
-            {"decision": "allow", "scope": "session"}).encode()))
+        written.append(
+            get(
+                p.admin_url + f"/approvals/{asked['approval_id']}",
+                data=json.dumps({"decision": "allow", "scope": "session"}).encode(),
+            )
+        )
         th.join(20)
         assert out["r"].status == 200
         assert rec.requests()[-1]["headers"]["X-First"] == FIRST
@@ -155,11 +203,26 @@ def test_no_secret_in_any_byte_the_proxy_wrote(upstreams: Any, rec: Recorder, tm
         written.append(get(p.admin_url + "/metrics", None))
         written.append(get(p.admin_url + "/credentials"))
         # The tools print no secret either.
-        for cmd in (["check", "--config", str(p.config_path), f"https://api.public.test:{tls}/x", "--client",
-                     "agents"], ["validate", "--config", str(p.config_path)]):
+        for cmd in (
+            [
+                "check",
+                "--config",
+                str(p.config_path),
+                f"https://api.public.test:{tls}/x",
+                "--client",
+                "agents",
+            ],
+            ["validate", "--config", str(p.config_path)],
+        ):
             (folder / "secrets" / "key").write_text(KEY2 + "\n")
-            cli = subprocess.run([sys.executable, "-m", "addons.cli", *cmd], cwd=REPO, env={**p.env},
-                                 capture_output=True, timeout=60, check=False)
+            cli = subprocess.run(
+                [sys.executable, "-m", "addons.cli", *cmd],
+                cwd=REPO,
+                env={**p.env},
+                capture_output=True,
+                timeout=60,
+                check=False,
+            )
             written += [cli.stdout, cli.stderr]
     finally:
         p.stop()
