@@ -118,8 +118,8 @@ def plan(policy: Policy, inc: Incoming, req: Request) -> Plan:
     applied, why = candidates(policy, inc, req)
     leak = creds.leaked(_texts(inc), skip=applied.name if applied is not None else None)
     if leak is not None and leak is applied:
-        return Plan(None, leak, f"the request carries the secret of credential {leak.name!r} itself; an agent "
-                                "never holds it (the proxy adds it)")
+        return Plan(None, leak, f"the request carries the secret of credential {leak.name!r} itself; an "
+                                "agent never holds it (the proxy adds it)")
     if leak is not None:
         bound = ", ".join(f"https://{h}:{p}" for h in sorted(leak.hosts) for p in sorted(leak.ports))
         reason = why.get(leak.name) or f"it is bound to {bound} only"
