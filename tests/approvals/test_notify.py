@@ -164,3 +164,14 @@ async def test_without_an_admin_url_the_resend_waits_for_the_grace_period(make_s
     svc2 = await make_service(hold=False, timeout=60, webhooks=[receiver.url])
     await wait_until(lambda: svc2.store.get(cut.approval_id).notified)
     assert receiver.deliveries()[-1]["body"]["decide_url"].startswith("http://127.0.0.1:9090/")
+
+
+def test_a_credentials_first_use_is_named_in_the_webhook_and_the_events():
+    asked = request(client_name="ci", method="GET", path="/p", rule="ask")
+    pending = dataclasses.replace(asked, credential="gh")
+    a = Approval.opened(AID, pending, now=1700000000.0, timeout=120.0)
+    body = payload(a, "http://127.0.0.1:9090")
+    Draft202012Validator(WEBHOOK_SCHEMA).validate(body)
+    assert body["credential"] == "gh" and body["host"] == "unknown.example" and body["task_id"] is None
+    assert event_fields(a)["credential"] == "gh"
+    assert a.client_key == "10.0.0.5|credential:gh" and a.credential == "gh"

@@ -20,8 +20,11 @@ from addons.proxy.credentials import BodyWatch, declared_length, inject, upstrea
 from tests.policy.test_credentials import PLACEHOLDER, VALUE, cred
 
 GH = cred()
-ALLOWED = Outcome(Request("www.public.test", 443, layer=Layer.INSPECTED, method="POST", path="/x",
-                          flow_id="f1"), Action.ALLOW, Reason.RULE)
+ALLOWED = Outcome(
+    Request("www.public.test", 443, layer=Layer.INSPECTED, method="POST", path="/x", flow_id="f1"),
+    Action.ALLOW,
+    Reason.RULE,
+)
 
 
 def flow(body: bytes | None = None, **headers: str) -> tflow.HTTPFlow:
@@ -73,7 +76,10 @@ def test_a_small_declared_body_is_held_and_a_needle_answered_403() -> None:
     f.request.raw_content = b"token=" + PLACEHOLDER.encode()
     refusal = watch.finished(f)
     assert refusal is not None and (refusal.reason, refusal.credential, refusal.status) == (
-        Reason.CREDENTIAL_LEAK, "gh", 403)
+        Reason.CREDENTIAL_LEAK,
+        "gh",
+        403,
+    )
     assert refusal.request.flow_id == "f1" and "nothing was sent" in (refusal.detail or "")
     assert f.response is not None and f.response.status_code == 403
     assert f.response.headers["X-Portcullis-Reason"] == "credential_leak"
@@ -93,7 +99,9 @@ def test_an_innocent_held_body_goes_on_and_nothing_is_watched_without_a_body_or_
     assert empty.request.stream is True and len(watch) == 0
 
 
-@pytest.mark.parametrize("headers", [{"Transfer_Encoding": "chunked"}, {"Content_Length": str(SCAN_LIMIT + 1)}])
+@pytest.mark.parametrize(
+    "headers", [{"Transfer_Encoding": "chunked"}, {"Content_Length": str(SCAN_LIMIT + 1)}]
+)
 def test_any_other_body_streams_through_the_scanner_and_a_needle_refuses_the_answer(
     headers: dict[str, str],
 ) -> None:
@@ -105,7 +113,11 @@ def test_any_other_body_streams_through_the_scanner_and_a_needle_refuses_the_ans
     sent = scan(b"a" * 100 + VALUE.encode()[:5]) + scan(VALUE.encode()[5:] + b"z") + scan(b"")
     assert VALUE.encode() not in b"".join(sent)
     refusal = watch.finished(f)
-    assert refusal is not None and refusal.reason is Reason.CREDENTIAL_LEAK and "streamed" in (refusal.detail or "")
+    assert (
+        refusal is not None
+        and refusal.reason is Reason.CREDENTIAL_LEAK
+        and "streamed" in (refusal.detail or "")
+    )
     assert watch.refuse_answer(f) and not watch.refuse_answer(f)  # once
     watch.forget(f)
     assert len(watch) == 0
