@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
+from addons.pipeline import inject
 from addons.pipeline.dns import Lookup, Pin, PinStore, ResolveError, resolve
 from addons.pipeline.identity import ProxyAuth, TaskCredentials, parse_basic
 from addons.pipeline.model import Incoming, Outcome, deny_status, refusal
@@ -136,14 +137,18 @@ class Pipeline:
             return out
         if not self.healthy():  # events cannot be written: decide nothing that would go unrecorded
             return refusal(req, Reason.INTERNAL_ERROR, "the event log cannot be written", name)
+        # 2b. A placeholder or secret where its credential is not applied: refused before any rule or DNS.
+        creds = inject.plan(policy, inc, req)
+        if creds.leak is not None:
+            return inject.refusal_of(policy, req, creds, name)
         # 3 and 4. The policy, with the checked DNS answers.
         decision, pin, unresolvable = await self._judge(policy, req, groups)
         outcome = self._outcome(req, decision, pin, time.monotonic() - t0)
         # 5. A person decides what the policy left to one.
         if decision.action is Action.APPROVAL:
             outcome = await self._settle(outcome, client_alive)
-            task, creds = client.task_id, self.credentials
-            if outcome.passes and task and creds is not None and not creds.still_valid(task):
+            task, tasks = client.task_id, self.credentials
+            if outcome.passes and task and tasks is not None and not tasks.still_valid(task):
                 return refusal(req, Reason.PROXY_AUTH, "the task credential was revoked or expired while the "
                                "request was held", name, latency_s=time.monotonic() - t0)
         # 6. What the proxy does.
@@ -151,6 +156,8 @@ class Pipeline:
             outcome = replace(outcome, status=502, detail=unresolvable)  # allowed, but nowhere to connect
         if self.audit and not outcome.passes and outcome.status == 403 and outcome.reason in AUDITED:
             outcome = replace(outcome, enforced=False, status=None)
+        if creds.credential is not None:  # only ever onto a request that passes
+            outcome = await inject.apply(outcome, creds.credential, self.approvals, self.audit, client_alive)
         if outcome.passes and pin is not None:
             self.pins.put(client.conn_id, pin)
         return outcome
