@@ -439,3 +439,26 @@ async def test_a_credentials_first_use_is_its_own_question(make_service, events)
     assert decided and decided[0]["decision"] == "allow"
     for ev in events.of("approval.requested"):
         validate_event(ev)
+
+
+async def test_a_credentials_first_use_decided_for_the_task_lasts_for_that_task_only(make_service):
+    """Scope `task` on a first-use approval: that task may use the credential on that host:port until
+    its credential expires; another task, or the same task without the credential, is asked again."""
+    from dataclasses import replace
+
+    svc = await make_service(hold=False)
+    until = time.time() + 600
+
+    def asked(task_id: str, credential: str | None) -> object:
+        out = _task(request(), task_id=task_id, credential=credential)
+        client = replace(out.request.client, task_until=until)
+        return replace(out, request=replace(out.request, client=client))
+
+    first = await svc.resolve(asked("t-9", "gh"), alive)
+    await svc.decide(first.approval_id, ALLOW, Scope.TASK, "alice", None)
+    again = await svc.resolve(asked("t-9", "gh"), alive)
+    assert (again.allowed, again.approval_id) == (True, first.approval_id)
+    other = await svc.resolve(asked("t-10", "gh"), alive)
+    assert not other.allowed and other.reason is Reason.APPROVAL_PENDING
+    host = await svc.resolve(asked("t-9", None), alive)  # the host itself is its own question
+    assert not host.allowed and host.approval_id not in (first.approval_id, other.approval_id)
