@@ -29,6 +29,7 @@ RULES = [
     {"name": "open", "action": "allow", "hosts": ["public.test"]},
     {"name": "no-blocked", "action": "deny", "hosts": ["blocked.test"]},
     {"name": "ask", "action": "approval", "hosts": ["approve.test"]},
+    {"name": "ask-api", "action": "approval", "hosts": ["api.public.test"]},
 ]
 
 
