@@ -66,6 +66,7 @@ class AdminConfig(Strict):
 class WebhookConfig(Strict):
     url: NonEmpty
     secret_env: NonEmpty
+    timeout: Duration = 10.0  # one delivery attempt, connect to answer; then it is retried
 
 
 class LinksConfig(Strict):

@@ -203,7 +203,7 @@ class Telemetry:
     def _write(self, doc: dict[str, Any], level: str) -> None:
         out = self._to_ocsf(doc) if self._to_ocsf is not None else doc
         line = str(self._json(None, "info", dict(out)))
-        ok = True
+        why = ""
         sinks: list[StreamSink | FileSink] = [self._stdout]
         if self._file is not None:
             sinks.append(self._file)
@@ -213,21 +213,36 @@ class Telemetry:
                     sink.write(str(self._console(None, "info", escape_all(_flat(doc)))))
                 else:
                     sink.write(line)
-            except Exception:  # noqa: BLE001 - OSError, closed stream, encoding: all the same to us
-                ok = False
-                self._dropped(sink.name)
-        self._ok = ok
+            except Exception as e:  # noqa: BLE001 - OSError, closed stream, encoding: all the same to us
+                why = why or f"{sink.name}: {type(e).__name__}: {e}"
+                self._dropped(sink.name, why)
+        self._health(not why, why)
         if self._syslog is not None:
             try:  # only queues the message; the network is the sender thread's business
                 self._syslog.write(line, level, str(doc.get("event", "")), str(doc.get("timestamp", "")))
             except Exception:  # noqa: BLE001
                 self._dropped("syslog")
 
-    def _dropped(self, sink: str) -> None:
+    def _dropped(self, sink: str, why: str = "") -> None:
         with contextlib.suppress(Exception):  # the counter is the last resort
             self.metrics.events_dropped.labels(sink).inc()
         if sink in ("stdout", "file", "render"):
-            self._ok = False
+            self._health(False, why or f"{sink}: the event could not be built")
+
+    def _health(self, ok: bool, why: str = "") -> None:
+        """Say on stderr, once per change, that decision records are being lost and what follows."""
+        if ok == self._ok:
+            return
+        self._ok = ok
+        with contextlib.suppress(Exception):  # stderr is the last channel left; nothing more to do
+            if not ok:
+                then = ("every new request is denied (internal_error) until they can" if self._fail_closed
+                        else "requests are still decided (on_write_error: open) and the records lost")
+                log.error("events cannot be written (%s): %s; counted in "
+                          "portcullis_events_dropped_total", why, then)
+            else:
+                log.warning("events can be written again%s",
+                            "; requests are served again" if self._fail_closed else "")
 
     def _otel_dropped(self) -> None:
         self._dropped("otlp")
