@@ -133,6 +133,9 @@ class LogConfig(Strict):
     # What to do when the event file cannot be written: "closed" denies new requests
     # until it can be written again; "open" keeps deciding and counts the lost events.
     on_write_error: Literal["closed", "open"] = "closed"
+    # Events queued for stdout while its reader is slow; at this many the proxy refuses new requests
+    # (503 event_sink_stalled) until the reader catches up (closed), or drops past twice it (open).
+    stdout_buffer: int = Field(default=10000, ge=16, le=1_000_000)
 
 
 # RFC 5424 facility codes, by the names syslog.conf and rsyslog use.

@@ -184,6 +184,7 @@ class Runtime:
             lookup=system_lookup,
             audit=cfg.mode == "audit",
             healthy=self.telemetry.healthy,
+            stalled=self.telemetry.sink_stalled,
             is_own=self.own,
         )
         client_cidrs = [ipaddress.ip_network(c, strict=False) for cl in cfg.clients for c in cl.cidrs]
