@@ -17,8 +17,8 @@ import structlog
 
 from addons.config.models import TelemetryConfig
 from addons.pipeline.model import Outcome
-from addons.policy.model import Reason
 from addons.policy import hosts as policy_hosts
+from addons.policy.model import Reason
 from addons.telemetry.fields import clean, escape_all, nest
 from addons.telemetry.metrics import Metrics
 from addons.telemetry.otel import OtelBridge
@@ -281,7 +281,8 @@ class Telemetry:
         self.emit(
             "event_sink.resumed",
             sink="stdout",
-            since=datetime.fromtimestamp(s.since, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            since=datetime.fromtimestamp(s.since, UTC).isoformat(timespec="milliseconds")
+            .replace("+00:00", "Z"),
             stalled_s=round(s.stalled_s, 3),
             refused=s.refused,
             dropped=s.dropped,

@@ -9,7 +9,8 @@ so lines never tear or interleave) and blocks alone while the pipe is full.
 the queue down to half of it; the proxy refuses new requests meanwhile (reason
 `event_sink_stalled`), which is what keeps the queue bounded: only decisions already under way and
 lifecycle events still arrive. Lines past twice `capacity` are dropped and counted. When the stall
-ends, `on_resume(stats)` is called from the writer thread (Telemetry writes `event_sink.resumed`).
+ends, `on_resume(stats)` is called from the writer thread (Telemetry writes `event_sink.resumed`),
+unless the stall was a burst shorter than a second that refused and dropped nothing.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 BATCH_BYTES = 64 * 1024  # one os.write per batch of whole lines (a pipe holds 64 KiB on Linux)
+QUIET_STALL_S = 1.0  # a shorter stall that refused and dropped nothing is not reported
 
 
 class SinkFull(OSError):
@@ -167,6 +169,8 @@ class PipeSink:
                 return
             stats = StallStats(self._since_wall, time.monotonic() - self._since, self._refused, self._dropped)
             self._stalled, self._refused, self._dropped = False, 0, 0
+        if not (stats.refused or stats.dropped or stats.stalled_s >= QUIET_STALL_S):
+            return  # a burst the writer caught up with at once: nobody was refused, nothing lost
         _note(f"portcullis: stdout is read again after {stats.stalled_s:.1f} s ({stats.refused} requests "
               f"refused, {stats.dropped} events dropped meanwhile)")
         if self.on_resume is not None:
