@@ -89,6 +89,17 @@ class NetworkConfig(Strict):
     block_private: bool = True
     allow_cidrs: list[NonEmpty] = []
     resolve: dict[NonEmpty, NonEmpty | list[NonEmpty]] = {}
+    # A connection on which nothing moves for this long, either way, is closed (mitmproxy's
+    # tcp_timeout): a stalled upstream, an idle keep-alive client, a quiet tunnel. Held requests
+    # do not count (the clock stops while a hook runs).
+    idle_timeout: Duration = 600.0
+
+    @field_validator("idle_timeout")
+    @classmethod
+    def _idle_timeout(cls, v: float) -> float:
+        if not 1.0 <= v <= 86400.0:
+            raise ValueError("idle_timeout must be between 1s and 24h")
+        return v
 
 
 class TlsConfig(Strict):

@@ -224,6 +224,8 @@ class Runtime:
             stream_large_bodies="1m",  # decided on headers; big bodies stream, never buffered whole
             validate_inbound_headers=True,  # mitmproxy's own smuggling checks (CL/TE): refused and logged
             ssl_verify_upstream_trusted_ca=self.p.bundle,
+            # Nothing moving either way for this long (a stalled upstream, an idle client): closed.
+            tcp_timeout=max(1, round(self.p.loaded.config.network.idle_timeout)),
         )
         self.master = m
         return m
