@@ -86,7 +86,8 @@ def test_kill_9_with_held_requests_then_a_restart_keeps_the_approvals_and_decide
         r = b.raw(get_request("other.test", upstreams.http_port, "/held-other.test", close=True))
         assert r.status == 403 and r.headers["x-portcullis-reason"] == "approval_denied"
         with socket.create_connection(("127.0.0.1", b.port), timeout=BOUND) as s:
-            s.sendall(get_request("www.public.test", upstreams.http_port, "/held-www.public.test", close=True))
+            www = "www.public.test"
+            s.sendall(get_request(www, upstreams.http_port, f"/held-{www}", close=True))
             wait_for(lambda: pending(b) and pending(b)[0]["waiters"] == 1, BOUND)  # joined the old approval
             assert [x["id"] for x in pending(b)] == [ids["www.public.test"]]
             assert decide(b, ids["www.public.test"], "deny").status_code == 200
@@ -96,7 +97,8 @@ def test_kill_9_with_held_requests_then_a_restart_keeps_the_approvals_and_decide
         b.wait_event("egress.decision", count=3)
     got = {e["destination"]["host"]: e for e in b.decisions()}
     assert len(b.decisions()) == 3 and set(got) == set(HOSTS)
-    assert (got["approve.test"]["reason"], got["approve.test"]["approval_id"]) == ("approved", ids["approve.test"])
+    allowed = got["approve.test"]
+    assert (allowed["reason"], allowed["approval_id"]) == ("approved", ids["approve.test"])
     assert got["other.test"]["reason"] == "approval_denied"
     assert got["www.public.test"]["reason"] == "approval_denied"
     assert got["www.public.test"]["approval_id"] == ids["www.public.test"]
