@@ -76,9 +76,9 @@ def admin_get(p: PortcullisProc, path: str, timeout: float = 5.0) -> tuple[int, 
         return int(e.code), bytes(e.read())
 
 
-def metric(p: PortcullisProc, prefix: str) -> float:
+def metric(p: PortcullisProc, prefix: str, timeout: float = 5.0) -> float:
     """The sum of every /metrics sample whose line starts with `prefix`."""
-    status, body = admin_get(p, "/metrics")
+    status, body = admin_get(p, "/metrics", timeout)
     assert status == 200
     return sum(float(ln.rsplit(" ", 1)[1]) for ln in body.decode().splitlines() if ln.startswith(prefix))
 
