@@ -93,12 +93,15 @@ class NetworkConfig(Strict):
     # tcp_timeout): a stalled upstream, an idle keep-alive client, a quiet tunnel. Held requests
     # do not count (the clock stops while a hook runs).
     idle_timeout: Duration = 600.0
+    # An HTTP/1 request head still incomplete this long after its first byte is refused with 408
+    # (slow-loris clients trickle bytes, so the idle timeout never fires for them).
+    header_timeout: Duration = 30.0
 
-    @field_validator("idle_timeout")
+    @field_validator("idle_timeout", "header_timeout")
     @classmethod
-    def _idle_timeout(cls, v: float) -> float:
+    def _timeouts(cls, v: float) -> float:
         if not 1.0 <= v <= 86400.0:
-            raise ValueError("idle_timeout must be between 1s and 24h")
+            raise ValueError("use a duration between 1s and 24h")
         return v
 
 

@@ -336,6 +336,7 @@ async def serve(rt: Runtime) -> int:
         rt.telemetry.close()
         return 2
     mitm_compat.install(http1_error_response, error_body, h2_error_headers, rt.addon.record_refusal)
+    mitm_compat.set_head_timeout(rt.p.loaded.config.network.header_timeout)
     if rt.worker is not None:
         mitm_compat.listen_on(socket.socket(fileno=rt.worker.listen_fd))
     m = rt.build_master()
