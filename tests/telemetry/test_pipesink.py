@@ -168,7 +168,10 @@ def test_telemetry_refuses_while_stalled_and_summarises_on_resume() -> None:
     for d in docs:
         validate_event(d)
     (summary,) = [d for d in docs if d["event"] == "event_sink.resumed"]
-    assert summary["refused"] == 5 and summary["sink"] == "stdout" and summary["dropped"] == 0
+    assert summary["refused"] == 5 and summary["sink"] == "stdout"
+    # Under load the writer may start late: what did not fit in twice the buffer is counted, never hidden.
+    assert summary["dropped"] == t.metrics.events_dropped.labels("stdout")._value.get()
+    assert len([d for d in docs if d["event"] == "rules.reloaded"]) == 40 - summary["dropped"]
     assert not [d for d in docs if d["event"] == "egress.decision"]  # summarised, not written one by one
     assert not t.sink_stalled() and t.healthy()
     t.close()
