@@ -37,6 +37,8 @@ _MESSAGES: dict[Reason, str] = {
     "recorded; the request was refused to stay safe, retry shortly.",
     Reason.INTERNAL_ERROR: "The proxy could not decide on {dest} because of an internal error; the request "
     "was refused to stay safe.",
+    Reason.CREDENTIAL_LEAK: "The request to {dest} was refused: {detail}. The proxy adds credentials itself, "
+    "only to the requests they are bound to; never send a placeholder or a secret anywhere else.",
 }
 
 

@@ -370,6 +370,7 @@ def decision_fields(o: Outcome) -> dict[str, Any]:
         "approval_wait_ms": _ms(o.approval_wait_s),
         # For a private destination the event names the class ("loopback", "metadata", "self" ...).
         "detail": o.private_class if o.private_class is not None else o.detail,
+        "credential": o.credential,  # a name, never the value (the Outcome's injection is not rendered)
     }
 
 

@@ -296,3 +296,16 @@ def test_unicode_edges_agree_with_ruamel(char: str, shape: str) -> None:
 @pytest.mark.parametrize("key", ["null", "true", "false", "on", "no", "y"])
 def test_keys_yaml_reads_as_other_types_are_declined(key: str) -> None:
     assert parse_rule_file(f"rules:\n  - name: a\n    {key}: b\n") is None
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "rules:\n  - name: a\n    action: allow\n    hosts: [a.test]\ncredentials:\n  - name: gh\n",
+        "credentials:\n  - name: gh\n    hosts: [api.github.com]\n",
+        "rules:\n  - name: a\n    action: allow\n    hosts: [a.test]\n    secret: {env: X}\n",
+    ],
+)
+def test_credential_rules_are_left_to_ruamel(text: str) -> None:
+    """A `credentials:` section (and the nested mappings it needs) is not the fast reader's shape."""
+    assert parse_rule_file(text) is None

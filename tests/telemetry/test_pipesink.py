@@ -204,3 +204,17 @@ def test_open_mode_never_refuses_but_counts_what_it_drops() -> None:
     os.close(w)
     th.join(5)
     os.close(r)
+
+
+def test_a_stalled_refusal_is_a_valid_decision_where_it_is_written() -> None:
+    """The file sink (or an in-memory stream) still gets each event_sink_stalled decision."""
+    from dataclasses import replace
+
+    from addons.policy.model import Reason
+    from tests.telemetry.tel_helpers import make, record
+
+    t, out = make()
+    t.decision(replace(record(), reason=Reason.EVENT_SINK_STALLED, status=503))
+    (doc,) = [json.loads(x) for x in out.getvalue().splitlines()]
+    validate_event(doc)
+    assert doc["reason"] == "event_sink_stalled" and doc["status"] == 503
