@@ -18,9 +18,11 @@ import structlog
 from addons.config.models import TelemetryConfig
 from addons.pipeline.model import Outcome
 from addons.policy import hosts as policy_hosts
+from addons.policy.model import Reason
 from addons.telemetry.fields import clean, escape_all, nest
 from addons.telemetry.metrics import Metrics
 from addons.telemetry.otel import OtelBridge
+from addons.telemetry.pipesink import PipeSink, StallStats, usable_fd
 from addons.telemetry.sinks import FileSink, StreamSink
 from addons.telemetry.syslog import SyslogSink
 
@@ -29,12 +31,15 @@ EVENT_TYPES = (
     "egress.decision", "tunnel.closed", "approval.requested", "approval.decided",
     "rules.reloaded", "rules.reload_failed", "webhook.failed", "proxy.started", "proxy.stopped",
     "worker.exited", "credential.minted", "credential.revoked", "credential.expired", "store.unreachable",
-    "store.reconnected",
+    "store.reconnected", "event_sink.resumed",
 )
 _ENVELOPE = ("schema", "timestamp", "event")
 _WARN_EVENTS = frozenset({"rules.reload_failed", "webhook.failed", "worker.exited", "store.unreachable"})
 # close(): what the network sinks (OTLP, syslog) may still deliver at shutdown, together, in seconds.
 CLOSE_BUDGET_S = 0.9
+# close(): how long stdout's writer may still take to write what is queued (a reader that stopped
+# reading loses the rest, reported on stderr).
+STDOUT_CLOSE_S = 2.0
 
 log = logging.getLogger("portcullis.telemetry")
 
@@ -72,7 +77,19 @@ class Telemetry:
         self._lock = threading.RLock()   # the approvals service may emit from a worker thread
         self._ok = True
         self._closed = False
-        self._stdout = StreamSink(self.stream)
+        # A real descriptor (pipe, file, terminal) is written by a thread through a bounded queue, so a
+        # reader that stops reading never blocks the event loop (pipesink.py); in-memory streams
+        # (tests) are written at once.
+        fd = usable_fd(self.stream)
+        self._stdout: StreamSink | PipeSink
+        if fd is not None:
+            with contextlib.suppress(OSError, ValueError):
+                self.stream.flush()
+            self._stdout = PipeSink(fd, log.stdout_buffer, self._resumed, self._pipe_failed)
+            self.metrics.events_buffered.labels("stdout").set_function(lambda: self._stdout_buffered())
+        else:
+            self._stdout = StreamSink(self.stream)
+        self._skip_stdout = False
         self._file: FileSink | None = None
         if log.file:
             path = Path(log.file)
@@ -117,6 +134,17 @@ class Telemetry:
             fields = decision_fields(o)
         except Exception:  # noqa: BLE001
             self._dropped("render")
+            return
+        if o.reason is Reason.EVENT_SINK_STALLED and isinstance(self._stdout, PipeSink):
+            # stdout's queue is full: counted there and summarised by event_sink.resumed; the file
+            # sink (if any) still gets this decision.
+            with self._lock:
+                self._stdout.refused()
+                self._skip_stdout = True
+                try:
+                    self.emit("egress.decision", **fields)
+                finally:
+                    self._skip_stdout = False
             return
         self.emit("egress.decision", **fields)
 
@@ -166,7 +194,20 @@ class Telemetry:
 
     def healthy(self) -> bool:
         """False when events cannot be written and the sink is set to fail closed."""
-        return self._ok or not self._fail_closed
+        failed = isinstance(self._stdout, PipeSink) and self._stdout.failed
+        return (self._ok and not failed) or not self._fail_closed
+
+    def stdout_stalled(self) -> bool:
+        """True while stdout's reader has stopped reading and its queue is full (pipesink.py)."""
+        return isinstance(self._stdout, PipeSink) and self._stdout.stalled
+
+    def sink_stalled(self) -> bool:
+        """True while new requests must be refused because stdout is stalled (fail closed only)."""
+        return self._fail_closed and self.stdout_stalled()
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Waits (bounded) until stdout's queue is written (tests, shutdown)."""
+        return self._stdout.flush(timeout) if isinstance(self._stdout, PipeSink) else True
 
     def reopen(self) -> None:
         """Reopen file sinks (SIGHUP, log rotation)."""
@@ -194,7 +235,12 @@ class Telemetry:
                                 "counted in portcullis_events_dropped_total{sink=\"otlp\"})", failed, emitted)
             if self._syslog is not None:
                 self._syslog.close(deadline)
-            self._stdout.close()
+            if isinstance(self._stdout, PipeSink):
+                left = self._stdout.close(max(deadline, time.monotonic() + STDOUT_CLOSE_S))
+                if left:
+                    log.warning("%d events were not written to stdout: its reader stopped reading", left)
+            else:
+                self._stdout.close()
             if self._file is not None:
                 self._file.close()
 
@@ -204,7 +250,7 @@ class Telemetry:
         out = self._to_ocsf(doc) if self._to_ocsf is not None else doc
         line = str(self._json(None, "info", dict(out)))
         why = ""
-        sinks: list[StreamSink | FileSink] = [self._stdout]
+        sinks: list[StreamSink | PipeSink | FileSink] = [] if self._skip_stdout else [self._stdout]
         if self._file is not None:
             sinks.append(self._file)
         for sink in sinks:
@@ -216,7 +262,8 @@ class Telemetry:
             except Exception as e:  # noqa: BLE001 - OSError, closed stream, encoding: all the same to us
                 why = why or f"{sink.name}: {type(e).__name__}: {e}"
                 self._dropped(sink.name, why)
-        self._health(not why, why)
+        if sinks:
+            self._health(not why, why)
         if self._syslog is not None:
             try:  # only queues the message; the network is the sender thread's business
                 self._syslog.write(line, level, str(doc.get("event", "")), str(doc.get("timestamp", "")))
@@ -243,6 +290,25 @@ class Telemetry:
             else:
                 log.warning("events can be written again%s",
                             "; requests are served again" if self._fail_closed else "")
+
+    def _resumed(self, s: StallStats) -> None:
+        """stdout is read again (the writer thread calls this): the summary of the stall."""
+        self.emit(
+            "event_sink.resumed",
+            sink="stdout",
+            since=datetime.fromtimestamp(s.since, UTC).isoformat(timespec="milliseconds")
+            .replace("+00:00", "Z"),
+            stalled_s=round(s.stalled_s, 3),
+            refused=s.refused,
+            dropped=s.dropped,
+        )
+
+    def _pipe_failed(self, n: int) -> None:
+        with contextlib.suppress(Exception):
+            self.metrics.events_dropped.labels("stdout").inc(n)
+
+    def _stdout_buffered(self) -> int:
+        return self._stdout.buffered if isinstance(self._stdout, PipeSink) else 0
 
     def _otel_dropped(self) -> None:
         self._dropped("otlp")
