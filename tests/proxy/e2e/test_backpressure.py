@@ -192,3 +192,14 @@ def test_bytes_pipelined_behind_a_held_get_are_bounded(proxy, up):
     assert up.connections == 0
 
 
+
+
+def test_a_held_client_that_resets_is_seen_while_its_reads_are_paused(proxy, up):
+    s, sender, approval_id, _ = held_upload(proxy, up.port, upload_head(up.port), chunks(BODY_MIB))
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.shutdown(socket.SHUT_RDWR)  # wakes the blocked sender (a close alone waits for its send)
+    sender.join(10)
+    s.close()  # RST: the paused reader's TCP_INFO probe sees it, mitmproxy then sees the close
+    ev = proxy.wait_event("egress.decision", approval_id=approval_id, timeout=20)
+    assert (ev["decision"], ev["reason"]) == ("deny", "client_closed")
+    assert up.connections == 0
