@@ -22,6 +22,7 @@ on the client (its send blocks).
 from __future__ import annotations
 
 import asyncio
+import functools
 import socket
 import sys
 from collections.abc import Callable, Iterable
@@ -128,6 +129,7 @@ def install() -> None:
     original_init: Callable[..., None] = ProxyConnectionHandler.__init__
     original_hook_task = ProxyConnectionHandler.hook_task
 
+    @functools.wraps(original_init)
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:  # noqa: N807 - a patched __init__
         original_init(self, *args, **kwargs)
         io = self.transports.get(self.client)
@@ -138,6 +140,7 @@ def install() -> None:
         io.reader = GatedReader(io.reader, gate, io.writer.get_extra_info("socket"))
         setattr(self, _ATTR, gate)
 
+    @functools.wraps(original_hook_task)
     async def hook_task(self: Any, hook: Any) -> None:
         gate: Gate | None = getattr(self, _ATTR, None)
         if gate is None or not hook.blocking:

@@ -1,5 +1,6 @@
 """addons/proxy/mitm_backpressure.py: every mitmproxy internal it relies on (each test breaks when an
-upgrade changes one), and the gate's behaviour on real sockets. End-to-end: tests/proxy/e2e/test_backpressure.py."""
+upgrade changes one), and the gate's behaviour on real sockets.
+End-to-end: tests/proxy/e2e/test_backpressure.py."""
 
 from __future__ import annotations
 
@@ -55,11 +56,14 @@ def test_the_handler_keeps_the_client_reader_in_transports_and_handle_connection
     # handle_connection fetches the reader from transports once, then only calls read(n) on it
     src = inspect.getsource(server.ConnectionHandler.handle_connection)
     assert "reader = self.transports[connection].reader" in src and "await reader.read(" in src
-    assert [n for n in inspect.signature(ProxyConnectionHandler.__init__).parameters][:3] == ["self", "master", "r"]
+    init = ProxyConnectionHandler.__init__
+    params = list(inspect.signature(getattr(init, "__wrapped__", init)).parameters)
+    assert params[:3] == ["self", "master", "r"]
 
 
 def test_layer_hooks_run_in_hook_task_and_a_blocking_hook_names_its_paused_layer():
     assert list(inspect.signature(server.ConnectionHandler.hook_task).parameters) == ["self", "hook"]
+    assert "hook_task" not in vars(server.LiveConnectionHandler)  # ProxyConnectionHandler inherits it
     assert "self.hook_task(command)" in inspect.getsource(server.ConnectionHandler.server_event)
     assert "await self.server_event(events.HookCompleted(hook))" in inspect.getsource(
         server.ConnectionHandler.hook_task)

@@ -60,14 +60,16 @@ class CountingUpstream:
                     return
                 data += chunk
             head, _, rest = data.partition(b"\r\n\r\n")
-            length = next(int(h.split(b":")[1]) for h in head.split(b"\r\n") if h.lower().startswith(b"content-length"))
+            length = next(int(h.split(b":")[1]) for h in head.split(b"\r\n")
+                          if h.lower().startswith(b"content-length"))
             h, n = hashlib.sha256(rest), len(rest)
             while n < length and (chunk := conn.recv(1 << 20)):
                 h.update(chunk)
                 n += len(chunk)
             self.got.append((n, h.hexdigest()))
             body = f"{n} {h.hexdigest()}".encode()
-            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+                         % (len(body), body))
 
     def close(self) -> None:
         self.srv.close()
@@ -75,7 +77,7 @@ class CountingUpstream:
 
 
 class Sender(threading.Thread):
-    """Sends `head` then the body chunks on `sock`, counting what the kernel accepted (bounded send timeout)."""
+    """Sends `head` then the body on `sock`, counting what the kernel accepted (bounded send timeout)."""
 
     def __init__(self, sock: socket.socket, head: bytes, body: Iterator[bytes]) -> None:
         super().__init__(daemon=True)
@@ -118,13 +120,16 @@ def up() -> Iterator[CountingUpstream]:
 
 @pytest.fixture
 def proxy(tmp_path, upstreams) -> Iterator[PortcullisProc]:
-    cfg = base_config(upstreams, tmp_path, default_action="approval", approvals={"timeout": "300s", "hold": True})
+    cfg = base_config(upstreams, tmp_path, default_action="approval",
+                      approvals={"timeout": "300s", "hold": True})
     rules = [{"name": "public", "action": "allow", "hosts": ["public.test"]}]
     with PortcullisProc(tmp_path, upstreams, rules=rules, config=cfg, env=ENV) as p:
         yield p
 
 
-def held_upload(p: PortcullisProc, port: int, head: bytes, body: Iterator[bytes]) -> tuple[socket.socket, Sender, str, float]:
+def held_upload(
+    p: PortcullisProc, port: int, head: bytes, body: Iterator[bytes]
+) -> tuple[socket.socket, Sender, str, float]:
     """Start the upload, wait for its approval and for its sender to block; return the approval id and
     how much the proxy's RSS grew (MiB)."""
     assert p.proc is not None
@@ -138,7 +143,8 @@ def held_upload(p: PortcullisProc, port: int, head: bytes, body: Iterator[bytes]
     [approval] = pending(p)
     sender.wait_blocked()
     grown = rss_mib(p.proc.pid) - before
-    print(f"\nheld: sent {sender.sent / MIB:.1f} MiB of {BODY_MIB} MiB; proxy RSS {before:.0f} -> {before + grown:.0f} MiB")
+    print(f"\nheld: sent {sender.sent / MIB:.1f} MiB of {BODY_MIB} MiB; "
+          f"proxy RSS {before:.0f} -> {before + grown:.0f} MiB")
     assert sender.is_alive() and sender.sent < 64 * MIB  # the proxy stopped reading: the sender blocks
     assert grown < 64  # far less than the body
     return s, sender, approval["id"], grown
