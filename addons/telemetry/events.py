@@ -1,15 +1,22 @@
-"""The event stream: one structured event per decision and per lifecycle fact, built with structlog."""
+"""The event stream: one structured event per decision and per lifecycle fact.
+
+Every event is one document (schema, timestamp, event name, then its fields, nested and cleaned by
+`fields.clean`), handed to the OTLP bridge when it is on and written as one ASCII JSON line
+(`render.dumps_ascii`) to every sink. A decision's document is built directly from its `Outcome`
+(`decision_doc`: the same document the generic path would build from `decision_fields`, without its
+generic walks), because one is written for every request and every tunnel.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import json
+import functools
 import logging
+import math
 import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, MutableMapping
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -18,9 +25,11 @@ import structlog
 from addons.config.models import TelemetryConfig
 from addons.pipeline.model import Outcome
 from addons.policy import hosts as policy_hosts
-from addons.telemetry.fields import clean, escape_all, nest
+from addons.policy.model import Action, Reason
+from addons.telemetry.fields import MAX_ITEMS, MAX_STR, TRUNCATED, clean, escape_all, nest
 from addons.telemetry.metrics import Metrics
 from addons.telemetry.otel import OtelBridge
+from addons.telemetry.render import dumps_ascii
 from addons.telemetry.sinks import FileSink, StreamSink
 from addons.telemetry.syslog import SyslogSink
 
@@ -84,36 +93,32 @@ class Telemetry:
         self._console: Processor | None = None
         if self._format == "console" and _isatty(self.stream):
             self._console = structlog.dev.ConsoleRenderer(colors=True)
-        self._json = structlog.processors.JSONRenderer(
-            serializer=json.dumps, ensure_ascii=True, separators=(",", ":"), default=str,
-        )
         self.otel = otel
         if self.otel is None and self.config.otlp:
             self.otel = OtelBridge.from_env(on_error=self._otel_dropped)
-        processors: list[Processor] = [_envelope]
-        if self.otel is not None:
-            processors.append(self.otel)
-        processors.append(_to_doc)
-        # A private BoundLogger: no global structlog configuration, which other code may own.
-        self._log = structlog.BoundLogger(_Dispatch(self._write), processors, {})
+        self._counted: dict[tuple[str, str, str], Any] = {}  # requests counter children by labels
 
     # ---- public API -------------------------------------------------------------------
 
     def decision(self, o: Outcome) -> None:
         """Exactly one `egress.decision` event and the request metrics for one outcome."""
         try:
-            enforced = "true" if o.enforced else "false"
-            self.metrics.requests.labels(o.action.value, o.reason.value, enforced).inc()
+            labels = (o.action._value_, o.reason._value_, "true" if o.enforced else "false")
+            child = self._counted.get(labels)
+            if child is None:
+                child = self._counted[labels] = self.metrics.requests.labels(*labels)
+            child.inc()
             if o.latency_s is not None:
                 self.metrics.decision_seconds.observe(o.latency_s)
         except Exception:  # noqa: BLE001 - metrics must never break the decision path
             self._dropped("metrics")
         try:
-            fields = decision_fields(o)
-        except Exception:  # noqa: BLE001
+            doc = decision_doc(o)
+            level = "error" if o.reason is Reason.INTERNAL_ERROR else (
+                "warning" if o.action is Action.DENY else "info")
+            self._emit_doc(doc, level)
+        except Exception:  # noqa: BLE001 - an event that cannot be built is counted, never raised
             self._dropped("render")
-            return
-        self.emit("egress.decision", **fields)
 
     def tunnel_opened(self) -> None:
         self.metrics.tunnels_open.inc()
@@ -125,17 +130,20 @@ class Telemetry:
     def tunnel_closed(self, o: Outcome, bytes_up: int, bytes_down: int, duration_s: float) -> None:
         """The close of an allowed tunnel (`o` is its CONNECT's outcome): one `tunnel.closed` event."""
         self.tunnel_ended()
-        c = o.request.client
-        self.emit(
-            "tunnel.closed",
-            flow_id=o.request.flow_id,
-            client={"address": c.address, "port": c.port, "name": o.client_name, "user": c.user},
-            destination={"host": o.request.host, "port": o.request.port, "ip": o.ip},
-            bytes_up=bytes_up,
-            bytes_down=bytes_down,
-            duration_s=round(duration_s, 3),
-            inspected=o.inspect,
-        )
+        r, c = o.request, o.request.client
+        try:
+            doc = {
+                "schema": SCHEMA, "timestamp": now_rfc3339(), "event": "tunnel.closed",
+                "flow_id": _c(r.flow_id),
+                "client": {"address": _c(c.address), "port": _c(c.port), "name": _c(o.client_name),
+                           "user": _c(c.user)},
+                "destination": {"host": _c(r.host), "port": _c(r.port), "ip": _c(o.ip)},
+                "bytes_up": _c(bytes_up), "bytes_down": _c(bytes_down),
+                "duration_s": _c(round(duration_s, 3)), "inspected": _c(o.inspect),
+            }
+            self._emit_doc(doc, "info")
+        except Exception:  # noqa: BLE001
+            self._dropped("render")
 
     def emit(self, event: str, **fields: Any) -> None:
         """Any event: adds schema, timestamp and event name; writes one line per sink.
@@ -144,9 +152,7 @@ class Telemetry:
         (`**{"client.address": ...}`); both are written as nested objects.
         """
         try:
-            level = _level(event, fields)
-            with self._lock:
-                getattr(self._log, level)(event, **fields)
+            self._emit_doc(_envelope(event, fields), _level(event, fields))
         except Exception:  # noqa: BLE001 - an event that cannot be built is counted, never raised
             self._dropped("render")
 
@@ -186,9 +192,15 @@ class Telemetry:
 
     # ---- internals --------------------------------------------------------------------
 
+    def _emit_doc(self, doc: dict[str, Any], level: str) -> None:
+        with self._lock:
+            if self.otel is not None:
+                self.otel(None, level, doc)  # catches and counts its own errors
+            self._write(doc, level)
+
     def _write(self, doc: dict[str, Any], level: str) -> None:
         out = self._to_ocsf(doc) if self._to_ocsf is not None else doc
-        line = str(self._json(None, "info", dict(out)))
+        line = dumps_ascii(out)
         ok = True
         sinks: list[StreamSink | FileSink] = [self._stdout]
         if self._file is not None:
@@ -226,35 +238,10 @@ class Telemetry:
         return self._syslog.buffered if self._syslog is not None else 0
 
 
-class _Dispatch:
-    """The structlog 'logger': receives the finished event dict and hands it to the sinks."""
-
-    def __init__(self, write: Callable[[dict[str, Any], str], None]) -> None:
-        self._write = write
-
-    def info(self, doc: dict[str, Any]) -> None:
-        self._write(doc, "info")
-
-    def warning(self, doc: dict[str, Any]) -> None:
-        self._write(doc, "warning")
-
-    def error(self, doc: dict[str, Any]) -> None:
-        self._write(doc, "error")
-
-    msg = info
-
-
-def _envelope(_logger: Any, _method: str, ed: MutableMapping[str, Any]) -> dict[str, Any]:
+def _envelope(event: str, fields: Mapping[str, Any]) -> dict[str, Any]:
     """schema, timestamp, event first; then the caller's fields, nested and cleaned."""
-    event = str(ed.pop("event", ""))
-    for key in _ENVELOPE:
-        ed.pop(key, None)
-    body = clean(nest(ed))
+    body = clean(nest({k: v for k, v in fields.items() if k not in _ENVELOPE}))
     return {"schema": SCHEMA, "timestamp": now_rfc3339(), "event": clean(event), **body}
-
-
-def _to_doc(_logger: Any, _method: str, ed: MutableMapping[str, Any]) -> tuple[tuple[()], dict[str, Any]]:
-    return (), {"doc": dict(ed)}
 
 
 def _level(event: str, fields: Mapping[str, Any]) -> str:
@@ -269,8 +256,8 @@ def decision_fields(o: Outcome) -> dict[str, Any]:
     """The `egress.decision` fields of one outcome (nested, in schema order)."""
     r, c = o.request, o.request.client
     return {
-        "decision": o.action.value,
-        "reason": o.reason.value,
+        "decision": o.action._value_,  # the plain str: Enum.value is a slow descriptor
+        "reason": o.reason._value_,
         "enforced": o.enforced,
         "rule": o.rule.name if o.rule else None,
         "rule_file": o.rule.file if o.rule else None,
@@ -291,6 +278,50 @@ def decision_fields(o: Outcome) -> dict[str, Any]:
     }
 
 
+def decision_doc(o: Outcome) -> dict[str, Any]:
+    """The whole `egress.decision` document of one outcome: what `_envelope` makes of
+    `decision_fields(o)` (tests/telemetry/test_tel_render.py holds them equal), built directly."""
+    r, c = o.request, o.request.client
+    rule = o.rule
+    return {
+        "schema": SCHEMA,
+        "timestamp": now_rfc3339(),
+        "event": "egress.decision",
+        "decision": o.action._value_,  # the plain str: Enum.value is a slow descriptor
+        "reason": o.reason._value_,
+        "enforced": _c(o.enforced),
+        "rule": _c(rule.name) if rule else None,
+        "rule_file": _c(rule.file) if rule else None,
+        "rule_line": _c(rule.line) if rule else None,
+        "matched_rules": [_c(m.name) for m in o.matched[:MAX_ITEMS]],
+        "client": {"address": _c(c.address), "port": _c(c.port), "name": _c(o.client_name),
+                   "user": _c(c.user)},
+        "destination": {"host": _c(r.host or None), "port": _c(r.port or None), "ip": _c(o.ip),
+                        "registered_domain": _c(registered_domain(r.host))},
+        "request": {"scheme": _c(r.scheme), "method": _c(r.method), "path": clean(r.path, "path")},
+        "approval_id": _c(o.approval_id),
+        "flow_id": _c(r.flow_id),
+        "layer": r.layer._value_,
+        "status": _c(o.status),
+        "latency_ms": _c(_ms(o.latency_s)),
+        "approval_wait_ms": _c(_ms(o.approval_wait_s)),
+        "detail": _c(o.private_class if o.private_class is not None else o.detail),
+    }
+
+
+def _c(v: Any) -> Any:
+    """`clean(v)` for a field whose key needs no special handling, fast for the usual types."""
+    t = type(v)
+    if t is str:
+        return v if len(v) <= MAX_STR else v[:MAX_STR] + TRUNCATED
+    if v is None or t is int or t is bool:
+        return v
+    if t is float:
+        return v if math.isfinite(v) else str(v)
+    return clean(v)
+
+
+@functools.lru_cache(maxsize=8192)  # pure of the host; the PSL walk is the dearest part of an event
 def registered_domain(host: str | None) -> str | None:
     """The registrable domain (offline PSL, its default rule for unlisted suffixes); None for IP
     literals, bare suffixes and hosts that could not be read."""
@@ -324,5 +355,15 @@ def _isatty(stream: TextIO) -> bool:
         return False
 
 
+_second: tuple[int, str] = (-1, "")  # the last second formatted, and its text (one tuple: thread-safe)
+
+
 def now_rfc3339() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """Now, UTC, to the millisecond (truncated, as datetime.isoformat does): 2026-01-02T03:04:05.678Z."""
+    global _second
+    now = time.time()
+    sec = int(now)
+    cached = _second
+    if cached[0] != sec:
+        cached = _second = (sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)))
+    return f"{cached[1]}.{int((now - sec) * 1000):03d}Z"
