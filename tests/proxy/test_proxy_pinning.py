@@ -124,7 +124,11 @@ async def test_real_resolver_path_with_mixed_answers(tmp_path, monkeypatch):
         ]
 
     monkeypatch.setattr(loop, "getaddrinfo", fake_getaddrinfo)
-    v = await pipeline.decide(req())
+    system_lookup.clear()  # the process-wide answer cache must not serve (or keep) this fake answer
+    try:
+        v = await pipeline.decide(req())
+    finally:
+        system_lookup.clear()
     assert not v.passes and v.reason == "private_address"
 
 
