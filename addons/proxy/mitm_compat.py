@@ -10,6 +10,7 @@ each assumption against the installed mitmproxy and fails loudly when an upgrade
    that closes both sides), and giving a pinned upstream its name back once connected.
 4. The accept queue of mitmproxy's listening sockets.
 5. The request target's raw bytes (`Request.data`).
+6. mitmproxy's debug-mode type checks of every Request and Response it builds, dropped.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from mitmproxy import connection, http
 from mitmproxy.connection import ConnectionState
 from mitmproxy.proxy import commands, events, layer
 from mitmproxy.proxy.context import Context
+from mitmproxy.proxy.layers.http._events import ResponseProtocolError
 from mitmproxy.proxy.layers.tcp import TCPLayer
 from mitmproxy.proxy.layers.tls import ClientTLSLayer, ServerTLSLayer
 
@@ -102,6 +104,7 @@ def _tracked(step: Callable[..., Generator[Any, Any, Any]]) -> Callable[..., Gen
                 _running.pop()
             sent = yield cmd
 
+    handler.__wrapped__ = step  # type: ignore[attr-defined]
     return handler
 
 
@@ -138,8 +141,21 @@ def install(
 
     _http1.make_error_response = http1_error
     _http2.format_error = h2_body  # type: ignore[attr-defined]
-    _http1.Http1Server._handle_event = _tracked(_http1.Http1Connection._handle_event)  # type: ignore[method-assign]
+    # HTTP/1 builds its pages only in read_headers (an unparsable head) and when sending a protocol
+    # error: only those steps are tracked (tracking every event costs every tunnel's relay).
+    _http1.Http1Server.read_headers = _tracked(_http1.Http1Server.read_headers)  # type: ignore[method-assign]
+    original_send = _http1.Http1Server.send
+    tracked_send = _tracked(original_send)
+
+    def http1_send(self: Any, event: Any) -> Generator[Any, Any, Any]:
+        if isinstance(event, ResponseProtocolError):
+            return tracked_send(self, event)
+        return original_send(self, event)
+
+    http1_send.__wrapped__ = original_send  # type: ignore[attr-defined]
+    _http1.Http1Server.send = http1_send  # type: ignore[method-assign]
     _http2.Http2Server._handle_event = _tracked(_http2.Http2Server._handle_event)  # type: ignore[method-assign]
+    skip_debug_typechecks()
 
     original_protocol_error = _http2.Http2Connection.protocol_error
 
@@ -164,6 +180,23 @@ def install(
 
     _http_h2.BufferedH2Connection.send_headers = send_headers  # type: ignore[method-assign]
     _http1._portcullis_installed = True  # type: ignore[attr-defined]
+
+
+def skip_debug_typechecks() -> None:
+    """mitmproxy type-checks every field of every Request and Response it builds, in a
+    `__post_init__` defined only `if __debug__` (i.e. unless Python runs with -O): about 5% of a
+    plain HTTP request's CPU. Its parser builds these itself; Portcullis does not run with -O (its
+    asserts narrow types), so the check is dropped here, as -O would drop it."""
+    from mitmproxy.http import MessageData
+
+    original = vars(MessageData).get("__post_init__")
+    if original is not None and original is not _no_typecheck:
+        _no_typecheck.__wrapped__ = original  # type: ignore[attr-defined]
+        MessageData.__post_init__ = _no_typecheck  # type: ignore[method-assign]
+
+
+def _no_typecheck(self: Any) -> None:
+    """MessageData.__post_init__ without mitmproxy's debug-mode type checks."""
 
 
 def set_open_server_address(server: connection.Server, address: tuple[str, int]) -> None:

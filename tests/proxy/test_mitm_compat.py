@@ -32,8 +32,13 @@ def test_an_unsupported_mitmproxy_names_what_to_install(monkeypatch, fake):
 def test_http1_error_pages_come_from_the_module_level_builder():
     # The swap replaces _http1.make_error_response; every call site must look it up by that name.
     assert inspect.signature(_http1.make_error_response).parameters.keys() == {"status_code", "message"}
-    assert "make_error_response(400, str(e))" in inspect.getsource(_http1.Http1Server.read_headers)
-    assert "make_error_response(status, event.message)" in inspect.getsource(_http1.Http1Server.send)
+    read = inspect.getsource(inspect.unwrap(_http1.Http1Server.read_headers))
+    assert "make_error_response(400, str(e))" in read
+    send = inspect.getsource(inspect.unwrap(_http1.Http1Server.send))
+    assert "make_error_response(status, event.message)" in send
+    # ... and only in the protocol-error branch of send, the one the tracked send is used for.
+    assert send.index("isinstance(event, ResponseProtocolError)") < send.index("make_error_response(")
+    assert send.count("make_error_response(") == 1
 
 
 def test_http2_error_pages_come_from_format_error_with_three_fixed_headers():
@@ -49,8 +54,13 @@ def test_http2_error_pages_come_from_format_error_with_three_fixed_headers():
 
 def test_the_wrapped_connection_handlers_are_generators_on_the_server_side():
     assert inspect.isgeneratorfunction(_http1.Http1Connection._handle_event)
-    assert inspect.isgeneratorfunction(_http1.Http1Server._handle_event)
-    assert inspect.isgeneratorfunction(_http2.Http2Server._handle_event)
+    assert inspect.isgeneratorfunction(inspect.unwrap(_http1.Http1Server.read_headers))
+    assert inspect.isgeneratorfunction(inspect.unwrap(_http1.Http1Server.send))
+    assert inspect.isgeneratorfunction(inspect.unwrap(_http2.Http2Server._handle_event))
+    # HTTP/1 events reach send (HttpEvent) and read_headers (the state) only through these names.
+    handle = inspect.getsource(_http1.Http1Connection._handle_event)
+    assert "yield from self.send(event)" in handle and "yield from self.state(event)" in handle
+    assert "self.state = self.read_headers" in inspect.getsource(_http1.Http1Connection.mark_done)
     # The HTTP/1 server keeps what it parsed on `self.request` (the refusal names its host).
     assert "self.request = http1.read_request_head(" in inspect.getsource(_http1.Http1Server.read_headers)
     assert _http2.Http2Server.__init__.__code__.co_varnames[:2] == ("self", "context")
@@ -79,6 +89,26 @@ def test_installed_builders_answer_json_and_report_only_with_a_running_connectio
     assert page.startswith(b"HTTP/1.1 400 ") and b'"reason":"bad_request"' in page
     assert seen == []  # no connection layer is running here: nothing to attribute it to
     assert _http2.format_error(502, "x").startswith(b"{")  # type: ignore[attr-defined]
+    # Only the steps that build pages are tracked: a tunnel's relayed bytes pass untouched.
+    assert "_handle_event" not in vars(_http1.Http1Server)
+    assert inspect.unwrap(_http1.Http1Server.read_headers) is not _http1.Http1Server.read_headers
+
+
+def test_mitmproxys_debug_typechecks_are_what_is_dropped():
+    from mitmproxy.http import MessageData, Request
+
+    mitm_compat.install(http1_error_response, error_body, h2_error_headers, lambda r: None)
+    original = inspect.unwrap(MessageData.__post_init__)
+    assert original is not MessageData.__post_init__  # dropped ...
+    src = inspect.getsource(original)
+    # ... and it only checked
+    assert "typecheck.check_option_type" in src and "for field in fields(self)" in src
+    # mitmproxy defines it only in debug mode (python without -O): what -O would drop.
+    assert "if __debug__:" in inspect.getsource(MessageData)
+    mitm_compat.skip_debug_typechecks()  # idempotent
+    assert inspect.unwrap(MessageData.__post_init__) is original
+    r = Request.make("GET", "http://example.com/x", b"", {"a": "b"})
+    assert r.host == "example.com" and r.headers["a"] == "b"
 
 
 @pytest.mark.e2e
