@@ -31,24 +31,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_compare as bc  # noqa: E402
 
 AREAS = (
-    # (area, substring of a frame's "function (file)") in priority order: first match wins for self time
-    ("events: json/orjson render", ("json/encoder", "json/__init__", "orjson", "render_line", "_render")),
-    ("events: structlog", ("structlog",)),
-    ("events: build/clean/sinks", ("telemetry/events", "telemetry/fields", "telemetry/sinks",
-                                    "telemetry/render")),
-    ("metrics: prometheus_client", ("prometheus_client",)),
-    ("portcullis: pipeline+policy", ("addons/pipeline", "addons/policy", "pipeline/", "policy/")),
-    ("portcullis: proxy adapter", ("addons/proxy", "proxy/addon", "proxy/pinning", "proxy/tunnel",
-                                   "proxy/mitm_compat", "proxy/responses")),
-    ("portcullis: other", ("addons/",)),
-    ("mitmproxy: hook dispatch", ("addonmanager", "mitmproxy/hooks", "mitmproxy/ctx")),
-    ("mitmproxy: tls/clienthello", ("layers/tls", "mitmproxy/tls", "tlsconfig", "certs.py")),
-    ("mitmproxy: http layers", ("layers/http", "mitmproxy/http.py", "net/http")),
-    ("mitmproxy: server/layers", ("mitmproxy/proxy", "mitmproxy/connection", "mitmproxy/flow")),
-    ("mitmproxy: other", ("mitmproxy",)),
-    ("ssl / OpenSSL", ("ssl.py", "OpenSSL", "cryptography", "libssl", "libcrypto")),
-    ("asyncio", ("asyncio",)),
-    ("sockets / selectors", ("socket.py", "selectors", "selector_events")),
+    # (area, substrings of a frame "function (file:line)") in priority order: the first match wins
+    ("events: JSON render", ("(json/", "orjson", "(addons/telemetry/render")),
+    ("events: structlog", ("(structlog/",)),
+    ("events: build/clean/sinks", ("(addons/telemetry/events", "(addons/telemetry/fields",
+                                   "(addons/telemetry/sinks")),
+    ("metrics: prometheus_client", ("(prometheus_client/",)),
+    ("portcullis: pipeline+policy", ("(addons/pipeline/", "(addons/policy/")),
+    ("portcullis: proxy adapter", ("(addons/proxy/",)),
+    ("portcullis: other", ("(addons/",)),
+    ("mitmproxy: hook dispatch", ("(mitmproxy/addonmanager", "(mitmproxy/hooks", "(mitmproxy/ctx")),
+    ("mitmproxy: tls", ("(mitmproxy/proxy/layers/tls", "(mitmproxy/tls", "(mitmproxy/addons/tlsconfig",
+                        "(mitmproxy/certs")),
+    ("mitmproxy: http layers", ("(mitmproxy/proxy/layers/http", "(mitmproxy/http.py", "(mitmproxy/net/http",
+                                "(h11/", "(mitmproxy/coretypes")),
+    ("mitmproxy: server/layers", ("(mitmproxy/proxy", "(mitmproxy/connection", "(mitmproxy/flow")),
+    ("mitmproxy: other", ("(mitmproxy/",)),
+    ("ssl / OpenSSL", ("(ssl.py", "(OpenSSL/", "(cryptography/")),
+    ("asyncio", ("(asyncio/",)),
+    ("sockets / selectors", ("(socket.py", "(selectors.py")),
 )
 
 
@@ -110,9 +111,6 @@ def _short(frame: str) -> str:
     # py-spy raw frames look like "function (path/to/file.py:123)"; keep function and file, drop the line
     name, _, rest = frame.partition(" (")
     file = rest.rstrip(")").rsplit(":", 1)[0]
-    for marker in ("site-packages/", "lib/python3", "wt-perf10/", "/addons/"):
-        if marker in file:
-            file = file.split(marker, 1)[1]
     return f"{name} ({file})"
 
 
@@ -125,7 +123,17 @@ def load(workload: str, port: int, http_port: int, tls_port: int, ca: Path, seco
         bc.run_tls(port, tls_port, ca, seconds, keepalive=(workload == "tls-ka"))
 
 
+def resummarise(paths: list[str]) -> None:
+    """Rewrite the .txt summary of existing .raw profiles (after a change to AREAS)."""
+    for p in map(Path, paths):
+        first = p.with_suffix(".txt").read_text().splitlines()[0].lstrip("# ") if p.with_suffix(".txt").exists() else p.stem
+        p.with_suffix(".txt").write_text(summarise(p, first))
+
+
 def main() -> int:
+    if sys.argv[1:2] == ["--resummarise"]:
+        resummarise(sys.argv[2:])
+        return 0
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--workload", default="http-ka", choices=bc.WORKLOADS)
     ap.add_argument("--proxy", default="portcullis", choices=("portcullis", "mitmdump"))

@@ -10,7 +10,8 @@ each assumption against the installed mitmproxy and fails loudly when an upgrade
    that closes both sides), and giving a pinned upstream its name back once connected.
 4. The accept queue of mitmproxy's listening sockets.
 5. The request target's raw bytes (`Request.data`).
-6. mitmproxy's debug-mode type checks of every Request and Response it builds, dropped.
+6. For speed (in `mitm_speed.py`, checked by the same tests): mitmproxy's debug-mode type checks of
+   every Request and Response dropped, and hook dispatch without walking every addon for every hook.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.layers.http._events import ResponseProtocolError
 from mitmproxy.proxy.layers.tcp import TCPLayer
 from mitmproxy.proxy.layers.tls import ClientTLSLayer, ServerTLSLayer
+
+from addons.proxy import mitm_speed
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +158,7 @@ def install(
     http1_send.__wrapped__ = original_send  # type: ignore[attr-defined]
     _http1.Http1Server.send = http1_send  # type: ignore[method-assign]
     _http2.Http2Server._handle_event = _tracked(_http2.Http2Server._handle_event)  # type: ignore[method-assign]
-    skip_debug_typechecks()
+    mitm_speed.install()
 
     original_protocol_error = _http2.Http2Connection.protocol_error
 
@@ -180,23 +183,6 @@ def install(
 
     _http_h2.BufferedH2Connection.send_headers = send_headers  # type: ignore[method-assign]
     _http1._portcullis_installed = True  # type: ignore[attr-defined]
-
-
-def skip_debug_typechecks() -> None:
-    """mitmproxy type-checks every field of every Request and Response it builds, in a
-    `__post_init__` defined only `if __debug__` (i.e. unless Python runs with -O): about 5% of a
-    plain HTTP request's CPU. Its parser builds these itself; Portcullis does not run with -O (its
-    asserts narrow types), so the check is dropped here, as -O would drop it."""
-    from mitmproxy.http import MessageData
-
-    original = vars(MessageData).get("__post_init__")
-    if original is not None and original is not _no_typecheck:
-        _no_typecheck.__wrapped__ = original  # type: ignore[attr-defined]
-        MessageData.__post_init__ = _no_typecheck  # type: ignore[method-assign]
-
-
-def _no_typecheck(self: Any) -> None:
-    """MessageData.__post_init__ without mitmproxy's debug-mode type checks."""
 
 
 def set_open_server_address(server: connection.Server, address: tuple[str, int]) -> None:
