@@ -66,6 +66,7 @@ NAN = float("nan")
 # kept for bench/profile_proxy.py
 WORKLOADS = THROUGHPUT
 free_port, make_certs, start_nginx, stop = bp.free_port, bp.make_certs, bp.start_nginx, bp.stop
+start_mitmdump = bp.start_mitmdump
 run_wrk, run_tls = bl.run_wrk, bl.run_tls
 
 
@@ -85,6 +86,7 @@ class Bench:
         self.std = bp.portcullis_setup(d, "std", 10)
         self.big = bp.portcullis_setup(d, "100k", 100_000)
         self.hold = bp.portcullis_setup(d, "hold", 2, hold=True)
+        self.variants: dict[str, str] = dict(v.split("=", 1) for v in args.variant)
         self.results: list[dict[str, Any]] = []
         self.notes: list[str] = []
         if not self.has_workers:
@@ -105,13 +107,19 @@ class Bench:
             return bp.start_squid(folder, port, self.http_port, self.tls_port, workers), port, None
         setup = {"portcullis-100k": self.big}.get(proxy, self.hold if cell == "held" else self.std)
         workers = self.n if proxy == "portcullis-wN" else (1 if self.has_workers else None)
+        env = None
+        if proxy.startswith("portcullis@"):  # another source tree, e.g. a worktree of an older commit
+            env = dict(os.environ, PYTHONPATH=self.variants[proxy.split("@", 1)[1]])
+            workers = None
         t0 = time.monotonic()
-        p = bp.start_portcullis(setup, port, admin, workers)
+        p = bp.start_portcullis(setup, port, admin, workers, env=env)
         if proxy == "portcullis-100k":
             self.record(rnd, "startup", proxy, {"value": time.monotonic() - t0})
         return p, port, admin
 
     def wanted(self, proxy: str, cell: str) -> bool:
+        if proxy.startswith("portcullis@"):
+            return cell in (*THROUGHPUT, "bulk", "latency", "held")
         if proxy == "portcullis-wN" and not self.has_workers:
             return False
         if proxy == "portcullis-100k":
@@ -284,6 +292,17 @@ class Report:
                                       else "—" for c in cols)
                          + f" | — | — | — | — | start to listening: "
                          f"{self.med('startup', 'portcullis-100k', 'value'):.2f} s |")
+        if b.variants:
+            lines += ["", "| variant (same run) | cell | value | portcullis | variant / portcullis |",
+                      "|---|---|---|---|---|"]
+            keys = [(c, "rps") for c in (*THROUGHPUT, "bulk") if c in cells]
+            keys += [("latency", "p50_ms"), ("latency", "p99_ms")] if "latency" in cells else []
+            keys += [("held", k) for k in ("rss_10000_mb", "probe_10000_p99_ms")] if "held" in cells else []
+            for v, src in b.variants.items():
+                for cell, key in keys:
+                    a, pc = self.med(cell, f"portcullis@{v}", key), self.med(cell, "portcullis", key)
+                    lines.append(f"| {v} ({src}) | {cell} {key} | {_fmt(a, ',.2f')} | {_fmt(pc, ',.2f')} | "
+                                 f"{_ratio(a, pc)} |")
         failed = [r for r in self.rows if r.get("failure") or float(r.get("bad", 0) or 0) > 0
                   or float(r.get("errors", 0) or 0) > 0]
         out = "\n".join(lines) + "\n"
@@ -322,6 +341,8 @@ def main() -> int:
     ap.add_argument("--only", help="comma-separated cells (default: all): " + ",".join(CELLS))
     ap.add_argument("--proxies", help="comma-separated proxies (default: all): " + ",".join(PROXIES))
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 2, help="N for portcullis-wN and squid-wN")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=DIR",
+                    help="also run Portcullis from the source tree DIR (PYTHONPATH) as portcullis@NAME")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args()
 
@@ -345,6 +366,7 @@ def main() -> int:
 
     cells = args.only.split(",") if args.only else list(CELLS)
     proxies = args.proxies.split(",") if args.proxies else list(PROXIES)
+    proxies += [f"portcullis@{v.split('=', 1)[0]}" for v in args.variant]
     d = Path(tempfile.mkdtemp(prefix="portcullis-bench-"))
     os.chmod(d, 0o755)
     (d / "hosts").write_text(f"127.0.0.1 localhost\n{UPSTREAM} {NAME}\n")

@@ -9,8 +9,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import TypeAdapter, ValidationError
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 
+from addons.config.fastyaml import read_rules
+from addons.config.gcpause import FREEZE_RULES, collector_paused
 from addons.config.models import Config, RuleModel
 from addons.config.settings import best_effort_config, build_settings, parse_hostport
 from addons.config.yamlio import ErrorList, parse_yaml, pos, read_text, read_yaml, validate_model
@@ -188,8 +191,36 @@ _CACHE: dict[str, tuple[tuple[object, ...], _FileResult]] = {}
 _CACHE_MAX = 1024
 
 
+_RULE_LIST = TypeAdapter(list[RuleModel])
+def _fast_file_result(path: Path, shown: str, text: str, base_dir: Path,
+                      settings: Settings) -> _FileResult | None:
+    """A plainly written rule file without one error, read without ruamel's tree and validated in one
+    pydantic call: the same result as the full path, about ten times sooner (a 100,000-rule file).
+    None as soon as anything is unusual or wrong: the full path then reads it (and says where)."""
+    plain = read_rules(text)
+    if plain is None:
+        return None
+    try:
+        models = _RULE_LIST.validate_python([rule for rule, _, _ in plain])
+    except ValidationError:
+        return None
+    ref_file = _ref_file(path, base_dir)
+    scratch = ErrorList()
+    entries: list[_Entry] = []
+    for i, (m, (raw, line, name_pos)) in enumerate(zip(models, plain, strict=True)):
+        rule = _compile_rule(m, None, i, line, ref_file, shown, settings, scratch)
+        if scratch.items or rule is None:
+            return None
+        name = raw.get("name")
+        entries.append(_Entry(name if isinstance(name, str) and name else None, line, name_pos, rule))
+    return _FileResult(False, tuple(entries), ())
+
+
 def _file_result(path: Path, shown: str, text: str, base_dir: Path, settings: Settings,
                  explicit: bool) -> _FileResult:
+    fast = _fast_file_result(path, shown, text, base_dir, settings)
+    if fast is not None:
+        return fast
     errors = ErrorList()
     ok, data = parse_yaml(text, shown, errors, rule_file=True)
     if ok and data is not None and not isinstance(data, CommentedMap):
@@ -281,8 +312,11 @@ def _build(config: Config, data: Any, base_dir: Path, shown_cfg: str, settings: 
            errors: ErrorList) -> tuple[Policy, _RuleLoad]:
     paths = _rule_paths(config, base_dir, data, shown_cfg, errors)
     explicit = frozenset(base_dir / e for e in config.rules if (base_dir / e).is_file())
-    loaded = _load_rules(paths, base_dir, settings, errors, explicit)
-    return Policy(loaded.rules, settings, loaded.files), loaded
+    with collector_paused() as pause:
+        loaded = _load_rules(paths, base_dir, settings, errors, explicit)
+        policy = Policy(loaded.rules, settings, loaded.files)
+        pause.freeze = len(loaded.rules) >= FREEZE_RULES and not errors.items
+    return policy, loaded
 
 
 @dataclass(frozen=True)

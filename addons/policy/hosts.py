@@ -29,6 +29,10 @@ _UNICODE_DOTS = str.maketrans({"\u3002": ".", "\uff0e": ".", "\uff61": "."})
 # An ASCII label as we accept it. '_' is allowed: real hostnames carry it and browsers/curl accept it;
 # it is compared exactly, so it opens no bypass.
 _ASCII_LABEL = re.compile(r"^[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?$")
+# Lower-case ASCII labels, the last led by a letter or '_' (never an IPv4 spelling): normalize_host
+# returns such a name unchanged; most rule entries are one (parse_pattern skips its checks for them).
+_PLAIN_NAME = re.compile(
+    r"(?:[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?\.)*[a-z_](?:[a-z0-9_-]{0,61}[a-z0-9_])?")
 _ASCII_HOST_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789.-_")
 _IPV6_CHARS = frozenset("0123456789abcdefABCDEF:.")
 _NUMERIC_PART = re.compile(r"^(?:0[xX][0-9a-fA-F]*|[0-9]+)$")
@@ -394,24 +398,26 @@ def parse_pattern(raw: str, *, deny: bool = False) -> HostPattern:
         kind, base = "apex_below", text[3:]
     elif text.startswith("*."):
         kind, base = "below", text[2:]
-    if "*" in base:
-        raise HostError(f"bad wildcard {raw!r}: only a leading '*.' or '**.' is allowed (e.g. *.example.com)")
-    try:
-        addr = parse_ip(base)
-    except HostError:
-        addr = None
-        if kind != "exact":
-            raise HostError(f"bad wildcard {raw!r}: a wildcard must stand over a name") from None
-        raise
-    if addr is not None:
-        if kind != "exact":
-            raise HostError(f"bad wildcard {raw!r}: a wildcard cannot stand over an IP address")
-        net = _to_v4_if_mapped(ipaddress.ip_network(addr))
-        return HostPattern("ip", str(addr), net)
-    try:
-        name = normalize_host(base)
-    except HostError as e:
-        raise HostError(f"bad host {raw!r}: {e}") from None
+    if _PLAIN_NAME.fullmatch(base) and len(base) <= 253 and "xn--" not in base:
+        name = base  # normalize_host(base), as tests/policy/test_pol_hosts.py checks
+    else:
+        if "*" in base:
+            raise HostError(f"bad wildcard {raw!r}: only a leading '*.' or '**.' is allowed "
+                            "(e.g. *.example.com)")
+        try:
+            addr = parse_ip(base)
+        except HostError:
+            if kind != "exact":
+                raise HostError(f"bad wildcard {raw!r}: a wildcard must stand over a name") from None
+            raise
+        if addr is not None:
+            if kind != "exact":
+                raise HostError(f"bad wildcard {raw!r}: a wildcard cannot stand over an IP address")
+            return HostPattern("ip", str(addr), _to_v4_if_mapped(ipaddress.ip_network(addr)))
+        try:
+            name = normalize_host(base)
+        except HostError as e:
+            raise HostError(f"bad host {raw!r}: {e}") from None
     section = public_suffix_section(name) if kind != "exact" else None
     if section == "icann" or (section == "private" and not deny):
         raise HostError(f"wildcard {raw!r} stands directly over the public suffix {name!r} "
