@@ -102,9 +102,9 @@ def test_duplicate_names_across_files_keep_their_positions(tmp_path: Path) -> No
     load_mod._CACHE.clear()
     with pytest.raises(PolicyError) as e:
         load_config(cfg)
-    assert e.value.errors == [
-        f"{tmp_path}/rules/s.yaml:4:11: duplicate rule name 'same' (first defined at {tmp_path}/rules/r.yaml:2)"
-    ]
+    first = f"{tmp_path}/rules/r.yaml:2"
+    want = f"{tmp_path}/rules/s.yaml:4:11: duplicate rule name 'same' (first defined at {first})"
+    assert e.value.errors == [want]
 
 
 # ---- parse_pattern's shortcut for plain names --------------------------------------------------------
