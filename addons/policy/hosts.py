@@ -9,7 +9,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 import idna
-import tldextract
+
+from addons.policy.psl import PSL as _PSL
+from addons.policy.psl import public_suffix_section
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -18,11 +20,6 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 class HostError(ValueError):
     """A host name, IP literal or host pattern that cannot be used; the message says why."""
 
-
-# Offline public suffix list: never the module-level tldextract.extract (it fetches and caches).
-_PSL = tldextract.TLDExtract(
-    suffix_list_urls=(), cache_dir=None, fallback_to_snapshot=True, include_psl_private_domains=True
-)
 
 # Dots that IDNA (UTS 46) maps to '.'; we replace them first so labels split the same way everywhere.
 _UNICODE_DOTS = str.maketrans({"\u3002": ".", "\uff0e": ".", "\uff61": "."})
@@ -219,19 +216,6 @@ def registered_domain(host: str) -> str | None:
     if not dot or not head:
         return None
     return f"{head.rpartition('.')[2]}.{last}"
-
-
-def public_suffix_section(name: str) -> Literal["icann", "private"] | None:
-    """Which PSL section lists a normalised name as a public suffix, or None if it is not one."""
-    r = _PSL.extract_str(name)
-    if r.domain == "" and r.suffix == name:
-        return "private" if r.is_private else "icann"
-    return None
-
-
-def is_public_suffix(name: str) -> bool:
-    """True when a normalised name is itself a public suffix (ICANN or private section)."""
-    return public_suffix_section(name) is not None
 
 
 # ---------------------------------------------------------------------------------------------

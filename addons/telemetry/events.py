@@ -10,7 +10,6 @@ generic walks), because one is written for every request and every tunnel.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import math
 import sys
@@ -321,7 +320,6 @@ def _c(v: Any) -> Any:
     return clean(v)
 
 
-@functools.lru_cache(maxsize=8192)  # pure of the host; the PSL walk is the dearest part of an event
 def registered_domain(host: str | None) -> str | None:
     """The registrable domain (offline PSL, its default rule for unlisted suffixes); None for IP
     literals, bare suffixes and hosts that could not be read."""
