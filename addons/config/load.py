@@ -27,6 +27,7 @@ __all__ = [
 ]
 
 _METHOD = re.compile(r"^[A-Z][A-Z0-9_-]*$")
+_ACTIONS = {a.value: a for a in Action}
 
 
 class PolicyError(Exception):
@@ -117,7 +118,7 @@ def _compile_rule(m: RuleModel, node: Any, order: int, line: int, ref_file: str,
                 errors.add(shown, *pos(node, ("paths", j)),
                            f"rule {m.name!r}: a path pattern starts with '/' (got {p!r})")
                 ok = False
-    known = {g.name for g in settings.clients}
+    known = {g.name for g in settings.clients} if m.clients else set()
     for j, c in enumerate(m.clients or ()):
         if c not in known:
             errors.add(shown, *pos(node, ("clients", j)), f"rule {m.name!r}: unknown client group {c!r}"
@@ -135,7 +136,7 @@ def _compile_rule(m: RuleModel, node: Any, order: int, line: int, ref_file: str,
     if not ok:
         return None
     return Rule(
-        order=order, ref=RuleRef(m.name, Action(m.action), ref_file, line), patterns=tuple(patterns),
+        order=order, ref=RuleRef(m.name, _ACTIONS[m.action], ref_file, line), patterns=tuple(patterns),
         ports=frozenset(m.ports) if m.ports is not None else None, methods=methods,
         paths=tuple(m.paths) if m.paths is not None else None,
         clients=frozenset(m.clients) if m.clients is not None else None, raw_tcp=m.raw_tcp,
