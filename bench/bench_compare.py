@@ -21,8 +21,9 @@ Cells (rows; each runs --seconds unless said):
   tls-new     CONNECT + TLS handshake + GET, a new tunnel per request, 2 client processes
   tls-ka      GETs inside one open tunnel per client process, 2 client processes
   bulk        GET of 100 MB inside one tunnel (TLS), twice: MB/s
-  latency     one client, one new tunnel (CONNECT + TLS + GET) at a time: p50/p99, and what the proxy
-              adds to direct (p50 and p99 of the proxy minus those of direct)
+  latency     one client, one new tunnel (CONNECT + TLS + GET) at a time, every proxy started at once
+              and taken in turn with direct (--seconds per target): p50/p99, and what each proxy adds
+              to direct (its p50 and p99 minus direct's, measured over the same moments)
   held        Portcullis only: RSS idle, with 1,000 and with 10,000 requests held for approval (an
               `action: approval` rule, hold: true; 50 per source address 127.1.x.y, distinct ports),
               and the p99 of an allowed probe (keep-alive GETs, one at a time) idle and beside 10,000
@@ -106,6 +107,8 @@ class Bench:
             folder = self.d / f"squid-{proxy}-r{rnd}-{cell}"
             return bp.start_squid(folder, port, self.http_port, self.tls_port, workers), port, None
         setup = {"portcullis-100k": self.big}.get(proxy, self.hold if cell == "held" else self.std)
+        if cell == "latency":  # started side by side: each its own folder (events, state)
+            setup = bp.portcullis_setup(self.d, "lat-" + proxy.replace("@", "-"), 10)
         workers = self.n if proxy == "portcullis-wN" else (1 if self.has_workers else None)
         env = None
         if proxy.startswith("portcullis@"):  # another source tree, e.g. a worktree of an older commit
@@ -136,6 +139,29 @@ class Bench:
         print(json.dumps(row), flush=True)
 
     # ---- cells ------------------------------------------------------------------------------------
+    def latency(self, rnd: int, proxies: list[str]) -> None:
+        """Every proxy started at once; one client takes them (and direct) in turn, tunnel by tunnel."""
+        procs: list[Any] = []
+        ports: dict[str, int | None] = {}
+        try:
+            for proxy in proxies:
+                p, port, _ = self.start(proxy, "latency", rnd)
+                if p is not None:
+                    procs.append(p)
+                ports[proxy] = port
+            time.sleep(0.5)
+            bl.run_latency_interleaved(ports, self.tls_port, self.ca, 1.0)  # warm-up
+            seconds = self.args.seconds * len(ports)
+            results = bl.run_latency_interleaved(ports, self.tls_port, self.ca, seconds)
+            for proxy, r in results.items():
+                self.record(rnd, "latency", proxy, r)
+        except Exception as e:  # a failed cell is reported, not fatal
+            for proxy in proxies:
+                self.record(rnd, "latency", proxy, {"failure": f"{type(e).__name__}: {e}"[:300]})
+        finally:
+            for p in procs:
+                bp.stop(p)
+
     def run_cell(self, rnd: int, cell: str, proxy: str) -> None:
         if cell == "load":
             self.record(rnd, cell, proxy, {"value": self.load_time()})
@@ -149,10 +175,6 @@ class Bench:
                 return
             if cell == "bulk":
                 self.record(rnd, cell, proxy, bl.run_bulk(port, self.tls_port, self.ca))
-                return
-            if cell == "latency":
-                bl.run_latency(port, self.tls_port, self.ca, 1.0)  # warm-up
-                self.record(rnd, cell, proxy, bl.run_latency(port, self.tls_port, self.ca, self.args.seconds))
                 return
             self.load(cell, port, 1.0)  # warm-up
             cpu0 = bp.cpu_seconds(p.pid) if p is not None else NAN
@@ -200,7 +222,8 @@ class Bench:
             "t0 = time.perf_counter(); p = load_config(sys.argv[2]).policy; "
             "print(time.perf_counter() - t0, p.rule_count)"
         )
-        out = subprocess.run([sys.executable, "-c", code, str(ROOT), str(self.big.folder / "portcullis.yaml")],
+        cfg = str(self.big.folder / "portcullis.yaml")
+        out = subprocess.run([sys.executable, "-c", code, str(ROOT), cfg],
                              capture_output=True, text=True, timeout=600, check=True).stdout.split()
         assert int(out[1]) == self.big.rules, out
         return float(out[0])
@@ -247,8 +270,10 @@ class Report:
             rs = [_ratio(pc, mm), _ratio(pc, sq), _ratio(pcn, pc), _ratio(pcn, sq)] if ratios else ["—"] * 4
             lines.append("| " + " | ".join([label, *cells_txt, *rs, note]) + " |")
 
-        titles = {"http-ka": "plain HTTP keep-alive (req/s)", "http-close": "plain HTTP, new connection each (req/s)",
-                  "tls-new": "CONNECT + TLS + GET, new tunnel each (/s)", "tls-ka": "GETs inside one tunnel (req/s)"}
+        titles = {"http-ka": "plain HTTP keep-alive (req/s)",
+                  "http-close": "plain HTTP, new connection each (req/s)",
+                  "tls-new": "CONNECT + TLS + GET, new tunnel each (/s)",
+                  "tls-ka": "GETs inside one tunnel (req/s)"}
         for cell in THROUGHPUT:
             if cell in cells:
                 row(titles[cell], cell, "rps", ",.0f",
@@ -274,7 +299,7 @@ class Report:
             row("allowed probe p99 ms, idle", "held", "probe_idle_p99_ms", ".2f", ratios=False)
             row("allowed probe p99 ms, beside 10,000 held", "held", "probe_10000_p99_ms", ".2f", ratios=False,
                 note="vs idle: " + ", ".join(
-                    f"{names.get(c, c)} {_ratio(self.med('held', c, 'probe_10000_p99_ms'), self.med('held', c, 'probe_idle_p99_ms'))}x"
+                    f"{names.get(c, c)} {self._probe_ratio(c)}x"
                     for c in ("portcullis", "portcullis-wN") if c in cols)
                 + "; CPU while holding (cores): " + ", ".join(
                     f"{names.get(c, c)} {self.med('held', c, 'cpu_cores_10000'):.2f}"
@@ -287,9 +312,9 @@ class Report:
                                  + " | ".join(_fmt(big, ",.0f") if c == "portcullis" else "—" for c in cols)
                                  + f" | — | — | — | — | 100k/10 rules: {_ratio(big, ten)} |")
         if "load" in cells:
+            load_s = _fmt(self.med("load", "portcullis", "value"), ".2f")
             lines.append("| 100,000-rule policy: load_config s (proxy start to listening s) | "
-                         + " | ".join(_fmt(self.med("load", "portcullis", "value"), ".2f") if c == "portcullis"
-                                      else "—" for c in cols)
+                         + " | ".join(load_s if c == "portcullis" else "—" for c in cols)
                          + f" | — | — | — | — | start to listening: "
                          f"{self.med('startup', 'portcullis-100k', 'value'):.2f} s |")
         if b.variants:
@@ -318,9 +343,14 @@ class Report:
         return ", ".join(f"{c} +{self.med('latency', c, key) - d:.2f}" for c in cols if c != "direct")
 
     def _held_note(self, n: int) -> str:
-        return ", ".join(
-            f"{c}: {self.med('held', c, f'pending_{n}'):,.0f} pending after {self.med('held', c, f'open_{n}_s'):.0f} s"
-            for c in ("portcullis", "portcullis-wN") if any(r["proxy"] == c and r["cell"] == "held" for r in self.rows))
+        held = [c for c in ("portcullis", "portcullis-wN")
+                if any(r["proxy"] == c and r["cell"] == "held" for r in self.rows)]
+        return ", ".join(f"{c}: {self.med('held', c, f'pending_{n}'):,.0f} pending after "
+                         f"{self.med('held', c, f'open_{n}_s'):.0f} s" for c in held)
+
+    def _probe_ratio(self, proxy: str) -> str:
+        busy = self.med("held", proxy, "probe_10000_p99_ms")
+        return _ratio(busy, self.med("held", proxy, "probe_idle_p99_ms"))
 
 
 def _fmt(v: float, fmt: str) -> str:
@@ -340,7 +370,8 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--only", help="comma-separated cells (default: all): " + ",".join(CELLS))
     ap.add_argument("--proxies", help="comma-separated proxies (default: all): " + ",".join(PROXIES))
-    ap.add_argument("--workers", type=int, default=os.cpu_count() or 2, help="N for portcullis-wN and squid-wN")
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 2,
+                    help="N for portcullis-wN and squid-wN")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=DIR",
                     help="also run Portcullis from the source tree DIR (PYTHONPATH) as portcullis@NAME")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
@@ -352,7 +383,8 @@ def main() -> int:
             print("bench: needs unshare (util-linux)", file=sys.stderr)
             return 2
         env = dict(os.environ, PORTCULLIS_BENCH_NS="1")
-        return subprocess.call(["unshare", "-m", "--propagation", "private", sys.executable, *sys.argv], env=env)
+        return subprocess.call(["unshare", "-m", "--propagation", "private", sys.executable, *sys.argv],
+                               env=env)
 
     for tool in ("nginx", "squid", "wrk", "openssl"):
         if shutil.which(tool) is None:
@@ -380,6 +412,9 @@ def main() -> int:
     try:
         for rnd in range(args.rounds):
             for cell in cells:
+                if cell == "latency":
+                    b.latency(rnd, [p for p in proxies if b.wanted(p, cell)])
+                    continue
                 for proxy in proxies:
                     if b.wanted(proxy, cell):
                         b.run_cell(rnd, cell, proxy)

@@ -32,6 +32,12 @@ def quantile(sorted_values: list[float], q: float) -> float:
     return sorted_values[min(n - 1, int(n * q))] if n else NAN
 
 
+def stats(sorted_latencies: list[float], seconds: float) -> dict[str, float]:
+    lat = sorted_latencies
+    return {"rps": len(lat) / seconds, "p50_ms": quantile(lat, 0.5) * 1000,
+            "p99_ms": quantile(lat, 0.99) * 1000}
+
+
 def run_wrk(proxy_port: int | None, http_port: int, seconds: float, close: bool, d: Path,
             connections: int = 10) -> dict[str, float]:
     """wrk -t1 -c10 through the proxy (absolute-form target) or straight at nginx."""
@@ -140,8 +146,7 @@ def run_tls(proxy_port: int | None, tls_port: int, ca: Path, seconds: float, kee
     for p in ps:
         p.join(10)
     lat.sort()
-    return {"rps": len(lat) / seconds, "p50_ms": quantile(lat, 0.5) * 1000, "p99_ms": quantile(lat, 0.99) * 1000,
-            "bad": 0.0, "errors": float(errors)}
+    return {**stats(lat, seconds), "bad": 0.0, "errors": float(errors)}
 
 
 def run_latency(proxy_port: int | None, tls_port: int, ca: Path, seconds: float) -> dict[str, float]:
@@ -160,8 +165,32 @@ def run_latency(proxy_port: int | None, tls_port: int, ca: Path, seconds: float)
         except (OSError, ConnectionError):
             errors += 1
     lat.sort()
-    return {"rps": len(lat) / seconds, "p50_ms": quantile(lat, 0.5) * 1000, "p99_ms": quantile(lat, 0.99) * 1000,
-            "bad": 0.0, "errors": float(errors)}
+    return {**stats(lat, seconds), "bad": 0.0, "errors": float(errors)}
+
+
+def run_latency_interleaved(ports: dict[str, int | None], tls_port: int, ca: Path,
+                            seconds: float) -> dict[str, dict[str, float]]:
+    """One client, one new tunnel at a time, taking the targets in turn (direct, each proxy, again):
+    every target sees the same moments of a noisy machine, so their differences mean something."""
+    ctx = ssl.create_default_context(cafile=str(ca))
+    lat: dict[str, list[float]] = {name: [] for name in ports}
+    errors = dict.fromkeys(ports, 0)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and all(len(v) < 20000 for v in lat.values()):
+        for name, port in ports.items():
+            t0 = time.perf_counter()
+            try:
+                s = tunnel(port, tls_port, ctx)
+                get(s, close=True)
+                s.close()
+                lat[name].append(time.perf_counter() - t0)
+            except (OSError, ConnectionError):
+                errors[name] += 1
+    out = {}
+    for name, values in lat.items():
+        values.sort()
+        out[name] = {**stats(values, seconds / len(ports)), "bad": 0.0, "errors": float(errors[name])}
+    return out
 
 
 def run_bulk(proxy_port: int | None, tls_port: int, ca: Path, transfers: int = 2) -> dict[str, float]:
@@ -297,4 +326,4 @@ def probe(proxy_port: int, http_port: int, seconds: float) -> dict[str, float]:
     finally:
         s.close()
     lat.sort()
-    return {"rps": len(lat) / seconds, "p50_ms": quantile(lat, 0.5) * 1000, "p99_ms": quantile(lat, 0.99) * 1000}
+    return stats(lat, seconds)

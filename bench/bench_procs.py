@@ -5,6 +5,7 @@ Not a test and never run in CI. Everything listens on loopback and lives in one 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -89,7 +90,8 @@ http {{
     return p
 
 
-def start_squid(d: Path, port: int, http_port: int, tls_port: int, workers: int = 1) -> subprocess.Popen[bytes]:
+def start_squid(d: Path, port: int, http_port: int, tls_port: int,
+                workers: int = 1) -> subprocess.Popen[bytes]:
     """Squid, no cache, no access log; `workers N` (SMP: a master, a coordinator and N kids) when N > 1."""
     sd = d / "squid"
     sd.mkdir(parents=True)
@@ -202,10 +204,8 @@ def stop(p: subprocess.Popen[bytes] | None) -> None:
     except subprocess.TimeoutExpired:
         with_tree = tree(p.pid)
         for pid in with_tree:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         p.wait()
 
 

@@ -126,7 +126,8 @@ def load(workload: str, port: int, http_port: int, tls_port: int, ca: Path, seco
 def resummarise(paths: list[str]) -> None:
     """Rewrite the .txt summary of existing .raw profiles (after a change to AREAS)."""
     for p in map(Path, paths):
-        first = p.with_suffix(".txt").read_text().splitlines()[0].lstrip("# ") if p.with_suffix(".txt").exists() else p.stem
+        txt = p.with_suffix(".txt")
+        first = txt.read_text().splitlines()[0].lstrip("# ") if txt.exists() else p.stem
         p.with_suffix(".txt").write_text(summarise(p, first))
 
 
@@ -135,7 +136,8 @@ def main() -> int:
         resummarise(sys.argv[2:])
         return 0
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--workload", default="http-ka", choices=bc.WORKLOADS)
+    ap.add_argument("--workload", default="http-ka", choices=(*bc.WORKLOADS, "held"),
+                    help="held: 10,000 requests held for approval, an allowed probe beside them")
     ap.add_argument("--proxy", default="portcullis", choices=("portcullis", "mitmdump"))
     ap.add_argument("--seconds", type=float, default=15.0)
     ap.add_argument("--native", action="store_true")
@@ -144,7 +146,8 @@ def main() -> int:
     args = ap.parse_args()
     if os.environ.get("PORTCULLIS_BENCH_NS") != "1":
         env = dict(os.environ, PORTCULLIS_BENCH_NS="1")
-        return subprocess.call(["unshare", "-m", "--propagation", "private", sys.executable, *sys.argv], env=env)
+        return subprocess.call(["unshare", "-m", "--propagation", "private", sys.executable, *sys.argv],
+                               env=env)
     pyspy = shutil.which("py-spy") or str(bc.VENV_BIN / "py-spy")
     d = Path(tempfile.mkdtemp(prefix="portcullis-prof-"))
     os.chmod(d, 0o755)
@@ -153,9 +156,22 @@ def main() -> int:
     bc.make_certs(d)
     http_port, tls_port = bc.free_port(), bc.free_port()
     nginx = bc.start_nginx(d, http_port, tls_port)
-    port = bc.free_port()
-    if args.proxy == "portcullis":
-        proxy = bc.start_portcullis(d, port, bc.free_port())
+    port, admin = bc.free_port(), bc.free_port()
+    holder = None
+    if args.workload == "held":
+        import resource
+
+        import bench_load as bl
+        import bench_procs as bp
+
+        _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        proxy = bp.start_portcullis(bp.portcullis_setup(d, "hold", 2, hold=True), port, admin)
+        holder = bl.Holder(port)
+        holder.open(10000)
+        print("pending:", bl.wait_pending(admin, 10000, 300), flush=True)
+    elif args.proxy == "portcullis":
+        proxy = bc.start_portcullis(d, port, admin)
     else:
         proxy = bc.start_mitmdump(d, port, passthrough=args.workload.startswith("tls"))
     out = Path(args.out)
@@ -164,9 +180,11 @@ def main() -> int:
     raw = out / f"{name}.raw"
     try:
         time.sleep(0.5)
-        t = threading.Thread(
-            target=load, args=(args.workload, port, http_port, tls_port, d / "ca.pem", args.seconds + 3, d)
-        )
+        if holder is None:
+            t = threading.Thread(target=load, args=(args.workload, port, http_port, tls_port, d / "ca.pem",
+                                                    args.seconds + 3, d))
+        else:
+            t = threading.Thread(target=lambda: print(bl.probe(port, http_port, args.seconds + 3)))
         t.start()
         time.sleep(1.5)
         cmd = [pyspy, "record", "-p", str(proxy.pid), "-d", str(int(args.seconds)), "-r", "250",
@@ -176,6 +194,8 @@ def main() -> int:
         subprocess.run(cmd, check=True, capture_output=True)
         t.join()
     finally:
+        if holder is not None:
+            holder.close()
         bc.stop(proxy)
         bc.stop(nginx)
         subprocess.run(["umount", "/etc/hosts"], check=False)
