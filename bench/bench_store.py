@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/bench_store.py [--dir state/] [--cycles 300] [--rounds 3]
 
-One cycle is one approval's life as the proxy writes it: insert, decide, add a single-use grant,
+One cycle is one approval's life as the proxy writes it: open, decide, add a single-use grant,
 take (delete) it: four commits. The file lives in --dir (default: a temporary folder under the
 current directory, so the disk is the one the store would use; tmpfs would hide the fsyncs).
 Modes alternate round by round so that machine noise hits both alike.
@@ -19,7 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from addons.approvals.store import Approval, SqliteStore  # noqa: E402
+from addons.approvals.model import Approval, Choice, Scope  # noqa: E402
+from addons.approvals.stores.sqlite import SqliteStore  # noqa: E402
 
 
 def run(folder: Path, mode: str, cycles: int, tag: str) -> list[float]:
@@ -33,10 +34,10 @@ def run(folder: Path, mode: str, cycles: int, tag: str) -> list[float]:
             a = Approval(id=f"apr_{tag}_{i}", client_key="10.0.0.5", client_address="10.0.0.5",
                          client_name=None, host=f"h{i}.example.com", port=443, scheme="https", method="GET",
                          path="/", rule=None, created_at=now, expires_at=now + 120)
-            store.insert(a)
-            store.decide(a.id, "allow", "once", "bench", None, now)
-            store.add_grant(a.client_key, a.host, a.port, "allow", "once", a.id, now, now + 60, True)
-            store.take_grant(a.client_key, a.host, a.port, now)
+            store.open(a, now)
+            store.decide(a.id, Choice.ALLOW, Scope.ONCE, "bench", None, now)
+            store.add_grant(a.key, Choice.ALLOW, Scope.ONCE, a.id, now, now + 60, True)
+            store.take_grant(a.key, now)
             per_cycle.append(time.perf_counter() - t0)
     finally:
         store.close()

@@ -1,5 +1,5 @@
 """Hand-built TLS ClientHellos for attack tests: any server_name list, odd record versions, a hello
-split over several records. Independent of the proxy's own reader (addons/proxy/clienthello.py)."""
+split over several records. Independent of the proxy's own reader (addons/pipeline/clienthello.py)."""
 
 from __future__ import annotations
 

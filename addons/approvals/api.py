@@ -5,16 +5,15 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, Literal
+from typing import Any
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from addons.approvals import page
 from addons.approvals.auth import NO_TOKEN, token_ok
-from addons.approvals.model import DecideError, rfc3339
+from addons.approvals.model import Approval, Choice, DecideError, Scope, rfc3339
 from addons.approvals.service import ApprovalService
-from addons.approvals.store import Approval
 
 log = logging.getLogger(__name__)
 
@@ -23,8 +22,8 @@ class DecisionBody(BaseModel):
     """`POST /approvals/{id}` body. Unknown keys and wrong types are 422."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
-    decision: Literal["allow", "deny"]
-    scope: Literal["once", "session", "always"] = "once"
+    decision: Choice = Field(strict=False)  # strict=False: the JSON string "allow" is read as Choice.ALLOW
+    scope: Scope = Field(default=Scope.ONCE, strict=False)
     by: str | None = Field(default=None, max_length=200)
     reason: str | None = Field(default=None, max_length=2000)
 
@@ -56,12 +55,16 @@ def _json_errors(handler: Handler) -> Handler:
 
 def approval_json(a: Approval, service: ApprovalService) -> dict[str, Any]:
     return {
-        "id": a.id, "state": a.state, "client": a.client_address, "client_name": a.client_name,
+        "id": a.id, "state": a.state.value, "client": a.client_address, "client_name": a.client_name,
         "host": a.host, "port": a.port, "scheme": a.scheme, "method": a.method, "path": a.path,
         "rule": a.rule, "created_at": rfc3339(a.created_at), "expires_at": rfc3339(a.expires_at),
-        "decision": a.decision, "scope": a.scope, "by": a.decided_by, "reason": a.reason,
+        "decision": _value(a.decision), "scope": _value(a.scope), "by": a.decided_by, "reason": a.reason,
         "decided_at": rfc3339(a.decided_at) if a.decided_at else None, "waiters": service.waiters(a),
     }
+
+
+def _value(e: Choice | Scope | None) -> str | None:
+    return None if e is None else e.value
 
 
 def error(status: int, code: str, message: str, **extra: Any) -> web.Response:

@@ -17,6 +17,7 @@ from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
 from addons.approvals.errors import ApprovalError
+from addons.approvals.model import Choice, Scope, State
 from addons.approvals.webhook import VerifyError, verify
 
 DEFAULT_ADMIN = "http://127.0.0.1:9090"
@@ -40,7 +41,7 @@ def approvals_command(args: argparse.Namespace) -> int:
             if args.action == "list":
                 resp = client.get("/approvals")
             else:
-                body = {"decision": args.action, "scope": args.scope,
+                body = {"decision": Choice(args.action).value, "scope": Scope(args.scope).value,
                         "by": args.by or _user(), "reason": args.reason}
                 resp = client.post(f"/approvals/{args.id}", json=body)
     except httpx.HTTPError as e:
@@ -132,7 +133,7 @@ def _table(items: list[dict[str, Any]]) -> None:
     for a in items:
         client = a.get("client_name") or a.get("client") or "-"
         dest = f"{a.get('method') or ''} {a['host']}:{a['port']}{a.get('path') or ''}".strip()
-        if a["state"] == "pending":
+        if a["state"] == State.PENDING.value:
             left = datetime.fromisoformat(a["expires_at"].replace("Z", "+00:00")).timestamp() - now
             tail = f"{max(0, int(left))}s left, {a.get('waiters', 0)} waiting"
         else:

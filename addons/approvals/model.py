@@ -1,19 +1,60 @@
-"""Value types of the approvals part: what the proxy asks, what it gets back, decision errors."""
+"""The approvals model: states, scopes and choices; the stored Approval and Grant rows; the Store protocol.
+
+The enum values are the contract's strings (store, admin API, events, webhooks): "pending", "once",
+"allow" ... A request the policy judged `approval` arrives as the pipeline's Outcome
+(addons/pipeline/model.py); the Approval row is built from it once (`Approval.opened`).
+The stores live beside this module in stores/ and import it; this module imports no store.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import Any
+from enum import StrEnum
+from typing import Protocol
 
-from addons.approvals.store import ALLOWED, EXPIRED, PENDING, Approval
+from addons.pipeline.model import Outcome
 from addons.policy.model import Reason
 
+Key = tuple[str, str, int]  # (client key, host, port): what one approval and its grants are about
 
-@dataclass(frozen=True)
-class ApprovalRequest:
-    """What the proxy asks about: one request the policy judged `approval`."""
 
+class State(StrEnum):
+    PENDING = "pending"
+    ALLOWED = "allowed"
+    DENIED = "denied"
+    EXPIRED = "expired"
+
+
+class Scope(StrEnum):
+    """How far a decision reaches: the requests held now (or the next retry), the client's session
+    on that host:port (approvals.session_ttl), or a rule appended to approvals.persist_to."""
+
+    ONCE = "once"
+    SESSION = "session"
+    ALWAYS = "always"
+
+
+class Choice(StrEnum):
+    """What a person (or a grant) says."""
+
+    ALLOW = "allow"
+    DENY = "deny"
+
+    @property
+    def state(self) -> State:
+        return State.ALLOWED if self is Choice.ALLOW else State.DENIED
+
+    @property
+    def reason(self) -> Reason:
+        return Reason.APPROVED if self is Choice.ALLOW else Reason.APPROVAL_DENIED
+
+
+@dataclass(frozen=True, slots=True)
+class Approval:
+    """One approval as stored."""
+
+    id: str
     client_key: str
     client_address: str | None
     client_name: str | None
@@ -23,20 +64,102 @@ class ApprovalRequest:
     method: str | None
     path: str | None
     rule: str | None
-    flow_id: str
-
-
-@dataclass(frozen=True)
-class ApprovalOutcome:
-    """The answer for one request: allowed or not, and why (a Reason the proxy logs)."""
-
-    allowed: bool
-    reason: Reason
-    approval_id: str | None
-    retry_after: int | None = None
-    waited_s: float = 0.0
-    scope: str | None = None
+    created_at: float
+    expires_at: float
+    state: State = State.PENDING
+    decision: Choice | None = None
+    scope: Scope | None = None
     decided_by: str | None = None
+    reason: str | None = None
+    decided_at: float | None = None
+    notified: bool = False  # every webhook endpoint reached a final answer (else re-sent after a restart)
+
+    @classmethod
+    def opened(cls, approval_id: str, pending: Outcome, now: float, timeout: float) -> Approval:
+        """A new pending approval for a request the policy judged `approval`."""
+        r = pending.request
+        return cls(approval_id, r.client.key, r.client.address, pending.client_name, r.host, r.port, r.scheme,
+                   r.method, r.path, pending.rule.name if pending.rule else None, now, now + timeout)
+
+    @property
+    def key(self) -> Key:
+        return (self.client_key, self.host, self.port)
+
+    @property
+    def ending(self) -> Reason | None:
+        """How it ended, as its waiters are answered; None while it is pending."""
+        if self.state is State.PENDING:
+            return None
+        if self.state is State.EXPIRED:
+            return Reason.APPROVAL_TIMEOUT
+        return Reason.APPROVED if self.state is State.ALLOWED else Reason.APPROVAL_DENIED
+
+    def decided(self, choice: Choice, scope: Scope, by: str | None, reason: str | None,
+                now: float) -> Approval:
+        """This row after the decision (what the store's compare-and-set writes)."""
+        return replace(self, state=choice.state, decision=choice, scope=scope, decided_by=by, reason=reason,
+                       decided_at=now)
+
+    def expired(self, now: float) -> Approval:
+        return replace(self, state=State.EXPIRED, decided_at=now)
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """A standing decision for (client, host, port): session/always grants, or a single-use `once`."""
+
+    id: int
+    client_key: str
+    host: str
+    port: int
+    decision: Choice
+    scope: Scope
+    approval_id: str | None
+    created_at: float
+    expires_at: float
+    single_use: bool
+
+
+class Store(Protocol):
+    """Where approvals and grants live (stores/sqlite.py, stores/redis.py).
+
+    Each call is atomic on its own and is one round trip: the ledger never relies on two calls
+    being adjacent. Coalescing is `open`'s job (one pending approval per key, across replicas),
+    first-decision-wins is `decide`'s compare-and-set, and a `once` grant is used by exactly one
+    `take_grant`. So the calls may become coroutines (redis.asyncio) without a change of logic.
+    """
+
+    def close(self) -> None: ...
+    def open(self, a: Approval, now: float) -> Approval:
+        """Insert `a` unless a live pending approval for `a.key` exists; returns the one that stands."""
+        ...
+    def get(self, approval_id: str) -> Approval | None: ...
+    def pending(self) -> list[Approval]: ...
+    def pending_for(self, key: Key, now: float) -> Approval | None: ...
+    def recent(self, limit: int = 100) -> list[Approval]: ...
+    def decide(self, approval_id: str, choice: Choice, scope: Scope, by: str | None, reason: str | None,
+               now: float) -> bool:
+        """Compare-and-set pending -> allowed/denied. False when it was no longer pending."""
+        ...
+    def expire(self, approval_id: str, now: float) -> bool:
+        """Compare-and-set pending -> expired. False when it was no longer pending."""
+        ...
+    def mark_notified(self, approval_id: str) -> None: ...
+    def due(self, now: float) -> list[Approval]:
+        """Pending approvals whose expiry has passed."""
+        ...
+    def add_grant(self, key: Key, choice: Choice, scope: Scope, approval_id: str | None, now: float,
+                  expires_at: float, single_use: bool) -> int: ...
+    def take_grant(self, key: Key, now: float) -> Grant | None:
+        """The live grant for this key (deny before allow); a single-use grant is consumed."""
+        ...
+    def drop_single_use(self, a: Approval) -> int:
+        """Remove the unused `once` grant a decision left for this approval; returns how many."""
+        ...
+    def grants(self, now: float) -> list[Grant]: ...
+    def sweep(self, now: float, keep_decided_s: float = 7 * 86400) -> int:
+        """Delete expired grants and old decided approvals. Returns the number of grants removed."""
+        ...
 
 
 class DecideError(Exception):
@@ -47,34 +170,6 @@ class DecideError(Exception):
         self.status, self.code, self.message, self.approval = status, code, message, approval
 
 
-@dataclass(frozen=True)
-class Verdict:
-    """How an approval ended, as the waiters see it."""
-
-    allowed: bool
-    reason: Reason
-    scope: str | None
-    by: str | None
-
-
-def stored_verdict(a: Approval | None) -> Verdict | None:
-    """The verdict a stored approval carries, or None while it is still pending."""
-    if a is None or a.state == PENDING:
-        return None
-    if a.state == EXPIRED:
-        return Verdict(False, Reason.APPROVAL_TIMEOUT, None, None)
-    allowed = a.state == ALLOWED
-    return Verdict(allowed, Reason.APPROVED if allowed else Reason.APPROVAL_DENIED, a.scope, a.decided_by)
-
-
 def rfc3339(ts: float) -> str:
     """Unix seconds -> RFC 3339 UTC with a Z."""
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
-def event_fields(a: Approval) -> dict[str, Any]:
-    """The approval.* event fields, dotted like the egress.decision event's."""
-    return {"client.address": a.client_address, "client.name": a.client_name, "destination.host": a.host,
-            "destination.port": a.port, "request.scheme": a.scheme, "request.method": a.method,
-            "request.path": a.path, "rule": a.rule, "created_at": rfc3339(a.created_at),
-            "expires_at": rfc3339(a.expires_at)}

@@ -13,20 +13,20 @@ from html import escape
 from aiohttp import web
 
 from addons.approvals.auth import NO_TOKEN, token_ok
-from addons.approvals.model import DecideError, rfc3339
+from addons.approvals.model import Approval, Choice, DecideError, Scope, State, rfc3339
 from addons.approvals.service import ApprovalService
-from addons.approvals.store import PENDING, Approval
 
 SESSION_COOKIE = "portcullis_session"
 LOGIN_COOKIE = "portcullis_login"
 SESSION_S = 12 * 3600
 LOGIN_FAILURES, LOGIN_WINDOW_S = 10, 60.0
-_ACTIONS = (("allow", "once", "Allow once"), ("allow", "session", "Allow for session"),
-            ("allow", "always", "Allow always"), ("deny", "once", "Deny"),
-            ("deny", "session", "Deny for session"), ("deny", "always", "Deny always"))
-_HINTS = {"once": "only the requests waiting now (or the next retry)",
-          "session": "this client, this host:port, for approvals.session_ttl",
-          "always": "adds a rule to approvals.persist_to"}
+_ACTIONS = ((Choice.ALLOW, Scope.ONCE, "Allow once"), (Choice.ALLOW, Scope.SESSION, "Allow for session"),
+            (Choice.ALLOW, Scope.ALWAYS, "Allow always"), (Choice.DENY, Scope.ONCE, "Deny"),
+            (Choice.DENY, Scope.SESSION, "Deny for session"), (Choice.DENY, Scope.ALWAYS, "Deny always"))
+_BY_VALUE = {f"{d.value}:{s.value}": (d, s) for d, s, _ in _ACTIONS}  # the buttons' values: "allow:once" ...
+_HINTS = {Scope.ONCE: "only the requests waiting now (or the next retry)",
+          Scope.SESSION: "this client, this host:port, for approvals.session_ttl",
+          Scope.ALWAYS: "adds a rule to approvals.persist_to"}
 _HEADERS = {
     # No scripts at all; forms may only post back here; never framed (clickjacking).
     "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; "
@@ -128,9 +128,10 @@ class _Page:
         if not self._same_origin(request) or not hmac.compare_digest(self._csrf(nonce), _field(form, "csrf")):
             return self._list_page(nonce, "Refused: missing or wrong CSRF token. Reload the page.",
                                    status=403)
-        decision, _, scope = _field(form, "action").partition(":")
-        if (decision, scope) not in {(d, s) for d, s, _ in _ACTIONS}:
+        action = _BY_VALUE.get(_field(form, "action"))
+        if action is None:
             return self._list_page(nonce, "Unknown action.", status=422)
+        decision, scope = action
         by = _field(form, "by").strip() or "approval page"
         reason = _field(form, "reason").strip() or None
         approval_id = request.match_info["id"]
@@ -138,8 +139,8 @@ class _Page:
             a = await self.service.decide(approval_id, decision, scope, by[:200], reason)
         except DecideError as e:
             return self._list_page(nonce, e.message, status=e.status)
-        verb = "Allowed" if decision == "allow" else "Denied"
-        return self._list_page(nonce, f"{verb} ({scope}): {a.host}:{a.port} [{a.id}]", ok=True)
+        verb = "Allowed" if decision is Choice.ALLOW else "Denied"
+        return self._list_page(nonce, f"{verb} ({scope.value}): {a.host}:{a.port} [{a.id}]", ok=True)
 
     # Rendering
 
@@ -164,14 +165,14 @@ class _Page:
         now = time.time()
         note = f"<p class='msg{'' if ok else ' err'}'>{escape(msg)}</p>" if msg else ""
         items = self.service.listing(recent=20)
-        pending = [a for a in items if a.state == PENDING and a.expires_at > now]
+        pending = [a for a in items if a.state is State.PENDING and a.expires_at > now]
         rows = "".join(self._row(a, csrf, now) for a in pending) or \
             "<tr><td colspan='7'>Nothing is waiting for a decision.</td></tr>"
         recent = "".join(
-            f"<tr><td><code>{escape(a.id)}</code></td><td>{escape(_dest(a))}</td><td>{escape(a.state)}</td>"
-            f"<td>{escape(a.scope or '')}</td><td>{escape(a.decided_by or '')}</td>"
+            f"<tr><td><code>{escape(a.id)}</code></td><td>{escape(_dest(a))}</td><td>{escape(a.state.value)}</td>"
+            f"<td>{escape(a.scope.value if a.scope else '')}</td><td>{escape(a.decided_by or '')}</td>"
             f"<td>{escape(a.reason or '')}</td></tr>"
-            for a in items if a.state != PENDING)
+            for a in items if a.state is not State.PENDING)
         body = (
             f"<h1>Portcullis approvals</h1>{note}<p><a href='/'>Refresh</a></p>"
             f"<form method='post' action='/logout'><input type='hidden' name='csrf' value='{csrf}'>"
@@ -185,7 +186,8 @@ class _Page:
     def _row(self, a: Approval, csrf: str, now: float) -> str:
         client = escape(a.client_name or "") + (f" <code>{escape(a.client_address)}</code>"
                                                 if a.client_address else "")
-        buttons = "".join(f"<button type='submit' name='action' value='{d}:{s}' title='{_HINTS[s]}'>"
+        buttons = "".join(f"<button type='submit' name='action' value='{d.value}:{s.value}' "
+                          f"title='{_HINTS[s]}'>"
                           f"{label}</button>" for d, s, label in _ACTIONS)
         return (
             f"<tr data-id='{escape(a.id)}'><td>{client}</td><td>{escape(_dest(a))}</td>"

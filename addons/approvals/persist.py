@@ -1,7 +1,9 @@
-"""The atomic `always` writer: append a rule to `persist_to` (lock, temp file, fsync, rename)."""
+"""The rule persister for `always`: append a rule to `persist_to` atomically (lock, temp file, fsync,
+rename), never clobbering a file it cannot read; the hot reload then picks the rule up."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import io
@@ -19,18 +21,41 @@ from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import YAMLError
 
 from addons.approvals.errors import ApprovalError
+from addons.approvals.model import Approval, Choice, DecideError
 
 _ATTEMPTS = 5
 
 
-def rule_name(action: str, host: str, port: int, approval_id: str) -> str:
+class Persister:
+    """Writes the rule of an `always` decision, in a worker thread, before the decision is stored."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+
+    async def write(self, a: Approval, choice: Choice, by: str | None, reason: str | None,
+                    now: float) -> None:
+        """DecideError 422 without persist_to, 500 when the rule cannot be written (nothing decided)."""
+        if self.path is None:
+            raise DecideError(422, "no_persist_to", "scope always needs approvals.persist_to in the config; "
+                              "use once or session", a)
+        try:
+            await asyncio.to_thread(
+                append_rule, self.path, name=rule_name(choice, a.host, a.port, a.id), action=choice,
+                host=a.host, port=a.port, clients=[a.client_name] if a.client_name else None, by=by,
+                reason=reason, now=now)
+        except (ApprovalError, OSError) as e:
+            raise DecideError(500, "persist_failed", f"could not write the rule, nothing was decided: {e}",
+                              a) from e
+
+
+def rule_name(action: Choice, host: str, port: int, approval_id: str) -> str:
     """A unique, readable rule name: approved-<host>-<port>-<short id> (denied-... for deny)."""
     safe = re.sub(r"[^a-z0-9.-]+", "-", host.lower()).strip("-") or "host"
-    verb = "approved" if action == "allow" else "denied"
+    verb = "approved" if Choice(action) is Choice.ALLOW else "denied"
     return f"{verb}-{safe}-{port}-{approval_id.removeprefix('apr_')[:8]}"
 
 
-def append_rule(path: Path, *, name: str, action: str, host: str, port: int, clients: list[str] | None,
+def append_rule(path: Path, *, name: str, action: Choice, host: str, port: int, clients: list[str] | None,
                 by: str | None, reason: str | None, now: float) -> None:
     """Append one rule with a `# <action> by X at T: why` comment, atomically.
 
@@ -39,13 +64,14 @@ def append_rule(path: Path, *, name: str, action: str, host: str, port: int, cli
     the rename) and we start over from the edited text, so it is not lost.
     Raises ApprovalError when the current file is not a valid rule file (never clobbers it).
     """
+    action = Choice(action)  # a plain "allow"/"deny" too; anything else is a ValueError, not a deny rule
     path = Path(os.path.realpath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
-    rule: dict[str, Any] = {"name": name, "action": action, "hosts": [host], "ports": [port]}
+    rule: dict[str, Any] = {"name": name, "action": action.value, "hosts": [host], "ports": [port]}
     if clients:
         rule["clients"] = clients
     when = datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    verb = "approved" if action == "allow" else "denied"
+    verb = "approved" if action is Choice.ALLOW else "denied"
     comment = f"{verb} by {_one_line(by or 'unknown')} at {when}: {_one_line(reason or '(no reason given)')}"
     with _dir_lock(path.parent):
         for _ in range(_ATTEMPTS):

@@ -20,6 +20,7 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 
 from addons.approvals.errors import ApprovalError
+from addons.background import spawn
 from addons.telemetry.events import Telemetry
 
 SECRET_PREFIX = "whsec_"  # noqa: S105 (a format prefix, not a secret)
@@ -149,8 +150,8 @@ class WebhookSender:
         for i, ep in enumerate(self.endpoints):
             # webhook-id: stable across the retries of one approval to one endpoint (the idempotency key).
             msg_id = f"msg_{approval_id}_{i}"
-            task = asyncio.get_running_loop().create_task(
-                self._deliver(ep, msg_id, approval_id, body, expires_at, still_pending))
+            task = spawn(self._deliver(ep, msg_id, approval_id, body, expires_at, still_pending),
+                         f"webhook {msg_id}")
             self._tasks.add(task)
             task.add_done_callback(finished)
 

@@ -20,7 +20,7 @@ def deny_status(reason: Reason) -> int:
 class Incoming:
     """A request (or CONNECT) as the proxy's adapter read it, before any judgment: raw spellings.
 
-    `problem` is framing the adapter found malformed (addons/proxy/requestform.py); `tunnel` is the
+    `problem` is framing the adapter found malformed (addons/pipeline/requestform.py); `tunnel` is the
     outcome of the CONNECT whose inspected tunnel carried this request.
     """
 

@@ -383,7 +383,7 @@ def parse_pattern(raw: str, *, deny: bool = False) -> HostPattern:
     elif text.startswith("*."):
         kind, base = "below", text[2:]
     if _PLAIN_NAME.fullmatch(base) and len(base) <= 253 and "xn--" not in base:
-        name = base  # normalize_host(base), as tests/policy/test_pol_hosts.py checks
+        name = base  # normalize_host(base), as tests/policy/test_hosts.py checks
     else:
         if "*" in base:
             raise HostError(f"bad wildcard {raw!r}: only a leading '*.' or '**.' is allowed "

@@ -32,7 +32,7 @@ def public_suffix_section(name: str) -> Section | None:
     tldextract's answer (its trie walk, label by label from the right), from the rules: a name some
     rule ends with is a suffix only if a rule names it; otherwise it is one when its parent is as far
     as the walk gets and a wildcard there (`*.ck`) covers it, unless an exception (`!www.ck`) takes
-    it out. Punycode names (the list writes Unicode) ask tldextract itself. tests/policy/test_pol_psl.py
+    it out. Punycode names (the list writes Unicode) ask tldextract itself. tests/policy/test_psl.py
     holds both answers equal for every rule's neighbourhood."""
     if "xn--" in name:
         r = PSL.extract_str(name)

@@ -29,7 +29,6 @@ from addons.pipeline.identity import AuthConfigError, ProxyAuth
 from addons.policy.authority import AuthorityError, split_authority
 from addons.proxy import mitm_compat
 from addons.proxy.addon import Portcullis
-from addons.proxy.approvals_bridge import ApprovalsBridge
 from addons.proxy.ca import ensure_ca
 from addons.proxy.reload import PolicyHolder
 from addons.proxy.responses import error_body, h2_error_headers, http1_error_response
@@ -124,7 +123,7 @@ class Runtime:
         self.pipeline = Pipeline(
             self.holder,
             auth=auth,
-            approvals=ApprovalsBridge(self.approvals),
+            approvals=self.approvals,
             lookup=system_lookup,
             audit=cfg.mode == "audit",
             healthy=self.telemetry.healthy,

@@ -279,7 +279,7 @@ def decision_fields(o: Outcome) -> dict[str, Any]:
 
 def decision_doc(o: Outcome) -> dict[str, Any]:
     """The whole `egress.decision` document of one outcome: what `_envelope` makes of
-    `decision_fields(o)` (tests/telemetry/test_tel_render.py holds them equal), built directly."""
+    `decision_fields(o)` (tests/telemetry/test_render.py holds them equal), built directly."""
     r, c = o.request, o.request.client
     rule = o.rule
     return {

@@ -70,12 +70,21 @@ def nest(fields: Mapping[str, Any]) -> dict[str, Any]:
             node = child
         leaf = parts[-1]
         if isinstance(value, Mapping) and isinstance(node.get(leaf), dict):
-            node[leaf].update(nest(value))
+            _merge(node[leaf], nest(value))
         elif isinstance(value, Mapping):
             node[leaf] = nest(value)
         else:
             node[leaf] = value
     return out
+
+
+def _merge(into: dict[str, Any], more: dict[str, Any]) -> None:
+    """Deep merge: nested dicts meet at every depth (a dotted key and a nested dict both survive)."""
+    for k, v in more.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict):
+            _merge(into[k], v)
+        else:
+            into[k] = v
 
 
 def clean(value: Any, key: str = "", depth: int = 0) -> Any:

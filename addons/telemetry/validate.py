@@ -52,8 +52,12 @@ def validate_event(doc: Any) -> None:
         raise EventSchemaError(f"{doc.get('event')}: {msgs}")
 
 
-def validate_lines(text: str) -> list[dict[str, Any]]:
-    """Every line of a JSON-lines stream parsed and validated; returns the events in order."""
+def validate_lines(text: str, *, min_events: int = 1) -> list[dict[str, Any]]:
+    """Every line of a JSON-lines stream parsed and validated; returns the events in order.
+
+    A stream with fewer than `min_events` events (by default: an empty one) is an error, so a check
+    never passes because nothing was written; pass `min_events=0` where an empty stream is correct.
+    """
     events: list[dict[str, Any]] = []
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -67,6 +71,8 @@ def validate_lines(text: str) -> list[dict[str, Any]]:
         except EventSchemaError as e:
             raise EventSchemaError(f"line {n}: {e}") from None
         events.append(doc)
+    if len(events) < min_events:
+        raise EventSchemaError(f"{len(events)} events in the stream, expected at least {min_events}")
     return events
 
 
@@ -74,13 +80,16 @@ def _where(path: Any) -> str:
     return "/".join(map(str, path)) or "<root>"
 
 
-def audit_events(stream: str | list[str], expected_decisions: int | None = None) -> list[dict[str, Any]]:
+def audit_events(
+    stream: str | list[str], expected_decisions: int | None = None, *, min_events: int = 1
+) -> list[dict[str, Any]]:
     """The end-to-end check a proxy harness runs at teardown on everything the proxy wrote to stdout
-    (or its events file): every line a valid event (no stray log line mixed in), each decision logged
-    once (unique flow_id), and, when given, exactly `expected_decisions` egress.decision events.
-    Every tunnel.closed must follow an egress.decision of the same flow. Returns the events."""
+    (or its events file): every line a valid event (no stray log line mixed in), at least `min_events`
+    events, each decision logged once (unique flow_id), and, when given, exactly `expected_decisions`
+    egress.decision events. Every tunnel.closed must follow an egress.decision of the same flow.
+    Returns the events."""
     text = stream if isinstance(stream, str) else "\n".join(stream)
-    events = validate_lines(text)
+    events = validate_lines(text, min_events=min_events)
     decisions = [e for e in events if e["event"] == "egress.decision"]
     flows = [e["flow_id"] for e in decisions]
     dupes = _duplicate_flows(decisions)

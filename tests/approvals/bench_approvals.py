@@ -20,22 +20,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import httpx  # noqa: E402
 
-from addons.approvals.service import ApprovalRequest, ApprovalService  # noqa: E402
+from addons.approvals.model import Choice, Scope  # noqa: E402
+from addons.approvals.service import ApprovalService  # noqa: E402
 from addons.config.models import ApprovalsConfig  # noqa: E402
+from addons.pipeline.model import Outcome  # noqa: E402
 from addons.telemetry.events import Telemetry  # noqa: E402
+from tests.approvals.approvals_support import request  # noqa: E402
 
 TOKEN = "bench-token"
 
 
-def req(host: str, client: str = "10.0.0.5") -> ApprovalRequest:
-    return ApprovalRequest(client, client, None, host, 443, "https", None, None, None, "f")
+def req(host: str, client: str = "10.0.0.5") -> Outcome:
+    return request(host=host, client=client, flow_id="f")
 
 
 async def inproc() -> None:
     svc = ApprovalService(ApprovalsConfig(hold=False, timeout=600), Path(tempfile.mkdtemp()),
                           Telemetry(stream=io.StringIO()))
-    svc.max_pending_per_client = 10**6
     await svc.start()
+    svc.ledger.max_pending_per_client = 10**6
     n = 2000
 
     async def per_call(host: Any, client: str = "10.0.0.5") -> float:
@@ -47,7 +50,7 @@ async def inproc() -> None:
     t_open = await per_call(lambda i: f"h{i}.example")
     t_join = await per_call(lambda i: f"h{i}.example")
     first = await svc.resolve(req("s.example", "c2"), lambda: True)
-    await svc.decide(first.approval_id or "", "allow", "session", "b", None)
+    await svc.decide(first.approval_id or "", Choice.ALLOW, Scope.SESSION, "b", None)
     t_grant = await per_call(lambda i: "s.example", "c2")
     svc.config = ApprovalsConfig(hold=True, timeout=600)
     tasks = [asyncio.create_task(svc.resolve(req("held.example", "c3"), lambda: True)) for _ in range(2000)]
@@ -55,7 +58,7 @@ async def inproc() -> None:
             svc.waiters(held[0]) < 2000:
         await asyncio.sleep(0.01)
     t = time.perf_counter()
-    await svc.decide(held[0].id, "allow", "once", "b", None)
+    await svc.decide(held[0].id, Choice.ALLOW, Scope.ONCE, "b", None)
     assert all(o.allowed for o in await asyncio.gather(*tasks))
     print(f"open a new approval {t_open:.0f} us; join a pending one {t_join:.0f} us; session grant hit "
           f"{t_grant:.0f} us; one decision releases 2000 waiters in {(time.perf_counter() - t) * 1e3:.1f} ms")

@@ -18,13 +18,13 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from approvals_support import SECRET, SECRET_ENV, TOKEN
 
 from addons.approvals import api
 from addons.approvals.service import ApprovalService
 from addons.approvals.webhook import VerifyError, verify
 from addons.config.models import ApprovalsConfig, WebhookConfig
 from addons.telemetry.events import Telemetry
+from tests.approvals.approvals_support import SECRET, SECRET_ENV, TOKEN
 from tests.harness import upstreams  # noqa: F401 (session fixture for the e2e tests)
 
 

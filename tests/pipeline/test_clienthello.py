@@ -1,4 +1,4 @@
-"""The tunnel first-bytes reader (addons/proxy/clienthello.py): table-driven, no sockets."""
+"""The tunnel first-bytes reader (addons/pipeline/clienthello.py): table-driven, no sockets."""
 
 from __future__ import annotations
 

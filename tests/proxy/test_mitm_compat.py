@@ -1,21 +1,28 @@
 """What addons/proxy/mitm_compat.py relies on in mitmproxy's internals. Each test names one
-assumption; a mitmproxy upgrade that changes it fails here, loudly, before any bypass can."""
+assumption; a mitmproxy upgrade that changes it fails here, loudly, before any bypass can. The relays
+built on mitmproxy's layers are driven with its own events. (That `portcullis run` refuses an
+unsupported mitmproxy: tests/proxy/e2e/test_lifecycle.py.)"""
 
 from __future__ import annotations
 
 import inspect
-import os
-import subprocess
-import sys
+import socket
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 from mitmproxy import version
+from mitmproxy.connection import ConnectionState
+from mitmproxy.options import Options
+from mitmproxy.proxy import commands, events
+from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.layers import http as http_layers
 from mitmproxy.proxy.layers.http import _http1, _http2, _http_h2
+from mitmproxy.proxy.layers.tls import ClientTLSLayer, ServerTLSLayer
+from mitmproxy.test import tflow
 
 from addons.proxy import mitm_compat, mitm_speed
 from addons.proxy.responses import error_body, h2_error_headers, http1_error_response
-from tests.harness import REPO
 
 
 def test_the_installed_mitmproxy_is_supported():
@@ -109,25 +116,6 @@ def test_mitmproxys_debug_typechecks_are_what_is_dropped():
     assert inspect.unwrap(MessageData.__post_init__) is original
     r = Request.make("GET", "http://example.com/x", b"", {"a": "b"})
     assert r.host == "example.com" and r.headers["a"] == "b"
-
-
-@pytest.mark.e2e
-def test_run_refuses_to_start_on_an_unsupported_mitmproxy(tmp_path):
-    # A sitecustomize makes the installed mitmproxy claim another version before the CLI starts.
-    (tmp_path / "sitecustomize.py").write_text("import mitmproxy.version as v\nv.VERSION = '13.0.0'\n")
-    (tmp_path / "portcullis.yaml").write_text("rules: []\n")
-    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}"}
-    p = subprocess.run(
-        [sys.executable, "-m", "addons.cli", "run", "--config", str(tmp_path / "portcullis.yaml")],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env=env,
-        check=False,
-    )
-    assert p.returncode == 2, p.stderr
-    assert "mitmproxy 13.0.0 is not supported" in p.stderr and "mitmproxy>=12.2,<12.3" in p.stderr
 
 
 # ---- mitm_speed: the planned hook dispatch -----------------------------------------------------------
@@ -252,3 +240,148 @@ async def test_the_plan_follows_the_chain_and_nested_addons_keep_mitmproxys_walk
     calls.clear()
     await m.addons.handle_lifecycle(HttpRequestHeadersHook(f))
     assert calls == [f"added:{f.id}", f"child:{f.id}"]
+# -- the relays: mitmproxy's TCP/TLS layers, driven with its own events ---------------------------------
+
+
+class Counts:
+    def __init__(self) -> None:
+        self.bytes_up = 0
+        self.bytes_down = 0
+        self.refusals: list[str] = []
+        self.on_refused: Callable[[str], None] | None = self.refusals.append
+
+
+class Watch:
+    """Refuses the client bytes that contain b"evil"; done once the server said b"done"."""
+
+    def __init__(self) -> None:
+        self.done = False
+        self.seen: list[bytes] = []
+
+    def client(self, data: bytes) -> str | None:
+        self.seen.append(data)
+        return "evil bytes" if b"evil" in data else None
+
+    def server(self, data: bytes) -> None:
+        self.done = b"done" in data
+
+
+def open_context() -> Context:
+    ctx = Context(tflow.tclient_conn(), Options())
+    ctx.server = tflow.tserver_conn()
+    ctx.server.state = ConnectionState.OPEN
+    ctx.server.timestamp_start = 1.0
+    return ctx
+
+
+def run(gen: Any) -> list[Any]:
+    """Every command a layer yields for one event (none of them block here)."""
+    out: list[Any] = []
+    try:
+        cmd = next(gen)
+        while True:
+            out.append(cmd)
+            cmd = gen.send(None)
+    except StopIteration:
+        return out
+
+
+def test_the_counting_relay_relays_and_counts_each_direction() -> None:
+    ctx, t = open_context(), Counts()
+    relay = mitm_compat.CountingRelay(ctx, t)
+    assert run(relay.handle_event(events.Start())) == []  # the upstream is already open (eager connect)
+    (up,) = run(relay.handle_event(events.DataReceived(ctx.client, b"hello")))
+    (down,) = run(relay.handle_event(events.DataReceived(ctx.server, b"world!")))
+    assert isinstance(up, commands.SendData) and (up.connection, up.data) == (ctx.server, b"hello")
+    assert isinstance(down, commands.SendData) and (down.connection, down.data) == (ctx.client, b"world!")
+    assert (t.bytes_up, t.bytes_down) == (5, 6)
+    assert relay.flow is None  # nothing stored: no TCP flow object (ignore=True)
+
+
+def test_a_watch_that_refuses_closes_both_sides_before_relaying() -> None:
+    ctx, t, w = open_context(), Counts(), Watch()
+    relay = mitm_compat.CountingRelay(ctx, t, w)
+    run(relay.handle_event(events.Start()))
+    assert [type(c) for c in run(relay.handle_event(events.DataReceived(ctx.client, b"ok")))] == [
+        commands.SendData
+    ]
+    cmds = run(relay.handle_event(events.DataReceived(ctx.client, b"evil")))
+    assert [(type(c), c.connection) for c in cmds] == [
+        (commands.CloseConnection, ctx.server),
+        (commands.CloseConnection, ctx.client),
+    ]
+    assert t.refusals == ["evil bytes"] and relay.closed
+    assert run(relay.handle_event(events.DataReceived(ctx.client, b"more"))) == []  # nothing after the close
+    assert (t.bytes_up, t.bytes_down) == (6, 0)
+
+
+def test_a_finished_watch_is_dropped() -> None:
+    ctx, t, w = open_context(), Counts(), Watch()
+    relay = mitm_compat.CountingRelay(ctx, t, w)
+    run(relay.handle_event(events.Start()))
+    run(relay.handle_event(events.DataReceived(ctx.server, b"done")))
+    assert relay.watch is None
+    (sent,) = run(relay.handle_event(events.DataReceived(ctx.client, b"evil, but encrypted by now")))
+    assert isinstance(sent, commands.SendData) and w.seen == [] and t.refusals == []
+
+
+def test_close_both_closes_an_open_upstream_and_the_client() -> None:
+    ctx = open_context()
+    cmds = run(mitm_compat.CloseBoth(ctx).handle_event(events.Start()))
+    assert [(type(c), c.connection) for c in cmds] == [
+        (commands.CloseConnection, ctx.server),
+        (commands.CloseConnection, ctx.client),
+    ]
+    ctx.server.state = ConnectionState.CLOSED
+    (only,) = run(mitm_compat.CloseBoth(ctx).handle_event(events.Start()))
+    assert (type(only), only.connection) == (commands.CloseConnection, ctx.client)
+
+
+def test_the_counting_interception_stack_is_what_mitmproxy_builds() -> None:
+    t = Counts()
+    top = mitm_compat.counting_interception(open_context(), t)
+    assert isinstance(top, ServerTLSLayer) and isinstance(top.child_layer, ClientTLSLayer)
+    assert top.tunnel is t  # type: ignore[attr-defined]
+
+
+def test_an_open_server_gets_its_name_back() -> None:
+    server = tflow.tserver_conn()
+    server.state = ConnectionState.OPEN
+    with pytest.raises(RuntimeError):  # what mitmproxy forbids, and the helper bypasses
+        server.address = ("public.test", 443)
+    mitm_compat.set_open_server_address(server, ("public.test", 443))
+    assert server.address == ("public.test", 443)
+
+
+def test_raise_listen_backlog_reaches_the_listening_sockets() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+
+        class Server:
+            sockets = (s,)
+
+        class Instance:
+            _servers = (Server(),)
+
+        class Proxyserver:
+            servers = (Instance(),)
+
+        assert mitm_compat.raise_listen_backlog(Proxyserver(), 64) == 1
+        assert s.fileno() >= 0  # the shared socket stays open (only the dup was closed)
+    assert mitm_compat.raise_listen_backlog(object(), 64) == 0
+
+
+def test_the_raw_target_is_the_bytes_mitmproxy_read() -> None:
+    r = tflow.treq(method=b"GET", path=b"/a%20b?q", authority=b"public.test:80")
+    assert mitm_compat.raw_target(r) == (b"GET", b"/a%20b?q", b"public.test:80")
+
+
+def test_the_proxyserver_keeps_its_asyncio_servers_where_the_backlog_helper_looks() -> None:
+    # raise_listen_backlog walks proxyserver.servers -> instance._servers -> server.sockets.
+    from mitmproxy.addons import proxyserver
+    from mitmproxy.proxy import mode_servers
+
+    assert "self._servers = await self.listen(" in inspect.getsource(mode_servers.AsyncioServerInstance)
+    assert "self.servers = Servers(self)" in inspect.getsource(proxyserver.Proxyserver.__init__)
+    assert "__iter__" in vars(proxyserver.Servers)  # iterating it yields the server instances
