@@ -12,7 +12,7 @@ from addons.pipeline.model import Incoming, Outcome
 from addons.policy.authority import AuthorityError, split_authority
 from addons.policy.evaluate import Policy
 from addons.policy.hosts import HostError, normalize_host, parse_ip
-from addons.policy.model import Action, Layer, RuleRef
+from addons.policy.model import Action, Client, Layer, RuleRef
 
 _DEFAULT_PORT = {"http": 80, "https": 443}
 
@@ -104,27 +104,33 @@ class _Fixed:
     policy: Policy
 
 
-async def evaluate(policy: Policy, url: str, method: str = "GET", client: str | None = None) -> CheckResult:
+async def evaluate(
+    policy: Policy, url: str, method: str = "GET", client: str | None = None, profile: str | None = None
+) -> CheckResult:
     """Decide a URL without network: static `network.resolve` answers only, never DNS."""
     t = parse_url(url)
     address, groups = parse_client(policy, client)
     method = method.strip().upper()
     if not method.isalpha():
         raise UsageError(f"bad method {method!r}")
+    if profile is not None and profile not in policy.settings.profiles:
+        known = ", ".join(sorted(policy.settings.profiles)) or "the config declares none"
+        raise UsageError(f"unknown profile {profile!r} ({known})")
     pipeline = Pipeline(_Fixed(policy))  # no credentials, no approvals, no DNS
     peer = (address, 0) if address else None
+    who = Client(address, 0 if address else None, None, "check", profile=profile)
     tunnel = request = None
     if t.scheme == "https":
         connect = Incoming(Layer.CONNECT, t.host, t.port, flow_id="check", peer=peer, method="CONNECT")
-        tunnel = await pipeline.decide(connect, groups=groups)
+        tunnel = await pipeline.decide(connect, groups=groups, client=who)
         if tunnel.inspect:
             inner = Incoming(Layer.INSPECTED, t.host, t.port, flow_id="check", peer=peer, scheme="https",
                              method=method, path=t.path, tunnel=tunnel)
-            request = await pipeline.decide(inner, groups=groups)
+            request = await pipeline.decide(inner, groups=groups, client=who)
     else:
         plain = Incoming(Layer.HTTP, t.host, t.port, flow_id="check", peer=peer, scheme="http", method=method,
                          path=t.path)
-        request = await pipeline.decide(plain, groups=groups)
+        request = await pipeline.decide(plain, groups=groups, client=who)
     resolved = policy.static_resolve(t.host)
     return CheckResult(t, method, address, resolved or (), resolved is not None, tunnel, request)
 
@@ -150,7 +156,8 @@ def result_json(v: CheckResult) -> dict[str, Any]:
     final = v.final
     out = {"url": {"scheme": v.target.scheme, "host": v.target.host, "port": v.target.port,
                    "path": v.target.path}, "method": v.method,
-           "client": {"address": v.client_address, "name": final.client_name},
+           "client": {"address": v.client_address, "name": final.client_name,
+                      "profile": final.request.client.profile},
            "addresses": list(v.addresses), "dns_queried": False}
     out.update(_outcome_json(final) or {})
     out["tunnel"] = _outcome_json(v.tunnel)

@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from typing import cast
 
 from addons import __version__, envcmd
+from addons.credentials import cli as credentials_cli
 
 # command -> "module:function"; the function takes the parsed namespace and returns the exit status.
 _HANDLERS = {
@@ -17,12 +18,23 @@ _HANDLERS = {
     "check": "addons.rulecli:check_command",
     "test": "addons.rulecli:test_command",
     "approvals": "addons.approvals.cli:approvals_command",
+    "credentials": "addons.credentials.cli:credentials_command",
     "webhook-verify": "addons.approvals.cli:webhook_verify_command",
     "report": "addons.telemetry.report:report_command",
     "ca": "addons.proxy.ca:ca_command",
     "env": "addons.envcmd:env_command",
     "healthcheck": "addons.healthcheck:healthcheck_command",
 }
+
+
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= 256:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of workers from 1 to 256")
+    return n
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,6 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", required=True, help="config file (YAML)")
     run.add_argument("--listen", metavar="H:P", help="proxy address (overrides the config)")
     run.add_argument("--admin", metavar="H:P", help="admin address (overrides the config)")
+    run.add_argument("--workers", type=_positive, metavar="N",
+                     help="proxy processes sharing the listen address (default: the usable cores)")
+    # Set by the supervisor for its workers only.
+    run.add_argument("--worker", type=int, help=argparse.SUPPRESS)
+    run.add_argument("--worker-fd", type=int, help=argparse.SUPPRESS)
+    run.add_argument("--worker-bus", help=argparse.SUPPRESS)
 
     val = sub.add_parser("validate", help="check the config and every rule file")
     val.add_argument("--config", required=True)
@@ -43,12 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("url")
     chk.add_argument("--method", default="GET")
     chk.add_argument("--client", metavar="ADDR", help="client address or client group name")
+    chk.add_argument("--profile", metavar="NAME", help="judge as a task of this profile")
     chk.add_argument("--json", action="store_true", help="machine-readable output")
 
     tst = sub.add_parser("test", help="run policy unit tests from a YAML file of cases")
     tst.add_argument("--config", required=True)
     tst.add_argument("cases")
     tst.add_argument("--json", action="store_true", help="machine-readable output")
+
+    credentials_cli.add_parser(sub)
 
     apr = sub.add_parser("approvals", help="list or decide approvals on a running proxy")
     apr.add_argument("--admin", metavar="URL", help="admin base URL (default: from --config, else http://127.0.0.1:9090)")
@@ -60,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     for verb in ("allow", "deny"):
         v = apr_sub.add_parser(verb, help=f"{verb} a pending approval")
         v.add_argument("id")
-        v.add_argument("--scope", choices=["once", "session", "always"], default="once")
+        v.add_argument("--scope", choices=["once", "session", "task", "always"], default="once")
         v.add_argument("--by", help="who decides (default: $USER)")
         v.add_argument("--reason", default="")
 
@@ -77,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("events", help="events file (JSON lines)")
     rep.add_argument("--since", help="only events newer than this (e.g. 1h, 30m)")
     rep.add_argument("--format", choices=["auto", "table", "markdown", "json"], default="auto")
+    rep.add_argument("--by", choices=["domain", "task"], default="domain",
+                     help="group by registrable domain (default) or by agent task")
 
     ca = sub.add_parser("ca", help="create the CA if missing; print the public certificate path")
     ca.add_argument("--dir", default="certs/", help="CA directory (default: certs/)")

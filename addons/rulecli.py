@@ -89,7 +89,7 @@ def check_command(args: argparse.Namespace) -> int:
         _err(f"{args.config}: cannot load: {e}")
         return 2
     try:
-        v = asyncio.run(evaluate(loaded.policy, args.url, args.method or "GET", args.client))
+        v = asyncio.run(evaluate(loaded.policy, args.url, args.method or "GET", args.client, args.profile))
     except UsageError as e:
         _err(str(e))
         return 2
@@ -107,6 +107,7 @@ class Case(Strict):
     url: Annotated[str, Field(min_length=1)]
     method: Annotated[str, Field(min_length=1)] = "GET"
     client: Annotated[str, Field(min_length=1)] | None = None
+    profile: Annotated[str, Field(min_length=1)] | None = None  # optional: a task profile
     expect: Literal["allow", "deny", "approval"]
     rule: str | None = None      # optional: the deciding rule's name
     reason: str | None = None    # optional: the decision's reason
@@ -151,7 +152,7 @@ async def _run_cases(args: argparse.Namespace, policy: Policy, cases: list[Case]
     for case, line in zip(cases, lines, strict=True):
         label = f"{args.cases}:{line}" + (f" {case.name}" if case.name else "")
         try:
-            v: CheckResult = await evaluate(policy, case.url, case.method, case.client)
+            v: CheckResult = await evaluate(policy, case.url, case.method, case.client, case.profile)
             d = v.final
             problems = []
             if d.action.value != case.expect:
@@ -170,7 +171,8 @@ async def _run_cases(args: argparse.Namespace, policy: Policy, cases: list[Case]
                         "problems": problems, "actual": actual})
         if getattr(args, "json", False):
             continue
-        what = f"{case.method} {case.url}" + (f" (client {case.client})" if case.client else "")
+        what = (f"{case.method} {case.url}" + (f" (client {case.client})" if case.client else "")
+                + (f" (profile {case.profile})" if case.profile else ""))
         if ok:
             print(f"PASS {label}: {what} -> {case.expect}")
             continue

@@ -11,6 +11,7 @@ Modes alternate round by round so that machine noise hits both alike.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import statistics
 import sys
 import tempfile
@@ -23,7 +24,7 @@ from addons.approvals.model import Approval, Choice, Scope  # noqa: E402
 from addons.approvals.stores.sqlite import SqliteStore  # noqa: E402
 
 
-def run(folder: Path, mode: str, cycles: int, tag: str) -> list[float]:
+async def run(folder: Path, mode: str, cycles: int, tag: str) -> list[float]:
     store = SqliteStore(folder / f"bench-{mode}-{tag}.db")
     store._db.execute(f"PRAGMA synchronous={mode}")  # the store opens with FULL; NORMAL for comparison
     per_cycle = []
@@ -34,13 +35,13 @@ def run(folder: Path, mode: str, cycles: int, tag: str) -> list[float]:
             a = Approval(id=f"apr_{tag}_{i}", client_key="10.0.0.5", client_address="10.0.0.5",
                          client_name=None, host=f"h{i}.example.com", port=443, scheme="https", method="GET",
                          path="/", rule=None, created_at=now, expires_at=now + 120)
-            store.open(a, now)
-            store.decide(a.id, Choice.ALLOW, Scope.ONCE, "bench", None, now)
-            store.add_grant(a.key, Choice.ALLOW, Scope.ONCE, a.id, now, now + 60, True)
-            store.take_grant(a.key, now)
+            await store.open(a, now)
+            await store.decide(a.id, Choice.ALLOW, Scope.ONCE, "bench", None, now)
+            await store.add_grant(a.key, Choice.ALLOW, Scope.ONCE, a.id, now, now + 60, True)
+            await store.take_grant(a.key, now)
             per_cycle.append(time.perf_counter() - t0)
     finally:
-        store.close()
+        await store.close()
     return per_cycle
 
 
@@ -55,7 +56,7 @@ def main() -> None:
         results: dict[str, list[float]] = {"NORMAL": [], "FULL": []}
         for r in range(args.rounds):
             for mode in (("NORMAL", "FULL") if r % 2 == 0 else ("FULL", "NORMAL")):
-                results[mode] += run(folder, mode, args.cycles, str(r))
+                results[mode] += asyncio.run(run(folder, mode, args.cycles, str(r)))
     where = args.dir or Path.cwd()
     print(f"{args.rounds} rounds x {args.cycles} cycles (4 commits each) per mode, in {where}")
     med = {}

@@ -482,9 +482,11 @@ class PortcullisProc:
         netns: bool = False,
         extra_rule_files: dict[str, str] | None = None,
         validate_events: bool = True,
+        workers: int | None = 1,
     ) -> None:
         self.folder = folder
         self.validate_events = validate_events
+        self.workers = workers
         self.u = u
         self.netns = netns
         self.events: list[dict[str, Any]] = []
@@ -523,6 +525,7 @@ class PortcullisProc:
             "127.0.0.1:0",
             "--admin",
             "127.0.0.1:0",
+            *(["--workers", str(self.workers)] if self.workers is not None else []),
         ]
         if self.netns:
             cmd = ["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$@"', "sh", *cmd]

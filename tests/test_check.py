@@ -188,7 +188,7 @@ def test_result_json(policy: Policy) -> None:
         "rule",
         False,
     )
-    assert doc["client"] == {"address": "10.2.0.1", "name": "ops"}
+    assert doc["client"] == {"address": "10.2.0.1", "name": "ops", "profile": None}
     assert doc["rule"] == {
         "name": "gh-write",
         "action": "approval",

@@ -4,12 +4,16 @@ For one request the policy judged `approval` (`admit`): a live grant settles it;
 pending approval for its (client, host, port), or opens one (unless the client has too many open).
 A decision (`check`, then `decide`) is a compare-and-set in the store, so the first one wins, and
 leaves a grant by its scope. Approvals expire (`expire`, `sweep`); replicas sharing the store see
-each other's decisions (`refresh`). No asyncio here: the service (service.py) holds the requests,
-arms the timers and listens to what happens (`Listener`).
+each other's decisions (`refresh`). The store's calls are coroutines, so the methods that touch it
+are too; the logic is the same as if they were not, because no step relies on two store calls being
+adjacent, and concurrent requests for one key open (or join) one approval together (`_opening`). The
+service (service.py) holds the requests, arms the timers and listens to what happens (`Listener`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 import math
 import secrets
@@ -18,6 +22,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Protocol
 
+from addons.approvals.errors import StoreUnavailable
 from addons.approvals.model import Approval, Choice, DecideError, Key, Scope, State, Store
 from addons.pipeline.decide import Settlement
 from addons.pipeline.model import Outcome
@@ -44,6 +49,13 @@ class Listener(Protocol):
         expired it (it is logged once); else another process sharing the store did."""
 
 
+Held = int | Callable[[], int]  # how many requests wait on an approval here (or how to count them now)
+
+
+def _count(held: Held) -> int:
+    return held() if callable(held) else held
+
+
 def new_id() -> str:
     return "apr_" + secrets.token_hex(16)
 
@@ -63,50 +75,73 @@ class Ledger:
         self.make_id = make_id
         self._open: dict[Key, Approval] = {}  # pending approvals tracked here
         self._per_client: Counter[str] = Counter()
+        self._opening: dict[Key, asyncio.Task[Settlement | Approval]] = {}  # one open per key at a time
 
     @property
     def open_count(self) -> int:
         return len(self._open)
 
+    async def pending_count(self) -> int:
+        """Pending approvals in the store, whichever process opened them."""
+        return len(await self.store.pending())
+
     def tracks(self, a: Approval) -> bool:
         t = self._open.get(a.key)
         return t is not None and t.id == a.id
 
-    def load(self) -> None:
+    async def load(self) -> None:
         """At start: expire what ran out while nobody was running, track what is still pending."""
-        self.sweep()
-        for a in self.store.pending():  # survived a restart: their waiters are gone, the decision is not
+        await self.sweep()
+        # Survived a restart: their waiters are gone, the decision is not.
+        for a in await self.store.pending():
             self._track(a)
 
     # Requests
 
-    def admit(self, pending: Outcome) -> Settlement | Approval:
+    async def admit(self, pending: Outcome) -> Settlement | Approval:
         """A grant's settlement, or the pending approval this request waits on (joined or opened)."""
         r = pending.request
         key, now = (r.client.key, r.host, r.port), self.clock()
-        grant = self.store.take_grant(key, now)
+        grant = await self.store.take_grant(key, now)
         if grant is not None:
             return Settlement(grant.decision is Choice.ALLOW, grant.decision.reason, grant.approval_id)
         a = self._open.get(key)
         if a is not None and a.expires_at <= now:
-            self.expire(a)
+            await self.expire(a)
             a = None
         if a is not None:
             return a
+        # Requests for one key that arrive together share one look-up/open (a task of its own, so a
+        # request that goes away does not cancel it for the others).
+        task = self._opening.get(key)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._open_or_join(pending, key, now),
+                                                          name="approval open")
+            self._opening[key] = task
+            task.add_done_callback(functools.partial(self._opened, key))
+        return await asyncio.shield(task)
+
+    def _opened(self, key: Key, task: asyncio.Task[Settlement | Approval]) -> None:
+        if self._opening.get(key) is task:
+            del self._opening[key]
+        if not task.cancelled():
+            task.exception()  # retrieved here; the requests that awaited it were given it
+
+    async def _open_or_join(self, pending: Outcome, key: Key, now: float) -> Settlement | Approval:
         if self._per_client[key[0]] >= self.max_pending_per_client:
             # An agent spraying new destinations must not flood the approvers' webhook channel;
             # an approval another replica opened for this key is still joined.
-            if (shared := self.store.pending_for(key, now)) is None:
+            if (shared := await self.store.pending_for(key, now)) is None:
                 log.warning("client %s has %d pending approvals; not opening more", key[0],
                             self.max_pending_per_client)
                 return Settlement(False, Reason.APPROVAL_PENDING, None, retry_after=CAPPED_RETRY_S)
             self._track(shared)
             return shared
         new = Approval.opened(self.make_id(), pending, now, self.timeout)
-        a = self.store.open(new, now)  # or the one another replica opened for this key
+        a = await self.store.open(new, now)  # or the one another replica opened for this key
         self._track(a)
         if a.id == new.id:
-            self.listener.opened(a, r.flow_id)
+            self.listener.opened(a, pending.request.flow_id)
         return a
 
     def answer_pending(self, a: Approval) -> Settlement:
@@ -117,53 +152,59 @@ class Ledger:
 
     # Endings
 
-    def expire(self, a: Approval) -> None:
+    async def expire(self, a: Approval) -> None:
         """`a`'s time is up (its timer, a waiter or a request noticed)."""
         self._untrack(a)
         now = self.clock()
-        if self.store.expire(a.id, now):
-            self.listener.ended(a.expired(now), Reason.APPROVAL_TIMEOUT, True)
-        else:  # decided elsewhere (another replica sharing the store) just before expiry
-            cur = self.store.get(a.id)
-            self.listener.ended(cur or a, (cur.ending if cur else None) or Reason.APPROVAL_TIMEOUT, False)
+        try:
+            if await self.store.expire(a.id, now):
+                self.listener.ended(a.expired(now), Reason.APPROVAL_TIMEOUT, True)
+                return
+            cur = await self.store.get(a.id)  # decided elsewhere (another replica) just before expiry
+        except StoreUnavailable:
+            # Its time is up all the same: its waiters here are answered approval_timeout; the row is
+            # expired (and that logged once) by the sweep once the store answers again.
+            self.listener.ended(a.expired(now), Reason.APPROVAL_TIMEOUT, False)
+            return
+        self.listener.ended(cur or a, (cur.ending if cur else None) or Reason.APPROVAL_TIMEOUT, False)
 
-    def refresh(self, a: Approval, held: int) -> bool:
+    async def refresh(self, a: Approval, held: Held) -> bool:
         """Was `a` decided by another process sharing the store? Then it ends here too (True).
 
         A `once` decision taken elsewhere found nobody waiting there and left a single-use grant for
         a retry; when `held` requests wait here, they are that use, so the grant goes.
         """
-        stored = self.store.get(a.id)
+        stored = await self.store.get(a.id)
         reason = stored.ending if stored is not None else None
         if stored is None or reason is None:
             return False
-        if held > 0 and stored.scope is Scope.ONCE:
-            self.store.drop_single_use(stored)
+        if _count(held) > 0 and stored.scope is Scope.ONCE:  # counted now: one may have joined meanwhile
+            await self.store.drop_single_use(stored)
         self._untrack(a)
         self.listener.ended(stored, reason, False)
         return True
 
-    def sweep(self) -> None:
+    async def sweep(self) -> None:
         """Expire every approval past its time (tracked here or not); drop dead grants and old rows."""
         now = self.clock()
-        for a in self.store.due(now):
+        for a in await self.store.due(now):
             if self.tracks(a):
-                self.expire(self._open[a.key])
-            elif self.store.expire(a.id, now):
+                await self.expire(self._open[a.key])
+            elif await self.store.expire(a.id, now):
                 self.listener.ended(a.expired(now), Reason.APPROVAL_TIMEOUT, True)
-        self.store.sweep(now)
+        await self.store.sweep(now)
 
     # Decisions
 
-    def check(self, approval_id: str, now: float) -> Approval:
+    async def check(self, approval_id: str, now: float) -> Approval:
         """The approval, if it can still be decided; else DecideError 404, 409 (with the standing one)
         or 410."""
-        a = self.store.get(approval_id)
+        a = await self.store.get(approval_id)
         if a is None:
             raise DecideError(404, "not_found", f"no approval {approval_id}")
         if a.state is State.PENDING and a.expires_at <= now:
-            self.sweep()
-            a = self.store.get(approval_id) or a
+            await self.sweep()
+            a = await self.store.get(approval_id) or a
         if a.state is State.EXPIRED or (a.state is State.PENDING and a.expires_at <= now):
             raise DecideError(410, "expired", f"approval {approval_id} expired before a decision", a)
         if a.state is not State.PENDING:
@@ -172,43 +213,50 @@ class Ledger:
                               f"({a.scope}) by {a.decided_by or 'unknown'}; nothing changed", a)
         return a
 
-    def decide(self, a: Approval, choice: Choice, scope: Scope, by: str | None, reason: str | None,
-               now: float, held: int) -> Approval:
+    async def decide(self, a: Approval, choice: Choice, scope: Scope, by: str | None, reason: str | None,
+                     now: float, held: Held) -> Approval:
         """The first decision wins (compare-and-set); it leaves a grant by its scope. `held`: how many
         requests wait on `a` here (a `once` with nobody held applies to the next retry instead)."""
-        if not self.store.decide(a.id, choice, scope, by, reason, now):
+        if scope is Scope.TASK and (a.task_id is None or a.task_until is None or a.task_until <= now):
+            raise DecideError(422, "not_a_task", f"scope task: approval {a.id} was not asked by a live task "
+                              "credential (use once, session or always)", a)
+        if not await self.store.decide(a.id, choice, scope, by, reason, now):
             # Lost a race (expiry while the rule was being written, another replica): say what did happen.
-            cur = self.store.get(a.id)
+            cur = await self.store.get(a.id)
             note = "; the rule was written to persist_to all the same" if scope is Scope.ALWAYS else ""
             if cur is not None and cur.state is State.EXPIRED:
                 raise DecideError(410, "expired", f"approval {a.id} expired before the decision{note}", cur)
             raise DecideError(409, "already_decided", f"decided concurrently; nothing changed{note}", cur)
         self._untrack(a)
-        self._grant(a, choice, scope, now, held)
+        await self._grant(a, choice, scope, now, held)
         after = a.decided(choice, scope, by, reason, now)
         self.listener.ended(after, choice.reason, True)
         return after
 
-    def _grant(self, a: Approval, choice: Choice, scope: Scope, now: float, held: int) -> None:
+    async def _grant(self, a: Approval, choice: Choice, scope: Scope, now: float, held: Held) -> None:
         if scope is Scope.SESSION:
-            self.store.add_grant(a.key, choice, scope, a.id, now, now + self.session_ttl, single_use=False)
+            await self.store.add_grant(a.key, choice, scope, a.id, now, now + self.session_ttl,
+                                       single_use=False)
+        elif scope is Scope.TASK:
+            assert a.task_until is not None  # checked before the compare-and-set
+            await self.store.add_grant(a.key, choice, scope, a.id, now, a.task_until, single_use=False)
         elif scope is Scope.ALWAYS:
             until = now + min(self.session_ttl, ALWAYS_BRIDGE_S)
-            self.store.add_grant(a.key, choice, scope, a.id, now, until, single_use=False)
-        elif held == 0:
+            await self.store.add_grant(a.key, choice, scope, a.id, now, until, single_use=False)
+        elif _count(held) == 0:  # counted after the compare-and-set: a request may have joined meanwhile
             # Nobody is held (hold: false, or the waiters were lost to a restart or hung up): the
             # decision applies once, to the next retry within one approval timeout.
-            self.store.add_grant(a.key, choice, scope, a.id, now, now + self.timeout, single_use=True)
+            await self.store.add_grant(a.key, choice, scope, a.id, now, now + self.timeout, single_use=True)
 
     # Queries
 
-    def is_pending(self, approval_id: str) -> bool:
-        a = self.store.get(approval_id)
+    async def is_pending(self, approval_id: str) -> bool:
+        a = await self.store.get(approval_id)
         return a is not None and a.state is State.PENDING and a.expires_at > self.clock()
 
-    def listing(self, recent: int = 50) -> list[Approval]:
+    async def listing(self, recent: int = 50) -> list[Approval]:
         """Pending (oldest first), then the most recent decided or expired ones."""
-        return [*self.store.pending(), *self.store.recent(recent)]
+        return [*await self.store.pending(), *await self.store.recent(recent)]
 
     # Tracking
 

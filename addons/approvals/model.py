@@ -8,6 +8,7 @@ The stores live beside this module in stores/ and import it; this module imports
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -28,10 +29,12 @@ class State(StrEnum):
 
 class Scope(StrEnum):
     """How far a decision reaches: the requests held now (or the next retry), the client's session
-    on that host:port (approvals.session_ttl), or a rule appended to approvals.persist_to."""
+    on that host:port (approvals.session_ttl), the rest of the asking task's life on that host:port
+    (until its credential expires or is revoked), or a rule appended to approvals.persist_to."""
 
     ONCE = "once"
     SESSION = "session"
+    TASK = "task"
     ALWAYS = "always"
 
 
@@ -73,17 +76,26 @@ class Approval:
     reason: str | None = None
     decided_at: float | None = None
     notified: bool = False  # every webhook endpoint reached a final answer (else re-sent after a restart)
+    labels: tuple[tuple[str, str], ...] = ()  # the asking task's labels (who started it, which repo ...)
+    task_until: float | None = None  # when the asking task's credential expires (what scope `task` lasts)
 
     @classmethod
     def opened(cls, approval_id: str, pending: Outcome, now: float, timeout: float) -> Approval:
         """A new pending approval for a request the policy judged `approval`."""
         r = pending.request
-        return cls(approval_id, r.client.key, r.client.address, pending.client_name, r.host, r.port, r.scheme,
-                   r.method, r.path, pending.rule.name if pending.rule else None, now, now + timeout)
+        c = r.client
+        return cls(approval_id, c.key, c.address, pending.client_name, r.host, r.port, r.scheme,
+                   r.method, r.path, pending.rule.name if pending.rule else None, now, now + timeout,
+                   labels=c.labels, task_until=c.task_until if c.task_id else None)
 
     @property
     def key(self) -> Key:
         return (self.client_key, self.host, self.port)
+
+    @property
+    def task_id(self) -> str | None:
+        """The agent task that asked, when it presented a task credential (client key `task:<id>`)."""
+        return self.client_key[5:] if self.client_key.startswith("task:") else None
 
     @property
     def ending(self) -> Reason | None:
@@ -123,41 +135,48 @@ class Grant:
 class Store(Protocol):
     """Where approvals and grants live (stores/sqlite.py, stores/redis.py).
 
-    Each call is atomic on its own and is one round trip: the ledger never relies on two calls
-    being adjacent. Coalescing is `open`'s job (one pending approval per key, across replicas),
-    first-decision-wins is `decide`'s compare-and-set, and a `once` grant is used by exactly one
-    `take_grant`. So the calls may become coroutines (redis.asyncio) without a change of logic.
+    Every call is a coroutine, atomic on its own and one logical round trip: the ledger never relies
+    on two calls being adjacent. Coalescing is `open`'s job (one pending approval per key, across
+    replicas), first-decision-wins is `decide`'s compare-and-set, and a `once` grant is used by
+    exactly one `take_grant`. A store that cannot be reached raises StoreUnavailable (errors.py).
     """
 
-    def close(self) -> None: ...
-    def open(self, a: Approval, now: float) -> Approval:
+    @property
+    def name(self) -> str:
+        """The store as a person reads it in a message (a URL without its password, or a path)."""
+        ...
+    async def close(self) -> None: ...
+    async def open(self, a: Approval, now: float) -> Approval:
         """Insert `a` unless a live pending approval for `a.key` exists; returns the one that stands."""
         ...
-    def get(self, approval_id: str) -> Approval | None: ...
-    def pending(self) -> list[Approval]: ...
-    def pending_for(self, key: Key, now: float) -> Approval | None: ...
-    def recent(self, limit: int = 100) -> list[Approval]: ...
-    def decide(self, approval_id: str, choice: Choice, scope: Scope, by: str | None, reason: str | None,
-               now: float) -> bool:
+    async def get(self, approval_id: str) -> Approval | None: ...
+    async def pending(self) -> list[Approval]: ...
+    async def pending_for(self, key: Key, now: float) -> Approval | None: ...
+    async def recent(self, limit: int = 100) -> list[Approval]: ...
+    async def decide(self, approval_id: str, choice: Choice, scope: Scope, by: str | None,
+                     reason: str | None, now: float) -> bool:
         """Compare-and-set pending -> allowed/denied. False when it was no longer pending."""
         ...
-    def expire(self, approval_id: str, now: float) -> bool:
+    async def expire(self, approval_id: str, now: float) -> bool:
         """Compare-and-set pending -> expired. False when it was no longer pending."""
         ...
-    def mark_notified(self, approval_id: str) -> None: ...
-    def due(self, now: float) -> list[Approval]:
+    async def mark_notified(self, approval_id: str) -> None: ...
+    async def due(self, now: float) -> list[Approval]:
         """Pending approvals whose expiry has passed."""
         ...
-    def add_grant(self, key: Key, choice: Choice, scope: Scope, approval_id: str | None, now: float,
-                  expires_at: float, single_use: bool) -> int: ...
-    def take_grant(self, key: Key, now: float) -> Grant | None:
+    async def add_grant(self, key: Key, choice: Choice, scope: Scope, approval_id: str | None, now: float,
+                        expires_at: float, single_use: bool) -> int: ...
+    async def take_grant(self, key: Key, now: float) -> Grant | None:
         """The live grant for this key (deny before allow); a single-use grant is consumed."""
         ...
-    def drop_single_use(self, a: Approval) -> int:
+    async def drop_single_use(self, a: Approval) -> int:
         """Remove the unused `once` grant a decision left for this approval; returns how many."""
         ...
-    def grants(self, now: float) -> list[Grant]: ...
-    def sweep(self, now: float, keep_decided_s: float = 7 * 86400) -> int:
+    async def grants(self, now: float) -> list[Grant]: ...
+    async def drop_grants_of(self, client_key: str) -> int:
+        """Remove every grant of one client (a revoked task's); returns how many."""
+        ...
+    async def sweep(self, now: float, keep_decided_s: float = 7 * 86400) -> int:
         """Delete expired grants and old decided approvals. Returns the number of grants removed."""
         ...
 
@@ -168,6 +187,14 @@ class DecideError(Exception):
     def __init__(self, status: int, code: str, message: str, approval: Approval | None = None) -> None:
         super().__init__(message)
         self.status, self.code, self.message, self.approval = status, code, message, approval
+
+
+def decode_labels(text: str | None) -> tuple[tuple[str, str], ...]:
+    """Labels as the stores keep them (a JSON object, or nothing) -> the row's tuple."""
+    if not text:
+        return ()
+    doc = json.loads(text)
+    return tuple((str(k), str(v)) for k, v in doc.items()) if isinstance(doc, dict) else ()
 
 
 def rfc3339(ts: float) -> str:

@@ -12,7 +12,7 @@ import os
 import random
 import ssl
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -130,8 +130,8 @@ class WebhookSender:
             self._client = None
 
     def send(self, approval_id: str, payload: dict[str, Any], expires_at: float,
-             still_pending: Callable[[], bool], on_done: Callable[[], None] | None = None) -> None:
-        """Start one delivery task per endpoint (returns at once).
+             still_pending: Callable[[], Awaitable[bool]], on_done: Callable[[], None] | None = None) -> None:
+        """Start one delivery task per endpoint (returns at once). `still_pending` asks the store.
 
         `on_done` runs once every endpoint has a final answer (delivered, 410, or given up),
         not when delivery was cut short by stop(): then it is re-sent after a restart.
@@ -156,7 +156,7 @@ class WebhookSender:
             task.add_done_callback(finished)
 
     async def _deliver(self, ep: Endpoint, msg_id: str, approval_id: str, body: bytes,
-                       expires_at: float, still_pending: Callable[[], bool]) -> None:
+                       expires_at: float, still_pending: Callable[[], Awaitable[bool]]) -> None:
         attempt, last, status = 0, "", None
         m = self.telemetry.metrics.webhook_deliveries
         while True:
@@ -186,15 +186,15 @@ class WebhookSender:
             delay = random.uniform(0, min(self.backoff_cap, self.backoff_base * 2 ** (attempt - 1)))  # noqa: S311
             if retry_after is not None:
                 delay = max(delay, retry_after)
-            if self.clock() + delay >= expires_at or not still_pending():
+            if self.clock() + delay >= expires_at or not await still_pending():
                 m.labels("failed").inc()
-                if still_pending():
+                if await still_pending():
                     self._failed(ep, approval_id, attempt, status, f"gave up at expiry; last: {last}",
                                  "expired")
                 return
             m.labels("retry").inc()
             await asyncio.sleep(delay)
-            if not still_pending():  # decided meanwhile: nobody needs the notification any more
+            if not await still_pending():  # decided meanwhile: nobody needs the notification any more
                 return
 
     def _failed(self, ep: Endpoint, approval_id: str, attempts: int, status: int | None, error: str,

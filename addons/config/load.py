@@ -124,6 +124,17 @@ def _compile_rule(m: RuleModel, node: Any, order: int, line: int, ref_file: str,
             errors.add(shown, *pos(node, ("clients", j)), f"rule {m.name!r}: unknown client group {c!r}"
                        + (f" (known: {', '.join(sorted(known))})" if known else " (config has no clients)"))
             ok = False
+    for j, pr in enumerate(m.profiles or ()):
+        if pr not in settings.profiles:
+            names = ", ".join(sorted(settings.profiles))
+            errors.add(shown, *pos(node, ("profiles", j)), f"rule {m.name!r}: unknown profile {pr!r}"
+                       + (f" (known: {names})" if names else " (the config declares no profiles:)"))
+            ok = False
+    if m.profiles is not None and m.action == "deny":
+        errors.add(shown, *pos(node, ("profiles",)),
+                   f"rule {m.name!r}: a deny rule applies to every task; remove profiles: (or make it "
+                   "an allow or approval rule of those profiles)")
+        ok = False
     conditional = m.methods is not None or m.paths is not None
     if conditional and settings.inspect == "never":
         errors.add(shown, *pos(node, ("methods" if m.methods is not None else "paths",)),
@@ -139,7 +150,8 @@ def _compile_rule(m: RuleModel, node: Any, order: int, line: int, ref_file: str,
         order=order, ref=RuleRef(m.name, _ACTIONS[m.action], ref_file, line), patterns=tuple(patterns),
         ports=frozenset(m.ports) if m.ports is not None else None, methods=methods,
         paths=tuple(m.paths) if m.paths is not None else None,
-        clients=frozenset(m.clients) if m.clients is not None else None, raw_tcp=m.raw_tcp,
+        clients=frozenset(m.clients) if m.clients is not None else None,
+        profiles=frozenset(m.profiles) if m.profiles is not None else None, raw_tcp=m.raw_tcp,
         hosts_raw=tuple(m.hosts),
         _path_re=compile_paths(m.paths) if m.paths is not None else None,
     )
@@ -259,7 +271,8 @@ def _file_result(path: Path, shown: str, text: str, base_dir: Path, settings: Se
 def _load_rules(paths: list[tuple[Path, str]], base_dir: Path, settings: Settings, errors: ErrorList,
                 explicit: frozenset[Path] = frozenset()) -> _RuleLoad:
     out = _RuleLoad()
-    fingerprint = (frozenset(g.name for g in settings.clients), settings.inspect, str(base_dir.resolve()))
+    fingerprint = (frozenset(g.name for g in settings.clients), settings.profiles, settings.inspect,
+                   str(base_dir.resolve()))
     for path, shown in paths:
         text = read_text(path, shown, errors)
         if text is None:

@@ -42,14 +42,37 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
+class ApproverConfig(Strict):
+    """A named person (or bot) who may decide approvals; `admin` may also mint task credentials."""
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")]
+    token_env: NonEmpty | None = None      # the variable holding this approver's bearer token
+    token_sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None = None  # or its SHA-256 (hex)
+    role: Literal["approver", "admin"] = "approver"
+
+    @model_validator(mode="after")
+    def _one_token(self) -> ApproverConfig:
+        if (self.token_env is None) == (self.token_sha256 is None):
+            raise ValueError(f"approver {self.name!r}: give exactly one of token_env and token_sha256")
+        return self
+
+
 class AdminConfig(Strict):
     listen: NonEmpty = "127.0.0.1:9090"
     token_env: NonEmpty = "PORTCULLIS_ADMIN_TOKEN"  # noqa: S105 - the variable's name, not a secret
+    approvers: list[ApproverConfig] = []
 
 
 class WebhookConfig(Strict):
     url: NonEmpty
     secret_env: NonEmpty
+
+
+class LinksConfig(Strict):
+    """Per-approval decision links for chat tools: signed, expiring, good for one approval only."""
+
+    secret_env: NonEmpty  # the variable holding the signing key (the same on every replica)
+    ttl: Duration = 900.0  # at most the approval's own time left
 
 
 class ApprovalsConfig(Strict):
@@ -59,6 +82,7 @@ class ApprovalsConfig(Strict):
     persist_to: NonEmpty | None = "rules/approved.yaml"
     store: NonEmpty = "sqlite:///state/portcullis.db"
     webhooks: list[WebhookConfig] = []
+    links: LinksConfig | None = None  # webhook bodies carry a decide_link when set
 
 
 class NetworkConfig(Strict):
@@ -82,6 +106,25 @@ class ClientConfig(Strict):
     name: NonEmpty
     cidrs: list[NonEmpty] = []
     proxy_auth: ProxyAuthConfig | None = None
+
+
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+
+class ProfileConfig(Strict):
+    """A named rule set for agent tasks (e.g. frontend, docs-only): rules name it in `profiles:`."""
+
+    name: Annotated[str, Field(pattern=_NAME)]
+    description: str | None = None
+
+
+class CredentialsConfig(Strict):
+    """Task credentials minted through the admin API (`POST /credentials`)."""
+
+    required: bool = False  # every client must present a task credential (no anonymous egress)
+    default_ttl: Duration = 8 * 3600.0
+    max_ttl: Duration = 24 * 3600.0
+    proxy_url: NonEmpty | None = None  # the proxy as agents reach it (default: the listen address)
 
 
 class LogConfig(Strict):
@@ -177,6 +220,8 @@ class Config(Strict):
     network: NetworkConfig = NetworkConfig()
     tls: TlsConfig = TlsConfig()
     clients: list[ClientConfig] = []
+    profiles: list[ProfileConfig] = []
+    credentials: CredentialsConfig = CredentialsConfig()
     telemetry: TelemetryConfig = TelemetryConfig()
 
 
@@ -188,6 +233,7 @@ class RuleModel(Strict):
     methods: Annotated[list[NonEmpty], Field(min_length=1)] | None = None
     paths: Annotated[list[NonEmpty], Field(min_length=1)] | None = None
     clients: Annotated[list[NonEmpty], Field(min_length=1)] | None = None
+    profiles: Annotated[list[NonEmpty], Field(min_length=1)] | None = None
     raw_tcp: bool = False
     description: str | None = None
 

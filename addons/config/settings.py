@@ -90,10 +90,16 @@ def build_settings(cfg: Config, data: Any, shown: str, errors: ErrorList) -> Set
             except HostError as e:
                 errors.add(shown, *pos(data, ("clients", i, "cidrs", j)), f"clients.{c.name}.cidrs: {e}")
         groups.append(ClientGroup(c.name, tuple(nets), c.proxy_auth.user if c.proxy_auth else None))
+    profiles: set[str] = set()
+    for i, pr in enumerate(cfg.profiles):
+        if pr.name in profiles:
+            errors.add(shown, *pos(data, ("profiles", i, "name"), value=True),
+                       f"profiles: duplicate profile name {pr.name!r}")
+        profiles.add(pr.name)
     return Settings(
         default_action=Action(cfg.default_action), block_private=cfg.network.block_private,
         allow_cidrs=tuple(allow), resolve=resolve, inspect=cfg.tls.inspect, clients=tuple(groups),
-        self_addresses=tuple(self_addresses),
+        self_addresses=tuple(self_addresses), profiles=frozenset(profiles),
     )
 
 

@@ -20,9 +20,9 @@ from dataclasses import dataclass, replace
 from typing import Protocol
 
 from addons.pipeline.dns import Lookup, Pin, PinStore, ResolveError, resolve
-from addons.pipeline.identity import AuthResult, ProxyAuth
+from addons.pipeline.identity import ProxyAuth, TaskCredentials, parse_basic
 from addons.pipeline.model import Incoming, Outcome, deny_status, refusal
-from addons.policy.authority import same_destination
+from addons.policy.authority import connect_authority_problem, names_port_zero, same_destination
 from addons.policy.evaluate import Policy
 from addons.policy.hosts import HostError, is_ip, normalize_host
 from addons.policy.model import Action, Client, Decision, Layer, Reason, Request
@@ -50,6 +50,7 @@ class Settlement:
     approval_id: str | None
     retry_after: int | None = None
     waited_s: float = 0.0
+    detail: str | None = None  # why, beyond the reason (e.g. "the approvals store ... is unreachable")
 
 
 class Approvals(Protocol):
@@ -68,6 +69,8 @@ class Pipeline:
         policies: PolicySource,
         *,
         auth: ProxyAuth | None = None,
+        credentials: TaskCredentials | None = None,
+        require_credentials: bool = False,
         approvals: Approvals | None = None,
         pins: PinStore | None = None,
         lookup: Lookup | None = None,
@@ -77,6 +80,8 @@ class Pipeline:
     ) -> None:
         self.policies = policies
         self.auth = auth
+        self.credentials = credentials
+        self.require_credentials = require_credentials  # no anonymous egress
         self.approvals = approvals
         self.pins = pins if pins is not None else PinStore()
         self.lookup = lookup  # None: decide without DNS, like `portcullis check`
@@ -85,12 +90,19 @@ class Pipeline:
         self.is_own = is_own
 
     async def decide(
-        self, inc: Incoming, client_alive: Callable[[], bool] = _alive, groups: Sequence[str] | None = None
+        self,
+        inc: Incoming,
+        client_alive: Callable[[], bool] = _alive,
+        groups: Sequence[str] | None = None,
+        client: Client | None = None,
     ) -> Outcome:
-        """The one outcome for `inc`. Never raises: any internal error denies (internal_error)."""
+        """The one outcome for `inc`. Never raises: any internal error denies (internal_error).
+
+        `groups` and `client` stand in for what identification would find (`portcullis check
+        --client GROUP --profile P`, which has no credentials to check)."""
         t0 = time.monotonic()
         try:
-            return await self._decide(inc, client_alive, groups, t0)
+            return await self._decide(inc, client_alive, groups, client, t0)
         except Exception:
             log.exception("decision failed")
             return refusal(
@@ -98,13 +110,18 @@ class Pipeline:
             )
 
     async def _decide(
-        self, inc: Incoming, client_alive: Callable[[], bool], groups: Sequence[str] | None, t0: float
+        self,
+        inc: Incoming,
+        client_alive: Callable[[], bool],
+        groups: Sequence[str] | None,
+        given: Client | None,
+        t0: float,
     ) -> Outcome:
         policy = self.policies.policy
         # 1. Who asks.
-        client = self._identify(inc)
-        if client is None:
-            return refusal(_as_received(inc, _peer(inc)), Reason.PROXY_AUTH)
+        client = given or await self._identify(inc)
+        if isinstance(client, str):
+            return refusal(_as_received(inc, _peer(inc)), Reason.PROXY_AUTH, client)
         name = groups[0] if groups else policy.client_name(client.address, client.user)
         # 2. What it names: one destination, well formed.
         req = _as_received(inc, client)
@@ -113,7 +130,10 @@ class Pipeline:
         except HostError as e:
             return refusal(req, Reason.BAD_REQUEST, str(e), name)
         if (problem := _authority_problem(inc, req)) is not None:
-            return refusal(req, problem[0], problem[1], name)
+            out = refusal(req, problem[0], problem[1], name)
+            if inc.problem_status is not None and problem[1] == inc.problem:
+                out = replace(out, status=inc.problem_status)  # 414/431: a head over the size limits
+            return out
         if not self.healthy():  # events cannot be written: decide nothing that would go unrecorded
             return refusal(req, Reason.INTERNAL_ERROR, "the event log cannot be written", name)
         # 3 and 4. The policy, with the checked DNS answers.
@@ -122,6 +142,10 @@ class Pipeline:
         # 5. A person decides what the policy left to one.
         if decision.action is Action.APPROVAL:
             outcome = await self._settle(outcome, client_alive)
+            task, creds = client.task_id, self.credentials
+            if outcome.passes and task and creds is not None and not creds.still_valid(task):
+                return refusal(req, Reason.PROXY_AUTH, "the task credential was revoked or expired while the "
+                               "request was held", name, latency_s=time.monotonic() - t0)
         # 6. What the proxy does.
         if outcome.passes and outcome.action is Action.ALLOW and pin is None and unresolvable is not None:
             outcome = replace(outcome, status=502, detail=unresolvable)  # allowed, but nowhere to connect
@@ -146,17 +170,36 @@ class Pipeline:
         name = self.policies.policy.client_name(client.address, client.user)
         return Outcome(req, Action.DENY, Reason.BAD_REQUEST, status=status, detail=detail, client_name=name)
 
-    def _identify(self, inc: Incoming) -> Client | None:
-        """The client; None when its credentials are wrong or missing where required (407)."""
-        if inc.tunnel is not None:
-            return inc.tunnel.request.client  # inside a tunnel the CONNECT's identity applies
+    async def _identify(self, inc: Incoming) -> Client | str:
+        """The client, or why its credentials are refused (a 407 the agent can read)."""
+        t = inc.tunnel
+        if t is not None:  # inside a tunnel the CONNECT's identity applies, while it lasts
+            c = t.request.client
+            if c.task_id and self.credentials is not None and not self.credentials.still_valid(c.task_id):
+                return "the task credential of this tunnel was revoked or has expired"
+            return c
         address, port = _peer(inc).address, _peer(inc).port
-        user = None
-        if self.auth is not None:
-            result, user = self.auth.check(inc.credentials, address)
-            if result is AuthResult.BAD:
-                return None
-        return Client(address, port, user, inc.conn_id)
+        if inc.credentials is None:
+            if self.require_credentials:
+                return "a task credential is required (Proxy-Authorization: Basic task_id:secret)"
+            if self.auth is not None and self.auth.requires(address):
+                return "this client group needs proxy credentials"
+            return Client(address, port, None, inc.conn_id)
+        parsed = parse_basic(inc.credentials)
+        if parsed is None:
+            return "the Proxy-Authorization header is not Basic user:password"
+        user, secret = parsed
+        if self.auth is not None and self.auth.is_user(user):
+            if not self.auth.verify(user, secret):
+                return "wrong password"
+            return Client(address, port, user, inc.conn_id)
+        if self.credentials is not None and self.credentials.knows(user):
+            check, cred = await self.credentials.verify(user, secret)
+            if cred is not None:
+                return Client(address, port, user, inc.conn_id, cred.task_id, cred.profile, cred.labels,
+                              cred.expires_at)
+            return check.value
+        return "unknown proxy user"
 
     async def _judge(
         self, policy: Policy, req: Request, groups: Sequence[str] | None
@@ -229,6 +272,7 @@ class Pipeline:
             approval_id=s.approval_id,
             retry_after=None if s.allowed else s.retry_after,
             approval_wait_s=s.waited_s,
+            detail=s.detail if s.detail is not None else pending.detail,
         )
 
 
@@ -244,9 +288,18 @@ def _as_received(inc: Incoming, client: Client) -> Request:
 def _authority_problem(inc: Incoming, req: Request) -> tuple[Reason, str] | None:
     """Does the request name exactly one destination, in a shape nothing reads differently?"""
     if inc.layer is Layer.CONNECT:
-        return (Reason.BAD_REQUEST, inc.problem) if inc.problem else None
+        if inc.problem:
+            return Reason.BAD_REQUEST, inc.problem
+        if inc.target_authority is not None:
+            why = connect_authority_problem(inc.target_authority, req.host, req.port)
+            return (Reason.BAD_REQUEST, why) if why else None
+        return None
     if inc.host_headers > 1:
         return Reason.BAD_REQUEST, "more than one Host header"
+    if inc.host_headers == 0 and inc.http_version == "HTTP/1.1":
+        return Reason.BAD_REQUEST, "an HTTP/1.1 request without a Host header (RFC 9112 3.2)"
+    if any(v is not None and names_port_zero(v) for v in (inc.target_authority, inc.host_header)):
+        return Reason.BAD_REQUEST, "port 0 is not a destination"  # before it reads as a mismatch
     t = inc.tunnel
     if t is not None and (req.host != t.request.host or req.port != t.request.port):
         where = f"{t.request.host}:{t.request.port}"

@@ -10,9 +10,10 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
+from typing import Any, Protocol
 
 from addons.config.models import Config
+from addons.credentials.model import Check, Credential
 
 
 class AuthConfigError(Exception):
@@ -60,31 +61,36 @@ class ProxyAuth:
         return bool(self._creds)
 
     def check(self, header: str | None, client_ip: str | None) -> tuple[AuthResult, str | None]:
-        """(result, user). `header` is the raw Proxy-Authorization value or None."""
+        """(result, user) for the static proxy_auth users alone (`header`: the raw Proxy-Authorization)."""
         if header is None:
-            if client_ip is not None and self._requires(client_ip):
+            if client_ip is not None and self.requires(client_ip):
                 return AuthResult.BAD, None
             return AuthResult.NONE, None
-        scheme, _, value = header.strip().partition(" ")
-        if scheme.lower() != "basic" or not value:
+        parsed = parse_basic(header)
+        if parsed is None or not self.verify(*parsed):
             return AuthResult.BAD, None
-        try:
-            raw = base64.b64decode(value.strip(), validate=True)
-        except (binascii.Error, ValueError):
-            return AuthResult.BAD, None
-        user, sep, password = raw.partition(b":")
-        if not sep:
-            return AuthResult.BAD, None
-        # Compare against every credential so timing does not depend on which user exists.
-        found: str | None = None
-        for name, cred in self._creds.items():
-            ok_user = hmac.compare_digest(user, cred.user)
-            ok_pw = hmac.compare_digest(password, cred.password)
-            if ok_user and ok_pw:
-                found = name
-        if found is None:
-            return AuthResult.BAD, None
-        return AuthResult.OK, found
+        return AuthResult.OK, parsed[0]
+
+    def is_user(self, user: str) -> bool:
+        return user in self._creds
+
+    @property
+    def users(self) -> frozenset[str]:
+        return frozenset(self._creds)
+
+    def verify(self, user: str, password: str) -> bool:
+        """Compared against every configured credential, so the time taken says nothing about which."""
+        u, p = user.encode("utf-8", "surrogateescape"), password.encode("utf-8", "surrogateescape")
+        found = False
+        for cred in self._creds.values():
+            ok_user = hmac.compare_digest(u, cred.user)
+            ok_pw = hmac.compare_digest(p, cred.password)
+            found |= ok_user and ok_pw
+        return found
+
+    def requires(self, client_ip: str | None) -> bool:
+        """Does a client group with proxy_auth cover this source address (credentials required)?"""
+        return client_ip is not None and self._requires(client_ip)
 
     def _requires(self, client_ip: str) -> bool:
         if not self._required:
@@ -115,3 +121,26 @@ def public_client_refusal(peer: tuple[Any, ...] | None, client_cidrs: Sequence[I
     if addr.is_global and not any(addr.version == n.version and addr in n for n in client_cidrs):
         return f"clients from public addresses ({addr}) are not served; name them in a clients: cidrs group"
     return None
+
+
+def parse_basic(header: str) -> tuple[str, str] | None:
+    """`Basic base64(user:password)` -> (user, password); None for anything else."""
+    scheme, _, value = header.strip().partition(" ")
+    if scheme.lower() != "basic" or not value:
+        return None
+    try:
+        raw = base64.b64decode(value.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    user, sep, password = raw.partition(b":")
+    if not sep or not user:
+        return None
+    return user.decode("utf-8", "surrogateescape"), password.decode("utf-8", "surrogateescape")
+
+
+class TaskCredentials(Protocol):
+    """The task credentials service (addons/credentials/service.py), as identification uses it."""
+
+    def knows(self, user: str) -> bool: ...
+    async def verify(self, task_id: str, secret: str) -> tuple[Check, Credential | None]: ...
+    def still_valid(self, task_id: str) -> bool: ...

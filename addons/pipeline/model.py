@@ -20,7 +20,8 @@ def deny_status(reason: Reason) -> int:
 class Incoming:
     """A request (or CONNECT) as the proxy's adapter read it, before any judgment: raw spellings.
 
-    `problem` is framing the adapter found malformed (addons/pipeline/requestform.py); `tunnel` is the
+    `problem` is framing the adapter found malformed (addons/pipeline/requestform.py), answered with
+    `problem_status` when that is not 400 (414/431: a head over the size limits); `tunnel` is the
     outcome of the CONNECT whose inspected tunnel carried this request.
     """
 
@@ -36,8 +37,10 @@ class Incoming:
     credentials: str | None = field(default=None, repr=False)  # Proxy-Authorization: never logged
     host_header: str | None = None
     host_headers: int = 0  # how many Host headers the request carried
-    target_authority: str | None = None  # the authority of an absolute-form target or HTTP/2 :authority
+    target_authority: str | None = None  # absolute-form target, HTTP/2 :authority, CONNECT (as received)
     problem: str | None = None
+    problem_status: int | None = None
+    http_version: str = ""  # "HTTP/1.1", "HTTP/1.0", "HTTP/2.0" ... ("" when not known)
     tunnel: Outcome | None = None
 
 

@@ -3,7 +3,7 @@ proxy (host_mismatch) and `portcullis check`."""
 
 from __future__ import annotations
 
-from addons.policy.hosts import normalize_host
+from addons.policy.hosts import HostError, normalize_host
 
 DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 
@@ -32,6 +32,8 @@ def split_authority(raw: str, allow_zero: bool = False) -> tuple[str, int | None
         return host, _port(rest[1:], raw, allow_zero)
     if raw.count(":") == 1:
         host, port = raw.split(":")
+        if not host:  # ":8080" is not "every interface": a listen address or Host names its host
+            raise AuthorityError(f"no host before the port in {raw!r}")
         return host, _port(port, raw, allow_zero)
     if ":" in raw:  # a bare IPv6 address without brackets is not a valid Host header
         raise AuthorityError(f"bad authority {raw!r}")
@@ -57,3 +59,35 @@ def same_destination(header_value: str, host: str, port: int, scheme: str) -> bo
     if p is None:
         p = DEFAULT_PORTS.get(scheme, port)
     return norm == host and p == port
+
+
+def names_port_zero(raw: str) -> bool:
+    """Does an authority name port 0 explicitly (`host:0`, `host:000`)? Port 0 is no destination."""
+    try:
+        return split_authority(raw, allow_zero=True)[1] == 0
+    except AuthorityError:
+        return False
+
+
+def connect_authority_problem(raw: str, host: str, port: int) -> str | None:
+    """Why a CONNECT target as received is not plainly `host:port` (host normalised), or None.
+
+    mitmproxy's parser reads Unicode digits as a port (`:８０` is 80) and drops brackets around
+    any host (`[public.test]`); only ASCII digits and brackets around an IPv6 address name one.
+    """
+    text, sep, digits = raw.rpartition(":")
+    if not sep or not digits.isascii() or not digits.isdigit():
+        return "the CONNECT port is not ASCII digits"
+    if int(digits) != port:
+        return "the CONNECT port is not the port read"
+    try:
+        norm = normalize_host(text)
+    except HostError as e:
+        return f"bad CONNECT host: {e}"
+    return None if norm == host else "the CONNECT host is not the host read"
+
+
+def format_authority(host: str, port: int, scheme: str) -> str:
+    """`host[:port]` for a Host header: IPv6 in brackets, the scheme's default port left out."""
+    shown = f"[{host}]" if ":" in host else host
+    return shown if DEFAULT_PORTS.get(scheme) == port else f"{shown}:{port}"

@@ -43,6 +43,7 @@ class Rule:
     methods: frozenset[str] | None = None
     paths: tuple[str, ...] | None = None
     clients: frozenset[str] | None = None
+    profiles: frozenset[str] | None = None  # the task profiles it applies to (None: every request)
     raw_tcp: bool = False
     hosts_raw: tuple[str, ...] = ()  # the entries as written, for `validate` to show normalised forms
     _path_re: re.Pattern[str] | None = field(default=None, compare=False)
@@ -93,6 +94,7 @@ class Settings:
     inspect: InspectMode = "auto"
     clients: tuple[ClientGroup, ...] = ()
     self_addresses: tuple[str, ...] = ()  # the proxy's own listening address(es), canonical
+    profiles: frozenset[str] = frozenset()  # the task profiles the config declares
 
 
 _UNRESERVED_ESCAPE = re.compile(r"%(?:[46][1-9a-fA-F]|[57][0-9aA]|3[0-9]|2[dDeE]|5[fF]|7[eE])")
@@ -237,7 +239,9 @@ class Policy:
         `addresses` are the checked DNS answers (none: only `network.resolve` and the literal count).
         1. A bad port -> deny (bad_request); any internal error -> deny (internal_error).
         2. block_private: a private literal, resolved address or metadata name -> deny (private_address).
-        3. Rules matching host, port and client (and method/path for requests): deny > approval > allow.
+        3. Rules matching host, port, client and task profile (and method/path for requests):
+           deny > approval > allow. A rule with `profiles` applies only to tasks of those profiles
+           (a deny rule has none: it applies to everyone).
         4. A CONNECT whose host has method/path rules (or tls.inspect: always) and no unconditional
            deny is allowed for inspection (reason inspect); every inner request is decided again.
         5. Nothing matched -> default_action (reason default).
@@ -269,7 +273,8 @@ class Policy:
         group_set = frozenset(groups)
         cands = [r for r in self._candidates(host, literal, addresses)
                  if (r.ports is None or port in r.ports)
-                 and (r.clients is None or not r.clients.isdisjoint(group_set))]
+                 and (r.clients is None or not r.clients.isdisjoint(group_set))
+                 and (r.profiles is None or req.client.profile in r.profiles)]
         target = f"{host}:{port}"
         if req.tunnel or req.method is None:
             return self._decide_tunnel(cands, target, client)

@@ -144,6 +144,9 @@ def _normalize_name(text: str) -> str:
             idna.ulabel(alabel)  # round-trip checks a punycode label is well formed
         except (idna.IDNAError, UnicodeError) as e:
             raise HostError(f"bad international label {label!r}: {e}") from None
+        except (OverflowError, MemoryError, RecursionError) as e:
+            # CPython's punycode decoder overflows on some labels (xn--...0000000000000001siie).
+            raise HostError(f"bad international label {label!r}: {type(e).__name__}") from None
         out.append(alabel)
     result = ".".join(out)
     if len(result) > 253:
@@ -253,6 +256,7 @@ _V6_CLASSES: tuple[tuple[str, ipaddress.IPv6Network], ...] = tuple(
         ("reserved", "::/8"),                 # incl. deprecated IPv4-compatible ::a.b.c.d
         ("reserved", "64:ff9b:1::/48"),       # local-use NAT64
         ("reserved", "100::/64"),             # discard-only
+        ("reserved", "2001::/23"),            # IETF protocol assignments (Teredo 2001::/32 is read first)
         ("reserved", "2001:db8::/32"),        # documentation
         ("reserved", "2001:2::/48"),          # benchmarking
         ("reserved", "2001:10::/28"),         # ORCHID

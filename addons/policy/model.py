@@ -64,10 +64,16 @@ class Client:
     port: int | None = None
     user: str | None = None  # the proxy-auth user, once identified
     conn_id: str = ""  # the client connection (checked addresses are pinned per connection)
+    task_id: str | None = None  # the agent task whose credential it presented
+    profile: str | None = None  # that task's profile: the rules tagged with it apply too
+    labels: tuple[tuple[str, str], ...] = ()  # that task's labels (who started it, which repo ...)
+    task_until: float | None = None  # when that task's credential expires
 
     @property
     def key(self) -> str:
-        """One agent, not its whole group: the authenticated user, else the source address."""
+        """One agent, not its whole group: the task, else the authenticated user, else the address."""
+        if self.task_id:
+            return f"task:{self.task_id}"
         return f"user:{self.user}" if self.user else (self.address or "-")
 
 

@@ -18,9 +18,10 @@ from addons.pipeline.decide import Pipeline
 from addons.pipeline.firstbytes import Relay, judge_first_bytes
 from addons.pipeline.identity import public_client_refusal
 from addons.pipeline.model import Incoming, Outcome
-from addons.pipeline.requestform import request_problem
+from addons.pipeline.requestform import request_problem, size_problem
+from addons.policy.authority import format_authority
 from addons.policy.model import Layer, Reason
-from addons.proxy.mitm_compat import Refusal, already_refused
+from addons.proxy.mitm_compat import Refusal, already_refused, answer_at_once, raw_target
 from addons.proxy.pinning import Pinner
 from addons.proxy.responses import DECISION_HEADER, deny_response, upstream_error_response
 from addons.proxy.tunnel import Tunnel, closing_layer, first_layer
@@ -67,9 +68,10 @@ class Portcullis:
             outcome = await self.pipeline.decide(inc, lambda: _client_alive(flow.client_conn))
             self._record(outcome)
             if outcome.passes:
-                _forward(flow)
+                _forward(flow, outcome)
             else:
                 self._respond(flow, outcome)
+                answer_at_once(flow)  # not after the body; no "100 Continue" invites it
         except Exception:
             # Last resort (the pipeline has its own handler): never let an undecided request pass.
             log.exception("requestheaders failed; killing the flow")
@@ -235,8 +237,11 @@ def incoming_request(flow: http.HTTPFlow, tunnel: Tunnel | None) -> Incoming:
     if r.headers.get("upgrade", "").lower() == "websocket":
         scheme = "wss" if scheme == "https" else "ws"
     credentials = r.headers.pop("proxy-authorization", None)
+    status: int | None = None
     if r.method == "PRI" or r.path == "*":
         problem: str | None = "not a proxy request"
+    elif (too_large := size_problem(r.data.path, r.headers.fields)) is not None:
+        status, problem = too_large  # HTTP/2 (an HTTP/1 head is bounded while it arrives)
     else:
         # Framing a lenient upstream could read differently (line folding, bare CR, control bytes,
         # a target that is not a plain path) is refused, never forwarded.
@@ -259,6 +264,8 @@ def incoming_request(flow: http.HTTPFlow, tunnel: Tunnel | None) -> Incoming:
         host_headers=len(r.headers.get_all("host")),
         target_authority=r.authority or None,
         problem=problem,
+        problem_status=status,
+        http_version=r.http_version,
         tunnel=tunnel.outcome if tunnel is not None else None,
     )
 
@@ -274,7 +281,10 @@ def incoming_connect(flow: http.HTTPFlow, inside_tunnel: bool) -> Incoming:
         peer=_peer(flow.client_conn),
         method="CONNECT",
         credentials=r.headers.get("proxy-authorization"),
+        # As received: mitmproxy reads Unicode digits as a port and drops brackets around any host.
+        target_authority=raw_target(r)[2].decode("utf-8", "surrogateescape"),
         problem="CONNECT inside a tunnel" if inside_tunnel else None,
+        http_version=r.http_version,
     )
 
 
@@ -286,8 +296,13 @@ def path_only(path: str) -> str:
     return p or "/"
 
 
-def _forward(flow: http.HTTPFlow) -> None:
+def _forward(flow: http.HTTPFlow, outcome: Outcome) -> None:
     r = flow.request
+    if r.http_version == "HTTP/1.0" and "host" not in r.headers:
+        # mitmproxy sends HTTP/1 in origin-form and adds no Host (RFC 9112 §3.2.2: a proxy must send
+        # the target's authority): the decided destination, the CONNECT's inside a tunnel.
+        req = outcome.request
+        r.headers.insert(0, "Host", format_authority(req.host, req.port, r.scheme))
     if r.headers.get("upgrade", "").lower() == "h2c":
         # mitmproxy cannot relay h2c; drop the upgrade so the connection stays HTTP/1 (and judged).
         for name in ("upgrade", "http2-settings", "connection"):

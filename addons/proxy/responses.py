@@ -30,7 +30,8 @@ _MESSAGES: dict[Reason, str] = {
     Reason.APPROVAL_PENDING: "Access to {dest} needs approval (id {approval_id}); retry after it is "
     "approved.",
     Reason.BAD_REQUEST: "The request could not be understood as a proxy request to {dest} ({detail}).",
-    Reason.PROXY_AUTH: "Proxy credentials are missing or wrong; send a valid Proxy-Authorization header.",
+    Reason.PROXY_AUTH: "Proxy credentials are missing or wrong ({detail}); send a valid Proxy-Authorization "
+    "header.",
     Reason.CLIENT_CLOSED: "The client closed the connection while access to {dest} was waiting for approval.",
     Reason.INTERNAL_ERROR: "The proxy could not decide on {dest} because of an internal error; the request "
     "was refused to stay safe.",

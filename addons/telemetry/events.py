@@ -25,7 +25,7 @@ from addons.config.models import TelemetryConfig
 from addons.pipeline.model import Outcome
 from addons.policy import hosts as policy_hosts
 from addons.policy.model import Action, Reason
-from addons.telemetry.fields import MAX_ITEMS, MAX_STR, TRUNCATED, clean, escape_all, nest
+from addons.telemetry.fields import MAX_ITEMS, clean, escape_all, nest, truncate
 from addons.telemetry.metrics import Metrics
 from addons.telemetry.otel import OtelBridge
 from addons.telemetry.render import dumps_ascii
@@ -36,9 +36,11 @@ SCHEMA = "portcullis.event/v1"
 EVENT_TYPES = (
     "egress.decision", "tunnel.closed", "approval.requested", "approval.decided",
     "rules.reloaded", "rules.reload_failed", "webhook.failed", "proxy.started", "proxy.stopped",
+    "worker.exited", "credential.minted", "credential.revoked", "credential.expired", "store.unreachable",
+    "store.reconnected",
 )
 _ENVELOPE = ("schema", "timestamp", "event")
-_WARN_EVENTS = frozenset({"rules.reload_failed", "webhook.failed"})
+_WARN_EVENTS = frozenset({"rules.reload_failed", "webhook.failed", "worker.exited", "store.unreachable"})
 # close(): what the network sinks (OTLP, syslog) may still deliver at shutdown, together, in seconds.
 CLOSE_BUDGET_S = 0.9
 
@@ -64,8 +66,10 @@ class Telemetry:
         stream: TextIO | None = None,
         *,
         otel: OtelBridge | None = None,
+        worker: int | None = None,
     ) -> None:
-        """`otel` overrides the OTLP exporter built from OTEL_* (tests pass an in-memory one)."""
+        """`otel` overrides the OTLP exporter built from OTEL_* (tests pass an in-memory one);
+        `worker` (with `--workers N`) is written into every event this process emits."""
         self.config = config or TelemetryConfig()
         self.base_dir = base_dir or Path.cwd()
         self.metrics = metrics or Metrics()
@@ -96,6 +100,7 @@ class Telemetry:
         if self.otel is None and self.config.otlp:
             self.otel = OtelBridge.from_env(on_error=self._otel_dropped)
         self._counted: dict[tuple[str, str, str], Any] = {}  # requests counter children by labels
+        self._worker = worker
 
     # ---- public API -------------------------------------------------------------------
 
@@ -112,7 +117,7 @@ class Telemetry:
         except Exception:  # noqa: BLE001 - metrics must never break the decision path
             self._dropped("metrics")
         try:
-            doc = decision_doc(o)
+            doc = decision_doc(o, self._worker)
             level = "error" if o.reason is Reason.INTERNAL_ERROR else (
                 "warning" if o.action is Action.DENY else "info")
             self._emit_doc(doc, level)
@@ -131,15 +136,15 @@ class Telemetry:
         self.tunnel_ended()
         r, c = o.request, o.request.client
         try:
-            doc = {
-                "schema": SCHEMA, "timestamp": now_rfc3339(), "event": "tunnel.closed",
+            doc = _head("tunnel.closed", self._worker)
+            doc.update({
                 "flow_id": _c(r.flow_id),
                 "client": {"address": _c(c.address), "port": _c(c.port), "name": _c(o.client_name),
-                           "user": _c(c.user)},
+                           "user": _c(c.user), "task_id": _c(c.task_id), "profile": _c(c.profile)},
                 "destination": {"host": _c(r.host), "port": _c(r.port), "ip": _c(o.ip)},
                 "bytes_up": _c(bytes_up), "bytes_down": _c(bytes_down),
                 "duration_s": _c(round(duration_s, 3)), "inspected": _c(o.inspect),
-            }
+            })
             self._emit_doc(doc, "info")
         except Exception:  # noqa: BLE001
             self._dropped("render")
@@ -151,9 +156,17 @@ class Telemetry:
         (`**{"client.address": ...}`); both are written as nested objects.
         """
         try:
-            self._emit_doc(_envelope(event, fields), _level(event, fields))
+            self._emit_doc(_envelope(event, fields, self._worker), _level(event, fields))
         except Exception:  # noqa: BLE001 - an event that cannot be built is counted, never raised
             self._dropped("render")
+
+    def relay_line(self, line: str) -> None:
+        """A whole event line another process rendered (a worker's), onto this process's stdout."""
+        with self._lock:
+            try:
+                self._stdout.write(line.rstrip("\n"))
+            except Exception:  # noqa: BLE001
+                self._dropped("stdout")
 
     def healthy(self) -> bool:
         """False when events cannot be written and the sink is set to fail closed."""
@@ -237,10 +250,12 @@ class Telemetry:
         return self._syslog.buffered if self._syslog is not None else 0
 
 
-def _envelope(event: str, fields: Mapping[str, Any]) -> dict[str, Any]:
-    """schema, timestamp, event first; then the caller's fields, nested and cleaned."""
+def _envelope(event: str, fields: Mapping[str, Any], worker: int | None = None) -> dict[str, Any]:
+    """schema, timestamp, event (and the worker) first; then the caller's fields, nested and cleaned."""
     body = clean(nest({k: v for k, v in fields.items() if k not in _ENVELOPE}))
-    return {"schema": SCHEMA, "timestamp": now_rfc3339(), "event": clean(event), **body}
+    doc = _head(clean(event), worker)
+    doc.update(body)
+    return doc
 
 
 def _level(event: str, fields: Mapping[str, Any]) -> str:
@@ -262,7 +277,9 @@ def decision_fields(o: Outcome) -> dict[str, Any]:
         "rule_file": o.rule.file if o.rule else None,
         "rule_line": o.rule.line if o.rule else None,
         "matched_rules": [m.name for m in o.matched],
-        "client": {"address": c.address, "port": c.port, "name": o.client_name, "user": c.user},
+        "client": {"address": c.address, "port": c.port, "name": o.client_name, "user": c.user,
+                   "task_id": c.task_id, "profile": c.profile,
+                   "labels": dict(c.labels) if c.task_id else None},
         "destination": {"host": r.host or None, "port": r.port or None, "ip": o.ip,
                         "registered_domain": registered_domain(r.host)},
         "request": {"scheme": r.scheme, "method": r.method, "path": r.path},  # clean() drops any query
@@ -277,15 +294,13 @@ def decision_fields(o: Outcome) -> dict[str, Any]:
     }
 
 
-def decision_doc(o: Outcome) -> dict[str, Any]:
+def decision_doc(o: Outcome, worker: int | None = None) -> dict[str, Any]:
     """The whole `egress.decision` document of one outcome: what `_envelope` makes of
     `decision_fields(o)` (tests/telemetry/test_render.py holds them equal), built directly."""
     r, c = o.request, o.request.client
     rule = o.rule
-    return {
-        "schema": SCHEMA,
-        "timestamp": now_rfc3339(),
-        "event": "egress.decision",
+    doc = _head("egress.decision", worker)
+    doc.update({
         "decision": o.action._value_,  # the plain str: Enum.value is a slow descriptor
         "reason": o.reason._value_,
         "enforced": _c(o.enforced),
@@ -294,7 +309,9 @@ def decision_doc(o: Outcome) -> dict[str, Any]:
         "rule_line": _c(rule.line) if rule else None,
         "matched_rules": [_c(m.name) for m in o.matched[:MAX_ITEMS]],
         "client": {"address": _c(c.address), "port": _c(c.port), "name": _c(o.client_name),
-                   "user": _c(c.user)},
+                   "user": _c(c.user), "task_id": _c(c.task_id), "profile": _c(c.profile),
+                   # a mapping: clean() drops secret-looking keys, at the depth the generic path has
+                   "labels": clean(dict(c.labels), "labels", 2) if c.task_id else None},
         "destination": {"host": _c(r.host or None), "port": _c(r.port or None), "ip": _c(o.ip),
                         "registered_domain": _c(registered_domain(r.host))},
         "request": {"scheme": _c(r.scheme), "method": _c(r.method), "path": clean(r.path, "path")},
@@ -305,14 +322,23 @@ def decision_doc(o: Outcome) -> dict[str, Any]:
         "latency_ms": _c(_ms(o.latency_s)),
         "approval_wait_ms": _c(_ms(o.approval_wait_s)),
         "detail": _c(o.private_class if o.private_class is not None else o.detail),
-    }
+    })
+    return doc
+
+
+def _head(event: str, worker: int | None) -> dict[str, Any]:
+    """schema, timestamp, event, then the worker (with `--workers N`): every event starts so."""
+    doc: dict[str, Any] = {"schema": SCHEMA, "timestamp": now_rfc3339(), "event": event}
+    if worker is not None:
+        doc["worker"] = worker
+    return doc
 
 
 def _c(v: Any) -> Any:
     """`clean(v)` for a field whose key needs no special handling, fast for the usual types."""
     t = type(v)
     if t is str:
-        return v if len(v) <= MAX_STR else v[:MAX_STR] + TRUNCATED
+        return truncate(v)  # bounded, lone surrogates written as text
     if v is None or t is int or t is bool:
         return v
     if t is float:

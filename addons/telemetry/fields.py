@@ -27,10 +27,25 @@ _SECRET_KEY = re.compile(
 _USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#@]*@")
 # Characters that a terminal or a line-oriented reader would interpret: C0, DEL, C1, line/para separators.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\\]")
+# Lone surrogates are not Unicode text: mitmproxy decodes bytes that are not UTF-8 with surrogateescape
+# (0x85 -> U+DC85) and JSON bodies may spell one (\ud800). json.dumps writes them as \udc85, which
+# strict parsers (serde_json, Vector, jq) refuse; UTF-8 encoders raise.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _surrogate_text(m: re.Match[str]) -> str:
+    o = ord(m.group(0))
+    return f"\\x{o - 0xDC00:02x}" if 0xDC80 <= o <= 0xDCFF else f"\\u{o:04x}"
+
+
+def text(s: str) -> str:
+    """`s` with every lone surrogate written as text: the byte it stood for as `\\xNN`, else `\\uNNNN`."""
+    return s if s.isascii() else _SURROGATE.sub(_surrogate_text, s)
 
 
 def truncate(s: str, limit: int = MAX_STR) -> str:
-    return s if len(s) <= limit else s[:limit] + TRUNCATED
+    """At most `limit` characters (the cut marked), every lone surrogate as text (see `text`)."""
+    return text(s if len(s) <= limit else s[:limit] + TRUNCATED)
 
 
 def strip_query(path: str) -> str:
@@ -94,7 +109,7 @@ def clean(value: Any, key: str = "", depth: int = 0) -> Any:
     if value is None or t is bool or t is int:
         return value
     if t is str and not key.endswith("url") and key != "path":
-        return value if len(value) <= MAX_STR else value[:MAX_STR] + TRUNCATED
+        return truncate(value)
     if depth > MAX_DEPTH:
         return TRUNCATED
     if value is None or isinstance(value, bool | int):

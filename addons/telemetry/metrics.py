@@ -3,7 +3,9 @@ never a host, URL, client address or id."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, values
 
 PREFIX = "portcullis_"
 
@@ -25,6 +27,7 @@ class Metrics:
         )
         self.approvals_pending = Gauge(
             PREFIX + "approvals_pending", "Approvals waiting for a person.", registry=r,
+            multiprocess_mode="livemax",
         )
         self.approval_requests = Counter(
             PREFIX + "approval_requests", "Approvals opened, by outcome.",
@@ -41,15 +44,51 @@ class Metrics:
         self.rule_reloads = Counter(
             PREFIX + "rule_reloads", "Rule reloads by result.", ["result"], registry=r,
         )
-        self.rules_loaded = Gauge(PREFIX + "rules_loaded", "Rules in the policy in force.", registry=r)
+        self.rules_loaded = Gauge(
+            PREFIX + "rules_loaded", "Rules in the policy in force.", registry=r, multiprocess_mode="livemax",
+        )
         self.events_dropped = Counter(
             PREFIX + "events_dropped", "Events that could not be written to a sink.", ["sink"], registry=r,
         )
         self.events_buffered = Gauge(
             PREFIX + "events_buffered", "Events held for a sink whose receiver is slow or away.", ["sink"],
-            registry=r,
+            registry=r, multiprocess_mode="livesum",
         )
-        self.tunnels_open = Gauge(PREFIX + "tunnels_open", "CONNECT tunnels currently open.", registry=r)
+        self.credentials = Counter(
+            PREFIX + "credentials", "Task credentials by what happened to them (minted, revoked, expired).",
+            ["event"], registry=r,
+        )
+        self.credentials_live = Gauge(
+            PREFIX + "credentials_live", "Task credentials that can be used now.", registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.store_up = Gauge(
+            PREFIX + "store_up", "1 while the approvals store answers, 0 while it is unreachable (Redis).",
+            registry=r, multiprocess_mode="livemin",
+        )
+        self.tunnels_open = Gauge(
+            PREFIX + "tunnels_open", "CONNECT tunnels currently open.", registry=r,
+            multiprocess_mode="livesum",
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def use_multiprocess(path: Path) -> None:
+    """Every metric this process creates from now on lives in `path` (prometheus-client's multiprocess
+    mode), where `multiprocess_render` reads every process's values. Worker processes inherit the
+    environment variable and are in this mode from the start."""
+    import os
+
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
+    values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
+
+
+def multiprocess_render(path: Path) -> bytes:
+    """/metrics for `--workers N`: the values of every process, combined by prometheus-client."""
+    from prometheus_client import multiprocess
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=str(path))  # type: ignore[no-untyped-call]
+    return generate_latest(registry)

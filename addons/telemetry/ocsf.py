@@ -43,7 +43,7 @@ def to_ocsf(doc: dict[str, Any]) -> dict[str, Any]:
         return _approval_decided(doc)
     if event == "tunnel.closed":
         return _tunnel_closed(doc)
-    return doc  # rules.*, proxy.*, webhook.failed: native (schema portcullis.event/v1), documented
+    return doc  # rules.*, proxy.*, worker.*, credential.*, store.*, webhook.failed: native events
 
 
 def outcome_ids(decision: str | None, reason: str | None, enforced: bool = True) -> tuple[int, int, int, int]:

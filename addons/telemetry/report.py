@@ -16,6 +16,7 @@ from typing import Any, TextIO
 from addons.policy.hosts import registered_domain
 from addons.telemetry.events import SCHEMA
 from addons.telemetry.fields import escape_controls
+from addons.telemetry.report_tasks import build_by_task, write_by_task
 
 # Denials that say something is wrong, not that a rule is missing: never suggest allowlisting them.
 SUSPICIOUS = frozenset({"private_address", "sni_mismatch", "host_mismatch"})
@@ -193,16 +194,19 @@ def report_command(args: argparse.Namespace) -> int:
         print(f"portcullis report: {e}", file=sys.stderr)
         return 2
     path = Path(args.events)
-    try:
-        with path.open(encoding="utf-8", errors="replace") as fh:
-            rep = build(fh, since)
-    except OSError as e:
-        print(f"portcullis report: {path}: {e.strerror or e}", file=sys.stderr)
-        return 2
     fmt = getattr(args, "format", "auto") or "auto"
     out = sys.stdout
     if fmt == "auto":
         fmt = "table" if out.isatty() else "markdown"
+    try:
+        with path.open(encoding="utf-8", errors="replace") as fh:
+            if getattr(args, "by", "domain") == "task":
+                write_by_task(build_by_task(fh, since, _parse_ts), fmt, out)
+                return 0
+            rep = build(fh, since)
+    except OSError as e:
+        print(f"portcullis report: {path}: {e.strerror or e}", file=sys.stderr)
+        return 2
     if fmt == "json":
         out.write(json.dumps(rep.as_dict(), indent=2, ensure_ascii=True) + "\n")
     elif fmt == "markdown":

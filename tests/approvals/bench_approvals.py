@@ -54,7 +54,7 @@ async def inproc() -> None:
     t_grant = await per_call(lambda i: "s.example", "c2")
     svc.config = ApprovalsConfig(hold=True, timeout=600)
     tasks = [asyncio.create_task(svc.resolve(req("held.example", "c3"), lambda: True)) for _ in range(2000)]
-    while not (held := [a for a in svc.store.pending() if a.host == "held.example"]) or \
+    while not (held := [a for a in await svc.store.pending() if a.host == "held.example"]) or \
             svc.waiters(held[0]) < 2000:
         await asyncio.sleep(0.01)
     t = time.perf_counter()

@@ -4,7 +4,6 @@ a real ApprovalService on a real SQLite file, and a real loopback admin server."
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import os
 import shutil
@@ -20,26 +19,12 @@ import pytest
 from aiohttp import web
 
 from addons.approvals import api
+from addons.approvals.auth import Principals
 from addons.approvals.service import ApprovalService
 from addons.approvals.webhook import VerifyError, verify
 from addons.config.models import ApprovalsConfig, WebhookConfig
-from addons.telemetry.events import Telemetry
-from tests.approvals.approvals_support import SECRET, SECRET_ENV, TOKEN
+from tests.approvals.approvals_support import SECRET, SECRET_ENV, TOKEN, Events
 from tests.harness import upstreams  # noqa: F401 (session fixture for the e2e tests)
-
-
-class Events:
-    """Telemetry writing into memory; `of(kind)` parses and filters the emitted events."""
-
-    def __init__(self) -> None:
-        self.stream = io.StringIO()
-        self.telemetry = Telemetry(stream=self.stream)
-
-    def all(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self.stream.getvalue().splitlines() if line.strip()]
-
-    def of(self, kind: str) -> list[dict[str, Any]]:
-        return [e for e in self.all() if e["event"] == kind]
 
 
 @pytest.fixture
@@ -138,9 +123,10 @@ async def admin_server() -> AsyncIterator[Callable[..., Any]]:
     """`await admin_server(service, token=TOKEN)` -> a real loopback aiohttp admin server."""
     runners: list[web.AppRunner] = []
 
-    async def start(service: ApprovalService, token: str | None = TOKEN) -> Admin:
+    async def start(service: ApprovalService, token: str | None = TOKEN, approvers: list[Any] | None = None,
+                    environ: dict[str, str] | None = None) -> Admin:
         app = web.Application()
-        api.add_routes(app, service, token)
+        api.add_routes(app, service, Principals(token, approvers or [], environ), service.links)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", 0).start()

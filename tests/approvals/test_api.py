@@ -34,7 +34,7 @@ async def test_401_without_the_right_bearer_token(setup, headers):
         assert r.status_code == 401, (method, path)
         assert r.headers["WWW-Authenticate"].startswith("Bearer")
         assert r.json()["error"] == "unauthorized"
-    assert svc.store.get(pend.approval_id).state is State.PENDING
+    assert (await svc.store.get(pend.approval_id)).state is State.PENDING
 
 
 async def test_no_token_configured_refuses_every_call_and_says_how_to_fix_it(make_service, admin_server):
@@ -66,7 +66,7 @@ async def test_422_for_a_bad_body_with_a_clear_message(setup, body):
                           headers={"Content-Type": "application/json"})
     assert r.status_code == 422
     assert r.json()["error"] == "invalid_body" and r.json()["message"]
-    assert svc.store.get(pend.approval_id).state is State.PENDING
+    assert (await svc.store.get(pend.approval_id)).state is State.PENDING
 
 
 async def test_200_then_409_with_the_standing_decision(setup):
@@ -76,13 +76,14 @@ async def test_200_then_409_with_the_standing_decision(setup):
                           json={"decision": "allow", "scope": "session", "by": "kim", "reason": "ok"})
     assert r.status_code == 200
     doc = r.json()
+    # `by` is whoever the bearer token belongs to (the admin token here), never what the body claims.
     assert (doc["state"], doc["decision"], doc["scope"], doc["by"], doc["reason"]) == (
-        "allowed", "allow", "session", "kim", "ok")
+        "allowed", "allow", "session", "admin", "ok")
     late = await client.post(f"/approvals/{pend.approval_id}", json={"decision": "deny", "by": "lee"})
     assert late.status_code == 409
     body = late.json()
     assert body["error"] == "already_decided" and "nothing changed" in body["message"]
-    assert (body["approval"]["decision"], body["approval"]["by"]) == ("allow", "kim")
+    assert (body["approval"]["decision"], body["approval"]["by"]) == ("allow", "admin")
     same = await client.post(f"/approvals/{pend.approval_id}", json={"decision": "allow", "scope": "session"})
     assert same.status_code == 409
     assert (await svc.resolve(request(host="a.example"), alive)).allowed
@@ -106,14 +107,16 @@ async def test_500_when_the_always_rule_cannot_be_written(setup, tmp_path):
     pend = await svc.resolve(request(), alive)
     r = await client.post(f"/approvals/{pend.approval_id}", json={"decision": "allow", "scope": "always"})
     assert r.status_code == 500 and r.json()["error"] == "persist_failed"
-    assert svc.store.get(pend.approval_id).state is State.PENDING
+    assert (await svc.store.get(pend.approval_id)).state is State.PENDING
 
 
 async def test_list_shows_pending_with_waiters_and_recent_decisions(make_service, admin_server):
     svc = await make_service(hold=True, timeout=30)
     admin = await admin_server(svc)
     held = asyncio.create_task(svc.resolve(request(host="held.example"), alive))
-    await wait_until(lambda: bool(svc.store.pending()))
+    async def cond() -> bool:
+        return bool(await svc.store.pending())
+    await wait_until(cond)
     async with httpx.AsyncClient(base_url=admin.url, headers=AUTH, trust_env=False) as client:
         items = (await client.get("/approvals")).json()["approvals"]
         assert [(a["host"], a["state"], a["waiters"]) for a in items] == [("held.example", "pending", 1)]
@@ -131,7 +134,7 @@ async def test_422_for_always_without_persist_to(make_service, admin_server):
     async with httpx.AsyncClient(base_url=admin.url, headers=AUTH, trust_env=False) as client:
         r = await client.post(f"/approvals/{pend.approval_id}", json={"decision": "allow", "scope": "always"})
         assert r.status_code == 422 and r.json()["error"] == "no_persist_to"
-        assert svc.store.get(pend.approval_id).state is State.PENDING
+        assert (await svc.store.get(pend.approval_id)).state is State.PENDING
         session = {"decision": "allow", "scope": "session"}
         ok = await client.post(f"/approvals/{pend.approval_id}", json=session)
         assert ok.status_code == 200
@@ -154,7 +157,7 @@ async def test_the_json_carries_the_contract_strings(setup):
     doc = (await client.get(f"/approvals/{pend.approval_id}")).json()
     assert set(doc) == {"id", "state", "client", "client_name", "host", "port", "scheme", "method", "path",
                         "rule", "created_at", "expires_at", "decision", "scope", "by", "reason", "decided_at",
-                        "waiters"}
+                        "waiters", "task_id", "labels", "task_expires_at"}
     assert (doc["state"], doc["client"], doc["client_name"], doc["rule"], doc["decision"], doc["scope"],
             doc["decided_at"], doc["waiters"]) == ("pending", "10.0.0.5", "ci", "ask", None, None, None, 0)
     r = await client.post(f"/approvals/{pend.approval_id}", json={"decision": "deny", "scope": "always"})

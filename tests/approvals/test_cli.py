@@ -40,8 +40,10 @@ async def test_list_allow_and_refusals(make_service, admin_server, tmp_path):
     svc = await make_service(timeout=60)
     admin = await admin_server(svc)
     held = asyncio.create_task(svc.resolve(request(host="cli.example", method="GET", path="/x"), alive))
-    await wait_until(lambda: bool(svc.store.pending()))
-    a = svc.store.pending()[0]
+    async def cond() -> bool:
+        return bool(await svc.store.pending())
+    await wait_until(cond)
+    a = (await svc.store.pending())[0]
     env = {"PORTCULLIS_ADMIN_TOKEN": TOKEN}
 
     code, out, _ = await run("approvals", "--admin", admin.url, "list", env=env)
@@ -63,9 +65,9 @@ async def test_list_allow_and_refusals(make_service, admin_server, tmp_path):
     assert code == 0 and "allowed (session)" in out
     outcome = await held
     assert (outcome.allowed, outcome.reason, outcome.approval_id) == (True, Reason.APPROVED, a.id)
-    stored = svc.store.get(a.id)
+    stored = await svc.store.get(a.id)
     assert (stored.decision, stored.scope, stored.decided_by, stored.reason) == (
-        Choice.ALLOW, Scope.SESSION, "cli-user", "tested")
+        Choice.ALLOW, Scope.SESSION, "admin", "tested")  # the token's owner, not --by
     code, _, err = await run("approvals", "--admin", admin.url, "deny", a.id, env=env)
     assert code == 1 and "409" in err and "already decided" in err
 

@@ -12,7 +12,7 @@ from tests.approvals.approvals_support import request
 
 @pytest.mark.parametrize(("enum", "values"), [
     (State, ["pending", "allowed", "denied", "expired"]),
-    (Scope, ["once", "session", "always"]),
+    (Scope, ["once", "session", "task", "always"]),
     (Choice, ["allow", "deny"]),
 ])
 def test_enum_values_are_the_contract_strings(enum, values):

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import json
 from pathlib import Path
@@ -53,11 +54,16 @@ def test_payload_and_event_fields_carry_the_approval_and_no_more():
     a = approval()
     body = payload(a, "http://127.0.0.1:9090")
     Draft202012Validator(WEBHOOK_SCHEMA).validate(body)
-    assert body == {"type": "approval.requested", "id": AID, "client": "ci", "host": "unknown.example",
+    assert body == {"type": "approval.requested", "id": AID, "client": "ci", "task_id": None, "labels": {},
+                    "task_expires_at": None, "host": "unknown.example",
                     "port": 443, "scheme": "https", "method": "GET", "path": "/p", "rule": "ask",
                     "created_at": "2023-11-14T22:13:20Z", "expires_at": "2023-11-14T22:15:20Z",
                     "decide_url": f"http://127.0.0.1:9090/approvals/{AID}"}
     assert event_fields(a)["client.address"] == "10.0.0.5" and event_fields(a)["destination.port"] == 443
+    task = dataclasses.replace(a, client_key="task:build-42")
+    assert payload(task, "http://x")["task_id"] == "build-42"
+    assert event_fields(task)["client.task_id"] == "build-42"
+    Draft202012Validator(WEBHOOK_SCHEMA).validate(payload(task, "http://x"))
     unnamed = Approval.opened("apr_n2", request(), now=0.0, timeout=1.0)
     assert payload(unnamed, "http://x")["client"] == "10.0.0.5"  # no group: the address
 
@@ -88,7 +94,7 @@ def test_the_events_match_the_shipped_schemas_and_are_counted():
 async def test_payload_for_a_tunnel_matches_the_shipped_schema(make_service):
     svc = await make_service(hold=False)
     out = await svc.resolve(request(method="CONNECT", path=None, scheme=None, client_name="ci"), alive)
-    body = svc.notifier.payload(svc.store.get(out.approval_id))
+    body = svc.notifier.payload(await svc.store.get(out.approval_id))
     Draft202012Validator(WEBHOOK_SCHEMA).validate(body)
     assert (body["client"], body["method"], body["path"]) == ("ci", "CONNECT", None)
 
@@ -96,7 +102,9 @@ async def test_payload_for_a_tunnel_matches_the_shipped_schema(make_service):
 async def test_a_joined_approval_sends_no_second_webhook(make_service, receiver, events):
     svc = await make_service(hold=False, webhooks=[receiver.url])
     first = await svc.resolve(request(flow_id="a"), alive)
-    await wait_until(lambda: svc.store.get(first.approval_id).notified)
+    async def cond() -> bool:
+        return bool((await svc.store.get(first.approval_id)).notified)
+    await wait_until(cond)
     again = await svc.resolve(request(flow_id="b"), alive)
     assert again.approval_id == first.approval_id
     assert not svc.notifier.sender._tasks  # nothing is being sent
@@ -129,7 +137,9 @@ async def test_a_webhook_cut_short_by_shutdown_is_sent_again_after_restart(make_
     svc2 = await make_service(hold=False, timeout=60, webhooks=[receiver.url])
     assert not svc2.notifier.sender._tasks  # waits for the decide_url (or the grace period)
     svc2.admin_url = "http://127.0.0.1:19090"  # as the launcher does once the admin port is bound
-    await wait_until(lambda: svc2.store.get(cut.approval_id).notified)
+    async def cond() -> bool:
+        return bool((await svc2.store.get(cut.approval_id)).notified)
+    await wait_until(cond)
     resent = receiver.deliveries()[-1]
     assert resent["verified"] and resent["headers"]["webhook-id"] == first_id
     assert resent["body"]["decide_url"] == f"http://127.0.0.1:19090/approvals/{cut.approval_id}"
@@ -155,5 +165,7 @@ async def test_without_an_admin_url_the_resend_waits_for_the_grace_period(make_s
     await svc1.stop()
     receiver.replies = []
     svc2 = await make_service(hold=False, timeout=60, webhooks=[receiver.url])
-    await wait_until(lambda: svc2.store.get(cut.approval_id).notified)
+    async def cond() -> bool:
+        return bool((await svc2.store.get(cut.approval_id)).notified)
+    await wait_until(cond)
     assert receiver.deliveries()[-1]["body"]["decide_url"].startswith("http://127.0.0.1:9090/")

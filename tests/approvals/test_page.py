@@ -65,8 +65,10 @@ async def test_forged_session_cookie_is_not_a_login(page_setup):
 async def test_decide_needs_the_csrf_token_and_same_origin(page_setup):
     svc, client = page_setup
     held = asyncio.create_task(svc.resolve(request(host="page.example"), alive))
-    await wait_until(lambda: bool(svc.store.pending()))
-    a = svc.store.pending()[0]
+    async def cond() -> bool:
+        return bool(await svc.store.pending())
+    await wait_until(cond)
+    a = (await svc.store.pending())[0]
     await login(client)
     page = await client.get("/")
     assert "page.example" in page.text and a.id in page.text
@@ -78,15 +80,15 @@ async def test_decide_needs_the_csrf_token_and_same_origin(page_setup):
                               headers={"Origin": "http://evil.example"})
     assert cross.status_code == 403
     assert (await client.get(url)).status_code == 405  # no side-effecting GET
-    assert svc.store.get(a.id).state is State.PENDING and not held.done()
+    assert (await svc.store.get(a.id)).state is State.PENDING and not held.done()
     ok = await client.post(url, data={"action": "allow:session", "csrf": csrf, "by": "pat", "reason": "r"},
                            headers={"Origin": str(client.base_url).rstrip("/")})
     assert ok.status_code == 200 and "Allowed (session)" in ok.text
     out = await held
     assert (out.allowed, out.reason, out.approval_id) == (True, Reason.APPROVED, a.id)
-    stored = svc.store.get(a.id)
+    stored = await svc.store.get(a.id)
     assert (stored.decision, stored.scope, stored.decided_by, stored.reason) == (Choice.ALLOW, Scope.SESSION,
-                                                                                 "pat", "r")
+                                                                                 "admin", "r")
     again = await client.post(url, data={"action": "deny:once", "csrf": csrf})
     assert again.status_code == 409 and "already decided" in again.text
 
@@ -94,10 +96,12 @@ async def test_decide_needs_the_csrf_token_and_same_origin(page_setup):
 async def test_decide_without_login_is_refused(page_setup):
     svc, client = page_setup
     pend = asyncio.create_task(svc.resolve(request(), alive))
-    await wait_until(lambda: bool(svc.store.pending()))
-    r = await client.post(f"/ui/approvals/{svc.store.pending()[0].id}", data={"action": "allow:once"})
+    async def cond() -> bool:
+        return bool(await svc.store.pending())
+    await wait_until(cond)
+    r = await client.post(f"/ui/approvals/{(await svc.store.pending())[0].id}", data={"action": "allow:once"})
     assert r.status_code == 401
-    assert svc.store.pending()
+    assert await svc.store.pending()
     pend.cancel()
 
 
@@ -105,7 +109,9 @@ async def test_page_escapes_what_the_agent_controls(page_setup):
     svc, client = page_setup
     evil = request(host="x.example", path="/<script>alert(1)</script>")
     held = asyncio.create_task(svc.resolve(evil, alive))
-    await wait_until(lambda: bool(svc.store.pending()))
+    async def cond() -> bool:
+        return bool(await svc.store.pending())
+    await wait_until(cond)
     await login(client)
     text = (await client.get("/")).text
     assert "<script>" not in text and "&lt;script&gt;" in text
@@ -161,13 +167,13 @@ async def test_every_button_decides_what_it_says_and_unknown_actions_are_refused
         for bad in ("allow", "allow:forever", "maybe:once", ""):
             r = await client.post(f"/ui/approvals/{pend.approval_id}", data={"action": bad, "csrf": csrf})
             assert r.status_code == 422 and "Unknown action" in r.text
-        assert svc.store.get(pend.approval_id).state is State.PENDING
+        assert (await svc.store.get(pend.approval_id)).state is State.PENDING
         for i, value in enumerate(values):
             out = await svc.resolve(request(host=f"b{i + 1}.example"), alive)
             r = await client.post(f"/ui/approvals/{out.approval_id}", data={"action": value, "csrf": csrf})
             assert r.status_code == 200, r.text
             decision, scope = value.split(":")
-            stored = svc.store.get(out.approval_id)
+            stored = await svc.store.get(out.approval_id)
             assert (stored.decision, stored.scope) == (Choice(decision), Scope(scope))
             verb = "Allowed" if decision == "allow" else "Denied"
             assert f"{verb} ({scope}): b{i + 1}.example:443" in r.text

@@ -24,8 +24,10 @@ ONCE, SESSION, ALWAYS = Scope.ONCE, Scope.SESSION, Scope.ALWAYS
 
 WEBHOOK_SCHEMA = json.loads((Path(__file__).parents[2] / "addons/approvals/webhook.schema.json").read_text())
 
-SPEC_PAYLOAD_KEYS = {"type", "id", "client", "host", "port", "scheme", "method", "path", "rule", "created_at",
-                     "expires_at", "decide_url"}
+# The contract's keys, plus task_id (the agent task that asked: null without a task credential).
+SPEC_PAYLOAD_KEYS = {"type", "id", "client", "task_id", "labels", "task_expires_at",
+                     "host", "port", "scheme", "method", "path", "rule",
+                     "created_at", "expires_at", "decide_url"}
 
 
 def gauge(svc, name="portcullis_approvals_pending", **labels):
@@ -36,17 +38,20 @@ async def test_200_concurrent_requests_share_one_approval_and_one_webhook(make_s
     """200 held requests for one client/host/port: one pending approval, one webhook, one event each."""
     svc = await make_service(timeout=10, webhooks=[receiver.url])
     tasks = [asyncio.create_task(svc.resolve(request(flow_id=f"f{i}"), alive)) for i in range(200)]
-    await wait_until(lambda: len(svc.store.pending()) == 1 and svc.waiters(svc.store.pending()[0]) == 200)
-    approval = svc.store.pending()[0]
+    async def cond() -> bool:
+        pending = await svc.store.pending()
+        return len(pending) == 1 and svc.waiters(pending[0]) == 200
+    await wait_until(cond)
+    approval = (await svc.store.pending())[0]
     await asyncio.wait_for(receiver.arrived.wait(), 5)
-    assert gauge(svc) == 1.0
+    await wait_until(lambda: gauge(svc) == 1.0)  # recounted in the background
     await svc.decide(approval.id, ALLOW, ONCE, "alice", "build needs it")
     outcomes = await asyncio.gather(*tasks)
     assert all(isinstance(o, Settlement) for o in outcomes)
     assert {(o.allowed, o.reason, o.approval_id, o.retry_after) for o in outcomes} == {
         (True, Reason.APPROVED, approval.id, None)}
     assert all(o.waited_s > 0 for o in outcomes)
-    stored = svc.store.get(approval.id)
+    stored = await svc.store.get(approval.id)
     assert (stored.state, stored.scope, stored.decided_by) == (State.ALLOWED, ONCE, "alice")
     assert len(receiver.deliveries()) == 1
     hook = receiver.deliveries()[0]
@@ -62,7 +67,7 @@ async def test_200_concurrent_requests_share_one_approval_and_one_webhook(make_s
     assert decided[0]["destination"]["host"] == "unknown.example"
     for e in events.all():
         validate_event(e)
-    assert gauge(svc) == 0.0
+    await wait_until(lambda: gauge(svc) == 0.0)  # recounted in the background
     assert gauge(svc, "portcullis_approval_wait_seconds_count", outcome="approved") == 200
 
 
@@ -79,14 +84,18 @@ async def test_different_ports_and_clients_get_separate_approvals(make_service):
 async def test_deny_once_releases_waiters_and_the_next_request_asks_again(make_service):
     svc = await make_service(timeout=10)
     task = asyncio.create_task(svc.resolve(request(), alive))
-    await wait_until(lambda: bool(svc.store.pending()))
-    first = svc.store.pending()[0]
+    async def cond() -> bool:
+        return bool(await svc.store.pending())
+    await wait_until(cond)
+    first = (await svc.store.pending())[0]
     await svc.decide(first.id, DENY, ONCE, "bob", None)
     out = await task
     assert (out.allowed, out.reason, out.approval_id) == (False, Reason.APPROVAL_DENIED, first.id)
     again = asyncio.create_task(svc.resolve(request(), alive))
-    await wait_until(lambda: bool(svc.store.pending()))
-    assert svc.store.pending()[0].id != first.id
+    async def cond() -> bool:
+        return bool(await svc.store.pending())
+    await wait_until(cond)
+    assert (await svc.store.pending())[0].id != first.id
     again.cancel()
 
 
@@ -94,7 +103,7 @@ async def test_timeout_denies_and_a_late_decision_gets_410(make_service, events)
     svc = await make_service(timeout=0.3)
     out = await svc.resolve(request(), alive)
     assert (out.allowed, out.reason) == (False, Reason.APPROVAL_TIMEOUT)
-    assert svc.store.get(out.approval_id).state is State.EXPIRED
+    assert (await svc.store.get(out.approval_id)).state is State.EXPIRED
     with pytest.raises(DecideError) as e:
         await svc.decide(out.approval_id, ALLOW, ONCE, "late", None)
     assert e.value.status == 410
@@ -102,7 +111,7 @@ async def test_timeout_denies_and_a_late_decision_gets_410(make_service, events)
     assert len(decided) == 1 and decided[0]["outcome"] == "approval_timeout"
     assert (decided[0]["decision"], decided[0]["scope"], decided[0]["by"]) == ("deny", None, None)
     validate_event(decided[0])
-    assert gauge(svc) == 0.0
+    await wait_until(lambda: gauge(svc) == 0.0)  # recounted in the background
     assert gauge(svc, "portcullis_approval_requests_total", outcome="approval_timeout") == 1.0
 
 
@@ -110,7 +119,9 @@ async def test_expiry_without_waiters_is_swept(make_service, events):
     """hold: false leaves nobody waiting; the approval still expires on time and is logged once."""
     svc = await make_service(timeout=0.2, hold=False)
     out = await svc.resolve(request(), alive)
-    await wait_until(lambda: svc.store.get(out.approval_id).state is State.EXPIRED)
+    async def cond() -> bool:
+        return bool((await svc.store.get(out.approval_id)).state is State.EXPIRED)
+    await wait_until(cond)
     assert len(events.of("approval.decided")) == 1
 
 
@@ -124,7 +135,7 @@ async def test_hold_false_answers_pending_then_an_approved_retry_passes_once(mak
     await svc.decide(first.approval_id, ALLOW, ONCE, "carol", None)
     retry = await svc.resolve(request(), alive)
     assert (retry.allowed, retry.reason, retry.approval_id) == (True, Reason.APPROVED, first.approval_id)
-    assert svc.store.get(retry.approval_id).decided_by == "carol"
+    assert (await svc.store.get(retry.approval_id)).decided_by == "carol"
     after = await svc.resolve(request(), alive)  # `once` is used up
     assert after.reason == Reason.APPROVAL_PENDING and after.approval_id != first.approval_id
 
@@ -136,28 +147,30 @@ async def test_session_grant_covers_that_client_host_port_until_it_expires(make_
     for _ in range(3):
         out = await svc.resolve(request(), alive)
         assert (out.allowed, out.reason, out.approval_id) == (True, Reason.APPROVED, pend.approval_id)
-    [grant] = svc.store.grants(time.time())
+    [grant] = await svc.store.grants(time.time())
     assert (grant.scope, grant.decision, grant.single_use) == (SESSION, ALLOW, False)
     assert (await svc.resolve(request(client="10.0.0.9"), alive)).reason == Reason.APPROVAL_PENDING
     assert (await svc.resolve(request(port=80), alive)).reason == Reason.APPROVAL_PENDING
     await asyncio.sleep(0.45)
     expired = await svc.resolve(request(), alive)
     assert expired.reason == Reason.APPROVAL_PENDING
-    svc.ledger.sweep()
-    assert svc.store.grants(0) == []  # the swept grant is gone from the file, not just ignored
+    await svc.ledger.sweep()
+    assert await svc.store.grants(0) == []  # the swept grant is gone from the file, not just ignored
 
 
 async def test_deny_for_session_refuses_at_once(make_service):
     svc = await make_service(timeout=10)
     task = asyncio.create_task(svc.resolve(request(), alive))
-    await wait_until(lambda: bool(svc.store.pending()))
-    first = svc.store.pending()[0]
+    async def cond() -> bool:
+        return bool(await svc.store.pending())
+    await wait_until(cond)
+    first = (await svc.store.pending())[0]
     await svc.decide(first.id, DENY, SESSION, "eve", None)
     assert (await task).reason == Reason.APPROVAL_DENIED
     out = await svc.resolve(request(), alive)
     assert (out.allowed, out.reason, out.approval_id) == (False, Reason.APPROVAL_DENIED, first.id)
-    assert [g.scope for g in svc.store.grants(time.time())] == [SESSION]
-    assert svc.store.pending() == []
+    assert [g.scope for g in await svc.store.grants(time.time())] == [SESSION]
+    assert await svc.store.pending() == []
 
 
 async def test_client_hang_up_frees_the_waiter(make_service):
@@ -165,11 +178,14 @@ async def test_client_hang_up_frees_the_waiter(make_service):
     svc = await make_service(timeout=30, poll=0.05)
     state = {"alive": True}
     task = asyncio.create_task(svc.resolve(request(), lambda: state["alive"]))
-    await wait_until(lambda: bool(svc.store.pending()) and svc.waiters(svc.store.pending()[0]) == 1)
+    async def cond() -> bool:
+        pending = await svc.store.pending()
+        return bool(pending) and svc.waiters(pending[0]) == 1
+    await wait_until(cond)
     state["alive"] = False
     out = await asyncio.wait_for(task, 5)  # bounded wait: without the hang-up check it would hold 30 s
     assert out.reason == Reason.CLIENT_CLOSED and not out.allowed
-    a = svc.store.pending()[0]
+    a = (await svc.store.pending())[0]
     assert svc.waiters(a) == 0 and a.state is State.PENDING
     assert gauge(svc, "portcullis_approval_wait_seconds_count", outcome="client_closed") == 1
     # Nobody is held any more, so an `once` allow applies to the client's retry.
@@ -185,8 +201,8 @@ async def test_restart_keeps_pending_approvals_and_grants(make_service, tmp_path
     await svc1.stop()
 
     svc2 = await make_service(hold=True, timeout=60, session_ttl=600)
-    assert [a.id for a in svc2.store.pending()] == [pend.approval_id]
-    assert gauge(svc2) == 1.0
+    assert [a.id for a in await svc2.store.pending()] == [pend.approval_id]
+    await wait_until(lambda: gauge(svc2) == 1.0)  # recounted in the background
     assert (await svc2.resolve(request(host="session.example"), alive)).allowed
     await svc2.decide(pend.approval_id, ALLOW, ONCE, "hal", None)
     retry = await svc2.resolve(request(host="pending.example"), alive)
@@ -199,7 +215,7 @@ async def test_restart_expires_approvals_that_ran_out_while_down(make_service, e
     await svc1.stop()
     await asyncio.sleep(0.25)
     svc2 = await make_service(hold=False, timeout=0.2)
-    assert svc2.store.get(pend.approval_id).state is State.EXPIRED
+    assert (await svc2.store.get(pend.approval_id)).state is State.EXPIRED
     with pytest.raises(DecideError) as e:
         await svc2.decide(pend.approval_id, ALLOW, ONCE, None, None)
     assert e.value.status == 410
@@ -214,15 +230,17 @@ async def test_first_decision_wins(make_service):
     assert not isinstance(results[0], Exception)
     assert isinstance(results[1], DecideError) and results[1].status == 409
     assert results[1].approval.decision is ALLOW and results[1].approval.decided_by == "a"
-    assert svc.store.get(pend.approval_id).state is State.ALLOWED
+    assert (await svc.store.get(pend.approval_id)).state is State.ALLOWED
 
 
 async def test_always_appends_a_valid_rule_with_who_when_why(make_service, tmp_path):
     svc = await make_service(timeout=10)
     task = asyncio.create_task(svc.resolve(request(host="api.example.org", port=8443, client_name="ci"),
                                            alive))
-    await wait_until(lambda: bool(svc.store.pending()))
-    a = svc.store.pending()[0]
+    async def cond() -> bool:
+        return bool(await svc.store.pending())
+    await wait_until(cond)
+    a = (await svc.store.pending())[0]
     await svc.decide(a.id, ALLOW, ALWAYS, "ivy", "the build\nneeds it")
     assert (await task).allowed
     text = (tmp_path / "rules/approved.yaml").read_text()
@@ -247,7 +265,7 @@ async def test_always_refuses_to_clobber_a_broken_rule_file(make_service, tmp_pa
         await svc.decide(pend.approval_id, ALLOW, ALWAYS, "jo", None)
     assert e.value.status == 500 and "not valid YAML" in e.value.message
     assert path.read_text() == broken
-    assert svc.store.get(pend.approval_id).state is State.PENDING  # nothing was decided
+    assert (await svc.store.get(pend.approval_id)).state is State.PENDING  # nothing was decided
 
 
 async def test_resolve_fails_closed_on_internal_error(make_service):
@@ -299,12 +317,16 @@ async def test_a_client_cannot_open_unbounded_approvals(make_service, receiver):
     svc = await make_service(hold=True, timeout=30, webhooks=[receiver.url])
     svc.ledger.max_pending_per_client = 3
     held = [asyncio.create_task(svc.resolve(request(host=f"h{i}.example"), alive)) for i in range(3)]
-    await wait_until(lambda: len(svc.store.pending()) == 3)
+    async def cond() -> bool:
+        return bool(len(await svc.store.pending()) == 3)
+    await wait_until(cond)
     out = await svc.resolve(request(host="h4.example"), alive)
     assert (out.allowed, out.reason, out.approval_id, out.retry_after) == (False, Reason.APPROVAL_PENDING,
                                                                           None, 30)
     other = asyncio.create_task(svc.resolve(request(host="h4.example", client="10.9.9.9"), alive))
-    await wait_until(lambda: len(svc.store.pending()) == 4)  # another client is not affected
+    async def cond() -> bool:
+        return bool(len(await svc.store.pending()) == 4)
+    await wait_until(cond)  # another client is not affected
     await wait_until(lambda: len(receiver.deliveries()) == 4)
     for t in [*held, other]:
         t.cancel()
@@ -325,7 +347,7 @@ async def test_expiry_while_the_always_rule_is_written_is_reported_as_410(make_s
     with pytest.raises(DecideError) as e:
         await svc.decide(pend.approval_id, ALLOW, ALWAYS, "slow", None)
     assert e.value.status == 410 and "written to persist_to all the same" in e.value.message
-    assert svc.store.get(pend.approval_id).state is State.EXPIRED
+    assert (await svc.store.get(pend.approval_id)).state is State.EXPIRED
 
 
 async def test_decide_reads_plain_strings_as_the_enums(make_service, tmp_path):
@@ -348,7 +370,36 @@ async def test_a_remote_decision_found_on_arrival_ends_the_tracked_approval_and_
     await b.decide(first.approval_id, DENY, ONCE, "b", None)
     used = await a.resolve(request(), alive)  # nobody waited on B: its `once` is for the next retry, this one
     assert (used.allowed, used.reason, used.approval_id) == (False, Reason.APPROVAL_DENIED, first.approval_id)
-    assert a.ledger.tracks(a.store.get(first.approval_id))  # A has not looked at the store yet
+    assert a.ledger.tracks(await a.store.get(first.approval_id))  # A has not looked at the store yet
     again = await a.resolve(request(), alive)
     assert again.reason == Reason.APPROVAL_PENDING and again.approval_id != first.approval_id
-    assert not a.ledger.tracks(a.store.get(first.approval_id))
+    assert not a.ledger.tracks(await a.store.get(first.approval_id))
+
+
+async def test_a_request_that_joins_while_a_look_is_under_way_is_counted_when_the_decision_is_seen(
+        make_service):
+    """The look at the store that A starts when it opens the approval is slow; meanwhile the request
+    begins to wait and B decides `once` (nobody waits on B: it leaves a single-use grant). When A's
+    look comes back it must count the waiter it has now, so the waiter is that one use and the grant
+    goes: no spare pass for the next request."""
+    a = await make_service(timeout=30, poll=30.0)
+    b = await make_service(timeout=30, poll=30.0)
+    gate, real_get = asyncio.Event(), a.store.get
+    stalled: list[str] = []
+
+    async def slow_get(approval_id):
+        if not gate.is_set():
+            stalled.append(approval_id)
+            await gate.wait()
+        return await real_get(approval_id)
+
+    a.store.get = slow_get  # the store itself is real; only this look is held up
+    held = asyncio.create_task(a.resolve(request(), alive))
+    key = ("10.0.0.5", "unknown.example", 443)
+    await wait_until(lambda: bool(stalled) and a.waiters(a.ledger._open[key]) == 1)
+    await b.decide(stalled[0], ALLOW, ONCE, "b", None)
+    assert [g.single_use for g in await b.store.grants(time.time())] == [True]  # B found nobody waiting
+    gate.set()
+    out = await asyncio.wait_for(held, 5)
+    assert (out.allowed, out.reason, out.approval_id) == (True, Reason.APPROVED, stalled[0])
+    assert await b.store.grants(time.time()) == []  # the held request was the use

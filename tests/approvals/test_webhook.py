@@ -77,6 +77,10 @@ def test_redact_url_drops_credentials_and_query():
     assert redact_url("https://u:p@hooks.example.com:8443/x?token=abc#f") == "https://hooks.example.com:8443/x"
 
 
+async def always_pending() -> bool:
+    return True
+
+
 def deliveries(svc, result):
     return svc.telemetry.metrics.registry.get_sample_value(
         "portcullis_webhook_deliveries_total", {"result": result}) or 0.0
@@ -112,7 +116,7 @@ async def test_redirects_are_not_followed_and_retries_end_at_expiry(make_service
     receiver.redirect_to = "/moved"
     svc = await make_service(hold=False, timeout=0.6, webhooks=[receiver.url + "?token=s3cret"])
     pend = await svc.resolve(request(), alive)
-    expires = svc.store.get(pend.approval_id).expires_at
+    expires = (await svc.store.get(pend.approval_id)).expires_at
     await wait_until(lambda: not svc.notifier.sender._tasks)
     assert receiver.deliveries("/moved") == []
     attempts = receiver.deliveries()
@@ -141,7 +145,7 @@ async def test_each_attempt_has_a_fresh_timestamp_and_signature(receiver, events
     sender = WebhookSender([Endpoint(receiver.url, KEY)], events.telemetry, clock=clock, backoff_base=0.01)
     await sender.start()
     receiver.replies = [500]
-    sender.send("apr_x", {"id": "apr_x"}, expires_at=time.time() + 3600, still_pending=lambda: True)
+    sender.send("apr_x", {"id": "apr_x"}, expires_at=time.time() + 3600, still_pending=always_pending)
     await wait_until(lambda: len(receiver.deliveries()) == 2)
     await sender.stop()
     first, second = receiver.deliveries()
@@ -221,7 +225,7 @@ async def test_https_endpoint_with_an_internal_ca_from_ssl_cert_file(tmp_path, e
                 monkeypatch.setenv("SSL_CERT_FILE", cafile)
             sender = WebhookSender([Endpoint(url, KEY)], events.telemetry, backoff_base=0.01)
             await sender.start()
-            sender.send("apr_t", {"id": "apr_t"}, expires_at=time.time() + 0.3, still_pending=lambda: True)
+            sender.send("apr_t", {"id": "apr_t"}, expires_at=time.time() + 0.3, still_pending=always_pending)
             await wait_until(lambda s=sender: not s._tasks)
             await sender.stop()
             assert bool(got) is expect  # unknown CA: refused; with SSL_CERT_FILE: delivered

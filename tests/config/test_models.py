@@ -144,7 +144,7 @@ def test_syslog_facilities(name: str | int, code: int) -> None:
         ({"hostname": "h\u00e9"}, "printable ASCII"),
         ({"buffer": 0}, "greater than or equal to 1"),
         ({"address": "127.0.0.1:99999"}, "bad port"),
-        ({"address": ":514"}, "has no host"),
+        ({"address": ":514"}, "no host before the port"),
         ({"address": "a b:514"}, "not a host name"),
         ({"tls": {"ca": "ca.pem"}}, "only used with transport: tls"),
     ],

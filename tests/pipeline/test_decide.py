@@ -179,6 +179,33 @@ AUTHORITY = [
     ("host-header-spelling", http(host_header="PUBLIC.TEST."), ("allow", "rule", None), None),
     ("host-header-default-port", http(host_header="public.test:80"), ("allow", "rule", None), None),
     ("no-host-header", http(host_header=None, host_headers=0), ("allow", "rule", None), None),
+    # RFC 9112 3.2: an HTTP/1.1 request without Host is malformed; HTTP/1.0 and HTTP/2 (:authority) are not.
+    ("no-host-http11", http(host_header=None, host_headers=0, http_version="HTTP/1.1"),
+     ("deny", "bad_request", 400), "without a Host header"),
+    ("no-host-http10", http(host_header=None, host_headers=0, http_version="HTTP/1.0"),
+     ("allow", "rule", None), None),
+    ("no-host-http2", http(host_header=None, host_headers=0, http_version="HTTP/2.0",
+                           target_authority="public.test"), ("allow", "rule", None), None),
+    # Port 0 named explicitly is no destination (mitmproxy reads `:0` in a target as the default port).
+    ("target-port-zero", http(target_authority="public.test:0"), ("deny", "bad_request", 400), "port 0"),
+    ("host-port-zero", http(host_header="public.test:000"), ("deny", "bad_request", 400), "port 0"),
+    ("head-too-large", http(problem="the header fields are larger than 65536 bytes", problem_status=431),
+     ("deny", "bad_request", 431), "65536"),
+    ("target-too-long", http(problem="the request target is longer than 8192 bytes", problem_status=414),
+     ("deny", "bad_request", 414), "8192"),
+    # A CONNECT target as received: ASCII digits, brackets around IPv6 only, naming what was read.
+    ("connect-plain", connect(target_authority="public.test:443"), ("allow", "rule", None), None),
+    ("connect-spelling", connect(target_authority="PUBLIC.test.:0443"), ("allow", "rule", None), None),
+    ("connect-fullwidth-port", connect(port=80, target_authority="public.test:\uff18\uff10"),
+     ("deny", "bad_request", 400), "ASCII digits"),
+    ("connect-arabic-indic-port", connect(target_authority="public.test:\u0664\u0664\u0663"),
+     ("deny", "bad_request", 400), "ASCII digits"),
+    ("connect-bracketed-name", connect(target_authority="[public.test]:443"), ("deny", "bad_request", 400),
+     "IPv6"),
+    ("connect-bracketed-v4", connect("8.8.8.8", target_authority="[8.8.8.8]:443"),
+     ("deny", "bad_request", 400), "IPv6"),
+    ("connect-other-host", connect(target_authority="evil.test:443"), ("deny", "bad_request", 400),
+     "not the host read"),
     ("two-host-headers", http(host_headers=2), ("deny", "bad_request", 400), "more than one Host header"),
     ("target-differs", http(target_authority="evil.test"), ("deny", "host_mismatch", 403), "target"),
     ("target-agrees", http(target_authority="public.test:80"), ("allow", "rule", None), None),
@@ -592,3 +619,60 @@ def test_denied_outcomes_leave_no_pin(pol: Policy) -> None:
     ):
         assert not decide(p, inc).passes
     assert len(p.pins) == 0
+
+
+@pytest.mark.parametrize(("version", "want"), [("HTTP/1.1", ("deny", "bad_request", 400)),
+                                                ("HTTP/1.0", ("allow", "rule", None))])
+def test_inside_a_tunnel_a_request_without_host(
+    pol: Policy, version: str, want: tuple[str, str, int | None]
+) -> None:
+    p, _, _ = pipeline(pol)
+    tunnel = decide(p, connect("insp.test"))
+    o = decide(p, inner(tunnel, host_header=None, host_headers=0, http_version=version))
+    assert (o.action.value, o.reason.value, o.status) == want
+
+
+# -- task credentials ------------------------------------------------------------------------------
+
+
+class _Tasks:
+    """The TaskCredentials protocol over one credential; `live` flips when it is revoked."""
+
+    def __init__(self) -> None:
+        from addons.credentials.model import Credential, hash_secret
+
+        self.cred = Credential("build-7", None, (("repo", "web"),), hash_secret("s3cret"), 0.0, 4e9)
+        self.live = True
+
+    def knows(self, user: str) -> bool:
+        return user == "build-7"
+
+    async def verify(self, task_id: str, secret: str) -> tuple[Any, Any]:
+        from addons.credentials.model import Check
+
+        return (Check.OK, self.cred) if self.live and secret == "s3cret" else (Check.REVOKED, None)
+
+    def still_valid(self, task_id: str) -> bool:
+        return self.live
+
+
+def test_a_task_credential_names_the_task_and_its_expiry(pol: Policy) -> None:
+    p, _, _ = pipeline(pol, credentials=_Tasks())
+    o = decide(p, http(credentials=_basic("build-7", "s3cret")))
+    c = o.request.client
+    assert (c.task_id, c.labels, c.task_until, c.key) == ("build-7", (("repo", "web"),), 4e9, "task:build-7")
+
+
+def test_a_task_revoked_while_its_request_was_held_is_refused_after_the_approval(pol: Policy) -> None:
+    tasks = _Tasks()
+
+    class RevokedMeanwhile(Approvals):
+        async def resolve(self, pending: Outcome, client_alive: Any) -> Settlement:
+            tasks.live = False  # DELETE /credentials/build-7 while a person was deciding
+            return await super().resolve(pending, client_alive)
+
+    p, _, approvals = pipeline(pol, credentials=tasks, approvals=RevokedMeanwhile())
+    o = decide(p, http("ask.test", credentials=_basic("build-7", "s3cret")))
+    assert len(approvals.asked) == 1
+    assert summary(o) == ("deny", "proxy_auth", 407, False) and "revoked" in (o.detail or "")
+    assert p.pins.get("c1", "ask.test", 80) is None  # nothing pinned for it

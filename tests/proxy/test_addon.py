@@ -198,7 +198,8 @@ async def test_denials_are_answered_with_both_headers_and_logged_once(
     assert (got_status, decision, got_reason) == (status, "deny", reason)
     assert body["error"] == "egress_denied" and body["reason"] == reason and body["rule"] == rule
     assert f.response is not None and f.response.reason.startswith("Blocked by Portcullis: " + reason)
-    assert f.request.stream is False  # never forwarded
+    # Answered at once, never forwarded (mitm_compat.answer_at_once: mitmproxy sends the set response)
+    assert f.request.stream is True and "expect" not in f.request.headers
     ev = proxy.decision()
     assert (ev["decision"], ev["reason"], ev["status"], ev["rule"], ev["flow_id"]) == (
         "deny",
@@ -265,6 +266,67 @@ async def test_an_h2c_upgrade_is_dropped_so_the_connection_stays_judged(proxy: P
     for name in ("upgrade", "http2-settings", "connection"):
         assert name not in f.request.headers
     assert f.request.headers["accept"] == "*/*"
+
+
+@pytest.mark.parametrize(
+    ("req", "host"),
+    [
+        (request(headers=[], http_version="HTTP/1.0"), "public.test"),
+        (request(port=8080, headers=[("Accept", "*/*")], http_version="HTTP/1.0"), "public.test:8080"),
+        (request("PUBLIC.test.", 8080, authority="PUBLIC.test.:8080", headers=[], http_version="HTTP/1.0"),
+         "public.test:8080"),  # the decided (normalised) destination
+    ],
+)
+async def test_an_http10_request_without_host_gets_the_targets(
+    proxy: Proxy, req: http.Request, host: str
+) -> None:
+    # mitmproxy sends HTTP/1 in origin-form and adds no Host: the upstream would see none at all.
+    f = flow(req)
+    await proxy.hook(http_layers.HttpRequestHeadersHook(f))
+    assert f.response is None and f.request.headers.get_all("host") == [host]
+    assert f.request.headers.fields[0][0] == b"Host"
+
+
+async def test_an_http11_request_without_host_is_bad_request(proxy: Proxy) -> None:
+    f = flow(request(headers=[("Accept", "*/*")]))
+    await proxy.hook(http_layers.HttpRequestHeadersHook(f))
+    assert answer(f)[:3] == (400, "deny", "bad_request") and "host" not in f.request.headers
+    assert "Host header" in proxy.decision()["detail"]
+
+
+async def test_an_http2_request_over_the_size_limits_is_414_or_431(proxy: Proxy) -> None:
+    f = flow(request(path="/" + "a" * 9000, http_version="HTTP/2.0"))
+    await proxy.hook(http_layers.HttpRequestHeadersHook(f))
+    assert answer(f)[:3] == (414, "deny", "bad_request")
+    pad = [("Host", "public.test")] + [("X-Pad", "p" * 1000)] * 70
+    g = flow(request(headers=pad, http_version="HTTP/2.0"))
+    await proxy.hook(http_layers.HttpRequestHeadersHook(g))
+    assert answer(g)[:3] == (431, "deny", "bad_request")
+    got = [(e["status"], e["reason"]) for e in proxy.events()]
+    assert got == [(414, "bad_request"), (431, "bad_request")]
+
+
+async def test_a_denied_request_is_answered_before_its_body(proxy: Proxy) -> None:
+    hdrs = [("Host", "blocked.test"), ("Expect", "100-continue"), ("Content-Length", "5")]
+    f = flow(request("blocked.test", method="POST", headers=hdrs))
+    await proxy.hook(http_layers.HttpRequestHeadersHook(f))
+    assert answer(f)[0] == 403  # mitm_compat.answer_at_once: sent now, no 100 Continue first
+    assert f.request.stream is True and "expect" not in f.request.headers
+
+
+@pytest.mark.parametrize(
+    ("authority", "reason"),
+    [("public.test:443", "rule"), ("public.test:\uff14\uff14\uff13", "bad_request"),
+     ("[public.test]:443", "bad_request")],
+)
+async def test_a_connect_is_judged_on_its_target_as_received(
+    proxy: Proxy, authority: str, reason: str
+) -> None:
+    # mitmproxy reads fullwidth digits as a port and drops brackets around any host: the raw bytes decide.
+    f = connect_flow()
+    f.request.data.authority = authority.encode()
+    await proxy.hook(http_layers.HttpConnectHook(f))
+    assert proxy.decision()["reason"] == reason
 
 
 async def test_a_websocket_upgrade_is_kept_and_logged_as_ws(proxy: Proxy) -> None:

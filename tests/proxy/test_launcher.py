@@ -15,14 +15,13 @@ import pytest
 from addons.config.load import load_config
 from addons.proxy import launcher, mitm_compat
 from addons.proxy.launcher import (
-    Runtime,
     StartupError,
-    local_addresses,
     parse_hostport,
     prepare,
     run_command,
     upstream_bundle,
 )
+from addons.proxy.runtime import Runtime, local_addresses
 from addons.proxy.tunnel import TunnelAwareNextLayer
 from tests.policy.pol_helpers import write_config
 
@@ -57,7 +56,7 @@ def test_parse_hostport_errors_name_the_setting(text: str, message: str) -> None
 def args(
     cfg: Path, listen: str | None = "127.0.0.1:0", admin: str | None = "127.0.0.1:0"
 ) -> argparse.Namespace:
-    return argparse.Namespace(config=str(cfg), listen=listen, admin=admin)
+    return argparse.Namespace(config=str(cfg), listen=listen, admin=admin, workers=1, worker=None)
 
 
 def config(tmp_path: Path, **kw: Any) -> Path:
@@ -67,8 +66,9 @@ def config(tmp_path: Path, **kw: Any) -> Path:
 
 def test_prepare_builds_the_runtime(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("PORTCULLIS_ADMIN_TOKEN", raising=False)
-    rt = prepare(args(config(tmp_path), listen="127.0.0.1:18080", admin="127.0.0.1:19090"))
-    assert (rt.listen, rt.admin_addr, rt.token, rt.bundle) == (
+    p = prepare(args(config(tmp_path), listen="127.0.0.1:18080", admin="127.0.0.1:19090"))
+    rt = Runtime(p)
+    assert (p.listen, p.admin, p.token, p.bundle) == (
         ("127.0.0.1", 18080),
         ("127.0.0.1", 19090),
         None,
@@ -81,14 +81,14 @@ def test_prepare_builds_the_runtime(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
 
 def test_the_config_addresses_apply_without_overrides(tmp_path: Path) -> None:
-    rt = prepare(
+    p = prepare(
         args(config(tmp_path, listen="127.0.0.1:18081", admin={"listen": "[::1]:19091"}), None, None)
     )
-    assert rt.listen == ("127.0.0.1", 18081) and rt.admin_addr == ("::1", 19091)
+    assert p.listen == ("127.0.0.1", 18081) and p.admin == ("::1", 19091)
 
 
 def test_audit_mode_reaches_the_pipeline(tmp_path: Path) -> None:
-    assert prepare(args(config(tmp_path, mode="audit"))).pipeline.audit is True
+    assert Runtime(prepare(args(config(tmp_path, mode="audit")))).pipeline.audit is True
 
 
 def test_an_unsupported_mitmproxy_is_a_startup_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -145,29 +145,30 @@ def test_local_addresses_include_loopback() -> None:
 
 @pytest.fixture
 def runtime(tmp_path: Path) -> Runtime:
-    return prepare(args(config(tmp_path)))
+    return Runtime(prepare(args(config(tmp_path))))
 
 
 def test_the_proxys_own_addresses(runtime: Runtime) -> None:
-    runtime._add_own("127.0.0.1", 18080)  # loopback: every 127/8 address reaches it
-    runtime._add_own("10.9.8.7", 19090)
-    runtime._add_own("not-an-ip", 1)  # ignored
-    assert runtime.is_own("127.0.0.1", 18080) and runtime.is_own("127.0.0.53", 18080)
-    assert not runtime.is_own("127.0.0.1", 18081) and not runtime.is_own("8.8.8.8", 18080)
-    assert runtime.is_own("10.9.8.7", 19090) and not runtime.is_own("10.9.8.8", 19090)
-    assert not runtime.is_own("10.9.8.7", 18080)
-    assert not runtime.is_own("garbage", 18080)
+    own = runtime.own
+    own.add("127.0.0.1", 18080)  # loopback: every 127/8 address reaches it
+    own.add("10.9.8.7", 19090)
+    own.add("not-an-ip", 1)  # ignored
+    assert own("127.0.0.1", 18080) and own("127.0.0.53", 18080)
+    assert not own("127.0.0.1", 18081) and not own("8.8.8.8", 18080)
+    assert own("10.9.8.7", 19090) and not own("10.9.8.8", 19090)
+    assert not own("10.9.8.7", 18080)
+    assert not own("garbage", 18080)
 
 
 def test_a_wildcard_listener_owns_every_local_address(runtime: Runtime) -> None:
-    runtime._add_own("0.0.0.0", 18082)
+    runtime.own.add("0.0.0.0", 18082)
     for a in local_addresses():
-        assert runtime.is_own(a, 18082)
-    assert runtime.is_own("127.0.0.9", 18082)
+        assert runtime.own(a, 18082)
+    assert runtime.own("127.0.0.9", 18082)
 
 
 def test_the_pipeline_refuses_the_proxys_own_addresses(runtime: Runtime) -> None:
-    runtime._add_own("127.0.0.1", 18083)
+    runtime.own.add("127.0.0.1", 18083)
     assert runtime.pipeline.is_own("127.0.0.2", 18083)
 
 
@@ -185,7 +186,7 @@ async def test_the_master_has_only_what_portcullis_needs(runtime: Runtime) -> No
     )
     assert o.validate_inbound_headers is True and o.mode == ["regular"]
     assert (o.listen_host, o.listen_port) == ("127.0.0.1", 0)
-    assert o.confdir == str(runtime.ca_dir)
+    assert o.confdir == str(runtime.p.ca_dir)
 
 
 @pytest.mark.parametrize(

@@ -253,6 +253,16 @@ OTHER_EVENTS: list[tuple[str, dict[str, Any]]] = [
     ),
     ("approval.decided", {"approval_id": "apr-5", "decision": "deny", "scope": "once", "by": "bob"}),
     ("rules.reloaded", {"rule_count": 12, "files": ["rules/base.yaml"], "trigger": "watch"}),
+    ("worker.exited", {"worker": 1, "pid": 4242, "exit_code": None, "signal": "SIGKILL", "restarted": True}),
+    (
+        "credential.minted",
+        {"task_id": "build-7", "profile": "frontend", "labels": {"repo": "web"}, "by": "admin",
+         "expires_at": "2026-11-20T18:00:00Z"},
+    ),
+    ("credential.revoked", {"task_id": "build-7", "profile": None, "labels": {}, "by": "admin",
+                            "expires_at": "2026-11-20T18:00:00Z"}),
+    ("credential.expired", {"task_id": "build-8", "profile": None, "labels": {}, "by": None,
+                            "expires_at": "2026-11-20T18:00:00Z"}),
     ("rules.reload_failed", {"error": "rules/base.yaml:3:5: unknown key 'hostz'", "trigger": "sighup"}),
     (
         "webhook.failed",
@@ -277,6 +287,9 @@ OTHER_EVENTS: list[tuple[str, dict[str, Any]]] = [
         },
     ),
     ("proxy.stopped", {"exit_code": 0, "uptime_s": 3600.5}),
+    ("worker.exited", {"worker": 1, "pid": 4243, "exit_code": None, "signal": "SIGKILL", "restarted": True}),
+    ("store.unreachable", {"store": "redis://***@valkey:6379/0", "error": "ConnectionError: refused"}),
+    ("store.reconnected", {"store": "redis://***@valkey:6379/0", "down_s": 12.5}),
 ]
 
 # Each decision its own flow, as the proxy does.

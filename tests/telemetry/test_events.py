@@ -30,7 +30,8 @@ def test_every_decision_kind_is_one_valid_event() -> None:
         r, c = rec.request, rec.request.client
         assert (ev["decision"], ev["reason"], ev["flow_id"]) == (rec.action, rec.reason, r.flow_id)
         assert ev["destination"]["host"] == (r.host or None) and ev["destination"]["port"] == (r.port or None)
-        assert ev["client"] == {"address": c.address, "port": c.port, "name": rec.client_name, "user": c.user}
+        assert ev["client"] == {"address": c.address, "port": c.port, "name": rec.client_name, "user": c.user,
+                                "task_id": None, "profile": None, "labels": None}
         assert ev["request"]["method"] == r.method
 
 
@@ -211,7 +212,8 @@ def test_every_decision_field_is_always_present() -> None:
     (ev,) = lines(out)
     for key in ("rule", "rule_file", "rule_line", "approval_id", "latency_ms", "approval_wait_ms", "detail"):
         assert key in ev and ev[key] is None, key
-    assert ev["matched_rules"] == [] and set(ev["client"]) == {"address", "port", "name", "user"}
+    assert ev["matched_rules"] == [] and set(ev["client"]) == {
+        "address", "port", "name", "user", "task_id", "profile", "labels"}
     assert set(ev["destination"]) == {"host", "port", "ip", "registered_domain"}
     assert set(ev["request"]) == {"scheme", "method", "path"}
 
@@ -245,7 +247,8 @@ def test_a_tunnel_is_counted_while_open_and_closed_once() -> None:
         1.235,
         True,
     )
-    assert ev["client"] == {"address": "10.0.1.5", "port": 50123, "name": "ci-agents", "user": None}
+    assert ev["client"] == {"address": "10.0.1.5", "port": 50123, "name": "ci-agents", "user": None,
+                            "task_id": None, "profile": None}
     assert ev["destination"] == {"host": "pastebin.com", "port": 443, "ip": "203.0.113.7"}
 
 

@@ -27,6 +27,7 @@ from addons.telemetry.fields import (
     is_secret_key,
     nest,
     strip_query,
+    text,
     truncate,
 )
 from addons.telemetry.validate import validate_lines
@@ -49,10 +50,10 @@ def test_json_keeps_one_event_per_line_and_the_exact_value(value: str, tmp_path:
     t, out = make(tmp_path, log={"file": "ev.jsonl"})
     t.decision(record(host=value, path="/" + value, detail=f"SNI {value} != authority"))
     t.emit("approval.requested", approval_id=value, destination={"host": value, "port": 443})
-    for text in (out.getvalue(), (tmp_path / "ev.jsonl").read_text()):
-        assert text.count("\n") == 2 and len(text.splitlines()) == 2  # str.splitlines knows \u2028, \x85 ...
-        assert text.isascii() and all(c == "\n" or 0x20 <= ord(c) < 0x7F for c in text)
-        dec, req = validate_lines(text)
+    for written in (out.getvalue(), (tmp_path / "ev.jsonl").read_text()):
+        assert written.count("\n") == 2 and len(written.splitlines()) == 2  # splitlines knows \u2028, \x85
+        assert written.isascii() and all(c == "\n" or 0x20 <= ord(c) < 0x7F for c in written)
+        dec, req = validate_lines(written)
         assert dec["destination"]["host"] == value and dec["decision"] == "deny"
         assert dec["request"]["path"] == "/" + value.split("?")[0].split("#")[0]
         assert dec["detail"] == f"SNI {value} != authority"
@@ -91,8 +92,8 @@ def test_hostile_field_names_are_bounded_and_escaped() -> None:
 
 # -- properties (hypothesis) ------------------------------------------------------------------------
 
-hostile = st.text(st.characters(codec=None, exclude_categories=("Cs",)), max_size=300) | st.sampled_from(
-    ["\r\n", '"}', "\x1b[2J", "\x00", "\u2028", "\x85", "\\", '{"event":"egress.decision"}']
+hostile = st.text(st.characters(codec=None), max_size=300) | st.sampled_from(  # lone surrogates too
+    ["\r\n", '"}', "\x1b[2J", "\x00", "\u2028", "\x85", "\\", '{"event":"egress.decision"}', "G\udc85T"]
 )
 
 
@@ -101,12 +102,13 @@ hostile = st.text(st.characters(codec=None, exclude_categories=("Cs",)), max_siz
 def test_json_stream_round_trips_any_client_string(host: str, path: str, detail: str, user: str) -> None:
     t, out = make()
     t.decision(record(host=host, path="/" + path, detail=detail, client_user=user))
-    text = out.getvalue()
-    assert text.count("\n") == 1 and len(text.splitlines()) == 1 and text.isascii()
-    (ev,) = validate_lines(text)
-    want = host[:MAX_STR] + (TRUNCATED if len(host) > MAX_STR else "") if host else None  # "": unknown
+    got = out.getvalue()
+    assert got.count("\n") == 1 and len(got.splitlines()) == 1 and got.isascii()
+    (ev,) = validate_lines(got)
+    want = text(host[:MAX_STR] + (TRUNCATED if len(host) > MAX_STR else "")) if host else None  # "": unknown
     assert ev["destination"]["host"] == want
-    assert ev["detail"] == detail and ev["client"]["user"] == user
+    assert ev["detail"] == text(detail) and ev["client"]["user"] == text(user)
+    _strict(ev)
     assert "?" not in ev["request"]["path"] and "#" not in ev["request"]["path"]
 
 
@@ -262,3 +264,74 @@ def test_escape_all_reaches_keys_and_nested_values() -> None:
         "k\\x0a": ["v\\x0d", {"x": "\\x00"}],
         "n": 1,
     }
+
+
+# -- lone surrogates (bytes that are not UTF-8, as mitmproxy decodes them) --------------------------
+
+SURROGATES = [("G\udc85T", "G\\x85T"), ("\udcff\udcfe", "\\xff\\xfe"), ("a\ud800b", "a\\ud800b"),
+              ("\ud83d\ude00", "\\ud83d\\ude00"), ("ok-\u00e9", "ok-\u00e9")]
+
+
+@pytest.mark.parametrize(("raw", "shown"), SURROGATES)
+def test_lone_surrogates_are_written_as_text(raw: str, shown: str) -> None:
+    assert text(raw) == shown and text(raw).encode("utf-8")
+    assert clean({"method": raw, "path": "/" + raw, "url": "http://x/" + raw, raw: [raw]}) == {
+        "method": shown, "path": "/" + shown, "url": "http://x/" + shown, shown: [shown]}
+    assert truncate(raw * MAX_STR).endswith(TRUNCATED)
+
+
+def _strict(doc: object) -> None:
+    """Every string (keys too) is Unicode text a strict parser accepts (encodes as UTF-8)."""
+    for s in _strings(doc):
+        s.encode("utf-8")
+        assert not any(0xD800 <= ord(c) <= 0xDFFF for c in s), s
+
+
+def _strings(v: object) -> list[str]:
+    if isinstance(v, str):
+        return [v]
+    if isinstance(v, dict):
+        return [s for k, x in v.items() for s in [str(k), *_strings(x)]]
+    if isinstance(v, list | tuple):
+        return [s for x in v for s in _strings(x)]
+    return []
+
+
+def test_no_output_carries_a_lone_surrogate(tmp_path: Path) -> None:
+    """JSON lines, OCSF, OpenTelemetry attributes and the syslog message all get the same text."""
+    from opentelemetry.sdk._logs import LoggerProvider
+    from opentelemetry.sdk._logs.export import InMemoryLogRecordExporter, SimpleLogRecordProcessor
+
+    from addons.config.models import TelemetryConfig
+    from addons.telemetry.events import Telemetry
+    from addons.telemetry.otel import OtelBridge
+    from addons.telemetry.syslog import format_message
+
+    hostile = record(method="G\udc85T", host="h\udcff.test", detail="d\ud800", client_user="u\udc80",
+                     path="/p\udc85")
+    for fmt in ("json", "ocsf"):
+        t, out = make(log={"format": fmt})
+        t.decision(hostile)
+        t.emit("approval.decided", approval_id="a\udc85", reason="r\udcff", by="admin")
+        for line in out.getvalue().splitlines():
+            assert line.isascii()
+            _strict(json.loads(line))  # a \udc85 escape would parse back to a lone surrogate
+            # syslog sends that very line as the RFC 5424 MSG
+            format_message(12, "2026-12-01T09:03:00.123Z", "gw", "portcullis", "1", "x", line).decode("utf-8")
+        if fmt == "json":
+            ev = lines(out)[0]
+            assert ev["request"]["method"] == "G\\x85T" and ev["destination"]["host"] == "h\\xff.test"
+            got = (ev["detail"], ev["client"]["user"], ev["request"]["path"])
+            assert got == ("d\\ud800", "u\\x80", "/p\\x85")
+    exp = InMemoryLogRecordExporter()
+    provider = LoggerProvider()
+    provider.add_log_record_processor(SimpleLogRecordProcessor(exp))
+    import io
+
+    t = Telemetry(TelemetryConfig(), stream=io.StringIO(), otel=OtelBridge(provider))
+    t.decision(hostile)
+    (rec,) = exp.get_finished_logs()
+    attrs = dict(rec.log_record.attributes or {})
+    _strict(attrs)
+    assert (attrs["http.request.method"], attrs["http.request.method_original"]) == ("_OTHER", "G\\x85T")
+    assert attrs["server.address"] == "h\\xff.test"

@@ -11,7 +11,11 @@ from addons.telemetry.validate import validate_event
 from tests.telemetry.tel_helpers import DECISIONS, OTHER_EVENTS, lines, make, record
 from tests.telemetry.tel_ocsf_check import ocsf_errors
 
-NATIVE = {"rules.reloaded", "rules.reload_failed", "webhook.failed", "proxy.started", "proxy.stopped"}
+NATIVE = {
+    "rules.reloaded", "rules.reload_failed", "webhook.failed", "proxy.started", "proxy.stopped",
+    "worker.exited", "store.unreachable", "store.reconnected",
+    "credential.minted", "credential.revoked", "credential.expired",
+}
 
 
 def _ocsf_stream() -> list[dict[str, object]]:

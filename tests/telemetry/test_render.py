@@ -7,6 +7,7 @@ line, and `_envelope(decision_fields(o))` for the document.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import re
 from datetime import UTC, datetime
@@ -20,6 +21,7 @@ from addons.pipeline.model import Outcome
 from addons.policy.model import Action, Client, Layer, Reason, Request, RuleRef
 from addons.telemetry import events
 from addons.telemetry.fields import MAX_ITEMS, MAX_STR, TRUNCATED
+from addons.telemetry.events import Telemetry
 from addons.telemetry.render import dumps_ascii
 from tests.telemetry.tel_helpers import DECISIONS, lines, make, record
 
@@ -116,7 +118,8 @@ def fast(o: Outcome) -> dict[str, Any]:
     return doc
 
 
-HOSTILE = ["evil\r\n{}", "nul\x00", "sep\u2028\x85", "a" * (MAX_STR + 10), "", "ünï.example", "q?x=1#f"]
+HOSTILE = ["evil\r\n{}", "nul\x00", "sep\u2028\x85", "a" * (MAX_STR + 10), "", "ünï.example", "q?x=1#f",
+           "lone \udc85 surrogate \ud800"]
 
 
 @pytest.mark.parametrize("o", DECISIONS)
@@ -130,6 +133,36 @@ def test_hostile_values_are_cleaned_the_same_way(value: str) -> None:
     o = record(host=value, path="/" + value, detail=value, client_user=value, approval_id=value,
                rule=value, flow_id=value, method=value, scheme=value)
     assert fast(o) == generic(o)
+
+
+def with_task(o: Outcome, **labels: str) -> Outcome:
+    c = dataclasses.replace(o.request.client, task_id="t-1\udc80", profile="ci", labels=tuple(labels.items()))
+    return dataclasses.replace(o, request=dataclasses.replace(o.request, client=c))
+
+
+def test_a_task_credentials_fields_are_cleaned_the_same_way() -> None:
+    o = with_task(record(), repo="acme/x", api_token="s3cret", note="line\nbreak\udc85")
+    got = fast(o)
+    assert got == generic(o)
+    assert got["client"]["task_id"] == "t-1\\x80" and got["client"]["profile"] == "ci"
+    assert "api_token" not in got["client"]["labels"] and got["client"]["labels"]["repo"] == "acme/x"
+    plain = fast(record())
+    assert plain == generic(record()) and plain["client"]["labels"] is None
+
+
+def test_the_worker_follows_the_event_name() -> None:
+    o = record()
+    doc = events.decision_doc(o, 3)
+    doc.pop("timestamp")
+    want = events._envelope("egress.decision", events.decision_fields(o), 3)
+    want.pop("timestamp")
+    assert doc == want and list(doc)[:3] == ["schema", "event", "worker"] and doc["worker"] == 3
+    out = io.StringIO()
+    t = Telemetry(stream=out, worker=2)
+    t.decision(o)
+    t.tunnel_closed(record(decision="allow", reason="rule", status=None, layer="connect"), 1, 2, 0.5)
+    t.emit("rules.reloaded", rules=3)
+    assert [e["worker"] for e in lines(out)] == [2, 2, 2]
 
 
 def test_odd_values_are_cleaned_the_same_way() -> None:
@@ -187,7 +220,8 @@ def test_the_tunnel_closed_document_is_the_generic_one() -> None:
     c = o.request.client
     want = events._envelope("tunnel.closed", {
         "flow_id": o.request.flow_id,
-        "client": {"address": c.address, "port": c.port, "name": o.client_name, "user": c.user},
+        "client": {"address": c.address, "port": c.port, "name": o.client_name, "user": c.user,
+                   "task_id": c.task_id, "profile": c.profile},
         "destination": {"host": o.request.host, "port": o.request.port, "ip": o.ip},
         "bytes_up": 10, "bytes_down": 20, "duration_s": 1.235, "inspected": False,
     })

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from pathlib import Path
 from typing import Any
 
 from addons.approvals.errors import ApprovalError
-from addons.approvals.model import Approval, Choice, Grant, Key, Scope, State
+from addons.approvals.model import Approval, Choice, Grant, Key, Scope, State, decode_labels
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS approvals (
@@ -29,7 +30,9 @@ CREATE TABLE IF NOT EXISTS approvals (
     decided_by TEXT,
     reason TEXT,
     decided_at REAL,
-    notified INTEGER NOT NULL DEFAULT 0
+    notified INTEGER NOT NULL DEFAULT 0,
+    labels TEXT,
+    task_until REAL
 );
 CREATE INDEX IF NOT EXISTS approvals_by_key ON approvals (state, client_key, host, port);
 CREATE TABLE IF NOT EXISTS grants (
@@ -49,7 +52,8 @@ CREATE INDEX IF NOT EXISTS grants_by_key ON grants (client_key, host, port);
 
 _COLUMNS = (
     "id, client_key, client_address, client_name, host, port, scheme, method, path, rule, "
-    "created_at, expires_at, state, decision, scope, decided_by, reason, decided_at, notified"
+    "created_at, expires_at, state, decision, scope, decided_by, reason, decided_at, notified, labels, "
+    "task_until"
 )
 _GRANT_COLUMNS = ("id, client_key, host, port, decision, scope, approval_id, created_at, expires_at, "
                   "single_use")
@@ -70,7 +74,9 @@ def store_path(url: str, base_dir: Path) -> Path:
 
 
 class SqliteStore:
-    """Synchronous and fast (one small row per call); used from the event loop. Not thread-safe."""
+    """Local and fast (one small row per call, well under a millisecond with its fsync): the calls are
+    coroutines for the Store protocol but run synchronously on the event loop, so each is atomic
+    with respect to the loop as well. Not thread-safe."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -86,15 +92,22 @@ class SqliteStore:
             cols = {r[1] for r in self._db.execute("PRAGMA table_info(approvals)")}
             if "notified" not in cols:  # a store written before webhooks were tracked
                 self._db.execute("ALTER TABLE approvals ADD COLUMN notified INTEGER NOT NULL DEFAULT 0")
+            for col, kind in (("labels", "TEXT"), ("task_until", "REAL")):  # before task credentials
+                if col not in cols:
+                    self._db.execute(f"ALTER TABLE approvals ADD COLUMN {col} {kind}")
         except (OSError, sqlite3.Error) as e:
             raise ApprovalError(f"cannot open the approvals store {path}: {e}") from e
 
-    def close(self) -> None:
+    @property
+    def name(self) -> str:
+        return str(self.path)
+
+    async def close(self) -> None:
         self._db.close()
 
     # Approvals
 
-    def open(self, a: Approval, now: float) -> Approval:
+    async def open(self, a: Approval, now: float) -> Approval:
         # BEGIN IMMEDIATE takes the write lock first: another process on this file cannot open a
         # second approval for the key between the look-up and the insert.
         self._db.execute("BEGIN IMMEDIATE")
@@ -102,10 +115,11 @@ class SqliteStore:
             rows = self._select(_PENDING_FOR, (*a.key, now))
             if not rows:
                 self._db.execute(
-                    f"INSERT INTO approvals ({_COLUMNS}) VALUES ({', '.join('?' * 19)})",  # noqa: S608 constants
+                    f"INSERT INTO approvals ({_COLUMNS}) VALUES ({', '.join('?' * 21)})",  # noqa: S608 constants
                     (a.id, a.client_key, a.client_address, a.client_name, a.host, a.port, a.scheme, a.method,
                      a.path, a.rule, a.created_at, a.expires_at, a.state.value, _v(a.decision), _v(a.scope),
-                     a.decided_by, a.reason, a.decided_at, int(a.notified)),
+                     a.decided_by, a.reason, a.decided_at, int(a.notified),
+                     json.dumps(dict(a.labels)) if a.labels else None, a.task_until),
                 )
             self._db.execute("COMMIT")
         except BaseException:
@@ -113,18 +127,18 @@ class SqliteStore:
             raise
         return rows[0] if rows else a
 
-    def get(self, approval_id: str) -> Approval | None:
+    async def get(self, approval_id: str) -> Approval | None:
         rows = self._select("id = ?", (approval_id,))
         return rows[0] if rows else None
 
-    def pending(self) -> list[Approval]:
+    async def pending(self) -> list[Approval]:
         return self._select("state = 'pending' ORDER BY created_at", ())
 
-    def pending_for(self, key: Key, now: float) -> Approval | None:
+    async def pending_for(self, key: Key, now: float) -> Approval | None:
         rows = self._select(_PENDING_FOR, (*key, now))
         return rows[0] if rows else None
 
-    def recent(self, limit: int = 100) -> list[Approval]:
+    async def recent(self, limit: int = 100) -> list[Approval]:
         return self._select("state != 'pending' ORDER BY COALESCE(decided_at, expires_at) DESC LIMIT ?",
                             (limit,))
 
@@ -133,8 +147,8 @@ class SqliteStore:
         rows = self._db.execute(f"SELECT {_COLUMNS} FROM approvals WHERE {where}", params)  # noqa: S608
         return [_approval(r) for r in rows.fetchall()]
 
-    def decide(self, approval_id: str, choice: Choice, scope: Scope, by: str | None, reason: str | None,
-               now: float) -> bool:
+    async def decide(self, approval_id: str, choice: Choice, scope: Scope, by: str | None,
+                     reason: str | None, now: float) -> bool:
         cur = self._db.execute(
             "UPDATE approvals SET state = ?, decision = ?, scope = ?, decided_by = ?, reason = ?, "
             "decided_at = ? WHERE id = ? AND state = 'pending'",
@@ -142,23 +156,23 @@ class SqliteStore:
         )
         return cur.rowcount == 1
 
-    def mark_notified(self, approval_id: str) -> None:
+    async def mark_notified(self, approval_id: str) -> None:
         self._db.execute("UPDATE approvals SET notified = 1 WHERE id = ?", (approval_id,))
 
-    def expire(self, approval_id: str, now: float) -> bool:
+    async def expire(self, approval_id: str, now: float) -> bool:
         cur = self._db.execute(
             "UPDATE approvals SET state = 'expired', decided_at = ? WHERE id = ? AND state = 'pending'",
             (now, approval_id),
         )
         return cur.rowcount == 1
 
-    def due(self, now: float) -> list[Approval]:
+    async def due(self, now: float) -> list[Approval]:
         return self._select("state = 'pending' AND expires_at <= ?", (now,))
 
     # Grants
 
-    def add_grant(self, key: Key, choice: Choice, scope: Scope, approval_id: str | None, now: float,
-                  expires_at: float, single_use: bool) -> int:
+    async def add_grant(self, key: Key, choice: Choice, scope: Scope, approval_id: str | None, now: float,
+                        expires_at: float, single_use: bool) -> int:
         cur = self._db.execute(
             "INSERT INTO grants (client_key, host, port, decision, scope, approval_id, created_at, "
             "expires_at, single_use) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -166,7 +180,7 @@ class SqliteStore:
         )
         return int(cur.lastrowid or 0)
 
-    def take_grant(self, key: Key, now: float) -> Grant | None:
+    async def take_grant(self, key: Key, now: float) -> Grant | None:
         rows = self._db.execute(
             f"SELECT {_GRANT_COLUMNS} FROM grants "  # noqa: S608 constants
             "WHERE client_key = ? AND host = ? AND port = ? AND expires_at > ? "
@@ -182,17 +196,20 @@ class SqliteStore:
                 return g
         return None
 
-    def drop_single_use(self, a: Approval) -> int:
+    async def drop_single_use(self, a: Approval) -> int:
         cur = self._db.execute("DELETE FROM grants WHERE approval_id = ? AND single_use = 1", (a.id,))
         return int(cur.rowcount)
 
-    def grants(self, now: float) -> list[Grant]:
+    async def grants(self, now: float) -> list[Grant]:
         rows = self._db.execute(
             f"SELECT {_GRANT_COLUMNS} FROM grants WHERE expires_at > ? ORDER BY created_at", (now,)  # noqa: S608
         ).fetchall()
         return [_grant(r) for r in rows]
 
-    def sweep(self, now: float, keep_decided_s: float = 7 * 86400) -> int:
+    async def drop_grants_of(self, client_key: str) -> int:
+        return int(self._db.execute("DELETE FROM grants WHERE client_key = ?", (client_key,)).rowcount)
+
+    async def sweep(self, now: float, keep_decided_s: float = 7 * 86400) -> int:
         n = self._db.execute("DELETE FROM grants WHERE expires_at <= ?", (now,)).rowcount
         self._db.execute(
             "DELETE FROM approvals WHERE state != 'pending' AND COALESCE(decided_at, expires_at) < ?",
@@ -207,10 +224,11 @@ def _v(e: Choice | Scope | None) -> str | None:
 
 def _approval(row: tuple[Any, ...]) -> Approval:
     (aid, client_key, address, name, host, port, scheme, method, path, rule, created_at, expires_at, state,
-     decision, scope, by, reason, decided_at, notified) = row
+     decision, scope, by, reason, decided_at, notified, labels, task_until) = row
     return Approval(aid, client_key, address, name, host, port, scheme, method, path, rule, created_at,
                     expires_at, State(state), Choice(decision) if decision else None,
-                    Scope(scope) if scope else None, by, reason, decided_at, bool(notified))
+                    Scope(scope) if scope else None, by, reason, decided_at, bool(notified),
+                    decode_labels(labels), task_until)
 
 
 def _grant(row: tuple[Any, ...]) -> Grant:

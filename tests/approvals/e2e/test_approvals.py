@@ -5,71 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-import httpx
 import pytest
 
-from addons.approvals.webhook import VerifyError, verify
 from addons.telemetry.validate import validate_event
-from tests.approvals.approvals_support import SECRET, SECRET_ENV, TOKEN
+from tests.approvals.approvals_support import SECRET_ENV, TOKEN
+from tests.approvals.e2e_support import ENV, HookReceiver, decide, pending, wait_for
 from tests.harness import PortcullisProc, assert_denied, base_config
 
 pytestmark = pytest.mark.e2e
-TOKEN_ENV = "PORTCULLIS_TEST_ADMIN_TOKEN"
-ENV = {TOKEN_ENV: TOKEN, SECRET_ENV: SECRET}
-
-
-class HookReceiver:
-    """A threaded loopback webhook receiver; records each delivery and whether its signature verified."""
-
-    def __init__(self) -> None:
-        self.got: list[dict[str, Any]] = []
-        self.cond = threading.Condition()
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
-                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-                try:
-                    verify(SECRET, dict(self.headers.items()), body)
-                    ok = True
-                except VerifyError:
-                    ok = False
-                with outer.cond:
-                    outer.got.append({"body": json.loads(body), "verified": ok,
-                                      "id": self.headers["webhook-id"]})
-                    outer.cond.notify_all()
-                self.send_response(200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def wait(self, n: int = 1, timeout: float = 10) -> list[dict[str, Any]]:
-        deadline = time.monotonic() + timeout
-        with self.cond:
-            while len(self.got) < n:
-                left = deadline - time.monotonic()
-                assert left > 0, f"only {len(self.got)} webhooks"
-                self.cond.wait(left)
-            return list(self.got)
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(5)
 
 
 @pytest.fixture
@@ -84,27 +31,6 @@ def proxy(tmp_path, upstreams, hooks, **approvals: Any) -> PortcullisProc:
                       approvals={"timeout": "20s", **approvals,
                                  "webhooks": [{"url": hooks.url, "secret_env": SECRET_ENV}]})
     return PortcullisProc(tmp_path, upstreams, rules=[], config=cfg, env=ENV)
-
-
-def decide(p: PortcullisProc, approval_id: str, decision: str, scope: str = "once", url: str | None = None,
-           token: str = TOKEN) -> httpx.Response:
-    return httpx.post(url or f"{p.admin_url}/approvals/{approval_id}",
-                      headers={"Authorization": f"Bearer {token}"},
-                      json={"decision": decision, "scope": scope, "by": "e2e", "reason": "test"},
-                      timeout=10, trust_env=False)
-
-
-def pending(p: PortcullisProc) -> list[dict[str, Any]]:
-    r = httpx.get(f"{p.admin_url}/approvals", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10,
-                  trust_env=False)
-    return [a for a in r.json()["approvals"] if a["state"] == "pending"]
-
-
-def wait_for(pred, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.05)
 
 
 def test_held_request_is_approved_through_the_webhooks_decide_url(tmp_path, upstreams, hooks):
@@ -126,7 +52,7 @@ def test_held_request_is_approved_through_the_webhooks_decide_url(tmp_path, upst
         ev = p.wait_event("egress.decision", approval_id=body["id"])
         assert (ev["decision"], ev["reason"]) == ("allow", "approved")
         assert len(p.find("approval.requested")) == 1
-        assert p.wait_event("approval.decided")["by"] == "e2e"
+        assert p.wait_event("approval.decided")["by"] == "admin"  # the token's owner, not the body's "by"
         late = decide(p, body["id"], "deny")
         assert late.status_code == 409 and late.json()["approval"]["decision"] == "allow"
     for e in p.events:  # every event the run produced matches the shipped schemas
@@ -195,7 +121,7 @@ def test_always_is_written_reloaded_and_survives_a_restart(tmp_path, upstreams, 
         assert decide(p, hook["body"]["id"], "allow", scope="always").status_code == 200
         assert held.result(15).status == 200
         text = (tmp_path / "rules/approved.yaml").read_text()
-        assert "# approved by e2e at" in text and "approve.test" in text
+        assert "# approved by admin at" in text and "approve.test" in text
         p.wait_event("rules.reloaded")
     with proxy(tmp_path, upstreams, hooks) as p2:
         r = p2.curl(url)

@@ -7,10 +7,12 @@ import os
 
 import pytest
 
+from addons.config.models import ApproverConfig
 from addons.policy.model import Reason
 from tests.approvals.approvals_support import TOKEN, alive, request, wait_until
 
 CHROMIUM = "/usr/lib/chromium/chromium"
+APPROVER_TOKEN = "browser-user-token-0123456789"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
         "--no-first-run", "--disable-sync"]
 
@@ -34,15 +36,18 @@ async def browser():
 
 async def test_clicking_allow_releases_the_held_request(make_service, admin_server, browser, tmp_path):
     svc = await make_service(timeout=60)
-    admin = await admin_server(svc)
+    approver = ApproverConfig(name="browser-user", token_env="BROWSER_USER_TOKEN")
+    admin = await admin_server(svc, approvers=[approver], environ={"BROWSER_USER_TOKEN": APPROVER_TOKEN})
     held = asyncio.create_task(svc.resolve(
         request(host="held.example", method="POST", path="/upload", client_name="ci-agents"), alive))
-    await wait_until(lambda: bool(svc.store.pending()))
-    approval = svc.store.pending()[0]
+    async def cond() -> bool:
+        return bool(await svc.store.pending())
+    await wait_until(cond)
+    approval = (await svc.store.pending())[0]
 
     page = await browser.new_page()
     await page.goto(admin.url + "/")
-    await page.fill("input[name=token]", TOKEN)
+    await page.fill("input[name=token]", APPROVER_TOKEN)
     await page.click("button[type=submit]")
     row = page.locator(f"tr[data-id='{approval.id}']")
     await row.wait_for()
@@ -52,13 +57,17 @@ async def test_clicking_allow_releases_the_held_request(make_service, admin_serv
     assert cookies["portcullis_session"]["httpOnly"] and cookies["portcullis_session"]["sameSite"] == "Strict"
     assert await page.evaluate("document.cookie") == ""  # invisible to scripts
 
-    await row.locator("input[name=by]").fill("browser-user")
+    assert await page.locator("#approver").inner_text() == "browser-user"  # the login names the approver
+    assert await row.locator("input[name=by]").count() == 0  # nobody types a name to be recorded
+    await row.locator("input[name=reason]").fill("needed for the upload")
     await row.locator("button[value='allow:once']").click()
     await page.locator("p.msg").wait_for()
     assert "Allowed (once)" in await page.locator("p.msg").inner_text()
     out = await asyncio.wait_for(held, 10)
     assert (out.allowed, out.reason, out.approval_id) == (True, Reason.APPROVED, approval.id)
-    assert svc.store.get(approval.id).decided_by == "browser-user"
+    decided = await svc.store.get(approval.id)
+    # `by` is the logged-in principal, never a form field.
+    assert (decided.decided_by, decided.reason) == ("browser-user", "needed for the upload")
     assert "Nothing is waiting" in await page.locator("#pending").inner_text()
     await page.screenshot(path=str(tmp_path / "approved.png"))
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -12,15 +12,15 @@ from addons.approvals.stores import open_store
 
 
 @pytest.fixture(params=["sqlite", "redis"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
     if request.param == "redis":
         import redis
 
         url = request.getfixturevalue("redis_server")  # skips (redis only) when redis-server is missing
         with redis.Redis.from_url(url) as r:
             r.flushall()
-        s = open_store(url, tmp_path)
+        s = await open_store(url, tmp_path)
     else:
-        s = open_store("sqlite:///a.db", tmp_path)
+        s = await open_store("sqlite:///a.db", tmp_path)
     yield s
-    s.close()
+    await s.close()

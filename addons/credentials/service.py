@@ -1,0 +1,279 @@
+"""Minting, checking and revoking task credentials, for every process of every replica.
+
+The store is the truth. Each process caches what it read (a revocation is a bus message, and every
+process drops its copy at once: the next request with that credential is refused everywhere); a
+credential the store does not know is remembered as unknown for a few seconds only, so spraying
+random users cannot turn into a store read per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+
+from addons.background import spawn
+from addons.bus import Bus, Message, NullBus
+from addons.config.models import CredentialsConfig
+from addons.credentials.model import (
+    LABEL_KEY,
+    MAX_LABEL_VALUE,
+    MAX_LABELS,
+    TASK_ID,
+    Check,
+    Credential,
+    CredentialStore,
+    Labels,
+    State,
+    hash_secret,
+)
+from addons.telemetry.events import Telemetry
+
+log = logging.getLogger(__name__)
+
+UNKNOWN_TTL_S = 5.0
+KEEP_ENDED_S = 7 * 86400
+
+
+class MintError(Exception):
+    """A mint or revoke the API refuses: `status` is its HTTP status."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+@dataclass(frozen=True)
+class Minted:
+    credential: Credential
+    secret: str  # shown once, to whoever minted it; never stored
+
+
+class CredentialService:
+    def __init__(
+        self,
+        config: CredentialsConfig,
+        open_store: Callable[[], CredentialStore],
+        telemetry: Telemetry,
+        *,
+        profiles: Callable[[], frozenset[str]],
+        reserved_users: frozenset[str] = frozenset(),
+        bus: Bus | None = None,
+        leader: bool = True,
+        clock: Callable[[], float] = time.time,
+        sweep_interval: float = 30.0,
+        on_revoke: Callable[[str], Awaitable[object]] | None = None,
+    ) -> None:
+        self.config = config
+        self._open_store = open_store
+        self._store: CredentialStore | None = None
+        self.telemetry = telemetry
+        self.profiles = profiles
+        self.reserved = reserved_users  # proxy_auth users of the config: no task may take their name
+        self.bus: Bus = bus if bus is not None else NullBus()
+        self.leader = leader
+        self.clock = clock
+        self.sweep_interval = sweep_interval
+        self.on_revoke = on_revoke  # what else ends with the task (its approval grants)
+        self._cache: dict[str, Credential] = {}
+        self._unknown: dict[str, float] = {}  # task id -> until when "unknown" is believed
+        self._sweeper: asyncio.Task[None] | None = None
+        self.bus.subscribe(self._on_message)
+
+    @property
+    def store(self) -> CredentialStore:
+        if self._store is None:
+            raise RuntimeError("CredentialService.start() has not been called")
+        return self._store
+
+    async def start(self) -> None:
+        self._store = self._open_store()
+        if self.leader:
+            await self._sweep()
+            self._sweeper = spawn(self._sweep_loop(), "credentials sweep")
+
+    async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.gather(self._sweeper, return_exceptions=True)
+        if self._store is not None:
+            await self._store.close()
+            self._store = None
+
+    # ---- the admin API ------------------------------------------------------------------------
+    async def mint(
+        self, task_id: str, profile: str | None, ttl: float | None, labels: Mapping[str, str], by: str | None
+    ) -> Minted:
+        if not TASK_ID.fullmatch(task_id):
+            raise MintError(
+                422,
+                "bad_task_id",
+                "task_id: 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit",
+            )
+        if task_id in self.reserved:
+            raise MintError(422, "bad_task_id", f"task_id {task_id!r} is a proxy_auth user of the config")
+        if profile is not None and profile not in self.profiles():
+            known = ", ".join(sorted(self.profiles())) or "the config declares none"
+            raise MintError(422, "unknown_profile", f"unknown profile {profile!r} ({known})")
+        life = self.config.default_ttl if ttl is None else ttl
+        if not 0 < life <= self.config.max_ttl:
+            raise MintError(422, "bad_ttl", f"ttl must be more than 0 and at most {self.config.max_ttl:g} s")
+        now = self.clock()
+        secret = secrets.token_urlsafe(32)
+        c = Credential(task_id, profile, _labels(labels), hash_secret(secret), now, now + life, None, by)
+        if not await self.store.insert(c, now):
+            raise MintError(409, "already_live", f"task {task_id!r} has a live credential; revoke it first")
+        self._forget(task_id)
+        self.bus.publish({"t": "credential", "id": task_id})
+        self.telemetry.metrics.credentials.labels("minted").inc()
+        self._event("credential.minted", c, by)
+        self._gauge()
+        return Minted(c, secret)
+
+    async def revoke(self, task_id: str, by: str | None) -> Credential:
+        c = await self.store.revoke(task_id, self.clock())
+        if c is None:
+            raise MintError(404, "not_found", f"no live credential for task {task_id!r}")
+        self._forget(task_id)
+        self.bus.publish({"t": "credential", "id": task_id})  # every process drops its copy now
+        if self.on_revoke is not None:
+            try:
+                await self.on_revoke(task_id)
+            except Exception:  # noqa: BLE001 - the credential is revoked all the same: its requests get 407
+                log.warning("grants of revoked task %s could not be removed", task_id, exc_info=True)
+        self.telemetry.metrics.credentials.labels("revoked").inc()
+        self._event("credential.revoked", c, by)
+        self._gauge()
+        return c
+
+    async def listing(self) -> list[Credential]:
+        return await self.store.all()
+
+    # ---- the pipeline ---------------------------------------------------------------------------
+    def knows(self, user: str) -> bool:
+        """Could `user` be a task (rather than a proxy_auth user of the config)?"""
+        return user not in self.reserved and TASK_ID.fullmatch(user) is not None
+
+    async def verify(self, task_id: str, secret: str) -> tuple[Check, Credential | None]:
+        """A presented task credential: OK with the credential, or why not. Never raises."""
+        now = self.clock()
+        try:
+            c = self._cache.get(task_id)
+            if c is None:
+                if self._unknown.get(task_id, 0.0) > now:
+                    return Check.UNKNOWN, None
+                c = await self.store.get(task_id)
+                if c is None:
+                    if len(self._unknown) > 10_000:
+                        self._unknown.clear()
+                    self._unknown[task_id] = now + UNKNOWN_TTL_S
+                    return Check.UNKNOWN, None
+                self._cache[task_id] = c
+        except Exception:  # noqa: BLE001 - a store failure refuses (fail closed), it never lets through
+            log.exception("credential store failed")
+            return Check.UNAVAILABLE, None
+        if not c.matches(secret):
+            return Check.WRONG_SECRET, None
+        state = c.state(now)
+        if state is State.REVOKED:
+            return Check.REVOKED, None
+        if state is State.EXPIRED:
+            return Check.EXPIRED, None
+        return Check.OK, c
+
+    def still_valid(self, task_id: str) -> bool:
+        """For requests inside a tunnel opened with this task's credential (cached state only)."""
+        c = self._cache.get(task_id)
+        return c is not None and c.state(self.clock()) is State.LIVE
+
+    # ---- keeping every process right ----------------------------------------------------------------
+    def _on_message(self, m: Message) -> None:
+        kind = m.get("t")
+        if kind == "credential":
+            self._forget(str(m.get("id")))
+            self._gauge()
+        elif kind == "resync":  # cut off from the replicas' bus: a revocation may have been missed
+            self._unknown.clear()
+            spawn(self._reread(), "credentials resync")
+
+    async def _reread(self) -> None:
+        """Read every cached credential again from the store (the truth); one it cannot read is
+        dropped, so the next request reads it itself (and fails closed while the store is away)."""
+        for task_id in list(self._cache):
+            try:
+                c = await self.store.get(task_id)
+            except Exception:  # noqa: BLE001 - logged; dropping the copy fails closed
+                log.warning("credential %s could not be read again after a resync", task_id, exc_info=True)
+                c = None
+            if c is None:
+                self._cache.pop(task_id, None)
+            else:
+                self._cache[task_id] = c
+        self._gauge()
+
+    def _forget(self, task_id: str) -> None:
+        self._cache.pop(task_id, None)
+        self._unknown.pop(task_id, None)
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.sweep_interval)
+            try:
+                await self._sweep()
+            except Exception:  # noqa: BLE001 - keep sweeping; a broken store also shows on every check
+                log.exception("credentials sweep failed")
+
+    async def _sweep(self) -> None:
+        for c in await self.store.sweep(self.clock(), KEEP_ENDED_S):
+            self.telemetry.metrics.credentials.labels("expired").inc()
+            self._event("credential.expired", c, None)
+        self._gauge_now(await self.store.all())
+
+    def _gauge(self) -> None:
+        if self.leader:
+            spawn(self._refresh_gauge(), "credentials gauge")
+
+    async def _refresh_gauge(self) -> None:
+        try:
+            self._gauge_now(await self.store.all())
+        except Exception:  # noqa: BLE001
+            log.exception("could not count credentials")
+
+    def _gauge_now(self, creds: list[Credential]) -> None:
+        if self.leader:
+            now = self.clock()
+            self.telemetry.metrics.credentials_live.set(sum(c.state(now) is State.LIVE for c in creds))
+
+    def _event(self, name: str, c: Credential, by: str | None) -> None:
+        self.telemetry.emit(
+            name,
+            task_id=c.task_id,
+            profile=c.profile,
+            labels=dict(c.labels),
+            by=by,
+            expires_at=_rfc3339(c.expires_at),
+        )
+
+
+def _labels(labels: Mapping[str, str]) -> Labels:
+    if len(labels) > MAX_LABELS:
+        raise MintError(422, "bad_labels", f"at most {MAX_LABELS} labels")
+    out = []
+    for k, v in labels.items():
+        if not isinstance(k, str) or not LABEL_KEY.fullmatch(k):
+            raise MintError(422, "bad_labels", f"label key {k!r}: letters, digits, '.', '_', '/', '-'")
+        if not isinstance(v, str) or len(v) > MAX_LABEL_VALUE or not v.isprintable():
+            raise MintError(
+                422, "bad_labels", f"label {k!r}: a printable string of at most {MAX_LABEL_VALUE}"
+            )
+        out.append((k, v))
+    return tuple(sorted(out))
+
+
+def _rfc3339(ts: float) -> str:
+    from addons.approvals.model import rfc3339
+
+    return rfc3339(ts)

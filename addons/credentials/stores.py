@@ -1,0 +1,215 @@
+"""Credential stores: a table in the approvals' SQLite file, or keys in the approvals' Redis."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+from addons.credentials.model import Credential, CredentialStore
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS credentials (
+    task_id TEXT PRIMARY KEY,
+    profile TEXT,
+    labels TEXT NOT NULL,
+    secret_hash TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    expires_at REAL NOT NULL,
+    revoked_at REAL,
+    minted_by TEXT,
+    expiry_seen INTEGER NOT NULL DEFAULT 0
+);
+"""
+_COLUMNS = "task_id, profile, labels, secret_hash, created_at, expires_at, revoked_at, minted_by"
+
+
+def _row(r: tuple[Any, ...]) -> Credential:
+    labels = tuple((str(k), str(v)) for k, v in json.loads(r[2]).items())
+    return Credential(r[0], r[1], labels, r[3], r[4], r[5], r[6], r[7])
+
+
+class SqliteCredentialStore:
+    """Same file as the approvals (WAL, synchronous=FULL): a minted or revoked credential is on disk
+    before the API answers."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=5.0)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+
+    async def insert(self, c: Credential, now: float) -> bool:
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            cur = db.execute("SELECT revoked_at, expires_at FROM credentials WHERE task_id = ?", (c.task_id,))
+            row = cur.fetchone()
+            if row is not None and row[0] is None and row[1] > now:
+                db.execute("ROLLBACK")
+                return False
+            db.execute(
+                f"INSERT OR REPLACE INTO credentials ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",  # noqa: S608
+                (
+                    c.task_id,
+                    c.profile,
+                    json.dumps(dict(c.labels)),
+                    c.secret_hash,
+                    c.created_at,
+                    c.expires_at,
+                    c.revoked_at,
+                    c.minted_by,
+                ),
+            )
+            db.execute("COMMIT")
+            return True
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    async def get(self, task_id: str) -> Credential | None:
+        row = self._db.execute(
+            f"SELECT {_COLUMNS} FROM credentials WHERE task_id = ?",  # noqa: S608 - constant columns
+            (task_id,),
+        ).fetchone()
+        return _row(row) if row else None
+
+    async def all(self) -> list[Credential]:
+        rows = self._db.execute(f"SELECT {_COLUMNS} FROM credentials ORDER BY created_at").fetchall()  # noqa: S608
+        return [_row(r) for r in rows]
+
+    async def revoke(self, task_id: str, now: float) -> Credential | None:
+        cur = self._db.execute(
+            "UPDATE credentials SET revoked_at = ? "
+            "WHERE task_id = ? AND revoked_at IS NULL AND expires_at > ?",
+            (now, task_id, now),
+        )
+        return await self.get(task_id) if cur.rowcount == 1 else None
+
+    async def sweep(self, now: float, keep_s: float) -> list[Credential]:
+        db = self._db
+        rows = db.execute(
+            f"SELECT {_COLUMNS} FROM credentials WHERE revoked_at IS NULL AND expires_at <= ? "  # noqa: S608
+            "AND expiry_seen = 0",
+            (now,),
+        ).fetchall()
+        found = []
+        for r in rows:  # compare-and-set: one process reports each expiry
+            if (
+                db.execute(
+                    "UPDATE credentials SET expiry_seen = 1 WHERE task_id = ? AND expiry_seen = 0", (r[0],)
+                ).rowcount
+                == 1
+            ):
+                found.append(_row(r))
+        db.execute(
+            "DELETE FROM credentials WHERE MAX(expires_at, COALESCE(revoked_at, 0)) < ?", (now - keep_s,)
+        )
+        return found
+
+    async def close(self) -> None:
+        self._db.close()
+
+
+class RedisCredentialStore:
+    """`portcullis:cred:<task>` hashes (redis.asyncio: never blocks the event loop)."""
+
+    PREFIX = "portcullis:cred:"
+
+    def __init__(self, url: str) -> None:
+        try:
+            import redis.asyncio as aioredis
+        except ImportError as e:  # pragma: no cover - the image and the dev extra have it
+            raise RuntimeError(
+                "store redis:// needs the Redis client: pip install 'portcullis[redis]'"
+            ) from e
+        self._r: Any = aioredis.from_url(
+            url, socket_timeout=2.0, socket_connect_timeout=2.0, decode_responses=True
+        )
+
+    @staticmethod
+    def _encode(c: Credential) -> dict[str, str]:
+        return {
+            "task_id": c.task_id,
+            "profile": c.profile or "",
+            "labels": json.dumps(dict(c.labels)),
+            "secret_hash": c.secret_hash,
+            "created_at": repr(c.created_at),
+            "expires_at": repr(c.expires_at),
+            "revoked_at": "" if c.revoked_at is None else repr(c.revoked_at),
+            "minted_by": c.minted_by or "",
+        }
+
+    @staticmethod
+    def _decode(h: dict[str, str]) -> Credential | None:
+        if not h:
+            return None
+        labels = tuple((str(k), str(v)) for k, v in json.loads(h["labels"]).items())
+        return Credential(
+            h["task_id"],
+            h["profile"] or None,
+            labels,
+            h["secret_hash"],
+            float(h["created_at"]),
+            float(h["expires_at"]),
+            float(h["revoked_at"]) if h["revoked_at"] else None,
+            h["minted_by"] or None,
+        )
+
+    _INSERT = """
+    local cur = redis.call('HMGET', KEYS[1], 'revoked_at', 'expires_at')
+    if cur[2] and (not cur[1] or cur[1] == '') and tonumber(cur[2]) > tonumber(ARGV[1]) then return 0 end
+    redis.call('DEL', KEYS[1])
+    redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+    return 1
+    """
+    _REVOKE = """
+    local cur = redis.call('HMGET', KEYS[1], 'revoked_at', 'expires_at')
+    if not cur[2] or (cur[1] and cur[1] ~= '') or tonumber(cur[2]) <= tonumber(ARGV[1]) then return 0 end
+    redis.call('HSET', KEYS[1], 'revoked_at', ARGV[1])
+    return 1
+    """
+
+    async def insert(self, c: Credential, now: float) -> bool:
+        flat = [x for kv in self._encode(c).items() for x in kv]
+        return bool(await self._r.eval(self._INSERT, 1, self.PREFIX + c.task_id, repr(now), *flat))
+
+    async def get(self, task_id: str) -> Credential | None:
+        return self._decode(await self._r.hgetall(self.PREFIX + task_id))
+
+    async def all(self) -> list[Credential]:
+        out = []
+        async for key in self._r.scan_iter(match=self.PREFIX + "*", count=500):
+            c = self._decode(await self._r.hgetall(key))
+            if c is not None:
+                out.append(c)
+        return sorted(out, key=lambda c: c.created_at)
+
+    async def revoke(self, task_id: str, now: float) -> Credential | None:
+        if await self._r.eval(self._REVOKE, 1, self.PREFIX + task_id, repr(now)):
+            return await self.get(task_id)
+        return None
+
+    async def sweep(self, now: float, keep_s: float) -> list[Credential]:
+        found = []
+        for c in await self.all():
+            key = self.PREFIX + c.task_id
+            if c.revoked_at is None and c.expires_at <= now and await self._r.hsetnx(key, "expiry_seen", "1"):
+                found.append(c)
+            if max(c.expires_at, c.revoked_at or 0.0) < now - keep_s:
+                await self._r.delete(key)
+        return found
+
+    async def close(self) -> None:
+        await self._r.aclose()
+
+
+def open_credential_store(url: str, base_dir: Path) -> CredentialStore:
+    """Beside the approvals: the same SQLite file, or the same Redis."""
+    if url.startswith(("redis://", "rediss://")):
+        return RedisCredentialStore(url)
+    from addons.approvals.stores.sqlite import store_path
+
+    return SqliteCredentialStore(store_path(url, base_dir))

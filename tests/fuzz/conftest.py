@@ -1,0 +1,1 @@
+"""The fuzz tests import their helpers by name (`from fuzz_support import ...`), like tests/policy."""
