@@ -22,7 +22,8 @@ from mitmproxy.proxy.layers.http import _http1, _http2, _http_h2
 from mitmproxy.proxy.layers.tls import ClientTLSLayer, ServerTLSLayer
 from mitmproxy.test import taddons, tflow
 
-from addons.proxy import mitm_compat, mitm_speed
+from addons.proxy import mitm_compat
+from addons.proxy.mitm_compat import speed as mitm_speed
 from addons.proxy.responses import error_body, h2_error_headers, http1_error_response
 
 

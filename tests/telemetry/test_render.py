@@ -20,8 +20,8 @@ from hypothesis import strategies as st
 from addons.pipeline.model import Outcome
 from addons.policy.model import Action, Client, Layer, Reason, Request, RuleRef
 from addons.telemetry import events
-from addons.telemetry.fields import MAX_ITEMS, MAX_STR, TRUNCATED
 from addons.telemetry.events import Telemetry
+from addons.telemetry.fields import MAX_ITEMS, MAX_STR, TRUNCATED
 from addons.telemetry.render import dumps_ascii
 from tests.telemetry.tel_helpers import DECISIONS, lines, make, record
 

@@ -1,5 +1,5 @@
-"""mitmproxy internals changed for speed (the rest of mitm_compat.py's list; tests/proxy/test_mitm_compat.py
-checks each assumption against the installed mitmproxy). Installed by `mitm_compat.install()`.
+"""mitmproxy internals changed for speed (tests/proxy/test_mitm_compat.py checks each assumption
+against the installed mitmproxy). Installed by `mitm_compat.install()`.
 
 1. mitmproxy type-checks every field of every Request and Response it builds, in a `__post_init__`
    it defines only `if __debug__` (i.e. unless Python runs with -O): about 5% of a plain HTTP
