@@ -190,9 +190,23 @@ def start_portcullis(setup: PortcullisSetup, port: int, admin: int, workers: int
     p = subprocess.Popen(args, stdout=log, stderr=open(pd / "stderr.log", "wb"),  # noqa: SIM115
                          env=env, start_new_session=True)
     wait_port("127.0.0.1", port, timeout=120)
+    # The port answers as soon as the socket is bound (the kernel queues connections): with --workers
+    # N that is before any worker accepts. Measure only once the proxy says it is up.
+    wait_started(pd / "events.jsonl", p, timeout=120)
     if workers and workers > 1:
         _wait_children(p.pid, workers, 60)
     return p
+
+
+def wait_started(events: Path, p: subprocess.Popen[bytes], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if b'"event":"proxy.started"' in events.read_bytes():
+            return
+        if p.poll() is not None:
+            raise RuntimeError(f"portcullis exited ({p.returncode}) before proxy.started")
+        time.sleep(0.05)
+    raise RuntimeError(f"no proxy.started in {events} after {timeout}s")
 
 
 def stop(p: subprocess.Popen[bytes] | None) -> None:

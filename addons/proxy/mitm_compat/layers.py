@@ -22,6 +22,8 @@ class TunnelAwareNextLayer(next_layer.NextLayer):
     Portcullis then replaces; while Portcullis waits for a whole ClientHello, nothing is chosen.
     """
 
+    name = "nextlayer"  # the built-in's name: mitmproxy's proxyserver looks for it (and warns without)
+
     def __init__(self, first: Callable[[layer.NextLayer], bool]) -> None:
         super().__init__()
         self._first = first
