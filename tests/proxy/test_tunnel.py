@@ -1,6 +1,6 @@
 """addons/proxy/tunnel.py: the allowed tunnel's state, mitmproxy's NextLayer asking Portcullis first, and
 the layer built for each way the pipeline judged a tunnel's first bytes (the relays themselves are
-mitmproxy subclasses: tests/proxy/test_mitm_compat.py)."""
+mitmproxy subclasses: tests/proxy/mitm_compat/test_layers.py)."""
 
 from __future__ import annotations
 

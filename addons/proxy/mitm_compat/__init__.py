@@ -1,4 +1,4 @@
-"""Every use of mitmproxy's private APIs, in this one package (tests/proxy/test_mitm_compat.py checks
+"""Every use of mitmproxy's private APIs, in this one package (tests/proxy/mitm_compat/ checks
 each assumption against the installed mitmproxy and fails loudly when an upgrade changes one).
 Nothing else in addons/ imports mitmproxy's internals; import the names below from here.
 

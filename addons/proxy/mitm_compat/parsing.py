@@ -36,7 +36,7 @@ def harden_request_parsing() -> None:
         return
     valid_host, parse = net_check.is_valid_host, url.parse_authority
 
-    @functools.wraps(valid_host)  # inspect.getsource still shows the original (test_mitm_compat)
+    @functools.wraps(valid_host)  # inspect.getsource still shows the original (mitm_compat/test_parsing.py)
     def is_valid_host(host: Any) -> bool:
         try:
             return valid_host(host)

@@ -1,4 +1,4 @@
-"""mitmproxy internals changed for speed (tests/proxy/test_mitm_compat.py checks each assumption
+"""mitmproxy internals changed for speed (tests/proxy/mitm_compat/test_speed.py checks each assumption
 against the installed mitmproxy). Installed by `mitm_compat.install()`.
 
 1. mitmproxy type-checks every field of every Request and Response it builds, in a `__post_init__`
