@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from addons.pipeline.decide import Pipeline
+from addons.pipeline.inject import candidates
 from addons.pipeline.model import Incoming, Outcome
 from addons.policy.authority import AuthorityError, split_authority
 from addons.policy.evaluate import Policy
@@ -90,6 +91,7 @@ class CheckResult:
     from_resolve: bool
     tunnel: Outcome | None
     request: Outcome | None
+    credentials: tuple[Bound, ...] = ()  # every credential bound to this URL, applied or why not
 
     @property
     def final(self) -> Outcome:
@@ -102,6 +104,34 @@ class CheckResult:
 @dataclass(frozen=True)
 class _Fixed:
     policy: Policy
+
+
+@dataclass(frozen=True)
+class Bound:
+    """A credential bound to the URL checked: who it is for, and whether this client would get it."""
+
+    name: str
+    header: str
+    source: str
+    profiles: tuple[str, ...] | None
+    clients: tuple[str, ...] | None
+    first_use: bool
+    applied: bool
+    why_not: str | None
+
+
+def _bound(policy: Policy, inc: Incoming, outcome: Outcome) -> tuple[Bound, ...]:
+    applied, why = candidates(policy, inc, outcome.request)
+    out = []
+    for name in ([applied.name] if applied is not None else []) + list(why):
+        c = policy.credentials.get(name)
+        if c is None:
+            continue
+        out.append(Bound(c.name, c.apply.header, c.source,
+                         tuple(sorted(c.profiles)) if c.profiles is not None else None,
+                         tuple(sorted(c.clients)) if c.clients is not None else None,
+                         c.approval.value == "first_use", c is applied, why.get(name)))
+    return tuple(out)
 
 
 async def evaluate(
@@ -118,21 +148,27 @@ async def evaluate(
         raise UsageError(f"unknown profile {profile!r} ({known})")
     pipeline = Pipeline(_Fixed(policy))  # no credentials, no approvals, no DNS
     peer = (address, 0) if address else None
-    who = Client(address, 0 if address else None, None, "check", profile=profile)
+    # As the proxy would see it once identified: a task of that profile, or that proxy_auth group's user.
+    user = next((g.user for g in policy.settings.clients if groups and g.name == groups[0]), None)
+    who = Client(address, 0 if address else None, user, "check", task_id="check" if profile else None,
+                 profile=profile)
     tunnel = request = None
+    bound: tuple[Bound, ...] = ()
     if t.scheme == "https":
         connect = Incoming(Layer.CONNECT, t.host, t.port, flow_id="check", peer=peer, method="CONNECT")
         tunnel = await pipeline.decide(connect, groups=groups, client=who)
         if tunnel.inspect:
             inner = Incoming(Layer.INSPECTED, t.host, t.port, flow_id="check", peer=peer, scheme="https",
-                             method=method, path=t.path, tunnel=tunnel)
+                             method=method, path=t.path, tunnel=tunnel, tls_verified=True)
             request = await pipeline.decide(inner, groups=groups, client=who)
+            bound = _bound(policy, inner, request)
     else:
         plain = Incoming(Layer.HTTP, t.host, t.port, flow_id="check", peer=peer, scheme="http", method=method,
                          path=t.path)
         request = await pipeline.decide(plain, groups=groups, client=who)
+        bound = _bound(policy, plain, request)
     resolved = policy.static_resolve(t.host)
-    return CheckResult(t, method, address, resolved or (), resolved is not None, tunnel, request)
+    return CheckResult(t, method, address, resolved or (), resolved is not None, tunnel, request, bound)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,7 +184,8 @@ def _outcome_json(o: Outcome | None) -> dict[str, Any] | None:
         return None
     return {"decision": o.action.value, "reason": o.reason.value, "rule": _ref_json(o.rule),
             "matched": [_ref_json(m) for m in o.matched], "client_name": o.client_name,
-            "private_class": o.private_class, "inspect": o.inspect, "raw_tcp": o.raw_tcp, "detail": o.detail}
+            "private_class": o.private_class, "inspect": o.inspect, "raw_tcp": o.raw_tcp, "detail": o.detail,
+            "credential": o.credential}
 
 
 def result_json(v: CheckResult) -> dict[str, Any]:
@@ -162,7 +199,30 @@ def result_json(v: CheckResult) -> dict[str, Any]:
     out.update(_outcome_json(final) or {})
     out["tunnel"] = _outcome_json(v.tunnel)
     out["request"] = _outcome_json(v.request)
+    out["credentials"] = [{"name": b.name, "header": b.header, "secret_from": b.source,
+                           "profiles": list(b.profiles) if b.profiles is not None else None,
+                           "clients": list(b.clients) if b.clients is not None else None,
+                           "approval": "first_use" if b.first_use else None, "applied": b.applied,
+                           "why_not": b.why_not} for b in v.credentials]
     return out
+
+
+def _credential_lines(v: CheckResult) -> list[str]:
+    lines = []
+    for b in v.credentials:
+        who = []
+        if b.profiles is not None:
+            who.append("profiles " + ", ".join(b.profiles))
+        if b.clients is not None:
+            who.append("client groups " + ", ".join(b.clients))
+        whom = " and ".join(who) or "any authenticated client"
+        first = "; its first use in a task waits for approval" if b.first_use else ""
+        if b.applied:
+            lines.append(f"  credential: {b.name} is applied ({b.header}, secret from {b.source}; "
+                         f"for {whom}{first})")
+        else:
+            lines.append(f"  credential: {b.name} is bound here (for {whom}) but not applied: {b.why_not}")
+    return lines
 
 
 def ref_text(r: RuleRef) -> str:
@@ -194,6 +254,7 @@ def result_text(v: CheckResult) -> str:
         lines.append(f"=> {v.final.action.value.upper()}")
     else:
         lines += _outcome_lines(v.final, "=> ")
+    lines += _credential_lines(v)
     if v.tunnel is not None and v.request is None and (v.method != "GET" or t.path != "/"):
         lines.append(f"  note: {host} is not inspected, so the tunnel decision covers every request in it "
                      "(method and path are not seen)")

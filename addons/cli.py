@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     val = sub.add_parser("validate", help="check the config and every rule file")
     val.add_argument("--config", required=True)
+    val.add_argument("--no-secrets", action="store_true",
+                     help="check credential rules without reading their secrets (CI without the values)")
 
     chk = sub.add_parser("check", help="what would the policy do with this URL?")
     chk.add_argument("--config", required=True)
@@ -100,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--format", choices=["auto", "table", "markdown", "json"], default="auto")
     rep.add_argument("--by", choices=["domain", "task"], default="domain",
                      help="group by registrable domain (default) or by agent task")
+    rep.add_argument("--config", help="also list the credentials this config defines that were never used")
 
     ca = sub.add_parser("ca", help="create the CA if missing; print the public certificate path")
     ca.add_argument("--dir", default="certs/", help="CA directory (default: certs/)")

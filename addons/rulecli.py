@@ -24,6 +24,7 @@ from addons.config.load import (
 )
 from addons.config.models import Strict
 from addons.policy.evaluate import Policy
+from addons.policy.model import Action, Layer, Request
 
 
 def _err(message: str) -> None:
@@ -37,7 +38,7 @@ def _err(message: str) -> None:
 def validate_command(args: argparse.Namespace) -> int:
     """Load everything; print a summary (exit 0) or every error line (exit 1)."""
     try:
-        report = load_config_report(args.config)
+        report = load_config_report(args.config, secrets=not getattr(args, "no_secrets", False))
     except PolicyError as e:
         for msg in e.errors:
             print(msg, file=sys.stderr)
@@ -64,10 +65,34 @@ def validate_command(args: argparse.Namespace) -> int:
         for raw, pat in zip(r.hosts_raw, r.patterns, strict=True):
             if raw != str(pat):
                 print(f"  normalised: {raw!r} -> {pat} ({r.ref.file}:{r.ref.line}, rule {r.ref.name})")
+    _print_credentials(policy, getattr(args, "no_secrets", False))
     st = policy.settings
     print(f"  default_action: {st.default_action.value}; tls.inspect: {st.inspect}; "
           f"block_private: {str(st.block_private).lower()}")
     return 0
+
+
+def _print_credentials(policy: Policy, unread: bool) -> None:
+    """Each credential rule: where it is bound, who gets it, where its secret comes from (never the value)."""
+    creds = policy.credentials.creds
+    if not creds:
+        return
+    print(f"  credentials: {len(creds)}" + (" (secrets not read: --no-secrets)" if unread else ""))
+    for c in creds:
+        where = ", ".join(f"https://{h}:{p}" for h in sorted(c.hosts) for p in sorted(c.ports))
+        cond = (" " + ",".join(sorted(c.methods)) if c.methods else "") + \
+            (" " + " ".join(c.paths) if c.paths else "")
+        who = [f"profiles {', '.join(sorted(c.profiles))}"] if c.profiles is not None else []
+        who += [f"client groups {', '.join(sorted(c.clients))}"] if c.clients is not None else []
+        print(f"    {c.name} ({c.file}:{c.line}): {where}{cond} -> {c.apply.header} ({c.source}); for "
+              f"{' and '.join(who) or 'any authenticated client'}"
+              + ("; first use approved by a person" if c.approval.value == "first_use" else ""))
+        for h in sorted(c.hosts):
+            for port in sorted(c.ports):
+                d = policy.decide(Request(h, port, method="CONNECT", layer=Layer.CONNECT))
+                if d.action is Action.DENY:
+                    print(f"    note: {h}:{port} is denied ({d.reason.value}); credential {c.name} is "
+                          "never used there until a rule allows it")
 
 
 def _rel(path: Path, base: Path) -> str:
@@ -80,7 +105,7 @@ def _rel(path: Path, base: Path) -> str:
 def check_command(args: argparse.Namespace) -> int:
     """Explain the decision for one URL. Exit 0 allow, 1 deny, 3 approval, 2 bad config/arguments."""
     try:
-        loaded = load_config(args.config)
+        loaded = load_config(args.config, secrets=False)  # check says which credential, never needs its value
     except PolicyError as e:
         for msg in e.errors:
             print(msg, file=sys.stderr)
@@ -134,7 +159,7 @@ def _load_cases(path: str) -> tuple[list[Case], list[int]]:
 def test_command(args: argparse.Namespace) -> int:
     """Run policy unit tests. Exit 0 all pass, 1 any fail, 2 bad config or cases file."""
     try:
-        loaded = load_config(args.config)
+        loaded = load_config(args.config, secrets=False)
         cases, lines = _load_cases(args.cases)
     except PolicyError as e:
         for msg in e.errors:

@@ -233,3 +233,61 @@ def test_bad_cases_file(tmp_path: Path, capsys: pytest.CaptureFixture[str], text
 def test_missing_cases_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run(capsys, "test", "--config", EXAMPLE, str(tmp_path / "x.yaml"))
     assert code == 2 and err == f"{tmp_path / 'x.yaml'}: cannot read: no such file\n"
+
+
+CRED_SECRET = "ghp_validate_never_prints_0123"
+
+
+def _creds(tmp_path: Path, **over: object) -> Path:
+    cred = {"name": "gh", "secret": {"file": "gh.secret"}, "hosts": ["api.github.com"], "methods": ["GET"],
+            "paths": ["/repos/*"], "apply": {"header": "Authorization", "template": "Bearer {secret}"},
+            "clients": ["rev"], **over}
+    (tmp_path / "gh.secret").write_text(CRED_SECRET)
+    text = json.dumps({"rules": [{"name": "gh-api", "action": "allow", "hosts": ["api.github.com"]}],
+                       "credentials": [cred]})
+    return write_config(tmp_path, text, clients=[{"name": "rev", "proxy_auth": {"user": "rev",
+                                                                                "password_env": "REV_PW"}}])
+
+
+def test_validate_lists_credentials_never_their_secret(tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(capsys, "validate", "--config", str(_creds(tmp_path)))
+    assert code == 0 and "credentials: 1" in out
+    assert "gh (rules/r.yaml:1): https://api.github.com:443 GET /repos/* -> Authorization (file gh.secret); "\
+           "for client groups rev" in out
+    assert CRED_SECRET not in out + err
+    (tmp_path / "gh.secret").unlink()
+    code, out, err = run(capsys, "validate", "--config", str(tmp_path / "portcullis.yaml"))
+    assert code == 1 and "secret file gh.secret does not exist" in err
+    code, out, err = run(capsys, "validate", "--no-secrets", "--config", str(tmp_path / "portcullis.yaml"))
+    assert code == 0 and "(secrets not read: --no-secrets)" in out
+
+
+def test_validate_refuses_a_credential_without_exact_hosts(tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "validate", "--config", str(_creds(tmp_path, hosts=["*.github.com"])))
+    assert code == 1 and "bound to exact host names, never a wildcard" in err and "r.yaml:1:" in err
+    no_ports = _creds(tmp_path, hosts=["api.github.com"], ports=[])
+    code, _, err = run(capsys, "validate", "--config", str(no_ports))
+    assert code == 1 and "ports" in err
+
+
+def test_validate_notes_a_credential_no_rule_lets_through(tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "validate", "--config", str(_creds(tmp_path, hosts=["uploads.github.com"])))
+    assert code == 0 and "note: uploads.github.com:443 is denied (default)" in out
+
+
+def test_check_shows_the_credential_a_url_gets(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = str(_creds(tmp_path))
+    (tmp_path / "gh.secret").unlink()  # check never needs the value
+    url = "https://api.github.com/repos/a/b"
+    code, out, _ = run(capsys, "check", "--config", cfg, url, "--client", "rev")
+    assert code == 0 and "credential: gh is applied (Authorization, secret from file gh.secret; for client " \
+                         "groups rev)" in out
+    code, out, _ = run(capsys, "check", "--config", cfg, "https://api.github.com/repos/a/b")
+    assert code == 0
+    assert "credential: gh is bound here (for client groups rev) but not applied: the client is not " \
+           "authenticated" in out
+    code, out, _ = run(capsys, "check", "--config", cfg, "https://api.github.com/user", "--client", "rev")
+    assert code == 0 and "credential:" not in out

@@ -79,7 +79,8 @@ def approval_json(a: Approval, service: ApprovalService) -> dict[str, Any]:
         "task_id": a.task_id, "labels": dict(a.labels),
         "task_expires_at": rfc3339(a.task_until) if a.task_until is not None else None,
         "host": a.host, "port": a.port, "scheme": a.scheme, "method": a.method, "path": a.path,
-        "rule": a.rule, "created_at": rfc3339(a.created_at), "expires_at": rfc3339(a.expires_at),
+        "rule": a.rule, "credential": a.credential,
+        "created_at": rfc3339(a.created_at), "expires_at": rfc3339(a.expires_at),
         "decision": _value(a.decision), "scope": _value(a.scope), "by": a.decided_by, "reason": a.reason,
         "decided_at": rfc3339(a.decided_at) if a.decided_at else None, "waiters": service.waiters(a),
     }

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from addons.approvals.errors import StoreUnavailable
-from addons.approvals.model import Approval, Choice, DecideError, Key, Scope, State, Store
+from addons.approvals.model import Approval, Choice, DecideError, Key, Scope, State, Store, client_key
 from addons.pipeline.decide import Settlement
 from addons.pipeline.model import Outcome
 from addons.policy.model import Reason
@@ -101,7 +101,7 @@ class Ledger:
     async def admit(self, pending: Outcome) -> Settlement | Approval:
         """A grant's settlement, or the pending approval this request waits on (joined or opened)."""
         r = pending.request
-        key, now = (r.client.key, r.host, r.port), self.clock()
+        key, now = (client_key(pending), r.host, r.port), self.clock()
         grant = await self.store.take_grant(key, now)
         if grant is not None:
             return Settlement(grant.decision is Choice.ALLOW, grant.decision.reason, grant.approval_id)

@@ -18,6 +18,15 @@ from addons.pipeline.model import Outcome
 from addons.policy.model import Reason
 
 Key = tuple[str, str, int]  # (client key, host, port): what one approval and its grants are about
+# A credential's first-use approval is its own question, never answered by an approval of the host:
+# its client key carries the credential's name ("task:build-42|credential:github").
+CREDENTIAL_MARK = "|credential:"
+
+
+def client_key(pending: Outcome) -> str:
+    """Who an approval is for: the agent, and the credential when one asks about its first use."""
+    key = pending.request.client.key
+    return f"{key}{CREDENTIAL_MARK}{pending.credential}" if pending.credential else key
 
 
 class State(StrEnum):
@@ -84,7 +93,7 @@ class Approval:
         """A new pending approval for a request the policy judged `approval`."""
         r = pending.request
         c = r.client
-        return cls(approval_id, c.key, c.address, pending.client_name, r.host, r.port, r.scheme,
+        return cls(approval_id, client_key(pending), c.address, pending.client_name, r.host, r.port, r.scheme,
                    r.method, r.path, pending.rule.name if pending.rule else None, now, now + timeout,
                    labels=c.labels, task_until=c.task_until if c.task_id else None)
 
@@ -95,7 +104,14 @@ class Approval:
     @property
     def task_id(self) -> str | None:
         """The agent task that asked, when it presented a task credential (client key `task:<id>`)."""
-        return self.client_key[5:] if self.client_key.startswith("task:") else None
+        agent = self.client_key.split(CREDENTIAL_MARK, 1)[0]
+        return agent[5:] if agent.startswith("task:") else None
+
+    @property
+    def credential(self) -> str | None:
+        """The credential whose first use in a task this approval is about (None: about the host)."""
+        _, mark, name = self.client_key.partition(CREDENTIAL_MARK)
+        return name if mark else None
 
     @property
     def ending(self) -> Reason | None:

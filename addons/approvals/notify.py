@@ -45,8 +45,8 @@ def event_fields(a: Approval) -> dict[str, Any]:
     return {"client.address": a.client_address, "client.name": a.client_name, "client.task_id": a.task_id,
             **({"client.labels": dict(a.labels)} if a.labels else {}), "destination.host": a.host,
             "destination.port": a.port, "request.scheme": a.scheme, "request.method": a.method,
-            "request.path": a.path, "rule": a.rule, "created_at": rfc3339(a.created_at),
-            "expires_at": rfc3339(a.expires_at)}
+            "request.path": a.path, "rule": a.rule, "credential": a.credential,
+            "created_at": rfc3339(a.created_at), "expires_at": rfc3339(a.expires_at)}
 
 
 def payload(a: Approval, admin_url: str) -> dict[str, Any]:
@@ -56,8 +56,8 @@ def payload(a: Approval, admin_url: str) -> dict[str, Any]:
             "task_expires_at": rfc3339(a.task_until) if a.task_until is not None else None,
             "host": a.host, "port": a.port, "scheme": a.scheme, "method": a.method,
             "path": a.path,
-            "rule": a.rule, "created_at": rfc3339(a.created_at), "expires_at": rfc3339(a.expires_at),
-            "decide_url": f"{admin_url}/approvals/{a.id}"}
+            "rule": a.rule, "credential": a.credential, "created_at": rfc3339(a.created_at),
+            "expires_at": rfc3339(a.expires_at), "decide_url": f"{admin_url}/approvals/{a.id}"}
 
 
 class Notifier:

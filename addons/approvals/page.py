@@ -289,10 +289,11 @@ def _who(a: Approval) -> str:
 
 
 def _dest(a: Approval) -> str:
-    """`GET http://host:80/path`, or `CONNECT host:443` for a tunnel."""
+    """`GET http://host:80/path`, or `CONNECT host:443` for a tunnel; a credential's first use names it."""
     method = f"{a.method} " if a.method else ""
     scheme = f"{a.scheme}://" if a.scheme else ""
-    return f"{method}{scheme}{a.host}:{a.port}{a.path or ''}"
+    cred = f" using credential {a.credential}" if a.credential else ""
+    return f"{method}{scheme}{a.host}:{a.port}{a.path or ''}{cred}"
 
 
 def _ago(seconds: float) -> str:

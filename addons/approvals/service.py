@@ -24,7 +24,7 @@ from addons.approvals.health import StoreHealth
 from addons.approvals.holds import Holds
 from addons.approvals.ledger import Ledger
 from addons.approvals.links import Links
-from addons.approvals.model import Approval, Choice, Scope, Store
+from addons.approvals.model import Approval, Choice, DecideError, Scope, Store
 from addons.approvals.notify import Notifier, endpoints
 from addons.approvals.persist import Persister
 from addons.approvals.stores import open_store
@@ -207,6 +207,9 @@ class ApprovalService:
         async with self._decide_lock:
             now = self.clock()
             a = await self.ledger.check(approval_id, now)
+            if scope is Scope.ALWAYS and a.credential is not None:
+                raise DecideError(422, "credential_scope", f"approval {a.id} is about the first use of "
+                                  f"credential {a.credential!r} in a task: decide it once or for the session")
             if scope is Scope.ALWAYS:  # the rule first: if it cannot be written, nothing is decided
                 await self.persister.write(a, choice, by, reason, now)
             held = functools.partial(self.waiters, a)  # counted once the decision is in the store

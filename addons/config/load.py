@@ -12,9 +12,10 @@ from typing import Any
 from pydantic import TypeAdapter, ValidationError
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 
+from addons.config.credentials import CredentialEntry, compile_credentials
 from addons.config.fastyaml import read_rules
 from addons.config.gcpause import FREEZE_RULES, collector_paused
-from addons.config.models import Config, RuleModel
+from addons.config.models import Config, CredentialModel, RuleModel
 from addons.config.settings import best_effort_config, build_settings, parse_hostport
 from addons.config.yamlio import ErrorList, parse_yaml, pos, read_text, read_yaml, validate_model
 from addons.policy.evaluate import Policy, Rule, Settings, compile_paths
@@ -177,6 +178,7 @@ class _RuleLoad:
     files: list[Path] = field(default_factory=list)
     skipped: list[Path] = field(default_factory=list)  # policy-test files found in a rule folder
     names: dict[str, str] = field(default_factory=dict)  # rule name -> "path:line" of its first definition
+    credentials: list[CredentialEntry] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -194,6 +196,7 @@ class _FileResult:
     skipped: bool
     entries: tuple[_Entry, ...]
     errors: tuple[tuple[int, int, str], ...]
+    credentials: tuple[CredentialEntry, ...] = ()
 
 
 # The last clean compile of each rule file: a reload re-reads every file but only re-compiles
@@ -243,8 +246,9 @@ def _file_result(path: Path, shown: str, text: str, base_dir: Path, settings: Se
     if "cases" in data and "rules" not in data and not explicit:
         return _FileResult(True, (), ())  # a `portcullis test` file living next to the rules
     for k in data:
-        if k != "rules":
-            errors.add(shown, *pos(data, (k,)), f"unknown key {k!r} (a rule file has only 'rules:')")
+        if k not in ("rules", "credentials"):
+            errors.add(shown, *pos(data, (k,)),
+                       f"unknown key {k!r} (a rule file has only 'rules:' and 'credentials:')")
     seq = data.get("rules")
     entries: list[_Entry] = []
     if seq is not None and not isinstance(seq, CommentedSeq):
@@ -265,7 +269,31 @@ def _file_result(path: Path, shown: str, text: str, base_dir: Path, settings: Se
         good_name = name if isinstance(name, str) and name else None
         name_pos = pos(node, ("name",), value=True) if good_name else (line, 1)
         entries.append(_Entry(good_name, line, name_pos, rule))
-    return _FileResult(False, tuple(entries), tuple((t[1], t[2], t[3]) for t in errors.items))
+    creds = _credential_entries(data, shown, ref_file, errors)
+    return _FileResult(False, tuple(entries), tuple((t[1], t[2], t[3]) for t in errors.items), creds)
+
+
+def _credential_entries(data: CommentedMap, shown: str, ref_file: str,
+                        errors: ErrorList) -> tuple[CredentialEntry, ...]:
+    """The shape-checked `credentials:` items (compiled, secrets read, on every load: never cached)."""
+    seq = data.get("credentials")
+    if seq is None:
+        return ()
+    if not isinstance(seq, CommentedSeq):
+        errors.add(shown, *pos(data, ("credentials",), value=True), "credentials: must be a list")
+        return ()
+    out = []
+    for i, node in enumerate(seq):
+        name = node.get("name") if isinstance(node, CommentedMap) else None
+        label = f"credential {name!r}" if isinstance(name, str) and name else f"credentials.{i}"
+        if not isinstance(node, CommentedMap):
+            errors.add(shown, *pos(seq, (i,)),
+                       f"{label}: a credential is a mapping (name, secret, hosts, apply)")
+            continue
+        m = validate_model(CredentialModel, node, shown, errors, prefix=("credentials", i), label=label)
+        if m is not None:
+            out.append(CredentialEntry(m, node, seq.lc.item(i)[0] + 1, ref_file, shown))
+    return tuple(out)
 
 
 def _load_rules(paths: list[tuple[Path, str]], base_dir: Path, settings: Settings, errors: ErrorList,
@@ -308,27 +336,33 @@ def _load_rules(paths: list[tuple[Path, str]], base_dir: Path, settings: Setting
                 out.names[e.name] = f"{shown}:{e.line}"
             if e.rule is not None:
                 out.rules.append(e.rule)
+        out.credentials.extend(result.credentials)
     return out
 
 
-def load_policy(config: Config, base_dir: Path, *, config_shown: str | None = None) -> Policy:
-    """Compile every rule file the config names into a Policy; raises PolicyError with ALL errors."""
+def load_policy(config: Config, base_dir: Path, *, config_shown: str | None = None,
+                secrets: bool = True) -> Policy:
+    """Compile every rule file the config names into a Policy; raises PolicyError with ALL errors.
+
+    Credential secrets are read now (a missing or empty one is an error); `secrets=False` (check, test,
+    validate --no-secrets) checks the credential rules but reads no value."""
     errors = ErrorList()
     shown_cfg = config_shown or str(base_dir / "portcullis.yaml")
     settings = build_settings(config, None, shown_cfg, errors)
-    policy, _ = _build(config, None, base_dir, shown_cfg, settings, errors)
+    policy, _ = _build(config, None, base_dir, shown_cfg, settings, errors, secrets)
     if errors.items:
         raise PolicyError(errors.sorted())
     return policy
 
 
 def _build(config: Config, data: Any, base_dir: Path, shown_cfg: str, settings: Settings,
-           errors: ErrorList) -> tuple[Policy, _RuleLoad]:
+           errors: ErrorList, secrets: bool = True) -> tuple[Policy, _RuleLoad]:
     paths = _rule_paths(config, base_dir, data, shown_cfg, errors)
     explicit = frozenset(base_dir / e for e in config.rules if (base_dir / e).is_file())
     with collector_paused() as pause:
         loaded = _load_rules(paths, base_dir, settings, errors, explicit)
-        policy = Policy(loaded.rules, settings, loaded.files)
+        creds = compile_credentials(loaded.credentials, settings, base_dir, errors, read=secrets)
+        policy = Policy(loaded.rules, settings, loaded.files, credentials=creds)
         pause.freeze = len(loaded.rules) >= FREEZE_RULES and not errors.items
     return policy, loaded
 
@@ -341,7 +375,7 @@ class LoadReport:
     skipped: tuple[Path, ...]
 
 
-def load_config_report(path: str | Path) -> LoadReport:
+def load_config_report(path: str | Path, *, secrets: bool = True) -> LoadReport:
     """load_config plus what was skipped (for `portcullis validate`)."""
     cfg_path = Path(path)
     shown = str(path)
@@ -361,14 +395,14 @@ def load_config_report(path: str | Path) -> LoadReport:
             raise PolicyError(errors.sorted())
     base_dir = cfg_path.parent
     settings = build_settings(config, data, shown, errors)
-    policy, loaded = _build(config, data, base_dir, shown, settings, errors)
+    policy, loaded = _build(config, data, base_dir, shown, settings, errors, secrets)
     if errors.items:
         raise PolicyError(errors.sorted())
     lc = LoadedConfig(config=config, path=cfg_path, base_dir=base_dir, policy=policy)
     return LoadReport(lc, tuple(loaded.skipped))
 
 
-def load_config(path: str | Path) -> LoadedConfig:
+def load_config(path: str | Path, *, secrets: bool = True) -> LoadedConfig:
     """Load the config and every rule file; raises PolicyError listing ALL errors, path:line:col."""
-    return load_config_report(path).loaded
+    return load_config_report(path, secrets=secrets).loaded
 

@@ -238,5 +238,57 @@ class RuleModel(Strict):
     description: str | None = None
 
 
+class SecretSourceModel(Strict):
+    """Where a credential's secret comes from: an environment variable or a file (read at start and
+    on every reload; a file is the rotation path, the environment of a running process never changes)."""
+
+    env: NonEmpty | None = None
+    file: NonEmpty | None = None  # relative to the config file
+
+    @model_validator(mode="after")
+    def _one_source(self) -> SecretSourceModel:
+        if (self.env is None) == (self.file is None):
+            raise ValueError("give exactly one of env and file")
+        return self
+
+
+class BasicModel(Strict):
+    username: NonEmpty  # the secret is the password
+
+
+class ApplyModel(Strict):
+    """How the secret goes on the request: `{header: H, template: "Bearer {secret}"}` or
+    `{basic: {username: x-access-token}}` (Authorization: Basic, the secret as the password)."""
+
+    header: NonEmpty | None = None
+    template: NonEmpty = "{secret}"
+    basic: BasicModel | None = None
+
+    @model_validator(mode="after")
+    def _one_form(self) -> ApplyModel:
+        if (self.header is None) == (self.basic is None):
+            raise ValueError("give exactly one of header (with template) and basic")
+        if self.basic is not None and "template" in self.model_fields_set:
+            raise ValueError("template goes with header, not with basic")
+        return self
+
+
+class CredentialModel(Strict):
+    name: Annotated[str, Field(pattern=_NAME)]
+    secret: SecretSourceModel
+    hosts: Annotated[list[NonEmpty], Field(min_length=1)]
+    scheme: Literal["https"] = "https"  # the only one: never over plain HTTP
+    ports: Annotated[list[Annotated[int, Field(ge=1, le=65535)]], Field(min_length=1)] = [443]
+    methods: Annotated[list[NonEmpty], Field(min_length=1)] | None = None
+    paths: Annotated[list[NonEmpty], Field(min_length=1)] | None = None
+    apply: ApplyModel
+    profiles: Annotated[list[NonEmpty], Field(min_length=1)] | None = None
+    clients: Annotated[list[NonEmpty], Field(min_length=1)] | None = None
+    approval: Literal["none", "first_use"] = "none"
+    placeholders: Annotated[list[NonEmpty], Field(min_length=1)] | None = None
+    description: str | None = None
+
+
 class RuleFile(Strict):
     rules: list[RuleModel] = []
+    credentials: list[CredentialModel] = []

@@ -1,15 +1,18 @@
 """Minting, checking and revoking task credentials, for every process of every replica.
 
 The store is the truth. Each process caches what it read (a revocation is a bus message, and every
-process drops its copy at once: the next request with that credential is refused everywhere); a
-credential the store does not know is remembered as unknown for a few seconds only, so spraying
-random users cannot turn into a store read per request.
+process drops its copy at once: the next request with that credential is refused everywhere). A
+cached copy is read again once it is CACHE_TTL_S old, so a revocation whose message never arrives
+(replicas without a shared bus, a lost message) still takes effect within that time. A credential
+the store does not know is remembered as unknown for a few seconds only, so spraying random users
+cannot turn into a store read per request.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -35,6 +38,8 @@ from addons.telemetry.events import Telemetry
 log = logging.getLogger(__name__)
 
 UNKNOWN_TTL_S = 5.0
+CACHE_TTL_S = 1.0  # like the approvals' poll of the store: the fallback to the bus
+MAX_REMEMBERED = 10_000  # credentials of ended tasks kept in the cache / unknown names, at most
 KEEP_ENDED_S = 7 * 86400
 
 
@@ -78,9 +83,13 @@ class CredentialService:
         self.clock = clock
         self.sweep_interval = sweep_interval
         self.on_revoke = on_revoke  # what else ends with the task (its approval grants)
-        self._cache: dict[str, Credential] = {}
+        self._cache: dict[str, tuple[Credential, float]] = {}  # task id -> (credential, read at)
         self._unknown: dict[str, float] = {}  # task id -> until when "unknown" is believed
+        self._forgotten = 0  # counts invalidations: a read that overlapped one is not cached
+        self._refreshing: set[str] = set()
         self._sweeper: asyncio.Task[None] | None = None
+        self._counting: asyncio.Task[None] | None = None  # the live gauge's count, one at a time
+        self._count_again = False
         self.bus.subscribe(self._on_message)
 
     @property
@@ -99,6 +108,9 @@ class CredentialService:
         if self._sweeper is not None:
             self._sweeper.cancel()
             await asyncio.gather(self._sweeper, return_exceptions=True)
+        if self._counting is not None:
+            self._counting.cancel()
+            await asyncio.gather(self._counting, return_exceptions=True)
         if self._store is not None:
             await self._store.close()
             self._store = None
@@ -161,17 +173,14 @@ class CredentialService:
         """A presented task credential: OK with the credential, or why not. Never raises."""
         now = self.clock()
         try:
-            c = self._cache.get(task_id)
+            hit = self._cache.get(task_id)
+            c = hit[0] if hit is not None and now - hit[1] < CACHE_TTL_S else None
             if c is None:
                 if self._unknown.get(task_id, 0.0) > now:
                     return Check.UNKNOWN, None
-                c = await self.store.get(task_id)
+                c = await self._read(task_id, now)
                 if c is None:
-                    if len(self._unknown) > 10_000:
-                        self._unknown.clear()
-                    self._unknown[task_id] = now + UNKNOWN_TTL_S
                     return Check.UNKNOWN, None
-                self._cache[task_id] = c
         except Exception:  # noqa: BLE001 - a store failure refuses (fail closed), it never lets through
             log.exception("credential store failed")
             return Check.UNAVAILABLE, None
@@ -185,9 +194,42 @@ class CredentialService:
         return Check.OK, c
 
     def still_valid(self, task_id: str) -> bool:
-        """For requests inside a tunnel opened with this task's credential (cached state only)."""
-        c = self._cache.get(task_id)
-        return c is not None and c.state(self.clock()) is State.LIVE
+        """For requests inside a tunnel opened with this task's credential: the cached state (a copy
+        CACHE_TTL_S old is read again in the background, for the tunnel's next request)."""
+        hit = self._cache.get(task_id)
+        if hit is None:
+            return False
+        now = self.clock()
+        if now - hit[1] >= CACHE_TTL_S and task_id not in self._refreshing:
+            self._refreshing.add(task_id)
+            spawn(self._refresh(task_id), "credential refresh")
+        return hit[0].state(now) is State.LIVE
+
+    async def _read(self, task_id: str, now: float) -> Credential | None:
+        """The store's copy, cached (unless an invalidation arrived while it was being read)."""
+        forgotten = self._forgotten
+        c = await self.store.get(task_id)
+        if forgotten != self._forgotten:
+            return c  # a revocation may have overtaken this read: answer with it, do not keep it
+        if c is None:
+            self._cache.pop(task_id, None)
+            if len(self._unknown) >= MAX_REMEMBERED:
+                self._unknown.clear()
+            self._unknown[task_id] = now + UNKNOWN_TTL_S
+            return None
+        if len(self._cache) >= MAX_REMEMBERED and task_id not in self._cache:
+            # Bounded: drop ended credentials (live ones may be tunnels' identities).
+            self._cache = {k: v for k, v in self._cache.items() if v[0].state(now) is State.LIVE}
+        self._cache[task_id] = (c, now)
+        return c
+
+    async def _refresh(self, task_id: str) -> None:
+        try:
+            await self._read(task_id, self.clock())
+        except Exception:  # noqa: BLE001 - keep the cached answer; new requests fail closed meanwhile
+            log.warning("credential store failed re-reading task %s", task_id, exc_info=True)
+        finally:
+            self._refreshing.discard(task_id)
 
     # ---- keeping every process right ----------------------------------------------------------------
     def _on_message(self, m: Message) -> None:
@@ -195,26 +237,13 @@ class CredentialService:
         if kind == "credential":
             self._forget(str(m.get("id")))
             self._gauge()
-        elif kind == "resync":  # cut off from the replicas' bus: a revocation may have been missed
+        elif kind == "resync":  # the bus may have lost messages: trust no cached copy
+            self._forgotten += 1
+            self._cache = {k: (c, -math.inf) for k, (c, _) in self._cache.items()}
             self._unknown.clear()
-            spawn(self._reread(), "credentials resync")
-
-    async def _reread(self) -> None:
-        """Read every cached credential again from the store (the truth); one it cannot read is
-        dropped, so the next request reads it itself (and fails closed while the store is away)."""
-        for task_id in list(self._cache):
-            try:
-                c = await self.store.get(task_id)
-            except Exception:  # noqa: BLE001 - logged; dropping the copy fails closed
-                log.warning("credential %s could not be read again after a resync", task_id, exc_info=True)
-                c = None
-            if c is None:
-                self._cache.pop(task_id, None)
-            else:
-                self._cache[task_id] = c
-        self._gauge()
 
     def _forget(self, task_id: str) -> None:
+        self._forgotten += 1
         self._cache.pop(task_id, None)
         self._unknown.pop(task_id, None)
 
@@ -230,22 +259,31 @@ class CredentialService:
         for c in await self.store.sweep(self.clock(), KEEP_ENDED_S):
             self.telemetry.metrics.credentials.labels("expired").inc()
             self._event("credential.expired", c, None)
-        self._gauge_now(await self.store.all())
+        await self._count_live()
 
     def _gauge(self) -> None:
-        if self.leader:
-            spawn(self._refresh_gauge(), "credentials gauge")
+        """Count the live credentials again, soon: a burst of mints or messages costs one count in
+        progress and one more after it, never one per mint."""
+        if not self.leader:
+            return
+        if self._counting is not None and not self._counting.done():
+            self._count_again = True
+            return
+        self._counting = spawn(self._refresh_gauge(), "credentials gauge")
 
     async def _refresh_gauge(self) -> None:
-        try:
-            self._gauge_now(await self.store.all())
-        except Exception:  # noqa: BLE001
-            log.exception("could not count credentials")
+        while True:
+            self._count_again = False
+            try:
+                await self._count_live()
+            except Exception:  # noqa: BLE001
+                log.exception("could not count credentials")
+            if not self._count_again:
+                return
 
-    def _gauge_now(self, creds: list[Credential]) -> None:
+    async def _count_live(self) -> None:
         if self.leader:
-            now = self.clock()
-            self.telemetry.metrics.credentials_live.set(sum(c.state(now) is State.LIVE for c in creds))
+            self.telemetry.metrics.credentials_live.set(await self.store.count_live(self.clock()))
 
     def _event(self, name: str, c: Credential, by: str | None) -> None:
         self.telemetry.emit(

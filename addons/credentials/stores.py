@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 from pathlib import Path
 from typing import Any
 
 from addons.credentials.model import Credential, CredentialStore
+
+log = logging.getLogger(__name__)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS credentials (
@@ -89,25 +92,24 @@ class SqliteCredentialStore:
         return await self.get(task_id) if cur.rowcount == 1 else None
 
     async def sweep(self, now: float, keep_s: float) -> list[Credential]:
-        db = self._db
-        rows = db.execute(
-            f"SELECT {_COLUMNS} FROM credentials WHERE revoked_at IS NULL AND expires_at <= ? "  # noqa: S608
-            "AND expiry_seen = 0",
+        # One statement marks and returns the credentials newly found expired (compare-and-set: of the
+        # processes sweeping at once, one reports each; a credential minted meanwhile is not touched).
+        rows = self._db.execute(
+            "UPDATE credentials SET expiry_seen = 1 WHERE revoked_at IS NULL AND expires_at <= ? "  # noqa: S608
+            f"AND expiry_seen = 0 RETURNING {_COLUMNS}",
             (now,),
         ).fetchall()
-        found = []
-        for r in rows:  # compare-and-set: one process reports each expiry
-            if (
-                db.execute(
-                    "UPDATE credentials SET expiry_seen = 1 WHERE task_id = ? AND expiry_seen = 0", (r[0],)
-                ).rowcount
-                == 1
-            ):
-                found.append(_row(r))
-        db.execute(
-            "DELETE FROM credentials WHERE MAX(expires_at, COALESCE(revoked_at, 0)) < ?", (now - keep_s,)
+        # Ended: when it was revoked, else when it expired.
+        self._db.execute(
+            "DELETE FROM credentials WHERE COALESCE(revoked_at, expires_at) < ?", (now - keep_s,)
         )
-        return found
+        return sorted((_row(r) for r in rows), key=lambda c: c.created_at)
+
+    async def count_live(self, now: float) -> int:
+        row = self._db.execute(
+            "SELECT COUNT(*) FROM credentials WHERE revoked_at IS NULL AND expires_at > ?", (now,)
+        ).fetchone()
+        return int(row[0])
 
     async def close(self) -> None:
         self._db.close()
@@ -144,32 +146,74 @@ class RedisCredentialStore:
 
     @staticmethod
     def _decode(h: dict[str, str]) -> Credential | None:
+        """None for no hash, and for one that is not a whole credential (left by an older version, or
+        written by hand): it is not a credential anyone can use, and it does not break the listing."""
         if not h:
             return None
-        labels = tuple((str(k), str(v)) for k, v in json.loads(h["labels"]).items())
-        return Credential(
-            h["task_id"],
-            h["profile"] or None,
-            labels,
-            h["secret_hash"],
-            float(h["created_at"]),
-            float(h["expires_at"]),
-            float(h["revoked_at"]) if h["revoked_at"] else None,
-            h["minted_by"] or None,
-        )
+        try:
+            labels = tuple((str(k), str(v)) for k, v in json.loads(h["labels"]).items())
+            return Credential(
+                h["task_id"],
+                h["profile"] or None,
+                labels,
+                h["secret_hash"],
+                float(h["created_at"]),
+                float(h["expires_at"]),
+                float(h["revoked_at"]) if h["revoked_at"] else None,
+                h["minted_by"] or None,
+            )
+        except (KeyError, ValueError, AttributeError):
+            log.warning("credential store: ignored a malformed credential (fields %s)", sorted(h))
+            return None
 
+    # A hash is a live credential when it is not revoked and its expiry is a number after now; a hash
+    # that is not a whole credential never is one (and a sweep removes one without an expiry).
     _INSERT = """
     local cur = redis.call('HMGET', KEYS[1], 'revoked_at', 'expires_at')
-    if cur[2] and (not cur[1] or cur[1] == '') and tonumber(cur[2]) > tonumber(ARGV[1]) then return 0 end
+    local exp = tonumber(cur[2])
+    if exp and (not cur[1] or cur[1] == '') and exp > tonumber(ARGV[1]) then return 0 end
     redis.call('DEL', KEYS[1])
     redis.call('HSET', KEYS[1], unpack(ARGV, 2))
     return 1
     """
     _REVOKE = """
     local cur = redis.call('HMGET', KEYS[1], 'revoked_at', 'expires_at')
-    if not cur[2] or (cur[1] and cur[1] ~= '') or tonumber(cur[2]) <= tonumber(ARGV[1]) then return 0 end
+    local exp = tonumber(cur[2])
+    if not exp or (cur[1] and cur[1] ~= '') or exp <= tonumber(ARGV[1]) then return 0 end
     redis.call('HSET', KEYS[1], 'revoked_at', ARGV[1])
     return 1
+    """
+    # One credential, judged on what is stored now (not on a listing read earlier): mark a new expiry
+    # seen and return the credential (compare-and-set: one process reports it); forget it keep_s
+    # (ARGV[2]) after it ended (when it was revoked, else when it expired).
+    _SWEEP = """
+    local cur = redis.call('HMGET', KEYS[1], 'revoked_at', 'expires_at', 'expiry_seen')
+    local exp = tonumber(cur[2])
+    if not exp then
+        redis.call('DEL', KEYS[1])
+        return {}
+    end
+    local now = tonumber(ARGV[1])
+    local revoked = cur[1] and cur[1] ~= ''
+    local found = {}
+    if not revoked and exp <= now and not cur[3] then
+        redis.call('HSET', KEYS[1], 'expiry_seen', '1')
+        found = redis.call('HGETALL', KEYS[1])
+    end
+    local ended = exp
+    if revoked then ended = tonumber(cur[1]) or exp end
+    if ended < now - tonumber(ARGV[2]) then redis.call('DEL', KEYS[1]) end
+    return found
+    """
+
+    _COUNT = """
+    local n = 0
+    for _, key in ipairs(KEYS) do
+        local cur = redis.call('HMGET', key, 'revoked_at', 'expires_at')
+        local exp = tonumber(cur[2])
+        if exp and (not cur[1] or cur[1] == '') and exp > tonumber(ARGV[1]) then n = n + 1 end
+    end
+    return n
     """
 
     async def insert(self, c: Credential, now: float) -> bool:
@@ -193,14 +237,21 @@ class RedisCredentialStore:
         return None
 
     async def sweep(self, now: float, keep_s: float) -> list[Credential]:
-        found = []
-        for c in await self.all():
-            key = self.PREFIX + c.task_id
-            if c.revoked_at is None and c.expires_at <= now and await self._r.hsetnx(key, "expiry_seen", "1"):
-                found.append(c)
-            if max(c.expires_at, c.revoked_at or 0.0) < now - keep_s:
-                await self._r.delete(key)
-        return found
+        found: dict[str, Credential] = {}
+        async for key in self._r.scan_iter(match=self.PREFIX + "*", count=500):
+            flat = await self._r.eval(self._SWEEP, 1, key, repr(now), repr(keep_s))
+            c = self._decode(dict(zip(flat[::2], flat[1::2], strict=True))) if flat else None
+            if c is not None:
+                found[c.task_id] = c  # SCAN may return a key twice; the script reports it once anyway
+        return sorted(found.values(), key=lambda c: c.created_at)
+
+    async def count_live(self, now: float) -> int:
+        keys = sorted({k async for k in self._r.scan_iter(match=self.PREFIX + "*", count=500)})
+        n = 0
+        for i in range(0, len(keys), 500):  # one script per 500 keys: a round trip each, not one per key
+            batch = keys[i : i + 500]
+            n += int(await self._r.eval(self._COUNT, len(batch), *batch, repr(now)))
+        return n
 
     async def close(self) -> None:
         await self._r.aclose()

@@ -4,7 +4,8 @@
 2. check the authority: a host that normalises, one Host header, the tunnel's own destination, a
    target and Host that agree, framing nothing can read differently;
 3. ask the policy (rules, private destinations);
-4. resolve once, check every answer, pin the connection to a checked address;
+4. resolve once, check every answer, pin the connection to a checked address (a name that needs an
+   approval only once it has one);
 5. settle approvals (grants, a coalesced pending approval, the hold);
 6. one immutable Outcome: audit mode, "allowed but nowhere to connect", the pin kept for the connection.
 
@@ -19,6 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
+from addons.pipeline import inject
 from addons.pipeline.dns import Lookup, Pin, PinStore, ResolveError, resolve
 from addons.pipeline.identity import ProxyAuth, TaskCredentials, parse_basic
 from addons.pipeline.model import Incoming, Outcome, deny_status, refusal
@@ -136,21 +138,35 @@ class Pipeline:
             return out
         if not self.healthy():  # events cannot be written: decide nothing that would go unrecorded
             return refusal(req, Reason.INTERNAL_ERROR, "the event log cannot be written", name)
-        # 3 and 4. The policy, with the checked DNS answers.
+        # 2b. A placeholder or secret where its credential is not applied: refused before any rule or DNS.
+        creds = inject.plan(policy, inc, req)
+        if creds.leak is not None:
+            return inject.refusal_of(policy, req, creds, name)
+        # 3 and 4. The policy, with the checked DNS answers (none yet for a name a person must approve).
         decision, pin, unresolvable = await self._judge(policy, req, groups)
         outcome = self._outcome(req, decision, pin, time.monotonic() - t0)
         # 5. A person decides what the policy left to one.
         if decision.action is Action.APPROVAL:
             outcome = await self._settle(outcome, client_alive)
-            task, creds = client.task_id, self.credentials
-            if outcome.passes and task and creds is not None and not creds.still_valid(task):
+            task, tasks = client.task_id, self.credentials
+            if outcome.passes and task and tasks is not None and not tasks.still_valid(task):
                 return refusal(req, Reason.PROXY_AUTH, "the task credential was revoked or expired while the "
                                "request was held", name, latency_s=time.monotonic() - t0)
+            if outcome.passes and pin is None:  # approved: only now is the name looked up, and checked
+                checked, pin, unresolvable = await self._judge(policy, req, groups, approved=True)
+                if checked.action is Action.DENY:  # a private answer (or this proxy): no approval lifts it
+                    denied = self._outcome(req, checked, None, time.monotonic() - t0)
+                    return replace(denied, approval_id=outcome.approval_id,
+                                   approval_wait_s=outcome.approval_wait_s)
+                if pin is not None:
+                    outcome = replace(outcome, pin=pin, ip=pin.ip)
         # 6. What the proxy does.
         if outcome.passes and outcome.action is Action.ALLOW and pin is None and unresolvable is not None:
             outcome = replace(outcome, status=502, detail=unresolvable)  # allowed, but nowhere to connect
         if self.audit and not outcome.passes and outcome.status == 403 and outcome.reason in AUDITED:
             outcome = replace(outcome, enforced=False, status=None)
+        if creds.credential is not None:  # only ever onto a request that passes
+            outcome = await inject.apply(outcome, creds.credential, self.approvals, self.audit, client_alive)
         if outcome.passes and pin is not None:
             self.pins.put(client.conn_id, pin)
         return outcome
@@ -202,9 +218,13 @@ class Pipeline:
         return "unknown proxy user"
 
     async def _judge(
-        self, policy: Policy, req: Request, groups: Sequence[str] | None
+        self, policy: Policy, req: Request, groups: Sequence[str] | None, approved: bool = False
     ) -> tuple[Decision, Pin | None, str | None]:
-        """The policy's decision with the checked answers; the pin; why the name did not resolve."""
+        """The policy's decision with the checked answers; the pin; why the name did not resolve.
+
+        A name is looked up only once something would let the request through: an allow, an approval
+        given (`approved`), or audit mode. So no DNS query ever carries a name the rules deny or that
+        nobody has approved yet (the proxy's resolver is not a channel out for a held request)."""
         pin = self.pins.get(req.client.conn_id, req.host, req.port)
         if pin is not None:
             # Already resolved on this connection: decide with those checked answers (deciding with
@@ -212,9 +232,12 @@ class Pipeline:
             decision = policy.decide(req, pin.addresses, groups=groups)
         else:
             decision = policy.decide(req, groups=groups)
-            # Resolve only names the rules do not already refuse: no DNS query leaks a denied name
-            # (in audit mode a rule denial still goes through, so it needs its checked address too).
-            needs_address = decision.action is not Action.DENY or (self.audit and decision.reason in AUDITED)
+            # In audit mode a rule denial or an approval still goes through: it needs its checked address.
+            needs_address = (
+                approved
+                or decision.action is Action.ALLOW
+                or (self.audit and (decision.action is Action.APPROVAL or decision.reason in AUDITED))
+            )
             if needs_address and self.lookup is not None:
                 try:
                     addrs = await resolve(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from addons.pipeline.dns import Pin
+from addons.policy.credentials import Injection
 from addons.policy.model import Action, Layer, Reason, Request, RuleRef
 
 # The status of a denial the proxy answers itself: 400 for a malformed request, 407 for proxy
@@ -42,6 +43,11 @@ class Incoming:
     problem_status: int | None = None
     http_version: str = ""  # "HTTP/1.1", "HTTP/1.0", "HTTP/2.0" ... ("" when not known)
     tunnel: Outcome | None = None
+    # For credentials: the request target with its query, every header (Proxy-Authorization taken off),
+    # and whether the upstream is TLS verified against the host's name (an inspected https request).
+    target: str | None = field(default=None, repr=False)
+    headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    tls_verified: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +79,8 @@ class Outcome:
     raw_tcp: bool = False  # a CONNECT whose tunnel may carry bytes that are not TLS
     latency_s: float | None = None
     approval_wait_s: float | None = None
+    credential: str | None = None  # the credential applied (allow) or refused (deny): a name, never a value
+    injection: Injection | None = field(default=None, repr=False)  # what the adapter sets on the request
 
     @property
     def passes(self) -> bool:
@@ -94,6 +102,7 @@ class Outcome:
             approval_wait_s=None,
             inspect=False,
             raw_tcp=False,
+            injection=None,
         )
 
 

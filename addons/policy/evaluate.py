@@ -5,11 +5,12 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 from urllib.parse import unquote
 
+from addons.policy.credentials import CredentialSet
 from addons.policy.hosts import (
     HostError,
     HostPattern,
@@ -152,10 +153,12 @@ class _NetIndex:
 class Policy:
     """An immutable, indexed rule set plus the settings `decide()` needs. Safe to share."""
 
-    def __init__(self, rules: Sequence[Rule], settings: Settings, rule_files: Sequence[Path] = ()) -> None:
+    def __init__(self, rules: Sequence[Rule], settings: Settings, rule_files: Sequence[Path] = (),
+                 credentials: CredentialSet | None = None) -> None:
         self.rules: tuple[Rule, ...] = tuple(rules)
         self.settings = settings
         self.rule_files: tuple[Path, ...] = tuple(rule_files)
+        self.credentials = credentials if credentials is not None else CredentialSet()
         self.rule_count = len(self.rules)
         self._exact: dict[str, list[int]] = {}
         self._below: dict[str, list[int]] = {}
@@ -277,7 +280,13 @@ class Policy:
                  and (r.profiles is None or req.client.profile in r.profiles)]
         target = f"{host}:{port}"
         if req.tunnel or req.method is None:
-            return self._decide_tunnel(cands, target, client)
+            d = self._decide_tunnel(cands, target, client)
+            if d.action is not Action.DENY and not d.inspect and self.credentials.inspects(host, port):
+                # A credential is bound here: its requests must be seen to be injected (or refused).
+                note = f"A credential is bound to {target}: the tunnel is inspected."
+                detail = f"{d.detail} {note}" if d.detail else note
+                return replace(d, inspect=True, raw_tcp=False, detail=detail)
+            return d
         method = req.method.upper()
         path = normalize_path(req.path or "/")
         decoded = normalize_path(unquote(path)) if "%" in path else path

@@ -36,6 +36,7 @@ class Reason(StrEnum):
     CLIENT_CLOSED = "client_closed"      # the client hung up while its request was held
     INTERNAL_ERROR = "internal_error"    # fail closed on any internal error on the decision path
     UPSTREAM_ERROR = "upstream_error"    # allowed, but the upstream failed (502, decision stays allow)
+    CREDENTIAL_LEAK = "credential_leak"  # a placeholder or secret the proxy holds, sent where it is not bound
 
 
 @dataclass(frozen=True, slots=True)

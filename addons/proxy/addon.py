@@ -17,10 +17,12 @@ from mitmproxy.proxy import layer, server_hooks
 from addons.pipeline.decide import Pipeline
 from addons.pipeline.firstbytes import Relay, judge_first_bytes
 from addons.pipeline.identity import public_client_refusal
+from addons.pipeline.inject import body_watch
 from addons.pipeline.model import Incoming, Outcome
 from addons.pipeline.requestform import request_problem, size_problem
 from addons.policy.authority import format_authority
 from addons.policy.model import Layer, Reason
+from addons.proxy import credentials
 from addons.proxy.mitm_compat import Refusal, already_refused, answer_at_once, raw_target
 from addons.proxy.pinning import Pinner
 from addons.proxy.responses import DECISION_HEADER, deny_response, upstream_error_response
@@ -51,6 +53,7 @@ class Portcullis:
         self.client_cidrs = tuple(client_cidrs)
         self.conns: dict[str, ConnState] = {}
         self.pinner = Pinner(pipeline.pins)
+        self.bodies = credentials.BodyWatch()
 
     # ---- plain HTTP and requests inside inspected tunnels -------------------------------------
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
@@ -69,6 +72,8 @@ class Portcullis:
             self._record(outcome)
             if outcome.passes:
                 _forward(flow, outcome)
+                credentials.inject(flow, outcome)
+                self.bodies.start(flow, outcome, body_watch(self.pipeline.policies.policy, outcome))
             else:
                 self._respond(flow, outcome)
                 answer_at_once(flow)  # not after the body; no "100 Continue" invites it
@@ -77,11 +82,29 @@ class Portcullis:
             log.exception("requestheaders failed; killing the flow")
             flow.kill()  # type: ignore[no-untyped-call]
 
+    def request(self, flow: http.HTTPFlow) -> None:
+        # The whole body is in (held) or has streamed: one carrying a credential needle is refused.
+        try:
+            refusal = self.bodies.finished(flow)
+        except Exception:
+            log.exception("body check failed; killing the flow")
+            self.bodies.forget(flow)
+            flow.kill()  # type: ignore[no-untyped-call]
+            return
+        if refusal is not None:
+            self._record(refusal)
+
     def responseheaders(self, flow: http.HTTPFlow) -> None:
+        if self.bodies.refuse_answer(flow):
+            flow.kill()  # type: ignore[no-untyped-call]
+            return
         # Portcullis never looks at response bodies: stream them all (server-sent events from model
         # APIs arrive as they are sent; large downloads are not held in memory).
         if flow.response is not None:
             flow.response.stream = True
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self.bodies.forget(flow)
 
     # ---- CONNECT ---------------------------------------------------------------------------------
     async def http_connect(self, flow: http.HTTPFlow) -> None:
@@ -236,7 +259,7 @@ def incoming_request(flow: http.HTTPFlow, tunnel: Tunnel | None) -> Incoming:
     scheme = r.scheme
     if r.headers.get("upgrade", "").lower() == "websocket":
         scheme = "wss" if scheme == "https" else "ws"
-    credentials = r.headers.pop("proxy-authorization", None)
+    proxy_credentials = r.headers.pop("proxy-authorization", None)
     status: int | None = None
     raw_method, raw_path, raw_authority = raw_target(r)
     if r.method == "PRI" or r.path == "*":
@@ -260,7 +283,7 @@ def incoming_request(flow: http.HTTPFlow, tunnel: Tunnel | None) -> Incoming:
         scheme=scheme,
         method=r.method,
         path=path_only(r.path),
-        credentials=credentials,
+        credentials=proxy_credentials,
         host_header=r.host_header,
         host_headers=len(r.headers.get_all("host")),
         target_authority=r.authority or None,
@@ -268,6 +291,9 @@ def incoming_request(flow: http.HTTPFlow, tunnel: Tunnel | None) -> Incoming:
         problem_status=status,
         http_version=r.http_version,
         tunnel=tunnel.outcome if tunnel is not None else None,
+        target=r.path,
+        headers=_header_texts(r.headers.fields),
+        tls_verified=credentials.upstream_verified(flow, tunnel is not None and tunnel.inspect),
     )
 
 
@@ -286,7 +312,15 @@ def incoming_connect(flow: http.HTTPFlow, inside_tunnel: bool) -> Incoming:
         target_authority=raw_target(r)[2].decode("utf-8", "surrogateescape"),
         problem="CONNECT inside a tunnel" if inside_tunnel else None,
         http_version=r.http_version,
+        target=r.authority or None,
+        headers=tuple(h for h in _header_texts(r.headers.fields) if h[0].lower() != "proxy-authorization"),
     )
+
+
+def _header_texts(fields: tuple[tuple[bytes, bytes], ...]) -> tuple[tuple[str, str], ...]:
+    """Header names and values as text (what credential needles are searched in; never logged)."""
+    return tuple((k.decode("utf-8", "surrogateescape"), v.decode("utf-8", "surrogateescape"))
+                 for k, v in fields)
 
 
 def path_only(path: str) -> str:

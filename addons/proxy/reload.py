@@ -29,15 +29,33 @@ class PolicyHolder:
         telemetry.metrics.rules_loaded.set(self.policy.rule_count)
 
     def watch_paths(self) -> list[Path]:
-        """Folders to watch: every rule folder, and the folder of every rule file (editors and atomic
-        writers replace files by rename, which only the folder sees)."""
+        """Folders to watch: every rule folder, the folder of every rule file (editors and atomic
+        writers replace files by rename, which only the folder sees) and of every credential's secret
+        file (rotating one reloads)."""
         paths: set[Path] = set()
         for entry in self.loaded.config.rules:
             p = self.loaded.resolve_path(entry)
             paths.add(p if p.is_dir() else p.parent)
         for f in self.policy.rule_files:
             paths.add(Path(f).parent)
+        paths.update(Path(f).parent for f in self.secret_files())
         return sorted(p.resolve() for p in paths if p.exists())
+
+    def secret_files(self) -> list[str]:
+        return [c.secret_file for c in self.policy.credentials.creds if c.secret_file is not None]
+
+    def relevant(self, changed: str) -> bool:
+        """A change that needs a reload: a YAML file, a secret file, or a Kubernetes secret volume's
+        `..data` swap beside a secret file (its files are symlinks into the swapped folder)."""
+        p = Path(changed)
+        if p.suffix in (".yaml", ".yml"):
+            return True
+        folder = p.parent.resolve()
+        for f in self.secret_files():
+            s = Path(f)
+            if folder == s.parent.resolve() and (p.name == s.name or p.name.startswith("..")):
+                return True
+        return False
 
     async def reload(self, trigger: str) -> bool:
         """Validate the whole new policy, then swap it in; on any error keep the old one and report."""
@@ -57,6 +75,7 @@ class PolicyHolder:
                 "rules.reloaded",
                 files=[str(f) for f in new.rule_files],
                 rule_count=new.rule_count,
+                credential_names=sorted(new.credentials.names),
                 trigger=trigger,
             )
             return True
@@ -70,19 +89,25 @@ class PolicyHolder:
         """Reload whenever a YAML file in a watched folder changes (debounced)."""
         from watchfiles import awatch
 
-        paths = self.watch_paths()
-        if not paths:
-            return
-        try:
-            async for changes in awatch(
-                *paths, debounce=DEBOUNCE_MS, step=50, stop_event=self._stop, recursive=False
-            ):
-                if any(Path(p).suffix in (".yaml", ".yml") for _, p in changes):
-                    await self.reload("watch")
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("rule file watcher stopped; SIGHUP still reloads")
+        while not self._stop.is_set():
+            paths = self.watch_paths()
+            if not paths:
+                return
+            try:
+                async for changes in awatch(
+                    *paths, debounce=DEBOUNCE_MS, step=50, stop_event=self._stop, recursive=False
+                ):
+                    if any(self.relevant(p) for _, p in changes):
+                        await self.reload("watch")
+                        if self.watch_paths() != paths:
+                            break  # a reload named a new folder (a secret file elsewhere): watch it too
+                else:
+                    return  # stopped
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("rule file watcher stopped; SIGHUP still reloads")
+                return
 
     def stop(self) -> None:
         self._stop.set()

@@ -36,6 +36,8 @@ _MESSAGES: dict[Reason, str] = {
     Reason.CLIENT_CLOSED: "The client closed the connection while access to {dest} was waiting for approval.",
     Reason.INTERNAL_ERROR: "The proxy could not decide on {dest} because of an internal error; the request "
     "was refused to stay safe.",
+    Reason.CREDENTIAL_LEAK: "The request to {dest} was refused: {detail}. The proxy adds credentials itself, "
+    "only to the requests they are bound to; never send a placeholder or a secret anywhere else.",
 }
 
 

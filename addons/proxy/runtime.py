@@ -268,6 +268,7 @@ class Runtime:
             admin=f"{fmt_host(admin_bound[0])}:{admin_bound[1]}",
             mode=self.p.loaded.config.mode,
             rule_count=self.holder.policy.rule_count,
+            credential_names=sorted(self.holder.policy.credentials.names),
             pid=os.getpid(),
         )
 

@@ -123,6 +123,7 @@ class Supervisor:
                 admin=admin,
                 mode=self.p.loaded.config.mode,
                 rule_count=self.p.loaded.policy.rule_count,
+                credential_names=sorted(self.p.loaded.policy.credentials.names),
                 pid=os.getpid(),
                 workers=self.n,
             )

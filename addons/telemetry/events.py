@@ -291,6 +291,7 @@ def decision_fields(o: Outcome) -> dict[str, Any]:
         "approval_wait_ms": _ms(o.approval_wait_s),
         # For a private destination the event names the class ("loopback", "metadata", "self" ...).
         "detail": o.private_class if o.private_class is not None else o.detail,
+        "credential": o.credential,  # a name, never the value (the Outcome's injection is not rendered)
     }
 
 
@@ -322,6 +323,7 @@ def decision_doc(o: Outcome, worker: int | None = None) -> dict[str, Any]:
         "latency_ms": _c(_ms(o.latency_s)),
         "approval_wait_ms": _c(_ms(o.approval_wait_s)),
         "detail": _c(o.private_class if o.private_class is not None else o.detail),
+        "credential": _c(o.credential),  # a name, never the value
     })
     return doc
 

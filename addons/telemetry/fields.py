@@ -19,9 +19,11 @@ MAX_DEPTH = 8
 MAX_ITEMS = 256
 
 # Keys whose values are credentials or header contents: never written, whatever a caller passes.
+# A bare `credential` is the exception: egress.decision names the injected credential (its name; the
+# value never reaches an event), while `credentials`, `db_credential` and the like stay redacted.
 _SECRET_KEY = re.compile(
     r"(^|[_.-])(authorization|proxy_authorization|password|passwd|secret|token|cookie|set_cookie|"
-    r"headers|api_key|apikey|credentials?)$",
+    r"headers|api_key|apikey|credentials)$|[_.-]credential$",
     re.IGNORECASE,
 )
 _USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#@]*@")

@@ -29,7 +29,7 @@ _NO_HTTP_REASONS = frozenset({"sni_mismatch"})
 # Native fields carried into `unmapped` as they are (the OCSF object has no place for them).
 _UNMAPPED = ("enforced", "reason", "rule_file", "rule_line", "matched_rules", "layer", "latency_ms",
              "approval_wait_ms", "detail", "approval_id", "flow_id", "scope", "by", "decision", "outcome",
-             "wait_s", "inspected")
+             "wait_s", "inspected", "credential")
 
 
 def to_ocsf(doc: dict[str, Any]) -> dict[str, Any]:
@@ -50,6 +50,8 @@ def outcome_ids(decision: str | None, reason: str | None, enforced: bool = True)
     """(action_id, disposition_id, severity_id, status_id) per the mapping in standards.md §1.3."""
     if reason == "internal_error":
         return 2, 27, 4, 2
+    if reason == "credential_leak":  # a placeholder or secret sent where it is not bound: exfiltration
+        return 2, 2, 4, 2
     if reason == "approval_denied":
         return 2, 25, 3, 2
     if reason == "approved":

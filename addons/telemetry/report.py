@@ -16,6 +16,7 @@ from typing import Any, TextIO
 from addons.policy.hosts import registered_domain
 from addons.telemetry.events import SCHEMA
 from addons.telemetry.fields import escape_controls
+from addons.telemetry.report_credentials import CredentialUse
 from addons.telemetry.report_tasks import build_by_task, write_by_task
 
 # Denials that say something is wrong, not that a rule is missing: never suggest allowlisting them.
@@ -112,6 +113,7 @@ class Report:
     skipped_other_schema: int = 0
     skipped_old: int = 0
     not_policy: Counter[str] = field(default_factory=Counter)
+    credentials: CredentialUse = field(default_factory=CredentialUse)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -122,11 +124,14 @@ class Report:
             "candidates": [g.as_dict(True) for g in _ranked(self.groups)],
             "denied_by_deny_rules": [g.as_dict(False) for g in _ranked(self.denied_by_rule)],
             "do_not_allowlist": [g.as_dict(False) for g in _ranked(self.suspicious)],
+            "credentials": self.credentials.as_dict(),
         }
 
 
-def build(lines: Iterable[str], since: datetime | None = None) -> Report:
+def build(lines: Iterable[str], since: datetime | None = None, credentials: Iterable[str] = ()) -> Report:
+    """`credentials`: names a config defines (report --config), besides those the events announce."""
     rep = Report()
+    rep.credentials.declared.update(credentials)
     for line in lines:
         if not line.strip():
             continue
@@ -142,6 +147,7 @@ def build(lines: Iterable[str], since: datetime | None = None) -> Report:
         if since is not None and (_parse_ts(doc.get("timestamp")) or since) < since:
             rep.skipped_old += 1
             continue
+        rep.credentials.add(doc)
         event = doc.get("event")
         if event == "approval.requested":
             reason, held = "approval_requested", True
@@ -199,11 +205,16 @@ def report_command(args: argparse.Namespace) -> int:
     if fmt == "auto":
         fmt = "table" if out.isatty() else "markdown"
     try:
+        declared = _config_credentials(args.config) if getattr(args, "config", None) else ()
+    except Exception as e:  # noqa: BLE001 - a config that does not load: say so, no traceback
+        print(f"portcullis report: --config {args.config}: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    try:
         with path.open(encoding="utf-8", errors="replace") as fh:
             if getattr(args, "by", "domain") == "task":
                 write_by_task(build_by_task(fh, since, _parse_ts), fmt, out)
                 return 0
-            rep = build(fh, since)
+            rep = build(fh, since, declared)
     except OSError as e:
         print(f"portcullis report: {path}: {e.strerror or e}", file=sys.stderr)
         return 2
@@ -247,7 +258,14 @@ def markdown(rep: Report) -> str:
     if rep.not_policy:
         parts.append("\nNot policy matters (client errors, auth, internal): "
                      + ", ".join(f"{k}: {v}" for k, v in rep.not_policy.most_common()) + "\n")
+    parts.append(rep.credentials.markdown(_md))
     return "".join(parts)
+
+
+def _config_credentials(config: str) -> list[str]:
+    from addons.config.load import load_config
+
+    return sorted(load_config(config, secrets=False).policy.credentials.names)
 
 
 def _table(rep: Report, out: TextIO) -> None:
@@ -277,6 +295,17 @@ def _table(rep: Report, out: TextIO) -> None:
                 console.print(Syntax(g.rule_yaml(), "yaml"))
     if not rep.groups:
         console.print(Text("Nothing denied or held."))
+    if rep.credentials.markdown(_md):
+        table = Table(title="Credentials")
+        for col in ("credential", "applied", "refused"):
+            table.add_column(col)
+        c = rep.credentials
+        for name in sorted(c.declared | set(c.applied) | set(c.refused)):
+            table.add_row(Text(escape_controls(name)), str(c.applied.get(name, 0)),
+                          str(c.refused.get(name, 0)))
+        console.print(table)
+        if c.never_used:
+            console.print(Text("Never used: " + escape_controls(", ".join(c.never_used))))
 
 
 def _row(g: Group) -> list[str]:

@@ -105,8 +105,9 @@ def audit_events(
 
 
 def _duplicate_flows(decisions: list[dict[str, Any]]) -> list[str]:
-    """Flows with more than one decision. The one legitimate pair: a tunnel allowed on its CONNECT
-    authority and then refused for what came through it (SNI mismatch / not TLS) on the same flow."""
+    """Flows with more than one decision. Two legitimate pairs: a tunnel allowed on its CONNECT
+    authority and then refused for what came through it (SNI mismatch / not TLS) on the same flow, and
+    a request allowed on its headers whose body carried a credential's placeholder or secret."""
     by_flow: dict[str, list[dict[str, Any]]] = {}
     for e in decisions:
         by_flow.setdefault(e["flow_id"], []).append(e)
@@ -116,6 +117,9 @@ def _duplicate_flows(decisions: list[dict[str, Any]]) -> list[str]:
             continue
         pair = len(evs) == 2 and evs[0]["layer"] == evs[1]["layer"] == "connect" and \
             evs[0]["decision"] == "allow" and evs[1]["reason"] == "sni_mismatch"
-        if not pair:
+        # The other: a request let through on its headers whose body then carried a credential's needle.
+        leak = len(evs) == 2 and evs[0]["layer"] == evs[1]["layer"] != "connect" and \
+            evs[0]["decision"] == "allow" and evs[1]["reason"] == "credential_leak"
+        if not (pair or leak):
             bad.append(flow)
     return sorted(bad)

@@ -9,11 +9,14 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
+import threading
 from collections.abc import Iterator
 
 import pytest
 
 from tests.adversarial.adv import BARRIER_RULE, Adv, Replies, Window, adv_config
+from tests.approvals.approvals_support import TOKEN
+from tests.approvals.e2e_support import decide
 from tests.harness import PortcullisProc
 from tests.recording import ScriptedDNS
 
@@ -46,6 +49,7 @@ SCRIPT = {
     "empty.dyn.test": _both([], []),
     "blocked.dyn.test": _v4(PUBLIC),
     "public.dyn.test": _v4(PUBLIC),
+    "c2vjcmv0.ask.dyn.test": _v4(PUBLIC),
 }
 
 
@@ -80,9 +84,10 @@ def proxy(dns, upstreams, recorders, tmp_path_factory) -> Iterator[Adv]:
     rules = [
         {"name": "dyn", "action": "allow", "hosts": ["**.dyn.test"]},
         {"name": "no-blocked", "action": "deny", "hosts": ["blocked.dyn.test"]},
+        {"name": "ask", "action": "approval", "hosts": ["**.ask.dyn.test"]},
         BARRIER_RULE,
     ]
-    p = MountNsProc(folder, upstreams, rules=rules, config=cfg)
+    p = MountNsProc(folder, upstreams, rules=rules, config=cfg, env={"PORTCULLIS_TEST_ADMIN_TOKEN": TOKEN})
     p.resolv = f"nameserver {dns.address}\noptions timeout:1 attempts:1\n"
     with p:
         yield Adv(p, recorders, upstreams)
@@ -197,3 +202,24 @@ def test_the_scripted_resolver_is_really_used(proxy, dns):
     w = proxy.window(m)
     assert out.status == 200 and _arrived_paths(w) == ["/control"]
     assert dns.count("public.dyn.test", ScriptedDNS.A) == before + 1
+
+
+def test_a_name_waiting_for_a_person_goes_to_no_dns_server_until_approved(proxy, dns):
+    """The proxy's resolver is no channel out: a name under an approval rule (here one that spells
+    data, as an exfiltrating agent would) is looked up only once a person allows it."""
+    name = "c2vjcmv0.ask.dyn.test"
+    m = proxy.mark()
+    answer: list[object] = []
+    request = _get(name, proxy.rec.loop, "/asked")
+    held = threading.Thread(target=lambda: answer.append(proxy.send(request, 20)))
+    held.start()
+    try:
+        asked = proxy.p.wait_event("approval.requested", **{"destination.host": name})
+        assert dns.count(name) == 0  # held for a person: nothing went to DNS
+        assert decide(proxy.p, asked["approval_id"], "allow").status_code == 200
+    finally:
+        held.join(25)
+    w = proxy.window(m)
+    assert [o.status for o in answer] == [200] and _arrived_paths(w) == ["/asked"]
+    assert dns.count(name, ScriptedDNS.A) == 1  # looked up once, after the approval
+    assert [(d["decision"], d["reason"]) for d in w.decisions] == [("allow", "approved")]

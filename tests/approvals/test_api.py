@@ -156,8 +156,8 @@ async def test_the_json_carries_the_contract_strings(setup):
                              alive)
     doc = (await client.get(f"/approvals/{pend.approval_id}")).json()
     assert set(doc) == {"id", "state", "client", "client_name", "host", "port", "scheme", "method", "path",
-                        "rule", "created_at", "expires_at", "decision", "scope", "by", "reason", "decided_at",
-                        "waiters", "task_id", "labels", "task_expires_at"}
+                        "rule", "credential", "created_at", "expires_at", "decision", "scope", "by", "reason",
+                        "decided_at", "waiters", "task_id", "labels", "task_expires_at"}
     assert (doc["state"], doc["client"], doc["client_name"], doc["rule"], doc["decision"], doc["scope"],
             doc["decided_at"], doc["waiters"]) == ("pending", "10.0.0.5", "ci", "ask", None, None, None, 0)
     r = await client.post(f"/approvals/{pend.approval_id}", json={"decision": "deny", "scope": "always"})

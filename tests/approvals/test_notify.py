@@ -57,6 +57,7 @@ def test_payload_and_event_fields_carry_the_approval_and_no_more():
     assert body == {"type": "approval.requested", "id": AID, "client": "ci", "task_id": None, "labels": {},
                     "task_expires_at": None, "host": "unknown.example",
                     "port": 443, "scheme": "https", "method": "GET", "path": "/p", "rule": "ask",
+                    "credential": None,
                     "created_at": "2023-11-14T22:13:20Z", "expires_at": "2023-11-14T22:15:20Z",
                     "decide_url": f"http://127.0.0.1:9090/approvals/{AID}"}
     assert event_fields(a)["client.address"] == "10.0.0.5" and event_fields(a)["destination.port"] == 443
@@ -169,3 +170,14 @@ async def test_without_an_admin_url_the_resend_waits_for_the_grace_period(make_s
         return bool((await svc2.store.get(cut.approval_id)).notified)
     await wait_until(cond)
     assert receiver.deliveries()[-1]["body"]["decide_url"].startswith("http://127.0.0.1:9090/")
+
+
+def test_a_credentials_first_use_is_named_in_the_webhook_and_the_events():
+    asked = request(client_name="ci", method="GET", path="/p", rule="ask")
+    pending = dataclasses.replace(asked, credential="gh")
+    a = Approval.opened(AID, pending, now=1700000000.0, timeout=120.0)
+    body = payload(a, "http://127.0.0.1:9090")
+    Draft202012Validator(WEBHOOK_SCHEMA).validate(body)
+    assert body["credential"] == "gh" and body["host"] == "unknown.example" and body["task_id"] is None
+    assert event_fields(a)["credential"] == "gh"
+    assert a.client_key == "10.0.0.5|credential:gh" and a.credential == "gh"

@@ -179,3 +179,16 @@ async def test_every_button_decides_what_it_says_and_unknown_actions_are_refused
             assert f"{verb} ({scope}): b{i + 1}.example:443" in r.text
         recent = (await client.get("/")).text.split("<h2>Recent</h2>", 1)[1]
         assert "<td>denied</td><td>always</td>" in recent and "<td>allowed</td><td>session</td>" in recent
+
+
+async def test_the_page_names_the_credential_whose_first_use_is_asked(page_setup):
+    import dataclasses
+
+    svc, client = page_setup
+    task = asyncio.create_task(svc.resolve(dataclasses.replace(request(method="GET", path="/repos/x"),
+                                                               credential="gh"), alive))
+    await wait_until(lambda: bool(svc.store.pending()))
+    await login(client)
+    listing = await client.get("/")
+    assert "GET https://unknown.example:443/repos/x using credential gh" in listing.text
+    task.cancel()

@@ -24,10 +24,11 @@ ONCE, SESSION, ALWAYS = Scope.ONCE, Scope.SESSION, Scope.ALWAYS
 
 WEBHOOK_SCHEMA = json.loads((Path(__file__).parents[2] / "addons/approvals/webhook.schema.json").read_text())
 
-# The contract's keys, plus task_id (the agent task that asked: null without a task credential).
+# The contract's keys, plus task_id (the agent task that asked: null without a task credential), its
+# labels and expiry, and credential (the credential whose first use is asked about: null for a destination).
 SPEC_PAYLOAD_KEYS = {"type", "id", "client", "task_id", "labels", "task_expires_at",
                      "host", "port", "scheme", "method", "path", "rule",
-                     "created_at", "expires_at", "decide_url"}
+                     "credential", "created_at", "expires_at", "decide_url"}
 
 
 def gauge(svc, name="portcullis_approvals_pending", **labels):
@@ -403,3 +404,61 @@ async def test_a_request_that_joins_while_a_look_is_under_way_is_counted_when_th
     out = await asyncio.wait_for(held, 5)
     assert (out.allowed, out.reason, out.approval_id) == (True, Reason.APPROVED, stalled[0])
     assert await b.store.grants(time.time()) == []  # the held request was the use
+
+
+def _task(outcome, task_id: str = "t-9", credential: str | None = None):
+    """The same request as asked by a task; with `credential`, the question about its first use."""
+    from dataclasses import replace
+
+    from addons.policy.model import Client
+
+    req = replace(outcome.request, client=Client("10.0.0.5", 40000, task_id, "conn1", task_id=task_id))
+    return replace(outcome, request=req, credential=credential)
+
+
+async def test_a_credentials_first_use_is_its_own_question(make_service, events):
+    """A grant for the host never answers whether its credential may be used, nor the other way round."""
+    svc = await make_service(hold=False)
+    host = await svc.resolve(_task(request()), alive)
+    await svc.decide(host.approval_id, ALLOW, SESSION, "alice", None)
+    assert (await svc.resolve(_task(request()), alive)).allowed  # the host's session grant
+    first = await svc.resolve(_task(request(), credential="gh"), alive)
+    assert not first.allowed and first.reason is Reason.APPROVAL_PENDING
+    assert first.approval_id != host.approval_id
+    a = await svc.get(first.approval_id)
+    assert (a.credential, a.task_id, a.host) == ("gh", "t-9", "unknown.example")
+    with pytest.raises(DecideError) as e:
+        await svc.decide(a.id, ALLOW, ALWAYS, "alice", None)
+    assert e.value.status == 422 and e.value.code == "credential_scope"
+    await svc.decide(a.id, ALLOW, SESSION, "alice", None)
+    assert (await svc.resolve(_task(request(), credential="gh"), alive)).allowed
+    assert not (await svc.resolve(_task(request(), task_id="t-10", credential="gh"), alive)).allowed
+    requested = [e for e in events.of("approval.requested") if e.get("credential") == "gh"]
+    assert len(requested) == 2 and requested[0]["client"]["task_id"] == "t-9"
+    decided = [e for e in events.of("approval.decided") if e.get("credential") == "gh"]
+    assert decided and decided[0]["decision"] == "allow"
+    for ev in events.of("approval.requested"):
+        validate_event(ev)
+
+
+async def test_a_credentials_first_use_decided_for_the_task_lasts_for_that_task_only(make_service):
+    """Scope `task` on a first-use approval: that task may use the credential on that host:port until
+    its credential expires; another task, or the same task without the credential, is asked again."""
+    from dataclasses import replace
+
+    svc = await make_service(hold=False)
+    until = time.time() + 600
+
+    def asked(task_id: str, credential: str | None) -> object:
+        out = _task(request(), task_id=task_id, credential=credential)
+        client = replace(out.request.client, task_until=until)
+        return replace(out, request=replace(out.request, client=client))
+
+    first = await svc.resolve(asked("t-9", "gh"), alive)
+    await svc.decide(first.approval_id, ALLOW, Scope.TASK, "alice", None)
+    again = await svc.resolve(asked("t-9", "gh"), alive)
+    assert (again.allowed, again.approval_id) == (True, first.approval_id)
+    other = await svc.resolve(asked("t-10", "gh"), alive)
+    assert not other.allowed and other.reason is Reason.APPROVAL_PENDING
+    host = await svc.resolve(asked("t-9", None), alive)  # the host itself is its own question
+    assert not host.allowed and host.approval_id not in (first.approval_id, other.approval_id)

@@ -372,3 +372,17 @@ def test_a_generated_policy_takes_the_simplest_reader(monkeypatch: pytest.Monkey
     simplest = fastyaml._read_simplest(text)
     assert simplest is not None and len(simplest) == 2000
     check(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "rules:\n  - name: a\n    action: allow\n    hosts: [a.test]\ncredentials:\n  - name: gh\n",
+        "credentials:\n  - name: gh\n    hosts: [api.github.com]\n",
+        "rules:\n  - name: a\n    action: allow\n    hosts: [a.test]\n    secret: {env: X}\n",
+    ],
+)
+def test_credential_rules_are_left_to_ruamel(text: str) -> None:
+    """A `credentials:` section (and the nested mappings it needs) is not the fast reader's shape."""
+    assert parse_rule_file(text) is None
+    assert fastyaml.read_rules(text) is None  # nor the plain-values reader's (load.py then reads it whole)

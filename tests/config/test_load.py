@@ -104,7 +104,7 @@ def test_a_test_file_named_explicitly_is_an_error(tmp_path: Path) -> None:
     (tmp_path / "t.yaml").write_text("cases: []\n")
     (tmp_path / "c.yaml").write_text("rules: [t.yaml]\n")
     assert load_errors(tmp_path / "c.yaml") == [
-        f"{tmp_path / 't.yaml'}:1:1: unknown key 'cases' (a rule file has only 'rules:')"
+        f"{tmp_path / 't.yaml'}:1:1: unknown key 'cases' (a rule file has only 'rules:' and 'credentials:')"
     ]
 
 

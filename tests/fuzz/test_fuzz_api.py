@@ -72,7 +72,7 @@ class Server:
         return str(out.approval_id)
 
     def state(self, approval_id: str) -> str:
-        a = self.service.get(approval_id)
+        a = self._run(self.service.get(approval_id))
         assert a is not None
         return str(a.state)
 

@@ -676,3 +676,40 @@ def test_a_task_revoked_while_its_request_was_held_is_refused_after_the_approval
     assert len(approvals.asked) == 1
     assert summary(o) == ("deny", "proxy_auth", 407, False) and "revoked" in (o.detail or "")
     assert p.pins.get("c1", "ask.test", 80) is None  # nothing pinned for it
+
+
+# -- no DNS query for a name nobody has approved ----------------------------------------------------
+
+
+def test_a_name_waiting_for_a_person_is_looked_up_only_once_approved(pol: Policy) -> None:
+    """The proxy's resolver is no channel out: an agent asking for `<secret>.attacker.example` under
+    an approval rule sends nothing to DNS until a person allows it."""
+    lookup = Lookup({"ask.test": ["8.8.4.4"]})
+    for answer in (Reason.APPROVAL_DENIED, Reason.APPROVAL_PENDING, Reason.APPROVAL_TIMEOUT):
+        p, _, _ = pipeline(pol, lookup=lookup, approvals=Approvals(Settlement(False, answer, "a1")))
+        assert not decide(p, http("ask.test")).passes and lookup.calls == []
+    p, _, approvals = pipeline(pol, lookup=lookup)
+    o = decide(p, http("ask.test"))
+    assert (summary(o), o.ip, lookup.calls) == (("allow", "approved", None, True), "8.8.4.4", ["ask.test"])
+    assert approvals.asked[0].ip is None  # the approval was opened knowing no address
+    assert p.pins.get("c1", "ask.test", 80) is not None
+
+
+@pytest.mark.parametrize("answers", [["10.0.0.7"], ["8.8.8.8", "169.254.169.254"]])
+def test_an_approved_name_with_a_private_answer_is_still_refused(pol: Policy, answers: list[str]) -> None:
+    p, _, _ = pipeline(pol, lookup=Lookup({"ask.test": answers}))
+    o = decide(p, http("ask.test"))
+    assert summary(o) == ("deny", "private_address", 403, False) and o.approval_id == "apr-1"
+    assert p.pins.get("c1", "ask.test", 80) is None
+
+
+def test_an_approved_name_that_does_not_resolve_is_502(pol: Policy) -> None:
+    p, lookup, _ = pipeline(pol, lookup=Lookup({}))
+    o = decide(p, http("ask.test"))
+    assert (o.action, o.reason, o.status, lookup.calls) == (Action.ALLOW, Reason.APPROVED, 502, ["ask.test"])
+
+
+def test_an_approved_name_resolving_to_this_proxy_is_refused(pol: Policy) -> None:
+    p, _, _ = pipeline(pol, lookup=Lookup({"ask.test": [ph.OWN[0]]}), is_own=lambda ip, port: ip == ph.OWN[0])
+    o = decide(p, http("ask.test"))
+    assert (o.reason, o.passes) == (Reason.PRIVATE_ADDRESS, False)

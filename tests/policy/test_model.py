@@ -48,6 +48,7 @@ def test_the_enums_are_closed_sets_of_log_values() -> None:
         "client_closed",
         "internal_error",
         "upstream_error",
+        "credential_leak",
     }
     assert Reason("rule") is Reason.RULE and str(Reason.RULE) == "rule"
     with pytest.raises(ValueError):

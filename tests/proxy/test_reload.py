@@ -132,3 +132,46 @@ async def test_a_watcher_with_nothing_to_watch_ends_at_once(tmp_path: Path) -> N
     h, _, _ = holder(tmp_path)
     h.watch_paths = list  # type: ignore[method-assign]
     await asyncio.wait_for(h.watch(), 5)
+
+
+def _with_secret_file(tmp_path: Path, folder: str = "secrets") -> tuple[PolicyHolder, Any, Path]:
+    secret = tmp_path / folder / "gh"
+    secret.parent.mkdir(parents=True, exist_ok=True)
+    secret.write_text("ghp_first_value_0001\n")
+    rules = ("{\"rules\": [], \"credentials\": [{\"name\": \"gh\", \"secret\": {\"file\": \"" + folder
+             + "/gh\"}, \"hosts\": [\"api.github.com\"], \"apply\": {\"header\": \"Authorization\"}}]}")
+    h, _, out = holder(tmp_path, [])
+    (tmp_path / "rules" / "r.yaml").write_text(rules)
+    h.policy = load_config(tmp_path / "portcullis.yaml").policy
+    return h, out, secret
+
+
+def test_a_secret_files_folder_is_watched_and_only_its_changes_count(tmp_path: Path) -> None:
+    h, _, secret = _with_secret_file(tmp_path)
+    assert secret.parent.resolve() in h.watch_paths()
+    assert h.relevant(str(secret))
+    assert h.relevant(str(secret.parent / "..data"))  # a Kubernetes secret volume swapping its files
+    assert not h.relevant(str(secret.parent / "other"))
+    assert h.relevant(str(tmp_path / "rules" / "x.yml"))
+
+
+async def test_rotating_a_secret_file_reloads_it(tmp_path: Path) -> None:
+    h, out, secret = _with_secret_file(tmp_path)
+    task = asyncio.get_running_loop().create_task(h.watch())
+    try:
+        for attempt in range(50):  # bounded: the watcher must be running before the change counts
+            secret.write_text(f"ghp_rotated_value_{attempt:04d}\n")
+            for _ in range(20):
+                await asyncio.sleep(0.05)
+                if any(e["event"] == "rules.reloaded" for e in lines(out)):
+                    break
+            else:
+                continue
+            break
+        (ev,) = [e for e in lines(out) if e["event"] == "rules.reloaded"][:1]
+        assert ev["trigger"] == "watch" and ev["credential_names"] == ["gh"]
+        assert h.policy.credentials.creds[0].secret.reveal().startswith("ghp_rotated_value_")
+        assert "ghp_" not in "".join(out.getvalue())
+    finally:
+        h.stop()
+        await asyncio.wait_for(task, 10)

@@ -94,6 +94,7 @@ def outcome(**f: Any) -> Outcome:
         detail=f["detail"],
         latency_s=f["latency_s"],
         approval_wait_s=f["approval_wait_s"],
+        credential=f.get("credential"),
     )
 
 
@@ -211,6 +212,11 @@ DECISIONS: list[Outcome] = [
     ),
     record(decision="allow", reason="rule", host="odd.example", method="PROPFIND", status=None),
     record(decision="deny", reason="proxy_auth", host="pypi.org", status=407, client_user="reviewer"),
+    record(decision="allow", reason="rule", host="api.github.com", layer="inspected", status=None,
+           rule="github", credential="github-api"),
+    record(decision="deny", reason="credential_leak", host="paste.example", layer="inspected", status=403,
+           credential="github-api", detail="the request carries the placeholder or secret of credential "
+           "'github-api', which is not applied to it"),
 ]
 
 OTHER_EVENTS: list[tuple[str, dict[str, Any]]] = [

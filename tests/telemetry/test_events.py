@@ -277,3 +277,13 @@ def test_close_is_idempotent_and_reopen_is_harmless_without_a_file() -> None:
     t.close()
     (ev,) = lines(out)
     assert ev["event"] == "proxy.stopped" and ev["timestamp"].endswith("Z") and len(ev["timestamp"]) == 24
+
+
+def test_every_decision_names_its_credential_or_null_never_a_value() -> None:
+    tel, out = make()
+    tel.decision(record(decision="allow", reason="rule", host="api.github.com", status=None, credential="gh"))
+    tel.decision(record(decision="allow", reason="rule", host="pypi.org", status=None))
+    applied, plain = lines(out)
+    assert applied["credential"] == "gh" and plain["credential"] is None
+    for ev in (applied, plain):
+        validate_event(ev)

@@ -163,7 +163,10 @@ def test_clean_url(url: str, want: str) -> None:
         ("api_key", True),
         ("headers", True),
         ("set_cookie", True),
-        ("credential", True),
+        ("credential", False),  # egress.decision names the credential applied (a name, never the value)
+        ("credentials", True),
+        ("db_credential", True),
+        ("proxy.credential", True),
         ("token", True),
         ("token_env", False),  # the name of a variable, not its value
         ("tokens_used", False),

@@ -169,3 +169,13 @@ def test_ocsf_goes_to_the_file_too(tmp_path: object) -> None:
     t.close()
     (ev,) = [json.loads(x) for x in (base / "events.jsonl").read_text().splitlines()]
     assert ev == lines(out)[0] and ocsf_errors(ev) == []
+
+
+def test_a_credential_leak_is_a_high_severity_block_naming_the_credential() -> None:
+    tel, out = make(log={"format": "ocsf"})
+    tel.decision(record(decision="deny", reason="credential_leak", host="paste.example", status=403,
+                        layer="inspected", credential="github-api"))
+    (ev,) = lines(out)
+    assert (ev["class_uid"], ev["action_id"], ev["disposition_id"], ev["severity_id"]) == (4002, 2, 2, 4)
+    assert ev["unmapped"]["credential"] == "github-api" and ev["unmapped"]["reason"] == "credential_leak"
+    assert ocsf_errors(ev) == []

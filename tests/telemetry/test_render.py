@@ -146,6 +146,8 @@ def test_a_task_credentials_fields_are_cleaned_the_same_way() -> None:
     assert got == generic(o)
     assert got["client"]["task_id"] == "t-1\\x80" and got["client"]["profile"] == "ci"
     assert "api_token" not in got["client"]["labels"] and got["client"]["labels"]["repo"] == "acme/x"
+    named = dataclasses.replace(o, credential="github\u2028token")  # the credential applied, by name
+    assert fast(named) == generic(named) and fast(named)["credential"].startswith("github")
     plain = fast(record())
     assert plain == generic(record()) and plain["client"]["labels"] is None
 

@@ -124,3 +124,37 @@ def test_names_under_unlisted_suffixes_group_by_their_registrable_domain() -> No
     assert cands["build.corp"]["hosts"] == {"api.build.corp": 1, "ci.build.corp": 1, "cache.build.corp": 1}
     assert '"**.build.corp"' in cands["build.corp"]["rule_yaml"]   # three names: one wildcard rule
     assert cands["corp.internal"]["denied"] == 2
+
+
+def _ev(event: str, **f: Any) -> str:
+    envelope = {"schema": "portcullis.event/v1", "timestamp": "2026-12-01T10:00:00.000Z", "event": event}
+    return json.dumps({**envelope, **f})
+
+
+def test_credentials_applied_refused_and_never_used(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    events = tmp_path / "events.jsonl"
+    events.write_text("\n".join([
+        _ev("proxy.started", credential_names=["gh", "pypi", "unused"]),
+        _ev("egress.decision", decision="allow", reason="rule", credential="gh"),
+        _ev("egress.decision", decision="allow", reason="rule", credential="gh"),
+        _ev("egress.decision", decision="deny", reason="credential_leak", credential="pypi",
+            destination={"host": "paste.example"}),
+        _ev("rules.reloaded", credential_names=["gh", "pypi", "unused", "added"]),
+    ]) + "\n")
+    rep = build(events.read_text().splitlines(), credentials=["from-config"])
+    assert rep.as_dict()["credentials"] == {
+        "declared": ["added", "from-config", "gh", "pypi", "unused"], "applied": {"gh": 2},
+        "refused": {"pypi": 1}, "never_used": ["added", "from-config", "pypi", "unused"]}
+    assert main(["report", str(events), "--format", "markdown"]) == 0
+    md = capsys.readouterr().out
+    assert "## Credentials" in md and "| gh | 2 | 0 |" in md and "Never used" in md and "unused" in md
+    assert main(["report", str(events), "--format", "table"]) == 0
+    assert "Never used: added, pypi, unused" in capsys.readouterr().out
+    cfg = tmp_path / "c.yaml"
+    cred = {"name": "cfg-cred", "secret": {"env": "NOPE"}, "hosts": ["api.github.com"],
+            "apply": {"header": "X-Key"}}
+    (tmp_path / "r.yaml").write_text(json.dumps({"credentials": [cred]}))
+    cfg.write_text('rules: ["r.yaml"]\napprovals: {persist_to: null}\n')
+    assert main(["report", str(events), "--format", "json", "--config", str(cfg)]) == 0
+    assert "cfg-cred" in json.loads(capsys.readouterr().out)["credentials"]["never_used"]
