@@ -11,7 +11,9 @@ from dataclasses import dataclass
 
 DNS_TIMEOUT_S = 5.0
 # How long the system resolver's answers for a name are reused (every decision still checks them).
-DNS_CACHE_S = 5.0
+# 0: not reused. Each new connection resolves again (tests/adversarial/test_adv_dns.py: a name that
+# rebinds to a private address is refused on the next connection, not served a kept public answer).
+DNS_CACHE_S = 0.0
 DNS_CACHE_MAX = 10_000
 
 Lookup = Callable[[str, int], Awaitable[list[str]]]
@@ -108,7 +110,7 @@ class CachingLookup:
         self._answers[host] = (self.clock() + self.ttl, list(answers))
 
 
-# The proxy's resolver: the system's, with answers kept DNS_CACHE_S seconds.
+# The proxy's resolver: the system's, with answers kept DNS_CACHE_S seconds (none by default).
 system_lookup = CachingLookup(getaddrinfo_lookup)
 
 
