@@ -83,7 +83,7 @@ class Ledger:
 
     async def pending_count(self) -> int:
         """Pending approvals in the store, whichever process opened them."""
-        return len(await self.store.pending())
+        return await self.store.count_pending()
 
     def tracks(self, a: Approval) -> bool:
         t = self._open.get(a.key)

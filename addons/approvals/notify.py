@@ -34,7 +34,7 @@ def endpoints(webhooks: list[WebhookConfig]) -> list[Endpoint]:
         if not value:
             raise ApprovalError(f"webhook {wh.url}: environment variable {wh.secret_env} is not set")
         try:
-            found.append(Endpoint(wh.url, parse_secret(value)))
+            found.append(Endpoint(wh.url, parse_secret(value), wh.timeout))
         except ApprovalError as e:
             raise ApprovalError(f"webhook secret in {wh.secret_env}: {e}") from e
     return found

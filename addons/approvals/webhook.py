@@ -8,6 +8,7 @@ import binascii
 import hashlib
 import hmac
 import json
+import logging
 import os
 import random
 import ssl
@@ -26,6 +27,7 @@ from addons.telemetry.events import Telemetry
 SECRET_PREFIX = "whsec_"  # noqa: S105 (a format prefix, not a secret)
 TIMEOUT_S = 10.0
 _THROTTLE = {429, 502, 503, 504}  # honour Retry-After on these
+log = logging.getLogger(__name__)
 
 
 class VerifyError(Exception):
@@ -92,13 +94,18 @@ def redact_url(url: str) -> str:
 class Endpoint:
     url: str
     key: bytes
+    timeout: float = TIMEOUT_S  # one attempt, from connect to the status line (webhooks[].timeout)
 
 
 class WebhookSender:
     """Delivers one thin payload per approval to every endpoint, retrying until the approval expires.
 
     Backoff is exponential with full jitter (base, 2*base, ... capped), never past expires_at.
-    2xx is success; 410 stops; everything else (3xx included: redirects are not followed) retries.
+    2xx is success; 410 stops; everything else (3xx included: redirects are not followed, a refused
+    connection, an attempt past the endpoint's timeout, an answer that is not HTTP) retries. Only the
+    status line counts: the answer's body is never read, so a receiver cannot make the proxy buffer it.
+    The first failed attempt of a delivery is logged at once (`webhook.failed`, final false), the
+    last one when delivery gives up (final true).
     """
 
     def __init__(self, endpoints: list[Endpoint], telemetry: Telemetry, *,
@@ -168,9 +175,7 @@ class WebhookSender:
                        "webhook-timestamp": str(ts), "webhook-signature": sign(ep.key, msg_id, ts, body),
                        "user-agent": "portcullis-webhook"}
             try:
-                assert self._client is not None, "WebhookSender.start() not called"
-                resp = await self._client.post(ep.url, content=body, headers=headers)
-                status = resp.status_code
+                status, retry_after = await self._attempt(ep, body, headers)
                 last = f"HTTP {status}"
                 if 200 <= status < 300:
                     m.labels("success").inc()
@@ -179,10 +184,14 @@ class WebhookSender:
                     m.labels("gone").inc()
                     self._failed(ep, approval_id, attempt, status, "endpoint answered 410 Gone", "gone")
                     return
-                if status in _THROTTLE:
-                    retry_after = _retry_after(resp.headers.get("retry-after"))
-            except httpx.HTTPError as e:
-                last = type(e).__name__
+            except (httpx.HTTPError, TimeoutError, OSError) as e:
+                last = _describe(e, ep.timeout)
+            except Exception as e:  # noqa: BLE001 - a receiver's answer must never end delivery unlogged
+                log.warning("webhook %s: unexpected error, retrying: %r", msg_id, e)
+                last = _describe(e, ep.timeout)
+            if attempt == 1:  # say it now: approvers are not being told, and the approval is waiting
+                self._failed(ep, approval_id, attempt, status, f"{last}; retrying until the approval "
+                             "expires", "retry", final=False)
             delay = random.uniform(0, min(self.backoff_cap, self.backoff_base * 2 ** (attempt - 1)))  # noqa: S311
             if retry_after is not None:
                 delay = max(delay, retry_after)
@@ -197,10 +206,29 @@ class WebhookSender:
             if not await still_pending():  # decided meanwhile: nobody needs the notification any more
                 return
 
+    async def _attempt(self, ep: Endpoint, body: bytes, headers: dict[str, str]) -> tuple[int, float | None]:
+        """One POST: (status, Retry-After) within the endpoint's timeout, connect to status line. The
+        body of the answer is not read (closing the stream drops the connection)."""
+        assert self._client is not None, "WebhookSender.start() not called"
+        async with asyncio.timeout(ep.timeout):
+            async with self._client.stream("POST", ep.url, content=body, headers=headers,
+                                           timeout=ep.timeout) as resp:
+                status = resp.status_code
+                retry = _retry_after(resp.headers.get("retry-after")) if status in _THROTTLE else None
+                return status, retry
+
     def _failed(self, ep: Endpoint, approval_id: str, attempts: int, status: int | None, error: str,
-                why: str) -> None:
+                why: str, final: bool = True) -> None:
         self.telemetry.emit("webhook.failed", approval_id=approval_id, url=redact_url(ep.url),
-                            attempt=attempts, status=status, error=error, final=True, result=why)
+                            attempt=attempts, status=status, error=error, final=final, result=why)
+
+
+def _describe(e: BaseException, timeout: float) -> str:
+    """What went wrong with one attempt, for the event (never the receiver's bytes)."""
+    if isinstance(e, TimeoutError | httpx.TimeoutException):
+        return f"no answer within {timeout:g} s ({type(e).__name__})"
+    text = str(e).splitlines()[0][:200] if str(e) else ""
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def _retry_after(value: str | None) -> float | None:

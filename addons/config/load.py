@@ -69,8 +69,15 @@ def _rule_paths(config: Config, base_dir: Path, data: Any, shown_cfg: str,
     for i, entry in enumerate(config.rules):
         path = base_dir / entry
         shown = str(Path(shown_cfg).parent / entry)
-        if path.is_dir():
-            files = sorted(p for p in path.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
+        if path.is_dir() and Path(entry).suffix in RULE_SUFFIXES:
+            errors.add(shown_cfg, *pos(data, ("rules", i), value=True),
+                       f"rules: {entry!r} is a folder, not a rule file")
+        elif path.is_dir():
+            named = sorted(p for p in path.iterdir() if p.suffix in RULE_SUFFIXES)
+            for p in named:  # a rule file that cannot be read must not quietly take its rules away
+                if not p.is_file():
+                    errors.add_plain(str(Path(shown) / p.name), f"cannot read: {_not_a_file(p)}")
+            files = [p for p in named if p.is_file()]
             out.extend((p, str(Path(shown) / p.name)) for p in files if p.resolve() not in seen)
             seen.update(p.resolve() for p in files)
         elif path.is_file():
@@ -86,6 +93,18 @@ def _rule_paths(config: Config, base_dir: Path, data: Any, shown_cfg: str,
         if persist.is_file() and persist.resolve() not in seen:
             out.append((persist, str(Path(shown_cfg).parent / config.approvals.persist_to)))
     return out
+
+
+RULE_SUFFIXES = (".yaml", ".yml")
+
+
+def _not_a_file(p: Path) -> str:
+    """Why a *.yaml entry of a rule folder is not a rule file (it is never opened: it may be a FIFO)."""
+    if p.is_symlink() and not p.exists():
+        return "a symbolic link to nothing"
+    if p.is_dir():
+        return "a folder, not a rule file"
+    return "not a regular file"
 
 
 def _ref_file(path: Path, base_dir: Path) -> str:

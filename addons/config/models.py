@@ -66,6 +66,7 @@ class AdminConfig(Strict):
 class WebhookConfig(Strict):
     url: NonEmpty
     secret_env: NonEmpty
+    timeout: Duration = 10.0  # one delivery attempt, connect to answer; then it is retried
 
 
 class LinksConfig(Strict):
@@ -89,6 +90,20 @@ class NetworkConfig(Strict):
     block_private: bool = True
     allow_cidrs: list[NonEmpty] = []
     resolve: dict[NonEmpty, NonEmpty | list[NonEmpty]] = {}
+    # A connection on which nothing moves for this long, either way, is closed (mitmproxy's
+    # tcp_timeout): a stalled upstream, an idle keep-alive client, a quiet tunnel. Held requests
+    # do not count (the clock stops while a hook runs).
+    idle_timeout: Duration = 600.0
+    # An HTTP/1 request head still incomplete this long after its first byte is refused with 408
+    # (slow-loris clients trickle bytes, so the idle timeout never fires for them).
+    header_timeout: Duration = 30.0
+
+    @field_validator("idle_timeout", "header_timeout")
+    @classmethod
+    def _timeouts(cls, v: float) -> float:
+        if not 1.0 <= v <= 86400.0:
+            raise ValueError("use a duration between 1s and 24h")
+        return v
 
 
 class TlsConfig(Strict):
@@ -133,6 +148,9 @@ class LogConfig(Strict):
     # What to do when the event file cannot be written: "closed" denies new requests
     # until it can be written again; "open" keeps deciding and counts the lost events.
     on_write_error: Literal["closed", "open"] = "closed"
+    # Events queued for stdout while its reader is slow; at this many the proxy refuses new requests
+    # (503 event_sink_stalled) until the reader catches up (closed), or drops past twice it (open).
+    stdout_buffer: int = Field(default=10000, ge=16, le=1_000_000)
 
 
 # RFC 5424 facility codes, by the names syslog.conf and rsyslog use.

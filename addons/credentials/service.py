@@ -85,7 +85,10 @@ class CredentialService:
         self.on_revoke = on_revoke  # what else ends with the task (its approval grants)
         self._cache: dict[str, tuple[Credential, float]] = {}  # task id -> (credential, read at)
         self._unknown: dict[str, float] = {}  # task id -> until when "unknown" is believed
-        self._forgotten = 0  # counts invalidations: a read that overlapped one is not cached
+        # Invalidations are numbered; a read that overlapped one of its task's is read again.
+        self._seq = 0
+        self._invalidated: dict[str, int] = {}  # task id -> number of its last invalidation
+        self._all_invalidated = 0  # number of the last invalidation of every task (a resync)
         self._refreshing: set[str] = set()
         self._sweeper: asyncio.Task[None] | None = None
         self._counting: asyncio.Task[None] | None = None  # the live gauge's count, one at a time
@@ -206,11 +209,15 @@ class CredentialService:
         return hit[0].state(now) is State.LIVE
 
     async def _read(self, task_id: str, now: float) -> Credential | None:
-        """The store's copy, cached (unless an invalidation arrived while it was being read)."""
-        forgotten = self._forgotten
-        c = await self.store.get(task_id)
-        if forgotten != self._forgotten:
-            return c  # a revocation may have overtaken this read: answer with it, do not keep it
+        """The store's copy, cached. A read that a revocation (or mint) of the same task overtook may
+        hold the old state: it is read again, and never cached while invalidations keep overtaking it."""
+        for _ in range(3):
+            started = self._seq
+            c = await self.store.get(task_id)
+            if max(self._invalidated.get(task_id, 0), self._all_invalidated) <= started:
+                break
+        else:
+            return c  # answer with the newest read, but keep no copy of it
         if c is None:
             self._cache.pop(task_id, None)
             if len(self._unknown) >= MAX_REMEMBERED:
@@ -238,12 +245,17 @@ class CredentialService:
             self._forget(str(m.get("id")))
             self._gauge()
         elif kind == "resync":  # the bus may have lost messages: trust no cached copy
-            self._forgotten += 1
+            self._seq += 1
+            self._all_invalidated = self._seq
             self._cache = {k: (c, -math.inf) for k, (c, _) in self._cache.items()}
             self._unknown.clear()
 
     def _forget(self, task_id: str) -> None:
-        self._forgotten += 1
+        self._seq += 1
+        if len(self._invalidated) >= MAX_REMEMBERED:  # bounded: forgetting numbers counts as invalidating all
+            self._invalidated.clear()
+            self._all_invalidated = self._seq
+        self._invalidated[task_id] = self._seq
         self._cache.pop(task_id, None)
         self._unknown.pop(task_id, None)
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sqlite3
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -35,16 +38,29 @@ def _row(r: tuple[Any, ...]) -> Credential:
 
 class SqliteCredentialStore:
     """Same file as the approvals (WAL, synchronous=FULL): a minted or revoked credential is on disk
-    before the API answers."""
+    before the API answers. Each call runs on the store's own thread (a file another process holds
+    locked costs that call at most BUSY_TIMEOUT_S, never the event loop); an error is raised to the
+    caller, which fails closed (a check: 407 "cannot be checked right now"; the API: 503)."""
+
+    BUSY_TIMEOUT_S = 2.0
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=5.0)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-credentials")
+        self._closed = False
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
+                                   timeout=self.BUSY_TIMEOUT_S)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
 
+    async def _run[T](self, job: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, job)
+
     async def insert(self, c: Credential, now: float) -> bool:
+        return await self._run(lambda: self._insert(c, now))
+
+    def _insert(self, c: Credential, now: float) -> bool:
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -73,6 +89,9 @@ class SqliteCredentialStore:
             raise
 
     async def get(self, task_id: str) -> Credential | None:
+        return await self._run(lambda: self._get(task_id))
+
+    def _get(self, task_id: str) -> Credential | None:
         row = self._db.execute(
             f"SELECT {_COLUMNS} FROM credentials WHERE task_id = ?",  # noqa: S608 - constant columns
             (task_id,),
@@ -80,39 +99,57 @@ class SqliteCredentialStore:
         return _row(row) if row else None
 
     async def all(self) -> list[Credential]:
-        rows = self._db.execute(f"SELECT {_COLUMNS} FROM credentials ORDER BY created_at").fetchall()  # noqa: S608
-        return [_row(r) for r in rows]
+        def job() -> list[Credential]:
+            rows = self._db.execute(f"SELECT {_COLUMNS} FROM credentials ORDER BY created_at").fetchall()  # noqa: S608
+            return [_row(r) for r in rows]
+
+        return await self._run(job)
 
     async def revoke(self, task_id: str, now: float) -> Credential | None:
-        cur = self._db.execute(
-            "UPDATE credentials SET revoked_at = ? "
-            "WHERE task_id = ? AND revoked_at IS NULL AND expires_at > ?",
-            (now, task_id, now),
-        )
-        return await self.get(task_id) if cur.rowcount == 1 else None
+        def job() -> Credential | None:
+            cur = self._db.execute(
+                "UPDATE credentials SET revoked_at = ? "
+                "WHERE task_id = ? AND revoked_at IS NULL AND expires_at > ?",
+                (now, task_id, now),
+            )
+            return self._get(task_id) if cur.rowcount == 1 else None
+
+        return await self._run(job)
 
     async def sweep(self, now: float, keep_s: float) -> list[Credential]:
-        # One statement marks and returns the credentials newly found expired (compare-and-set: of the
-        # processes sweeping at once, one reports each; a credential minted meanwhile is not touched).
-        rows = self._db.execute(
-            "UPDATE credentials SET expiry_seen = 1 WHERE revoked_at IS NULL AND expires_at <= ? "  # noqa: S608
-            f"AND expiry_seen = 0 RETURNING {_COLUMNS}",
-            (now,),
-        ).fetchall()
-        # Ended: when it was revoked, else when it expired.
-        self._db.execute(
-            "DELETE FROM credentials WHERE COALESCE(revoked_at, expires_at) < ?", (now - keep_s,)
-        )
-        return sorted((_row(r) for r in rows), key=lambda c: c.created_at)
+        def job() -> list[Credential]:
+            # One statement marks and returns the credentials newly found expired (compare-and-set: of
+            # the processes sweeping at once, one reports each; one minted meanwhile is not touched).
+            rows = self._db.execute(
+                "UPDATE credentials SET expiry_seen = 1 WHERE revoked_at IS NULL AND expires_at <= ? "  # noqa: S608
+                f"AND expiry_seen = 0 RETURNING {_COLUMNS}",
+                (now,),
+            ).fetchall()
+            # Ended: when it was revoked, else when it expired.
+            self._db.execute(
+                "DELETE FROM credentials WHERE COALESCE(revoked_at, expires_at) < ?", (now - keep_s,)
+            )
+            return sorted((_row(r) for r in rows), key=lambda c: c.created_at)
+
+        return await self._run(job)
 
     async def count_live(self, now: float) -> int:
-        row = self._db.execute(
-            "SELECT COUNT(*) FROM credentials WHERE revoked_at IS NULL AND expires_at > ?", (now,)
-        ).fetchone()
-        return int(row[0])
+        def job() -> int:
+            row = self._db.execute(
+                "SELECT COUNT(*) FROM credentials WHERE revoked_at IS NULL AND expires_at > ?", (now,)
+            ).fetchone()
+            return int(row[0])
+
+        return await self._run(job)
 
     async def close(self) -> None:
-        self._db.close()
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await self._run(self._db.close)
+        finally:
+            self._pool.shutdown(wait=False)
 
 
 class RedisCredentialStore:

@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 # Audit mode audits the rules: these outcomes are logged with enforced=false and let through. Safety
 # checks (private destinations, Host/SNI mismatch, malformed requests, auth, internal errors) always hold.
 AUDITED = frozenset({Reason.RULE, Reason.DEFAULT, Reason.APPROVAL_PENDING})
+# Retry-After (seconds) of a request refused while the event stream is stalled.
+STALLED_RETRY_S = 1
 
 
 class PolicySource(Protocol):
@@ -78,6 +80,7 @@ class Pipeline:
         lookup: Lookup | None = None,
         audit: bool = False,
         healthy: Callable[[], bool] = _alive,
+        stalled: Callable[[], bool] = lambda: False,
         is_own: Callable[[str, int], bool] = lambda ip, port: False,
     ) -> None:
         self.policies = policies
@@ -89,6 +92,7 @@ class Pipeline:
         self.lookup = lookup  # None: decide without DNS, like `portcullis check`
         self.audit = audit
         self.healthy = healthy
+        self.stalled = stalled  # the event stream's reader stopped reading: refuse before anything else
         self.is_own = is_own
 
     async def decide(
@@ -120,6 +124,10 @@ class Pipeline:
         t0: float,
     ) -> Outcome:
         policy = self.policies.policy
+        if self.stalled():  # stdout is not read: no decision could be logged, so none is taken
+            out = refusal(_as_received(inc, _peer(inc)), Reason.EVENT_SINK_STALLED,
+                          "the event stream is not being read", latency_s=time.monotonic() - t0)
+            return replace(out, retry_after=STALLED_RETRY_S)
         # 1. Who asks.
         client = given or await self._identify(inc)
         if isinstance(client, str):

@@ -9,8 +9,8 @@ from addons.policy.credentials import Injection
 from addons.policy.model import Action, Layer, Reason, Request, RuleRef
 
 # The status of a denial the proxy answers itself: 400 for a malformed request, 407 for proxy
-# credentials, 403 for every policy decision.
-_DENY_STATUS = {Reason.BAD_REQUEST: 400, Reason.PROXY_AUTH: 407}
+# credentials, 503 while the event stream cannot take the decision, 403 for every policy decision.
+_DENY_STATUS = {Reason.BAD_REQUEST: 400, Reason.PROXY_AUTH: 407, Reason.EVENT_SINK_STALLED: 503}
 
 
 def deny_status(reason: Reason) -> int:

@@ -58,6 +58,10 @@ def request_problem(
     return None
 
 
+# Seconds an HTTP/1 request head may take from its first byte to its blank line (network.header_timeout).
+HEAD_TIMEOUT_S = 30.0
+
+
 def head_too_large(data: bytes) -> tuple[int, str] | None:
     """(414 or 431, why) when the start of an HTTP/1 request head as buffered so far, complete or not,
     already breaks a size limit; None while it may still fit. Leading empty lines are not counted."""

@@ -37,6 +37,7 @@ class Reason(StrEnum):
     INTERNAL_ERROR = "internal_error"    # fail closed on any internal error on the decision path
     UPSTREAM_ERROR = "upstream_error"    # allowed, but the upstream failed (502, decision stays allow)
     CREDENTIAL_LEAK = "credential_leak"  # a placeholder or secret the proxy holds, sent where it is not bound
+    EVENT_SINK_STALLED = "event_sink_stalled"  # 503: stdout is not read, so no decision could be logged
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,6 +34,8 @@ _MESSAGES: dict[Reason, str] = {
     Reason.PROXY_AUTH: "Proxy credentials are missing or wrong ({detail}); send a valid Proxy-Authorization "
     "header.",
     Reason.CLIENT_CLOSED: "The client closed the connection while access to {dest} was waiting for approval.",
+    Reason.EVENT_SINK_STALLED: "The proxy's event log is not being read, so no request to {dest} can be "
+    "recorded; the request was refused to stay safe, retry shortly.",
     Reason.INTERNAL_ERROR: "The proxy could not decide on {dest} because of an internal error; the request "
     "was refused to stay safe.",
     Reason.CREDENTIAL_LEAK: "The request to {dest} was refused: {detail}. The proxy adds credentials itself, "

@@ -183,6 +183,7 @@ class Runtime:
             lookup=system_lookup,
             audit=cfg.mode == "audit",
             healthy=self.telemetry.healthy,
+            stalled=self.telemetry.sink_stalled,
             is_own=self.own,
         )
         client_cidrs = [ipaddress.ip_network(c, strict=False) for cl in cfg.clients for c in cl.cidrs]
@@ -222,6 +223,8 @@ class Runtime:
             stream_large_bodies="1m",  # decided on headers; big bodies stream, never buffered whole
             validate_inbound_headers=True,  # mitmproxy's own smuggling checks (CL/TE): refused and logged
             ssl_verify_upstream_trusted_ca=self.p.bundle,
+            # Nothing moving either way for this long (a stalled upstream, an idle client): closed.
+            tcp_timeout=max(1, round(self.p.loaded.config.network.idle_timeout)),
         )
         self.master = m
         return m
@@ -333,6 +336,7 @@ async def serve(rt: Runtime) -> int:
         rt.telemetry.close()
         return 2
     mitm_compat.install(http1_error_response, error_body, h2_error_headers, rt.addon.record_refusal)
+    mitm_compat.set_head_timeout(rt.p.loaded.config.network.header_timeout)
     if rt.worker is not None:
         mitm_compat.listen_on(socket.socket(fileno=rt.worker.listen_fd))
     m = rt.build_master()

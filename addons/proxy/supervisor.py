@@ -40,6 +40,7 @@ READY_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
 RESTARTS_PER_MINUTE = 5  # a worker that dies more often than this stops the proxy (exit 1)
 MAX_LINE = 1 << 20
+RELAY_PAUSE_S = 0.05  # how often a relay paused by a stalled stdout looks again
 
 
 def usable_cores() -> int:
@@ -190,11 +191,17 @@ class Supervisor:
                 self._ready_event.set()
 
     async def _relay(self, i: int, proc: asyncio.subprocess.Process) -> None:
-        """The worker's events, one whole line at a time, onto the supervisor's stdout."""
+        """The worker's events, one whole line at a time, onto the supervisor's stdout.
+
+        While stdout's reader has stopped reading (its queue full), the relay stops reading the
+        worker's pipe too: the worker's own queue then fills and the worker refuses new requests
+        (event_sink_stalled), so nothing piles up here without bound and no decision is lost."""
         assert proc.stdout is not None
         with contextlib.suppress(ValueError, ConnectionError):
             while line := await proc.stdout.readline():
                 self.telemetry.relay_line(line.decode("utf-8", "replace"))
+                while self.telemetry.stdout_stalled() and not self._done.is_set():
+                    await asyncio.sleep(RELAY_PAUSE_S)
 
     async def _watch(self, i: int, proc: asyncio.subprocess.Process) -> None:
         code = await proc.wait()

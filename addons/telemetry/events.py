@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, MutableMapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -23,26 +23,37 @@ import structlog
 
 from addons.config.models import TelemetryConfig
 from addons.pipeline.model import Outcome
-from addons.policy import hosts as policy_hosts
 from addons.policy.model import Action, Reason
-from addons.telemetry.fields import MAX_ITEMS, clean, escape_all, nest, truncate
+from addons.telemetry.documents import (  # noqa: F401 - SCHEMA and the builders are this module's API too
+    SCHEMA,
+    _c,
+    _envelope,
+    _head,
+    decision_doc,
+    decision_fields,
+    now_rfc3339,
+    registered_domain,
+)
+from addons.telemetry.fields import escape_all
 from addons.telemetry.metrics import Metrics
 from addons.telemetry.otel import OtelBridge
+from addons.telemetry.pipesink import PipeSink, StallStats, usable_fd
 from addons.telemetry.render import dumps_ascii
 from addons.telemetry.sinks import FileSink, StreamSink
 from addons.telemetry.syslog import SyslogSink
 
-SCHEMA = "portcullis.event/v1"
 EVENT_TYPES = (
     "egress.decision", "tunnel.closed", "approval.requested", "approval.decided",
     "rules.reloaded", "rules.reload_failed", "webhook.failed", "proxy.started", "proxy.stopped",
     "worker.exited", "credential.minted", "credential.revoked", "credential.expired", "store.unreachable",
-    "store.reconnected",
+    "store.reconnected", "event_sink.resumed",
 )
-_ENVELOPE = ("schema", "timestamp", "event")
 _WARN_EVENTS = frozenset({"rules.reload_failed", "webhook.failed", "worker.exited", "store.unreachable"})
 # close(): what the network sinks (OTLP, syslog) may still deliver at shutdown, together, in seconds.
 CLOSE_BUDGET_S = 0.9
+# close(): how long stdout's writer may still take to write what is queued (a reader that stopped
+# reading loses the rest, reported on stderr).
+STDOUT_CLOSE_S = 2.0
 
 log = logging.getLogger("portcullis.telemetry")
 
@@ -80,7 +91,19 @@ class Telemetry:
         self._lock = threading.RLock()   # the approvals service may emit from a worker thread
         self._ok = True
         self._closed = False
-        self._stdout = StreamSink(self.stream)
+        # A real descriptor (pipe, file, terminal) is written by a thread through a bounded queue, so a
+        # reader that stops reading never blocks the event loop (pipesink.py); in-memory streams
+        # (tests) are written at once.
+        fd = usable_fd(self.stream)
+        self._stdout: StreamSink | PipeSink
+        if fd is not None:
+            with contextlib.suppress(OSError, ValueError):
+                self.stream.flush()
+            self._stdout = PipeSink(fd, log.stdout_buffer, self._resumed, self._pipe_failed)
+            self.metrics.events_buffered.labels("stdout").set_function(lambda: self._stdout_buffered())
+        else:
+            self._stdout = StreamSink(self.stream)
+        self._skip_stdout = False
         self._file: FileSink | None = None
         if log.file:
             path = Path(log.file)
@@ -120,6 +143,17 @@ class Telemetry:
             doc = decision_doc(o, self._worker)
             level = "error" if o.reason is Reason.INTERNAL_ERROR else (
                 "warning" if o.action is Action.DENY else "info")
+            if o.reason is Reason.EVENT_SINK_STALLED and isinstance(self._stdout, PipeSink):
+                # stdout's queue is full: counted there and summarised by event_sink.resumed; the file
+                # sink (if any) still gets this decision.
+                with self._lock:
+                    self._stdout.refused()
+                    self._skip_stdout = True
+                    try:
+                        self._emit_doc(doc, level)
+                    finally:
+                        self._skip_stdout = False
+                return
             self._emit_doc(doc, level)
         except Exception:  # noqa: BLE001 - an event that cannot be built is counted, never raised
             self._dropped("render")
@@ -170,7 +204,20 @@ class Telemetry:
 
     def healthy(self) -> bool:
         """False when events cannot be written and the sink is set to fail closed."""
-        return self._ok or not self._fail_closed
+        failed = isinstance(self._stdout, PipeSink) and self._stdout.failed
+        return (self._ok and not failed) or not self._fail_closed
+
+    def stdout_stalled(self) -> bool:
+        """True while stdout's reader has stopped reading and its queue is full (pipesink.py)."""
+        return isinstance(self._stdout, PipeSink) and self._stdout.stalled
+
+    def sink_stalled(self) -> bool:
+        """True while new requests must be refused because stdout is stalled (fail closed only)."""
+        return self._fail_closed and self.stdout_stalled()
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Waits (bounded) until stdout's queue is written (tests, shutdown)."""
+        return self._stdout.flush(timeout) if isinstance(self._stdout, PipeSink) else True
 
     def reopen(self) -> None:
         """Reopen file sinks (SIGHUP, log rotation)."""
@@ -198,7 +245,12 @@ class Telemetry:
                                 "counted in portcullis_events_dropped_total{sink=\"otlp\"})", failed, emitted)
             if self._syslog is not None:
                 self._syslog.close(deadline)
-            self._stdout.close()
+            if isinstance(self._stdout, PipeSink):
+                left = self._stdout.close(max(deadline, time.monotonic() + STDOUT_CLOSE_S))
+                if left:
+                    log.warning("%d events were not written to stdout: its reader stopped reading", left)
+            else:
+                self._stdout.close()
             if self._file is not None:
                 self._file.close()
 
@@ -213,8 +265,8 @@ class Telemetry:
     def _write(self, doc: dict[str, Any], level: str) -> None:
         out = self._to_ocsf(doc) if self._to_ocsf is not None else doc
         line = dumps_ascii(out)
-        ok = True
-        sinks: list[StreamSink | FileSink] = [self._stdout]
+        why = ""
+        sinks: list[StreamSink | PipeSink | FileSink] = [] if self._skip_stdout else [self._stdout]
         if self._file is not None:
             sinks.append(self._file)
         for sink in sinks:
@@ -223,21 +275,56 @@ class Telemetry:
                     sink.write(str(self._console(None, "info", escape_all(_flat(doc)))))
                 else:
                     sink.write(line)
-            except Exception:  # noqa: BLE001 - OSError, closed stream, encoding: all the same to us
-                ok = False
-                self._dropped(sink.name)
-        self._ok = ok
+            except Exception as e:  # noqa: BLE001 - OSError, closed stream, encoding: all the same to us
+                why = why or f"{sink.name}: {type(e).__name__}: {e}"
+                self._dropped(sink.name, why)
+        if sinks:
+            self._health(not why, why)
         if self._syslog is not None:
             try:  # only queues the message; the network is the sender thread's business
                 self._syslog.write(line, level, str(doc.get("event", "")), str(doc.get("timestamp", "")))
             except Exception:  # noqa: BLE001
                 self._dropped("syslog")
 
-    def _dropped(self, sink: str) -> None:
+    def _dropped(self, sink: str, why: str = "") -> None:
         with contextlib.suppress(Exception):  # the counter is the last resort
             self.metrics.events_dropped.labels(sink).inc()
         if sink in ("stdout", "file", "render"):
-            self._ok = False
+            self._health(False, why or f"{sink}: the event could not be built")
+
+    def _health(self, ok: bool, why: str = "") -> None:
+        """Say on stderr, once per change, that decision records are being lost and what follows."""
+        if ok == self._ok:
+            return
+        self._ok = ok
+        with contextlib.suppress(Exception):  # stderr is the last channel left; nothing more to do
+            if not ok:
+                then = ("every new request is denied (internal_error) until they can" if self._fail_closed
+                        else "requests are still decided (on_write_error: open) and the records lost")
+                log.error("events cannot be written (%s): %s; counted in "
+                          "portcullis_events_dropped_total", why, then)
+            else:
+                log.warning("events can be written again%s",
+                            "; requests are served again" if self._fail_closed else "")
+
+    def _resumed(self, s: StallStats) -> None:
+        """stdout is read again (the writer thread calls this): the summary of the stall."""
+        self.emit(
+            "event_sink.resumed",
+            sink="stdout",
+            since=datetime.fromtimestamp(s.since, UTC).isoformat(timespec="milliseconds")
+            .replace("+00:00", "Z"),
+            stalled_s=round(s.stalled_s, 3),
+            refused=s.refused,
+            dropped=s.dropped,
+        )
+
+    def _pipe_failed(self, n: int) -> None:
+        with contextlib.suppress(Exception):
+            self.metrics.events_dropped.labels("stdout").inc(n)
+
+    def _stdout_buffered(self) -> int:
+        return self._stdout.buffered if isinstance(self._stdout, PipeSink) else 0
 
     def _otel_dropped(self) -> None:
         self._dropped("otlp")
@@ -250,117 +337,12 @@ class Telemetry:
         return self._syslog.buffered if self._syslog is not None else 0
 
 
-def _envelope(event: str, fields: Mapping[str, Any], worker: int | None = None) -> dict[str, Any]:
-    """schema, timestamp, event (and the worker) first; then the caller's fields, nested and cleaned."""
-    body = clean(nest({k: v for k, v in fields.items() if k not in _ENVELOPE}))
-    doc = _head(clean(event), worker)
-    doc.update(body)
-    return doc
-
-
 def _level(event: str, fields: Mapping[str, Any]) -> str:
     if fields.get("reason") == "internal_error":
         return "error"
     if event in _WARN_EVENTS or fields.get("decision") == "deny":
         return "warning"
     return "info"
-
-
-def decision_fields(o: Outcome) -> dict[str, Any]:
-    """The `egress.decision` fields of one outcome (nested, in schema order)."""
-    r, c = o.request, o.request.client
-    return {
-        "decision": o.action._value_,  # the plain str: Enum.value is a slow descriptor
-        "reason": o.reason._value_,
-        "enforced": o.enforced,
-        "rule": o.rule.name if o.rule else None,
-        "rule_file": o.rule.file if o.rule else None,
-        "rule_line": o.rule.line if o.rule else None,
-        "matched_rules": [m.name for m in o.matched],
-        "client": {"address": c.address, "port": c.port, "name": o.client_name, "user": c.user,
-                   "task_id": c.task_id, "profile": c.profile,
-                   "labels": dict(c.labels) if c.task_id else None},
-        "destination": {"host": r.host or None, "port": r.port or None, "ip": o.ip,
-                        "registered_domain": registered_domain(r.host)},
-        "request": {"scheme": r.scheme, "method": r.method, "path": r.path},  # clean() drops any query
-        "approval_id": o.approval_id,
-        "flow_id": r.flow_id,
-        "layer": r.layer.value,
-        "status": o.status,
-        "latency_ms": _ms(o.latency_s),
-        "approval_wait_ms": _ms(o.approval_wait_s),
-        # For a private destination the event names the class ("loopback", "metadata", "self" ...).
-        "detail": o.private_class if o.private_class is not None else o.detail,
-        "credential": o.credential,  # a name, never the value (the Outcome's injection is not rendered)
-    }
-
-
-def decision_doc(o: Outcome, worker: int | None = None) -> dict[str, Any]:
-    """The whole `egress.decision` document of one outcome: what `_envelope` makes of
-    `decision_fields(o)` (tests/telemetry/test_render.py holds them equal), built directly."""
-    r, c = o.request, o.request.client
-    rule = o.rule
-    doc = _head("egress.decision", worker)
-    doc.update({
-        "decision": o.action._value_,  # the plain str: Enum.value is a slow descriptor
-        "reason": o.reason._value_,
-        "enforced": _c(o.enforced),
-        "rule": _c(rule.name) if rule else None,
-        "rule_file": _c(rule.file) if rule else None,
-        "rule_line": _c(rule.line) if rule else None,
-        "matched_rules": [_c(m.name) for m in o.matched[:MAX_ITEMS]],
-        "client": {"address": _c(c.address), "port": _c(c.port), "name": _c(o.client_name),
-                   "user": _c(c.user), "task_id": _c(c.task_id), "profile": _c(c.profile),
-                   # a mapping: clean() drops secret-looking keys, at the depth the generic path has
-                   "labels": clean(dict(c.labels), "labels", 2) if c.task_id else None},
-        "destination": {"host": _c(r.host or None), "port": _c(r.port or None), "ip": _c(o.ip),
-                        "registered_domain": _c(registered_domain(r.host))},
-        "request": {"scheme": _c(r.scheme), "method": _c(r.method), "path": clean(r.path, "path")},
-        "approval_id": _c(o.approval_id),
-        "flow_id": _c(r.flow_id),
-        "layer": r.layer._value_,
-        "status": _c(o.status),
-        "latency_ms": _c(_ms(o.latency_s)),
-        "approval_wait_ms": _c(_ms(o.approval_wait_s)),
-        "detail": _c(o.private_class if o.private_class is not None else o.detail),
-        "credential": _c(o.credential),  # a name, never the value
-    })
-    return doc
-
-
-def _head(event: str, worker: int | None) -> dict[str, Any]:
-    """schema, timestamp, event, then the worker (with `--workers N`): every event starts so."""
-    doc: dict[str, Any] = {"schema": SCHEMA, "timestamp": now_rfc3339(), "event": event}
-    if worker is not None:
-        doc["worker"] = worker
-    return doc
-
-
-def _c(v: Any) -> Any:
-    """`clean(v)` for a field whose key needs no special handling, fast for the usual types."""
-    t = type(v)
-    if t is str:
-        return truncate(v)  # bounded, lone surrogates written as text
-    if v is None or t is int or t is bool:
-        return v
-    if t is float:
-        return v if math.isfinite(v) else str(v)
-    return clean(v)
-
-
-def registered_domain(host: str | None) -> str | None:
-    """The registrable domain (offline PSL, its default rule for unlisted suffixes); None for IP
-    literals, bare suffixes and hosts that could not be read."""
-    if not host:
-        return None
-    try:
-        return policy_hosts.registered_domain(host)
-    except Exception:  # noqa: BLE001 - an odd host never breaks an event
-        return None
-
-
-def _ms(seconds: float | None) -> float | None:
-    return None if seconds is None else round(seconds * 1000.0, 3)
 
 
 def _flat(doc: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -379,17 +361,3 @@ def _isatty(stream: TextIO) -> bool:
         return bool(stream.isatty())
     except (AttributeError, ValueError):
         return False
-
-
-_second: tuple[int, str] = (-1, "")  # the last second formatted, and its text (one tuple: thread-safe)
-
-
-def now_rfc3339() -> str:
-    """Now, UTC, to the millisecond (truncated, as datetime.isoformat does): 2026-01-02T03:04:05.678Z."""
-    global _second
-    now = time.time()
-    sec = int(now)
-    cached = _second
-    if cached[0] != sec:
-        cached = _second = (sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)))
-    return f"{cached[1]}.{int((now - sec) * 1000):03d}Z"

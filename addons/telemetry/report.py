@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from addons.policy.hosts import registered_domain
-from addons.telemetry.events import SCHEMA
+from addons.telemetry.documents import SCHEMA
 from addons.telemetry.fields import escape_controls
 from addons.telemetry.report_credentials import CredentialUse
 from addons.telemetry.report_tasks import build_by_task, write_by_task
@@ -22,7 +22,8 @@ from addons.telemetry.report_tasks import build_by_task, write_by_task
 # Denials that say something is wrong, not that a rule is missing: never suggest allowlisting them.
 SUSPICIOUS = frozenset({"private_address", "sni_mismatch", "host_mismatch"})
 # Denials that are not about the destination at all (bad client input, auth, our own failures).
-NOT_POLICY = frozenset({"bad_request", "proxy_auth", "internal_error", "client_closed", "upstream_error"})
+NOT_POLICY = frozenset({"bad_request", "proxy_auth", "internal_error", "client_closed", "upstream_error",
+                        "event_sink_stalled"})
 # With this many distinct names under one domain the suggestion becomes `**.domain`.
 WILDCARD_AT = 3
 _HOSTNAME = re.compile(r"^(?=.{1,253}$)[a-z0-9_]([a-z0-9_-]{0,62})(\.[a-z0-9_]([a-z0-9_-]{0,62}))*$")

@@ -298,3 +298,33 @@ def test_a_big_policy_is_frozen_out_of_the_collector(tmp_path: Path, monkeypatch
     finally:
         gc.unfreeze()
         load_mod._CACHE.clear()
+
+
+@pytest.mark.parametrize("kind", ["folder", "dangling-link", "fifo"])
+def test_a_rule_folder_entry_that_is_not_a_readable_file_is_an_error(tmp_path: Path, kind: str) -> None:
+    """Skipping it would quietly take its rules away (a deny rule among them); a FIFO is never opened."""
+    import os
+
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "a.yaml").write_text("rules:\n  - {name: a, action: deny, hosts: [a.example]}\n")
+    bad = rules / "b.yaml"
+    if kind == "folder":
+        bad.mkdir()
+    elif kind == "dangling-link":
+        bad.symlink_to(rules / "gone.yaml")
+    else:
+        os.mkfifo(bad)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("rules: [rules/]\n")
+    why = {"folder": "a folder, not a rule file", "dangling-link": "a symbolic link to nothing",
+           "fifo": "not a regular file"}[kind]
+    assert load_errors(cfg) == [f"{tmp_path}/rules/b.yaml: cannot read: {why}"]
+
+
+def test_a_rule_file_entry_that_is_a_folder_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "rules" / "main.yaml").mkdir(parents=True)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("rules: [rules/main.yaml]\n")
+    [err] = load_errors(cfg)
+    assert err.startswith(f"{cfg}:1:9: ") and err.endswith("'rules/main.yaml' is a folder, not a rule file")

@@ -310,3 +310,33 @@ async def test_redis_ignores_a_hash_that_is_not_a_whole_credential(redis_url):
     finally:
         await r.aclose()
         await s.close()
+
+
+async def test_a_sqlite_file_locked_by_another_process_fails_the_call_and_never_the_event_loop(tmp_path):
+    """Another connection holds the write lock: a mint fails (the API answers 503) after the busy
+    timeout, and the event loop keeps running meanwhile (the call waits on the store's own thread)."""
+    import sqlite3
+
+    store = SqliteCredentialStore(tmp_path / "creds.db")
+    other = sqlite3.connect(tmp_path / "creds.db", isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0.01)
+
+    ticker = asyncio.create_task(tick())  # noqa: RUF006 - cancelled below
+    try:
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            await store.insert(cred("locked"), now=100.0)
+        assert ticks > 10  # the loop ran while the mint waited for the lock
+        other.execute("ROLLBACK")
+        assert await store.insert(cred("locked"), now=100.0) is True  # usable again at once
+        assert (await store.get("locked")) == cred("locked")
+    finally:
+        ticker.cancel()
+        other.close()
+        await store.close()

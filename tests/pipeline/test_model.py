@@ -19,8 +19,9 @@ RULE = RuleRef("pub", Action.ALLOW, "rules/r.yaml", 3)
 
 @pytest.mark.parametrize(
     ("reason", "status"),
-    [(Reason.BAD_REQUEST, 400), (Reason.PROXY_AUTH, 407)]
-    + [(r, 403) for r in Reason if r not in (Reason.BAD_REQUEST, Reason.PROXY_AUTH)],
+    [(Reason.BAD_REQUEST, 400), (Reason.PROXY_AUTH, 407), (Reason.EVENT_SINK_STALLED, 503)]
+    + [(r, 403) for r in Reason
+       if r not in (Reason.BAD_REQUEST, Reason.PROXY_AUTH, Reason.EVENT_SINK_STALLED)],
 )
 def test_deny_status(reason: Reason, status: int) -> None:
     assert deny_status(reason) == status

@@ -49,6 +49,7 @@ def test_the_enums_are_closed_sets_of_log_values() -> None:
         "internal_error",
         "upstream_error",
         "credential_leak",
+        "event_sink_stalled",
     }
     assert Reason("rule") is Reason.RULE and str(Reason.RULE) == "rule"
     with pytest.raises(ValueError):

@@ -296,6 +296,8 @@ OTHER_EVENTS: list[tuple[str, dict[str, Any]]] = [
     ("worker.exited", {"worker": 1, "pid": 4243, "exit_code": None, "signal": "SIGKILL", "restarted": True}),
     ("store.unreachable", {"store": "redis://***@valkey:6379/0", "error": "ConnectionError: refused"}),
     ("store.reconnected", {"store": "redis://***@valkey:6379/0", "down_s": 12.5}),
+    ("event_sink.resumed", {"sink": "stdout", "since": "2026-11-30T10:00:00.000Z", "stalled_s": 4.2,
+                            "refused": 17, "dropped": 0}),
 ]
 
 # Each decision its own flow, as the proxy does.

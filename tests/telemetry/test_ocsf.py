@@ -13,7 +13,7 @@ from tests.telemetry.tel_ocsf_check import ocsf_errors
 
 NATIVE = {
     "rules.reloaded", "rules.reload_failed", "webhook.failed", "proxy.started", "proxy.stopped",
-    "worker.exited", "store.unreachable", "store.reconnected",
+    "worker.exited", "store.unreachable", "store.reconnected", "event_sink.resumed",
     "credential.minted", "credential.revoked", "credential.expired",
 }
 

@@ -132,3 +132,23 @@ def test_the_file_sink_opens_lazily_appends_and_raises_what_it_cannot_write(tmp_
     missing.write("x")  # the next write retries the open
     assert (tmp_path / "no" / "e.jsonl").read_text() == "x\n"
     missing.close()
+
+
+def test_a_sink_that_cannot_be_written_is_said_on_stderr_once_per_change(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    t, _ = make(tmp_path, log={"file": "logs/events.jsonl"})  # its folder does not exist yet
+    for i in range(3):
+        t.decision(record(flow_id=f"f{i}"))
+    assert not t.healthy()
+    said = [r for r in caplog.records if "events cannot be written" in r.getMessage()]
+    assert len(said) == 1 and said[0].levelname == "ERROR"
+    msg = said[0].getMessage()
+    assert "file: FileNotFoundError" in msg and "denied (internal_error)" in msg
+    (tmp_path / "logs").mkdir()
+    t.decision(record(flow_id="back"))
+    assert t.healthy()
+    assert [r.getMessage() for r in caplog.records if "written again" in r.getMessage()] == [
+        "events can be written again; requests are served again"]
+    t.close()
+

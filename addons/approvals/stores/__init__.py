@@ -32,4 +32,4 @@ async def open_store(url: str, base_dir: Path, health: Health | None = None, req
             with contextlib.suppress(StoreUnavailable):  # told to the health; it catches up later
                 await store.ping()
         return store
-    return SqliteStore(store_path(url, base_dir))
+    return SqliteStore(store_path(url, base_dir), health)

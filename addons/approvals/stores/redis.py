@@ -175,6 +175,9 @@ class RedisStore:
         found = await _many(self._r, list(await self._r.zrange(PREFIX + "pending", 0, -1)))
         return sorted((a for a in found if a.state is State.PENDING), key=lambda a: a.created_at)
 
+    async def count_pending(self) -> int:
+        return len(await self.pending())  # the pending set may hold decided ids until they are swept
+
     @_guarded
     async def pending_for(self, key: Key, now: float) -> Approval | None:
         approval_id = await self._r.get(_pkey(key))

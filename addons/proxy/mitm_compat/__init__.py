@@ -8,8 +8,8 @@ Nothing else in addons/ imports mitmproxy's internals; import the names below fr
   which client they answer (one `bad_request` decision per refusal, GOAWAYs too); HTTP/1 bytes of a
   response.
 - `parsing`: reading requests: authority and host checks raise only ValueError (its 400), leading
-  empty lines are skipped, an HTTP/1 head is bounded as it arrives (414/431), a denial is sent before
-  the body; the request target's raw bytes (`Request.data`).
+  empty lines are skipped, an HTTP/1 head is bounded as it arrives (414/431) and in time (408), a
+  denial is sent before the body; the request target's raw bytes (`Request.data`).
 - `layers`: tunnels: the NextLayer addon asking Portcullis first, byte-counting relays built from
   mitmproxy's TCP and TLS layers (with the handshake watch), a layer that closes both sides, and a
   pinned upstream given its name back once connected.
@@ -34,7 +34,13 @@ from addons.proxy.mitm_compat.layers import (
     counting_interception,
     set_open_server_address,
 )
-from addons.proxy.mitm_compat.parsing import DRAIN_LIMIT, answer_at_once, harden_request_parsing, raw_target
+from addons.proxy.mitm_compat.parsing import (
+    DRAIN_LIMIT,
+    answer_at_once,
+    harden_request_parsing,
+    raw_target,
+    set_head_timeout,
+)
 from addons.proxy.mitm_compat.refusals import ErrorBuilder, Refusal, Reporter, already_refused, http1_bytes
 from addons.proxy.mitm_compat.sockets import listen_addresses, listen_on, raise_listen_backlog
 
@@ -61,6 +67,7 @@ __all__ = [
     "listen_on",
     "raise_listen_backlog",
     "raw_target",
+    "set_head_timeout",
     "set_open_server_address",
 ]
 

@@ -13,7 +13,7 @@ from mitmproxy import http
 from mitmproxy.connection import ConnectionState
 from mitmproxy.proxy import commands, events
 
-from addons.pipeline.requestform import MAX_REQUEST_LINE, head_too_large
+from addons.pipeline.requestform import HEAD_TIMEOUT_S, MAX_REQUEST_LINE, head_too_large
 
 
 def raw_target(request: http.Request) -> tuple[bytes, bytes, bytes]:
@@ -21,6 +21,7 @@ def raw_target(request: http.Request) -> tuple[bytes, bytes, bytes]:
     return request.data.method, request.data.path, request.data.authority
 
 
+_head_timeout = [HEAD_TIMEOUT_S]  # seconds a request head may take to arrive (set_head_timeout)
 DRAIN_LIMIT = 4 << 20  # after refusing an oversized head: bytes still read (and dropped) before closing
 
 
@@ -64,17 +65,26 @@ def _bounded_read_headers(original: Callable[..., Generator[Any, Any, Any]]) -> 
     """`Http1Server.read_headers` buffers a head without limit ("FIXME: protect against header size
     DoS") and stalls on a leading empty line (h11 eats it and returns no head, and nothing reads what
     is buffered behind it). Empty lines before the request line are skipped (RFC 9112 §2.2); a head is
-    refused (414/431) as soon as its buffered part breaks a size limit."""
+    refused (414/431) as soon as its buffered part breaks a size limit, and 408 when it is still
+    incomplete more than `_head_timeout` seconds after its first byte (slow-loris: a byte now and
+    then keeps mitmproxy's idle timeout from ever firing)."""
 
     @functools.wraps(original)
     def read_headers(self: Any, event: events.Event) -> Generator[Any, Any, Any]:
         if not isinstance(event, events.DataReceived):
             return (yield from original(self, event))
+        now = time.monotonic()
+        started = getattr(self, "portcullis_head_t", None)
+        if started is None:
+            self.portcullis_head_t = started = now
         while True:
-            if len(self.buf) > MAX_REQUEST_LINE and (too_large := head_too_large(bytes(self.buf))):
+            refuse = head_too_large(bytes(self.buf)) if len(self.buf) > MAX_REQUEST_LINE else None
+            if refuse is None and now - started > _head_timeout[0]:
+                refuse = 408, f"the request head took longer than {_head_timeout[0]:g} s to arrive"
+            if refuse is not None:
                 from mitmproxy.proxy.layers.http import _http1
 
-                yield commands.SendData(self.conn, _http1.make_error_response(*too_large))  # reported
+                yield commands.SendData(self.conn, _http1.make_error_response(*refuse))  # reported
                 # Half-close and drop what still comes: a client still sending its head then reads
                 # the answer (closing with unread bytes would reset the connection under it).
                 yield commands.CloseTcpConnection(self.conn, half_close=True)
@@ -82,11 +92,19 @@ def _bounded_read_headers(original: Callable[..., Generator[Any, Any, Any]]) -> 
                 return None
             before = len(self.buf)
             yield from original(self, event)
-            if self.state != self.read_headers or not self.buf or len(self.buf) == before:
+            if self.state != self.read_headers:
+                self.portcullis_head_t = None  # a whole head: the next one starts its own clock
+                return None
+            if not self.buf or len(self.buf) == before:
                 return None
             event = events.DataReceived(self.conn, b"")  # an empty line was skipped: read what follows
 
     return read_headers
+
+
+def set_head_timeout(seconds: float) -> None:
+    """How long an HTTP/1 request head may take from its first byte to its end (network.header_timeout)."""
+    _head_timeout[0] = seconds
 
 
 def _drain(self: Any, event: events.Event) -> Generator[Any, Any, None]:

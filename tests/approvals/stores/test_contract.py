@@ -18,8 +18,10 @@ K = ("c", "h", 443)
 
 
 async def test_both_stores_have_the_same_state_machine(store):
+    assert await store.count_pending() == 0
     assert await store.open(approval(), now=100) == approval()
     assert await store.get("apr_1") == approval()
+    assert await store.count_pending() == 1
     assert (await store.pending_for(K, now=150)).id == "apr_1"
     assert await store.pending_for(K, now=250) is None
     assert await store.decide("apr_1", Choice.ALLOW, Scope.ONCE, "x", None, now=150)
@@ -36,7 +38,7 @@ async def test_both_stores_have_the_same_state_machine(store):
     assert not await store.decide("apr_2", Choice.ALLOW, Scope.ONCE, None, None, now=251)
     assert (await store.get("apr_2")).state is State.EXPIRED
     assert [a.id for a in await store.recent()] == ["apr_2", "apr_1"]
-    assert await store.pending() == []
+    assert await store.pending() == [] and await store.count_pending() == 0
     await store.mark_notified("apr_2")
     assert (await store.get("apr_2")).notified
     await store.mark_notified("apr_missing")

@@ -5,6 +5,7 @@ the body), and the request target's raw bytes."""
 from __future__ import annotations
 
 import inspect
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -18,6 +19,7 @@ from mitmproxy.proxy.layers import http as http_layers
 from mitmproxy.proxy.layers.http import _http1, _http2
 from mitmproxy.test import taddons, tflow
 
+from addons.pipeline.requestform import HEAD_TIMEOUT_S
 from addons.proxy import mitm_compat
 from addons.proxy.responses import error_body, h2_error_headers, http1_error_response
 
@@ -269,3 +271,33 @@ def test_the_request_reader_is_what_the_wrappers_expect() -> None:
     assert "def state_errored(self, _)" in stream and "def flow_done" in stream
     layer_src = inspect.getsource(http_layers.HttpLayer.event_to_child)
     assert "stream = self.streams[command.event.stream_id]" in layer_src and "except KeyError:" in layer_src
+
+
+@pytest.fixture
+def short_head_timeout() -> Any:
+    mitm_compat.set_head_timeout(0.05)
+    yield 0.05
+    mitm_compat.set_head_timeout(HEAD_TIMEOUT_S)
+
+
+def test_a_head_still_arriving_after_the_head_timeout_is_refused_408(
+    driven: Any, short_head_timeout: float
+) -> None:
+    d = driven()
+    d.send(b"GET http://public.test/a HTTP/1.1\r\n")
+    time.sleep(2 * short_head_timeout)
+    d.send(b"H")  # slow-loris: a byte now and then
+    assert d.flows == [] and d.upstream() == []
+    (r,) = d.refusals
+    assert r.status == 408 and "took longer than" in r.message
+    assert d.sent().startswith(b"HTTP/1.1 408 ") and b'"reason":"bad_request"' in d.sent()
+    half = [c for c in d.commands if isinstance(c, commands.CloseTcpConnection)]
+    assert len(half) == 1 and half[0].half_close
+
+
+def test_each_keep_alive_head_has_its_own_clock(driven: Any, short_head_timeout: float) -> None:
+    d = driven(lambda f: setattr(f, "response", http.Response.make(204)))
+    d.send(GET)
+    time.sleep(2 * short_head_timeout)  # idle between requests is the idle timeout's business
+    d.send(GET.replace(b"/a", b"/b"))
+    assert [f.request.path for f in d.flows] == ["/a", "/b"] and d.refusals == []
