@@ -1,362 +1,364 @@
 #!/usr/bin/env python3
-"""Portcullis against bare mitmproxy and Squid, measured in the same run on loopback.
+"""Portcullis against bare mitmproxy and Squid, measured in the same run on loopback. Not a test.
 
-This machine is noisy, so single absolute timings mean little: every proxy runs the same
-workloads in interleaved rounds and the report gives ratios. Upstream is nginx (1 worker) on
-127.0.0.2; the name bench.test resolves to it through a private /etc/hosts bind-mounted in a
-mount namespace of our own (`unshare -m`), so every proxy resolves it the ordinary way.
+This machine is noisy, so single absolute timings mean little: every proxy runs the same cells in
+interleaved rounds (round 1: every cell for every proxy, then round 2 ...), and the report gives the
+median of the rounds and ratios between proxies measured in the same run. Upstream is nginx (1
+worker) on 127.0.0.2; bench.test resolves to it through a private /etc/hosts bind-mounted in a mount
+namespace of our own (`unshare -m`), so every proxy resolves it the ordinary way.
 
-Workloads (each cell runs --seconds, default 5):
-  http-ka      plain HTTP through the proxy, keep-alive, wrk -t1 -c10
-  http-close   plain HTTP, a new connection per request (Connection: close), wrk -t1 -c10
-  tls-new      CONNECT + TLS handshake + GET, a new tunnel per request, 2 client processes
-  tls-ka       GET after GET inside one open tunnel per client process, 2 client processes
+Proxies (columns): portcullis (the whole product, 10 rules, an event per decision written to a file;
+`--workers 1` when the installed portcullis has --workers), portcullis-wN (`--workers N`, N = --workers,
+default the number of cores; skipped when `portcullis run --help` has no --workers), mitmdump (31
+default addons; --ignore-hosts '.*' for the TLS cells, its fastest passthrough), squid (1 worker, no
+cache, no access log), squid-wN (`workers N`), direct (no proxy: the ceiling), and portcullis-100k
+(100,000 rules) for the policy cells.
 
-Proxies: portcullis (the real product, events written to a file), mitmdump (31 default
-addons; --ignore-hosts '.*' for the TLS cells, i.e. its fastest passthrough), squid 5 (one
-worker, no cache, no access log), and direct (no proxy) as the ceiling.
+Cells (rows; each runs --seconds unless said):
+  http-ka     plain HTTP keep-alive, wrk -t1 -c10 (absolute-form through the proxy): req/s, and the
+              proxy's CPU seconds per 1,000 requests (/proc/<pid>/stat of it and its children)
+  http-close  the same with a new connection per request (Connection: close)
+  tls-new     CONNECT + TLS handshake + GET, a new tunnel per request, 2 client processes
+  tls-ka      GETs inside one open tunnel per client process, 2 client processes
+  bulk        GET of 100 MB inside one tunnel (TLS), twice: MB/s
+  latency     one client, one new tunnel (CONNECT + TLS + GET) at a time, every proxy started at once
+              and taken in turn with direct (--seconds per target): p50/p99, and what each proxy adds
+              to direct (its p50 and p99 minus direct's, measured over the same moments)
+  held        Portcullis only: RSS idle, with 1,000 and with 10,000 requests held for approval (an
+              `action: approval` rule, hold: true; 50 per source address 127.1.x.y, distinct ports),
+              and the p99 of an allowed probe (keep-alive GETs, one at a time) idle and beside 10,000
+  load        the time to load a 100,000-rule policy (load_config, in a fresh process)
 
 Usage: .venv/bin/python bench/bench_compare.py [--rounds 2] [--seconds 5] [--only http-ka,tls-new]
-Needs: nginx, squid, wrk (Debian packages nginx-light squid wrk), root (for unshare -m).
+       [--proxies portcullis,mitmdump] [--workers N]
+Needs: nginx, squid, wrk (Debian packages nginx-light squid wrk), openssl, root (unshare -m, 127.1/16
+source addresses, raising the open-files limit).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
-import re
+import resource
 import shutil
-import signal
-import socket
-import ssl
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-VENV_BIN = Path(sys.executable).parent
-UPSTREAM = "127.0.0.2"
-NAME = "bench.test"
-WORKLOADS = ("http-ka", "http-close", "tls-new", "tls-ka")
-PROXIES = ("portcullis", "mitmdump", "squid", "direct")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_load as bl  # noqa: E402
+import bench_procs as bp  # noqa: E402
+
+ROOT = bp.ROOT
+VENV_BIN = bp.VENV_BIN
+UPSTREAM, NAME = bp.UPSTREAM, bp.NAME
+THROUGHPUT = ("http-ka", "http-close", "tls-new", "tls-ka")
+CELLS = (*THROUGHPUT, "bulk", "latency", "held", "load")
+PROXIES = ("portcullis", "portcullis-wN", "mitmdump", "squid", "squid-wN", "direct", "portcullis-100k")
+POLICY_CELLS = ("http-ka", "tls-new")  # the cells portcullis-100k runs (against portcullis: 10 rules)
+NAN = float("nan")
+
+# kept for bench/profile_proxy.py
+WORKLOADS = THROUGHPUT
+free_port, make_certs, start_nginx, stop = bp.free_port, bp.make_certs, bp.start_nginx, bp.stop
+start_mitmdump = bp.start_mitmdump
+run_wrk, run_tls = bl.run_wrk, bl.run_tls
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def start_portcullis(d: Path, port: int, admin: int) -> Any:
+    """The bench's standard Portcullis (10 rules), as profile_proxy.py starts it."""
+    return bp.start_portcullis(bp.portcullis_setup(d, "std", 10), port, admin)
 
 
-def wait_port(host: str, port: int, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+class Bench:
+    def __init__(self, args: argparse.Namespace, d: Path, http_port: int, tls_port: int) -> None:
+        self.args = args
+        self.d = d
+        self.http_port, self.tls_port = http_port, tls_port
+        self.ca = d / "ca.pem"
+        self.n = args.workers
+        self.has_workers = bp.portcullis_supports_workers()
+        self.std = bp.portcullis_setup(d, "std", 10)
+        self.big = bp.portcullis_setup(d, "100k", 100_000)
+        self.hold = bp.portcullis_setup(d, "hold", 2, hold=True)
+        self.variants: dict[str, str] = dict(v.split("=", 1) for v in args.variant)
+        self.results: list[dict[str, Any]] = []
+        self.notes: list[str] = []
+        if not self.has_workers:
+            self.notes.append("portcullis-wN: skipped, the installed `portcullis run` has no --workers")
+
+    # ---- one proxy ------------------------------------------------------------------------------
+    def start(self, proxy: str, cell: str, rnd: int) -> tuple[Any, int | None, int | None]:
+        """(process, proxy port, admin port) for one cell; (None, None, None) for direct."""
+        port, admin = bp.free_port(), bp.free_port()
+        tls_cell = cell in ("tls-new", "tls-ka", "bulk", "latency")
+        if proxy == "direct":
+            return None, None, None
+        if proxy == "mitmdump":
+            return bp.start_mitmdump(self.d, port, passthrough=tls_cell), port, None
+        if proxy.startswith("squid"):
+            workers = self.n if proxy == "squid-wN" else 1
+            folder = self.d / f"squid-{proxy}-r{rnd}-{cell}"
+            return bp.start_squid(folder, port, self.http_port, self.tls_port, workers), port, None
+        setup = {"portcullis-100k": self.big}.get(proxy, self.hold if cell == "held" else self.std)
+        if cell == "latency":  # started side by side: each its own folder (events, state)
+            setup = bp.portcullis_setup(self.d, "lat-" + proxy.replace("@", "-"), 10)
+        workers = self.n if proxy == "portcullis-wN" else (1 if self.has_workers else None)
+        env = None
+        if proxy.startswith("portcullis@"):  # another source tree, e.g. a worktree of an older commit
+            env = dict(os.environ, PYTHONPATH=self.variants[proxy.split("@", 1)[1]])
+            workers = None
+        t0 = time.monotonic()
+        p = bp.start_portcullis(setup, port, admin, workers, env=env)
+        if proxy == "portcullis-100k":
+            self.record(rnd, "startup", proxy, {"value": time.monotonic() - t0})
+        return p, port, admin
+
+    def wanted(self, proxy: str, cell: str) -> bool:
+        if proxy.startswith("portcullis@"):
+            return cell in (*THROUGHPUT, "bulk", "latency", "held")
+        if proxy == "portcullis-wN" and not self.has_workers:
+            return False
+        if proxy == "portcullis-100k":
+            return cell in POLICY_CELLS
+        if cell == "held":
+            return proxy in ("portcullis", "portcullis-wN")
+        if cell == "load":
+            return proxy == "portcullis"
+        return True
+
+    def record(self, rnd: int, cell: str, proxy: str, values: dict[str, Any]) -> None:
+        row = {"round": rnd, "cell": cell, "proxy": proxy, **values}
+        self.results.append(row)
+        print(json.dumps(row), flush=True)
+
+    # ---- cells ------------------------------------------------------------------------------------
+    def latency(self, rnd: int, proxies: list[str]) -> None:
+        """Every proxy started at once; one client takes them (and direct) in turn, tunnel by tunnel."""
+        procs: list[Any] = []
+        ports: dict[str, int | None] = {}
         try:
-            socket.create_connection((host, port), timeout=0.5).close()
+            for proxy in proxies:
+                p, port, _ = self.start(proxy, "latency", rnd)
+                if p is not None:
+                    procs.append(p)
+                ports[proxy] = port
+            time.sleep(0.5)
+            bl.run_latency_interleaved(ports, self.tls_port, self.ca, 1.0)  # warm-up
+            seconds = self.args.seconds * len(ports)
+            results = bl.run_latency_interleaved(ports, self.tls_port, self.ca, seconds)
+            for proxy, r in results.items():
+                self.record(rnd, "latency", proxy, r)
+        except Exception as e:  # a failed cell is reported, not fatal
+            for proxy in proxies:
+                self.record(rnd, "latency", proxy, {"failure": f"{type(e).__name__}: {e}"[:300]})
+        finally:
+            for p in procs:
+                bp.stop(p)
+
+    def run_cell(self, rnd: int, cell: str, proxy: str) -> None:
+        if cell == "load":
+            self.record(rnd, cell, proxy, {"value": self.load_time()})
             return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"nothing listening on {host}:{port} after {timeout}s")
-
-
-# ----------------------------------------------------------------------------- setup
-
-
-def make_certs(d: Path) -> None:
-    """A throwaway CA and a server certificate for bench.test (never leaves the temp dir)."""
-    run = lambda *a: subprocess.run(a, check=True, capture_output=True)  # noqa: E731
-    run(
-        "openssl",
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=Bench CA",
-        "-addext",
-        "basicConstraints=critical,CA:TRUE",
-        "-addext",
-        "keyUsage=critical,keyCertSign,cRLSign",
-        "-keyout",
-        str(d / "ca.key"),
-        "-out",
-        str(d / "ca.pem"),
-    )
-    run(
-        "openssl",
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-subj",
-        f"/CN={NAME}",
-        "-keyout",
-        str(d / "srv.key"),
-        "-out",
-        str(d / "srv.csr"),
-    )
-    (d / "ext.cnf").write_text(
-        f"subjectAltName=DNS:{NAME}\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
-        "extendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\n"
-    )
-    run(
-        "openssl",
-        "x509",
-        "-req",
-        "-in",
-        str(d / "srv.csr"),
-        "-CA",
-        str(d / "ca.pem"),
-        "-CAkey",
-        str(d / "ca.key"),
-        "-CAcreateserial",
-        "-days",
-        "2",
-        "-extfile",
-        str(d / "ext.cnf"),
-        "-out",
-        str(d / "srv.pem"),
-    )
-
-
-def start_nginx(d: Path, http_port: int, tls_port: int) -> subprocess.Popen[bytes]:
-    conf = d / "nginx.conf"
-    conf.write_text(f"""
-worker_processes 1; daemon off; pid {d}/nginx.pid; error_log {d}/nginx.err warn;
-events {{ worker_connections 4096; }}
-http {{
-  access_log off;
-  keepalive_requests 1000000;
-  server {{ listen {UPSTREAM}:{http_port}; location / {{ return 200 "ok\\n"; }} }}
-  server {{ listen {UPSTREAM}:{tls_port} ssl; ssl_certificate {d}/srv.pem; ssl_certificate_key {d}/srv.key;
-           location / {{ return 200 "ok\\n"; }} }}
-}}
-""")
-    p = subprocess.Popen(
-        ["nginx", "-c", str(conf), "-p", str(d)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    wait_port(UPSTREAM, http_port)
-    wait_port(UPSTREAM, tls_port)
-    return p
-
-
-def start_squid(d: Path, port: int, http_port: int, tls_port: int) -> subprocess.Popen[bytes]:
-    sd = d / "squid"
-    sd.mkdir()
-    os.chmod(sd, 0o777)
-    conf = sd / "squid.conf"
-    conf.write_text(f"""
-http_port 127.0.0.1:{port}
-acl bench dstdomain {NAME}
-acl benchports port {http_port} {tls_port}
-http_access allow bench benchports
-http_access deny all
-cache deny all
-access_log none
-cache_log {sd}/cache.log
-pid_filename {sd}/squid.pid
-coredump_dir {sd}
-workers 1
-shutdown_lifetime 0 seconds
-""")
-    p = subprocess.Popen(
-        ["squid", "-N", "-f", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    wait_port("127.0.0.1", port)
-    return p
-
-
-def start_mitmdump(d: Path, port: int, passthrough: bool) -> subprocess.Popen[bytes]:
-    args = [
-        str(VENV_BIN / "mitmdump"),
-        "-q",
-        "--listen-host",
-        "127.0.0.1",
-        "-p",
-        str(port),
-        "--set",
-        f"confdir={d / 'mitm'}",
-    ]
-    if passthrough:
-        args += ["--ignore-hosts", ".*"]
-    p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_port("127.0.0.1", port)
-    return p
-
-
-def start_portcullis(d: Path, port: int, admin: int) -> subprocess.Popen[bytes]:
-    pd = d / "portcullis"
-    (pd / "rules").mkdir(parents=True, exist_ok=True)
-    (pd / "rules" / "bench.yaml").write_text(
-        f"rules:\n  - name: bench\n    action: allow\n    hosts: [{NAME}]\n"
-    )
-    (pd / "portcullis.yaml").write_text(f"""
-listen: 127.0.0.1:{port}
-admin: {{listen: "127.0.0.1:{admin}"}}
-rules: [rules/]
-default_action: deny
-approvals: {{store: "sqlite:///state/p.db", persist_to: rules/approved.yaml}}
-network: {{allow_cidrs: ["{UPSTREAM}/32"]}}
-tls: {{ca_dir: certs/}}
-""")
-    log = open(pd / "events.jsonl", "wb")  # noqa: SIM115 - lives as long as the process
-    p = subprocess.Popen(
-        [str(VENV_BIN / "portcullis"), "run", "--config", str(pd / "portcullis.yaml")],
-        stdout=log,
-        stderr=subprocess.DEVNULL,
-    )
-    wait_port("127.0.0.1", port, timeout=30)
-    return p
-
-
-def stop(p: subprocess.Popen[bytes] | None) -> None:
-    if p is None or p.poll() is not None:
-        return
-    p.send_signal(signal.SIGTERM)
-    try:
-        p.wait(10)
-    except subprocess.TimeoutExpired:
-        p.kill()
-        p.wait()
-
-
-# ----------------------------------------------------------------------------- load
-
-WRK_LUA = """
-wrk.method = "GET"
-wrk.path = "{path}"
-wrk.headers["Host"] = "{host}"
-{extra}
-"""
-
-
-def run_wrk(proxy_port: int | None, http_port: int, seconds: float, close: bool, d: Path) -> dict[str, float]:
-    host = f"{NAME}:{http_port}"
-    if proxy_port is None:
-        target, path = f"http://{UPSTREAM}:{http_port}", "/"
-    else:
-        target, path = f"http://127.0.0.1:{proxy_port}", f"http://{host}/"
-    lua = d / f"wrk-{int(close)}.lua"
-    lua.write_text(
-        WRK_LUA.format(path=path, host=host, extra='wrk.headers["Connection"] = "close"' if close else "")
-    )
-    out = subprocess.run(
-        ["wrk", "-t1", "-c10", f"-d{max(1, int(seconds))}s", "--latency", "-s", str(lua), target],
-        capture_output=True,
-        text=True,
-        timeout=seconds + 30,
-    ).stdout
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    errors = re.search(r"Socket errors: (.*)", out)
-    p50 = _wrk_latency(out, "50%")
-    p99 = _wrk_latency(out, "99%")
-    return {
-        "rps": rps,
-        "p50_ms": p50,
-        "p99_ms": p99,
-        "bad": float(non2xx.group(1)) if non2xx else 0.0,
-        "errors": 1.0 if errors else 0.0,
-    }
-
-
-def _wrk_latency(out: str, q: str) -> float:
-    m = re.search(rf"{re.escape(q)}\s+([\d.]+)(us|ms|s)", out)
-    if not m:
-        return float("nan")
-    v, unit = float(m.group(1)), m.group(2)
-    return v / 1000 if unit == "us" else v * 1000 if unit == "s" else v
-
-
-def _tunnel(proxy_port: int | None, tls_port: int, ctx: ssl.SSLContext) -> ssl.SSLSocket:
-    if proxy_port is None:
-        raw = socket.create_connection((UPSTREAM, tls_port), timeout=10)
-    else:
-        raw = socket.create_connection(("127.0.0.1", proxy_port), timeout=10)
-        raw.sendall(f"CONNECT {NAME}:{tls_port} HTTP/1.1\r\nHost: {NAME}:{tls_port}\r\n\r\n".encode())
-        head = b""
-        while b"\r\n\r\n" not in head:
-            chunk = raw.recv(4096)
-            if not chunk:
-                raise ConnectionError("proxy closed during CONNECT")
-            head += chunk
-        if not head.startswith(b"HTTP/1.1 200") and not head.startswith(b"HTTP/1.0 200"):
-            raise ConnectionError(head.split(b"\r\n")[0].decode(errors="replace"))
-    return ctx.wrap_socket(raw, server_hostname=NAME)
-
-
-def _get(tls: ssl.SSLSocket, close: bool) -> None:
-    tls.sendall(
-        (f"GET / HTTP/1.1\r\nHost: {NAME}\r\n" + ("Connection: close\r\n" if close else "") + "\r\n").encode()
-    )
-    buf = b""
-    while not buf.endswith(b"ok\n"):
-        chunk = tls.recv(4096)
-        if not chunk:
-            raise ConnectionError("closed before the body")
-        buf += chunk
-
-
-def _tls_worker(
-    proxy_port: int | None, tls_port: int, ca: str, seconds: float, keepalive: bool, q: mp.Queue
-) -> None:  # type: ignore[type-arg]
-    ctx = ssl.create_default_context(cafile=ca)
-    lat: list[float] = []
-    errors = 0
-    deadline = time.monotonic() + seconds
-    tls = _tunnel(proxy_port, tls_port, ctx) if keepalive else None
-    while time.monotonic() < deadline:
-        t0 = time.perf_counter()
+        p = None
         try:
-            if keepalive:
-                assert tls is not None
-                _get(tls, close=False)
-            else:
-                s = _tunnel(proxy_port, tls_port, ctx)
-                _get(s, close=True)
-                s.close()
-            lat.append(time.perf_counter() - t0)
-        except (OSError, ConnectionError):
-            errors += 1
-            if keepalive:
-                break
-    q.put((lat, errors))
+            p, port, admin = self.start(proxy, cell, rnd)
+            time.sleep(0.3)
+            if cell == "held":
+                self.held(rnd, proxy, p, port, admin)
+                return
+            if cell == "bulk":
+                self.record(rnd, cell, proxy, bl.run_bulk(port, self.tls_port, self.ca))
+                return
+            self.load(cell, port, 1.0)  # warm-up
+            cpu0 = bp.cpu_seconds(p.pid) if p is not None else NAN
+            r = self.load(cell, port, self.args.seconds)
+            cpu1 = bp.cpu_seconds(p.pid) if p is not None else NAN
+            done = r["rps"] * self.args.seconds
+            r["cpu_s_per_1k"] = (cpu1 - cpu0) / done * 1000 if done else NAN
+            r["rss_mb"] = bp.rss_bytes(p.pid) / 1e6 if p is not None else NAN
+            self.record(rnd, cell, proxy, r)
+        except Exception as e:  # a failed cell is reported, not fatal
+            self.record(rnd, cell, proxy, {"failure": f"{type(e).__name__}: {e}"[:300]})
+        finally:
+            bp.stop(p)
+
+    def load(self, cell: str, port: int | None, seconds: float) -> dict[str, float]:
+        if cell in ("http-ka", "http-close"):
+            return bl.run_wrk(port, self.http_port, seconds, close=cell == "http-close", d=self.d)
+        return bl.run_tls(port, self.tls_port, self.ca, seconds, keepalive=cell == "tls-ka")
+
+    def held(self, rnd: int, proxy: str, p: Any, port: int, admin: int) -> None:
+        secs = min(self.args.seconds, 3.0)
+        time.sleep(1.0)
+        out: dict[str, Any] = {"rss_idle_mb": bp.rss_bytes(p.pid) / 1e6}
+        out["probe_idle_p50_ms"], out["probe_idle_p99_ms"] = _p(bl.probe(port, self.http_port, secs))
+        holder = bl.Holder(port)
+        try:
+            for n in (1000, 10000):
+                t0 = time.monotonic()
+                holder.open(n)
+                out[f"pending_{n}"] = bl.wait_pending(admin, n, 300)
+                out[f"open_{n}_s"] = time.monotonic() - t0
+                time.sleep(1.0)
+                out[f"rss_{n}_mb"] = bp.rss_bytes(p.pid) / 1e6
+            cpu0, t0 = bp.cpu_seconds(p.pid), time.monotonic()
+            out["probe_10000_p50_ms"], out["probe_10000_p99_ms"] = _p(bl.probe(port, self.http_port, secs))
+            out["cpu_cores_10000"] = (bp.cpu_seconds(p.pid) - cpu0) / (time.monotonic() - t0)
+            out["failed_connects"] = holder.failed
+        finally:
+            holder.close()
+        self.record(rnd, "held", proxy, out)
+
+    def load_time(self) -> float:
+        code = (
+            "import sys, time; sys.path.insert(0, sys.argv[1]); from addons.config.load import load_config; "
+            "t0 = time.perf_counter(); p = load_config(sys.argv[2]).policy; "
+            "print(time.perf_counter() - t0, p.rule_count)"
+        )
+        cfg = str(self.big.folder / "portcullis.yaml")
+        out = subprocess.run([sys.executable, "-c", code, str(ROOT), cfg],
+                             capture_output=True, text=True, timeout=600, check=True).stdout.split()
+        assert int(out[1]) == self.big.rules, out
+        return float(out[0])
 
 
-def run_tls(
-    proxy_port: int | None, tls_port: int, ca: Path, seconds: float, keepalive: bool, procs: int = 2
-) -> dict[str, float]:
-    q: mp.Queue = mp.Queue()  # type: ignore[type-arg]
-    ps = [
-        mp.Process(target=_tls_worker, args=(proxy_port, tls_port, str(ca), seconds, keepalive, q))
-        for _ in range(procs)
-    ]
-    for p in ps:
-        p.start()
-    lat: list[float] = []
-    errors = 0
-    for _ in ps:
-        one, e = q.get(timeout=seconds + 60)
-        lat += one
-        errors += e
-    for p in ps:
-        p.join(10)
-    lat.sort()
-    n = len(lat)
-    return {
-        "rps": n / seconds,
-        "p50_ms": (lat[n // 2] * 1000) if n else float("nan"),
-        "p99_ms": (lat[min(n - 1, int(n * 0.99))] * 1000) if n else float("nan"),
-        "bad": 0.0,
-        "errors": float(errors),
-    }
+def _p(r: dict[str, float]) -> tuple[float, float]:
+    return r["p50_ms"], r["p99_ms"]
+
+
+# ----------------------------------------------------------------------------- report
+
+
+class Report:
+    def __init__(self, b: Bench) -> None:
+        self.b = b
+        self.rows = b.results
+
+    def med(self, cell: str, proxy: str, key: str) -> float:
+        vals = [float(r[key]) for r in self.rows
+                if r["cell"] == cell and r["proxy"] == proxy and key in r and r[key] == r[key]]
+        return statistics.median(vals) if vals else NAN
+
+    def render(self, proxies: list[str], cells: list[str]) -> str:
+        b = self.b
+        n = b.n
+        cols = [p for p in ("portcullis", "portcullis-wN", "mitmdump", "squid", "squid-wN", "direct")
+                if p in proxies]
+        names = {"portcullis-wN": f"portcullis ×{n}", "squid-wN": f"squid ×{n}"}
+        head = ["cell", *(names.get(c, c) for c in cols), "pc/mitmdump", "pc/squid",
+                f"pc×{n}/pc", f"pc×{n}/squid", "notes"]
+        lines = [
+            f"## Portcullis vs mitmdump vs Squid ({b.args.rounds} interleaved rounds x {b.args.seconds:g} s "
+            f"per cell; median of rounds; {os.cpu_count()} cores)",
+            "",
+            "| " + " | ".join(head) + " |",
+            "|" + "---|" * len(head),
+        ]
+
+        def row(label: str, cell: str, key: str, fmt: str, ratios: bool = True, note: str = "") -> None:
+            vals = {c: self.med(cell, c, key) for c in cols}
+            cells_txt = [_fmt(vals[c], fmt) for c in cols]
+            pc, pcn = vals.get("portcullis", NAN), vals.get("portcullis-wN", NAN)
+            mm, sq = vals.get("mitmdump", NAN), vals.get("squid", NAN)
+            rs = [_ratio(pc, mm), _ratio(pc, sq), _ratio(pcn, pc), _ratio(pcn, sq)] if ratios else ["—"] * 4
+            lines.append("| " + " | ".join([label, *cells_txt, *rs, note]) + " |")
+
+        titles = {"http-ka": "plain HTTP keep-alive (req/s)",
+                  "http-close": "plain HTTP, new connection each (req/s)",
+                  "tls-new": "CONNECT + TLS + GET, new tunnel each (/s)",
+                  "tls-ka": "GETs inside one tunnel (req/s)"}
+        for cell in THROUGHPUT:
+            if cell in cells:
+                row(titles[cell], cell, "rps", ",.0f",
+                    note=f"p50 ms: pc {self.med(cell, 'portcullis', 'p50_ms'):.2f}, "
+                         f"mitmdump {self.med(cell, 'mitmdump', 'p50_ms'):.2f}, "
+                         f"squid {self.med(cell, 'squid', 'p50_ms'):.2f}")
+        if "bulk" in cells:
+            row("100 MB inside one tunnel (MB/s)", "bulk", "rps", ",.0f")
+        if "latency" in cells:
+            row("new tunnel, one client: p50 ms", "latency", "p50_ms", ".2f", ratios=False,
+                note="added over direct: " + self._added("p50_ms", cols))
+            row("new tunnel, one client: p99 ms", "latency", "p99_ms", ".2f", ratios=False,
+                note="added over direct: " + self._added("p99_ms", cols))
+        for cell in THROUGHPUT:
+            if cell in cells:
+                row(f"CPU s per 1,000 requests, {cell}", cell, "cpu_s_per_1k", ".3f", ratios=False)
+        if "held" in cells:
+            row("RSS MB idle (approval config)", "held", "rss_idle_mb", ",.0f", ratios=False)
+            row("RSS MB, 1,000 held approvals", "held", "rss_1000_mb", ",.0f", ratios=False,
+                note=self._held_note(1000))
+            row("RSS MB, 10,000 held approvals", "held", "rss_10000_mb", ",.0f", ratios=False,
+                note=self._held_note(10000))
+            row("allowed probe p99 ms, idle", "held", "probe_idle_p99_ms", ".2f", ratios=False)
+            row("allowed probe p99 ms, beside 10,000 held", "held", "probe_10000_p99_ms", ".2f", ratios=False,
+                note="vs idle: " + ", ".join(
+                    f"{names.get(c, c)} {self._probe_ratio(c)}x"
+                    for c in ("portcullis", "portcullis-wN") if c in cols)
+                + "; CPU while holding (cores): " + ", ".join(
+                    f"{names.get(c, c)} {self.med('held', c, 'cpu_cores_10000'):.2f}"
+                    for c in ("portcullis", "portcullis-wN") if c in cols))
+        if "portcullis-100k" in proxies:
+            for cell in POLICY_CELLS:
+                if cell in cells:
+                    ten, big = self.med(cell, "portcullis", "rps"), self.med(cell, "portcullis-100k", "rps")
+                    lines.append(f"| {cell} with 100,000 rules (portcullis column: 10 rules) | "
+                                 + " | ".join(_fmt(big, ",.0f") if c == "portcullis" else "—" for c in cols)
+                                 + f" | — | — | — | — | 100k/10 rules: {_ratio(big, ten)} |")
+        if "load" in cells:
+            load_s = _fmt(self.med("load", "portcullis", "value"), ".2f")
+            lines.append("| 100,000-rule policy: load_config s (proxy start to listening s) | "
+                         + " | ".join(load_s if c == "portcullis" else "—" for c in cols)
+                         + f" | — | — | — | — | start to listening: "
+                         f"{self.med('startup', 'portcullis-100k', 'value'):.2f} s |")
+        if b.variants:
+            lines += ["", "| variant (same run) | cell | value | portcullis | variant / portcullis |",
+                      "|---|---|---|---|---|"]
+            keys = [(c, "rps") for c in (*THROUGHPUT, "bulk") if c in cells]
+            keys += [("latency", "p50_ms"), ("latency", "p99_ms")] if "latency" in cells else []
+            keys += [("held", k) for k in ("rss_10000_mb", "probe_10000_p99_ms")] if "held" in cells else []
+            for v, src in b.variants.items():
+                for cell, key in keys:
+                    a, pc = self.med(cell, f"portcullis@{v}", key), self.med(cell, "portcullis", key)
+                    lines.append(f"| {v} ({src}) | {cell} {key} | {_fmt(a, ',.2f')} | {_fmt(pc, ',.2f')} | "
+                                 f"{_ratio(a, pc)} |")
+        failed = [r for r in self.rows if r.get("failure") or float(r.get("bad", 0) or 0) > 0
+                  or float(r.get("errors", 0) or 0) > 0]
+        out = "\n".join(lines) + "\n"
+        for note in b.notes:
+            out += f"\n- {note}"
+        if failed:
+            out += f"\n\n{len(failed)} cell(s) had failures, errors or non-2xx answers:\n"
+            out += "".join(f"  {json.dumps(r)}\n" for r in failed)
+        return out + "\n"
+
+    def _added(self, key: str, cols: list[str]) -> str:
+        d = self.med("latency", "direct", key)
+        return ", ".join(f"{c} +{self.med('latency', c, key) - d:.2f}" for c in cols if c != "direct")
+
+    def _held_note(self, n: int) -> str:
+        held = [c for c in ("portcullis", "portcullis-wN")
+                if any(r["proxy"] == c and r["cell"] == "held" for r in self.rows)]
+        return ", ".join(f"{c}: {self.med('held', c, f'pending_{n}'):,.0f} pending after "
+                         f"{self.med('held', c, f'open_{n}_s'):.0f} s" for c in held)
+
+    def _probe_ratio(self, proxy: str) -> str:
+        busy = self.med("held", proxy, "probe_10000_p99_ms")
+        return _ratio(busy, self.med("held", proxy, "probe_idle_p99_ms"))
+
+
+def _fmt(v: float, fmt: str) -> str:
+    return "n/a" if v != v else format(v, fmt)
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}" if b and a == a and b == b else "n/a"
 
 
 # ----------------------------------------------------------------------------- main
@@ -366,8 +368,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--seconds", type=float, default=5.0)
-    ap.add_argument("--only", help="comma-separated workloads")
-    ap.add_argument("--proxies", help="comma-separated proxies (default: all)")
+    ap.add_argument("--only", help="comma-separated cells (default: all): " + ",".join(CELLS))
+    ap.add_argument("--proxies", help="comma-separated proxies (default: all): " + ",".join(PROXIES))
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 2,
+                    help="N for portcullis-wN and squid-wN")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=DIR",
+                    help="also run Portcullis from the source tree DIR (PYTHONPATH) as portcullis@NAME")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args()
 
@@ -377,117 +383,55 @@ def main() -> int:
             print("bench: needs unshare (util-linux)", file=sys.stderr)
             return 2
         env = dict(os.environ, PORTCULLIS_BENCH_NS="1")
-        return subprocess.call(
-            ["unshare", "-m", "--propagation", "private", sys.executable, *sys.argv], env=env
-        )
+        return subprocess.call(["unshare", "-m", "--propagation", "private", sys.executable, *sys.argv],
+                               env=env)
 
     for tool in ("nginx", "squid", "wrk", "openssl"):
         if shutil.which(tool) is None:
             print(f"bench: {tool} not found (apt-get install nginx-light squid wrk openssl)", file=sys.stderr)
             return 2
+    # 10,000 held connections: this process holds one end, the proxy (which inherits the limit) the other.
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    if hard < 11000:
+        print(f"bench: the open-files limit is {hard}; the held cell needs about 11,000", file=sys.stderr)
 
-    workloads = args.only.split(",") if args.only else list(WORKLOADS)
+    cells = args.only.split(",") if args.only else list(CELLS)
     proxies = args.proxies.split(",") if args.proxies else list(PROXIES)
+    proxies += [f"portcullis@{v.split('=', 1)[0]}" for v in args.variant]
     d = Path(tempfile.mkdtemp(prefix="portcullis-bench-"))
     os.chmod(d, 0o755)
-    hosts = d / "hosts"
-    hosts.write_text(f"127.0.0.1 localhost\n{UPSTREAM} {NAME}\n")
-    subprocess.run(["mount", "--bind", str(hosts), "/etc/hosts"], check=True)
-    make_certs(d)
-    http_port, tls_port = free_port(), free_port()
-    nginx = start_nginx(d, http_port, tls_port)
-    results: list[dict[str, object]] = []
+    (d / "hosts").write_text(f"127.0.0.1 localhost\n{UPSTREAM} {NAME}\n")
+    subprocess.run(["mount", "--bind", str(d / "hosts"), "/etc/hosts"], check=True)
+    bp.make_certs(d)
+    http_port, tls_port = bp.free_port(), bp.free_port()
+    nginx = bp.start_nginx(d, http_port, tls_port)
+    b = Bench(args, d, http_port, tls_port)
+    started = time.strftime("%Y-%m-%d %H:%M")
+    load_before = os.getloadavg()[0]
     try:
         for rnd in range(args.rounds):
-            for proxy in proxies:
-                for wl in workloads:
-                    procs: list[subprocess.Popen[bytes]] = []
-                    try:
-                        port: int | None = None
-                        if proxy == "portcullis":
-                            port = free_port()
-                            procs.append(start_portcullis(d, port, free_port()))
-                        elif proxy == "mitmdump":
-                            port = free_port()
-                            procs.append(start_mitmdump(d, port, passthrough=wl.startswith("tls")))
-                        elif proxy == "squid":
-                            port = free_port()
-                            cell = d / f"r{rnd}-{wl}"
-                            cell.mkdir()
-                            procs.append(start_squid(cell, port, http_port, tls_port))
-                        time.sleep(0.3)
-                        if wl == "http-ka":
-                            r = run_wrk(port, http_port, args.seconds, close=False, d=d)
-                        elif wl == "http-close":
-                            r = run_wrk(port, http_port, args.seconds, close=True, d=d)
-                        else:
-                            run_tls(port, tls_port, d / "ca.pem", 1.0, keepalive=(wl == "tls-ka"))  # warm-up
-                            r = run_tls(
-                                port, tls_port, d / "ca.pem", args.seconds, keepalive=(wl == "tls-ka")
-                            )
-                    except Exception as e:  # a failed cell is reported, not fatal
-                        r = {
-                            "rps": float("nan"),
-                            "p50_ms": float("nan"),
-                            "p99_ms": float("nan"),
-                            "bad": 0.0,
-                            "errors": 1.0,
-                            "failure": str(e)[:200],
-                        }
-                    finally:
-                        for p in procs:
-                            stop(p)
-                    row = {"round": rnd, "proxy": proxy, "workload": wl, **r}
-                    results.append(row)
-                    print(json.dumps(row), flush=True)
+            for cell in cells:
+                if cell == "latency":
+                    b.latency(rnd, [p for p in proxies if b.wanted(p, cell)])
+                    continue
+                for proxy in proxies:
+                    if b.wanted(proxy, cell):
+                        b.run_cell(rnd, cell, proxy)
     finally:
-        stop(nginx)
+        bp.stop(nginx)
         subprocess.run(["umount", "/etc/hosts"], check=False)
 
-    report(results, workloads, proxies, args)
+    text = Report(b).render(proxies, cells)
+    text += f"(started {started}; load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after)\n"
+    print("\n" + text)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%S")
-    (out / f"compare-{stamp}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in results))
+    (out / f"compare-{stamp}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in b.results))
+    (out / f"compare-{stamp}.md").write_text(text)
     shutil.rmtree(d, ignore_errors=True)
     return 0
-
-
-def report(
-    results: list[dict[str, object]], workloads: list[str], proxies: list[str], args: argparse.Namespace
-) -> None:
-    def med(proxy: str, wl: str, key: str) -> float:
-        vals = [
-            float(r[key])
-            for r in results  # type: ignore[arg-type]
-            if r["proxy"] == proxy and r["workload"] == wl and r[key] == r[key]
-        ]
-        return statistics.median(vals) if vals else float("nan")
-
-    print(
-        f"\n## Portcullis vs mitmdump vs Squid "
-        f"({args.rounds} interleaved rounds x {args.seconds:g}s per cell; "
-        "median of rounds)\n"
-    )
-    print(
-        "| workload | "
-        + " | ".join(f"{p} req/s (p50 ms)" for p in proxies)
-        + " | portcullis/mitmdump | portcullis/squid |"
-    )
-    print("|---|" + "---|" * (len(proxies) + 2))
-    for wl in workloads:
-        cells = [f"{med(p, wl, 'rps'):,.0f} ({med(p, wl, 'p50_ms'):.2f})" for p in proxies]
-        pc, mm, sq = med("portcullis", wl, "rps"), med("mitmdump", wl, "rps"), med("squid", wl, "rps")
-        print(f"| {wl} | " + " | ".join(cells) + f" | {_ratio(pc, mm)} | {_ratio(pc, sq)} |")
-    bad = [r for r in results if r.get("failure") or float(r.get("bad", 0)) > 0]  # type: ignore[arg-type]
-    if bad:
-        print(f"\n{len(bad)} cell(s) had failures or non-2xx answers:")
-        for r in bad:
-            print("  ", json.dumps(r))
-
-
-def _ratio(a: float, b: float) -> str:
-    return f"{a / b:.2f}" if b and a == a and b == b else "n/a"
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from addons.config.fastyaml import parse_rule_file  # noqa: E402
 from addons.config.load import load_config, load_policy  # noqa: E402
-from addons.policy.model import Query  # noqa: E402
+from addons.policy.model import Layer, Request  # noqa: E402
 
 ACTIONS = ("allow", "allow", "allow", "deny", "approval")
 
@@ -53,9 +53,13 @@ def write_policy(folder: Path, n: int) -> Path:
     return cfg
 
 
+Query = tuple[Request, tuple[str, ...]]  # a request and its checked addresses
+
+
 def queries(n: int, rng: random.Random) -> list[Query]:
     """Hits (exact, wildcard, CIDR) and misses, requests and tunnels; the same shapes at every size."""
     out: list[Query] = []
+    addresses = ("93.184.216.34",)
     for _ in range(400):
         i = rng.randrange(n)
         dom = f"svc{i}.example{i % 50}.com"
@@ -69,11 +73,9 @@ def queries(n: int, rng: random.Random) -> list[Query]:
             5: f"x.{dom}.evil.net",
         }[shape]
         if rng.random() < 0.5:
-            out.append(
-                Query(host=host, port=443, method="GET", path="/v1/items", addresses=("93.184.216.34",))
-            )
+            out.append((Request(host, 443, scheme="https", method="GET", path="/v1/items"), addresses))
         else:
-            out.append(Query(host=host, port=443, addresses=("93.184.216.34",)))
+            out.append((Request(host, 443, method="CONNECT", layer=Layer.CONNECT), addresses))
     return out
 
 
@@ -83,8 +85,8 @@ def time_decisions(policy_decide: object, qs: list[Query], rounds: int) -> float
     per: list[float] = []
     for _ in range(rounds):
         t0 = time.perf_counter()
-        for q in qs:
-            decide(q)  # type: ignore[operator]
+        for req, addrs in qs:
+            decide(req, addrs)  # type: ignore[operator]
         per.append((time.perf_counter() - t0) / len(qs))
     return statistics.median(per)
 
@@ -119,8 +121,8 @@ def main() -> int:
             policy = loaded.policy
             assert policy.rule_count == n
             qs = queries(n, rng)
-            for q in qs[:50]:
-                policy.decide(q)  # warm the normalisation caches like a running proxy
+            for req, addrs in qs[:50]:
+                policy.decide(req, addrs)  # warm the normalisation caches like a running proxy
             per = time_decisions(policy.decide, qs, rounds)
             results.append(
                 {

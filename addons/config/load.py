@@ -9,9 +9,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import TypeAdapter, ValidationError
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 
 from addons.config.credentials import CredentialEntry, compile_credentials
+from addons.config.fastyaml import read_rules
+from addons.config.gcpause import FREEZE_RULES, collector_paused
 from addons.config.models import Config, CredentialModel, RuleModel
 from addons.config.settings import best_effort_config, build_settings, parse_hostport
 from addons.config.yamlio import ErrorList, parse_yaml, pos, read_text, read_yaml, validate_model
@@ -25,6 +28,7 @@ __all__ = [
 ]
 
 _METHOD = re.compile(r"^[A-Z][A-Z0-9_-]*$")
+_ACTIONS = {a.value: a for a in Action}
 
 
 class PolicyError(Exception):
@@ -134,7 +138,7 @@ def _compile_rule(m: RuleModel, node: Any, order: int, line: int, ref_file: str,
                 errors.add(shown, *pos(node, ("paths", j)),
                            f"rule {m.name!r}: a path pattern starts with '/' (got {p!r})")
                 ok = False
-    known = {g.name for g in settings.clients}
+    known = {g.name for g in settings.clients} if m.clients else set()
     for j, c in enumerate(m.clients or ()):
         if c not in known:
             errors.add(shown, *pos(node, ("clients", j)), f"rule {m.name!r}: unknown client group {c!r}"
@@ -163,7 +167,7 @@ def _compile_rule(m: RuleModel, node: Any, order: int, line: int, ref_file: str,
     if not ok:
         return None
     return Rule(
-        order=order, ref=RuleRef(m.name, Action(m.action), ref_file, line), patterns=tuple(patterns),
+        order=order, ref=RuleRef(m.name, _ACTIONS[m.action], ref_file, line), patterns=tuple(patterns),
         ports=frozenset(m.ports) if m.ports is not None else None, methods=methods,
         paths=tuple(m.paths) if m.paths is not None else None,
         clients=frozenset(m.clients) if m.clients is not None else None,
@@ -222,8 +226,36 @@ _CACHE: dict[str, tuple[tuple[object, ...], _FileResult]] = {}
 _CACHE_MAX = 1024
 
 
+_RULE_LIST = TypeAdapter(list[RuleModel])
+def _fast_file_result(path: Path, shown: str, text: str, base_dir: Path,
+                      settings: Settings) -> _FileResult | None:
+    """A plainly written rule file without one error, read without ruamel's tree and validated in one
+    pydantic call: the same result as the full path, about ten times sooner (a 100,000-rule file).
+    None as soon as anything is unusual or wrong: the full path then reads it (and says where)."""
+    plain = read_rules(text)
+    if plain is None:
+        return None
+    try:
+        models = _RULE_LIST.validate_python([rule for rule, _, _ in plain])
+    except ValidationError:
+        return None
+    ref_file = _ref_file(path, base_dir)
+    scratch = ErrorList()
+    entries: list[_Entry] = []
+    for i, (m, (raw, line, name_pos)) in enumerate(zip(models, plain, strict=True)):
+        rule = _compile_rule(m, None, i, line, ref_file, shown, settings, scratch)
+        if scratch.items or rule is None:
+            return None
+        name = raw.get("name")
+        entries.append(_Entry(name if isinstance(name, str) and name else None, line, name_pos, rule))
+    return _FileResult(False, tuple(entries), ())
+
+
 def _file_result(path: Path, shown: str, text: str, base_dir: Path, settings: Settings,
                  explicit: bool) -> _FileResult:
+    fast = _fast_file_result(path, shown, text, base_dir, settings)
+    if fast is not None:
+        return fast
     errors = ErrorList()
     ok, data = parse_yaml(text, shown, errors, rule_file=True)
     if ok and data is not None and not isinstance(data, CommentedMap):
@@ -346,9 +378,12 @@ def _build(config: Config, data: Any, base_dir: Path, shown_cfg: str, settings: 
            errors: ErrorList, secrets: bool = True) -> tuple[Policy, _RuleLoad]:
     paths = _rule_paths(config, base_dir, data, shown_cfg, errors)
     explicit = frozenset(base_dir / e for e in config.rules if (base_dir / e).is_file())
-    loaded = _load_rules(paths, base_dir, settings, errors, explicit)
-    creds = compile_credentials(loaded.credentials, settings, base_dir, errors, read=secrets)
-    return Policy(loaded.rules, settings, loaded.files, credentials=creds), loaded
+    with collector_paused() as pause:
+        loaded = _load_rules(paths, base_dir, settings, errors, explicit)
+        creds = compile_credentials(loaded.credentials, settings, base_dir, errors, read=secrets)
+        policy = Policy(loaded.rules, settings, loaded.files, credentials=creds)
+        pause.freeze = len(loaded.rules) >= FREEZE_RULES and not errors.items
+    return policy, loaded
 
 
 @dataclass(frozen=True)

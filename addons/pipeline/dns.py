@@ -5,10 +5,16 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 DNS_TIMEOUT_S = 5.0
+# How long the system resolver's answers for a name are reused (every decision still checks them).
+# 0: not reused. Each new connection resolves again (tests/adversarial/test_adv_dns.py: a name that
+# rebinds to a private address is refused on the next connection, not served a kept public answer).
+DNS_CACHE_S = 0.0
+DNS_CACHE_MAX = 10_000
 
 Lookup = Callable[[str, int], Awaitable[list[str]]]
 
@@ -25,7 +31,7 @@ def canonical_ip(text: str) -> str:
     return str(addr)
 
 
-async def system_lookup(host: str, port: int) -> list[str]:
+async def getaddrinfo_lookup(host: str, port: int) -> list[str]:
     """Every address the system resolver gives for `host` (one DNS round, bounded in time)."""
     loop = asyncio.get_running_loop()
     try:
@@ -35,6 +41,77 @@ async def system_lookup(host: str, port: int) -> list[str]:
     except (OSError, TimeoutError, UnicodeError) as e:
         raise ResolveError(f"cannot resolve {host}: {e}") from e
     return [str(info[4][0]) for info in infos]
+
+
+class _Abandoned(Exception):
+    """The shared lookup was cancelled (its request went away), not failed."""
+
+
+class CachingLookup:
+    """A Lookup that reuses a name's answers for `ttl` seconds and shares one query among concurrent
+    lookups of the same name. Failures are not kept. The answers are data, not decisions: the policy
+    checks them on every decision, and each connection still goes to an address it checked.
+
+    getaddrinfo runs in a thread: its hand-offs cost more than the rest of a tunnel's decision, and a
+    burst of new tunnels (a package install) asks for the same few names again and again.
+    """
+
+    def __init__(self, inner: Lookup, ttl: float = DNS_CACHE_S, max_names: int = DNS_CACHE_MAX,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.inner = inner
+        self.ttl = ttl
+        self.max_names = max_names
+        self.clock = clock
+        self._answers: dict[str, tuple[float, list[str]]] = {}
+        self._inflight: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Future[list[str]]]] = {}
+
+    def clear(self) -> None:
+        self._answers.clear()
+
+    async def __call__(self, host: str, port: int) -> list[str]:
+        if self.ttl <= 0:
+            return await self.inner(host, port)
+        hit = self._answers.get(host)
+        now = self.clock()
+        if hit is not None and hit[0] > now:
+            return list(hit[1])
+        loop = asyncio.get_running_loop()
+        shared = self._inflight.get(host)
+        if shared is not None and shared[0] is loop:
+            try:
+                return list(await asyncio.shield(shared[1]))
+            except _Abandoned:
+                pass  # the lookup we waited for was cancelled with its request: ask ourselves
+        fut: asyncio.Future[list[str]] = loop.create_future()
+        self._inflight[host] = (loop, fut)
+        try:
+            answers = await self.inner(host, port)
+        except BaseException as e:
+            if not fut.done():
+                fut.set_exception(e if isinstance(e, Exception) else _Abandoned())
+                fut.exception()  # retrieved: nobody else may be waiting
+            raise
+        else:
+            fut.set_result(answers)
+            self._remember(host, answers)
+            return list(answers)
+        finally:
+            if self._inflight.get(host, (None, None))[1] is fut:
+                del self._inflight[host]
+
+    def _remember(self, host: str, answers: list[str]) -> None:
+        if len(self._answers) >= self.max_names:
+            now = self.clock()
+            for name in [n for n, (exp, _) in self._answers.items() if exp <= now]:
+                del self._answers[name]
+            while len(self._answers) >= self.max_names:
+                del self._answers[next(iter(self._answers))]  # the oldest entry
+        self._answers.pop(host, None)
+        self._answers[host] = (self.clock() + self.ttl, list(answers))
+
+
+# The proxy's resolver: the system's, with answers kept DNS_CACHE_S seconds (none by default).
+system_lookup = CachingLookup(getaddrinfo_lookup)
 
 
 async def resolve(

@@ -17,7 +17,7 @@ SCHEMES = frozenset({"http", "https"})
 
 # Size limits of a request head (nginx and Apache refuse request lines over 8 KiB with 414; Squid's
 # whole-head default is 64 KiB). HTTP/1 heads are measured as they arrive, before mitmproxy buffers
-# more (addons/proxy/mitm_compat.py); HTTP/2 heads (bounded to 64 KiB decoded by h2) once parsed.
+# more (addons/proxy/mitm_compat/parsing.py); HTTP/2 heads (bounded to 64 KiB decoded by h2) once parsed.
 MAX_REQUEST_LINE = 8192  # bytes: the request line (HTTP/1) or the request target; else 414
 MAX_HEADER_FIELDS = 65536  # bytes: every header field line with its line end ("name: value\r\n"); else 431
 URI_TOO_LONG, FIELDS_TOO_LARGE = 414, 431

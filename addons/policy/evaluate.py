@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -67,6 +68,11 @@ class Rule:
 
 def compile_paths(paths: Sequence[str]) -> re.Pattern[str]:
     """Path globs -> one regex. Only `*` is special and matches any characters, '/' included."""
+    return _compile_paths(tuple(paths))
+
+
+@functools.lru_cache(maxsize=4096)  # rule sets repeat the same path lists
+def _compile_paths(paths: tuple[str, ...]) -> re.Pattern[str]:
     parts = ("".join(".*" if c == "*" else re.escape(c) for c in p) for p in paths)
     return re.compile("|".join(f"(?:{p})" for p in parts), re.DOTALL)
 

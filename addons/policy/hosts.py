@@ -9,7 +9,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 import idna
-import tldextract
+
+from addons.policy.psl import PSL as _PSL
+from addons.policy.psl import public_suffix_section
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -19,16 +21,15 @@ class HostError(ValueError):
     """A host name, IP literal or host pattern that cannot be used; the message says why."""
 
 
-# Offline public suffix list: never the module-level tldextract.extract (it fetches and caches).
-_PSL = tldextract.TLDExtract(
-    suffix_list_urls=(), cache_dir=None, fallback_to_snapshot=True, include_psl_private_domains=True
-)
-
 # Dots that IDNA (UTS 46) maps to '.'; we replace them first so labels split the same way everywhere.
 _UNICODE_DOTS = str.maketrans({"\u3002": ".", "\uff0e": ".", "\uff61": "."})
 # An ASCII label as we accept it. '_' is allowed: real hostnames carry it and browsers/curl accept it;
 # it is compared exactly, so it opens no bypass.
 _ASCII_LABEL = re.compile(r"^[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?$")
+# Lower-case ASCII labels, the last led by a letter or '_' (never an IPv4 spelling): normalize_host
+# returns such a name unchanged; most rule entries are one (parse_pattern skips its checks for them).
+_PLAIN_NAME = re.compile(
+    r"(?:[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?\.)*[a-z_](?:[a-z0-9_-]{0,61}[a-z0-9_])?")
 _ASCII_HOST_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789.-_")
 _IPV6_CHARS = frozenset("0123456789abcdefABCDEF:.")
 _NUMERIC_PART = re.compile(r"^(?:0[xX][0-9a-fA-F]*|[0-9]+)$")
@@ -220,19 +221,6 @@ def registered_domain(host: str) -> str | None:
     return f"{head.rpartition('.')[2]}.{last}"
 
 
-def public_suffix_section(name: str) -> Literal["icann", "private"] | None:
-    """Which PSL section lists a normalised name as a public suffix, or None if it is not one."""
-    r = _PSL.extract_str(name)
-    if r.domain == "" and r.suffix == name:
-        return "private" if r.is_private else "icann"
-    return None
-
-
-def is_public_suffix(name: str) -> bool:
-    """True when a normalised name is itself a public suffix (ICANN or private section)."""
-    return public_suffix_section(name) is not None
-
-
 # ---------------------------------------------------------------------------------------------
 # Address classes
 
@@ -398,24 +386,26 @@ def parse_pattern(raw: str, *, deny: bool = False) -> HostPattern:
         kind, base = "apex_below", text[3:]
     elif text.startswith("*."):
         kind, base = "below", text[2:]
-    if "*" in base:
-        raise HostError(f"bad wildcard {raw!r}: only a leading '*.' or '**.' is allowed (e.g. *.example.com)")
-    try:
-        addr = parse_ip(base)
-    except HostError:
-        addr = None
-        if kind != "exact":
-            raise HostError(f"bad wildcard {raw!r}: a wildcard must stand over a name") from None
-        raise
-    if addr is not None:
-        if kind != "exact":
-            raise HostError(f"bad wildcard {raw!r}: a wildcard cannot stand over an IP address")
-        net = _to_v4_if_mapped(ipaddress.ip_network(addr))
-        return HostPattern("ip", str(addr), net)
-    try:
-        name = normalize_host(base)
-    except HostError as e:
-        raise HostError(f"bad host {raw!r}: {e}") from None
+    if _PLAIN_NAME.fullmatch(base) and len(base) <= 253 and "xn--" not in base:
+        name = base  # normalize_host(base), as tests/policy/test_hosts.py checks
+    else:
+        if "*" in base:
+            raise HostError(f"bad wildcard {raw!r}: only a leading '*.' or '**.' is allowed "
+                            "(e.g. *.example.com)")
+        try:
+            addr = parse_ip(base)
+        except HostError:
+            if kind != "exact":
+                raise HostError(f"bad wildcard {raw!r}: a wildcard must stand over a name") from None
+            raise
+        if addr is not None:
+            if kind != "exact":
+                raise HostError(f"bad wildcard {raw!r}: a wildcard cannot stand over an IP address")
+            return HostPattern("ip", str(addr), _to_v4_if_mapped(ipaddress.ip_network(addr)))
+        try:
+            name = normalize_host(base)
+        except HostError as e:
+            raise HostError(f"bad host {raw!r}: {e}") from None
     section = public_suffix_section(name) if kind != "exact" else None
     if section == "icann" or (section == "private" and not deny):
         raise HostError(f"wildcard {raw!r} stands directly over the public suffix {name!r} "

@@ -261,16 +261,17 @@ def incoming_request(flow: http.HTTPFlow, tunnel: Tunnel | None) -> Incoming:
         scheme = "wss" if scheme == "https" else "ws"
     proxy_credentials = r.headers.pop("proxy-authorization", None)
     status: int | None = None
+    raw_method, raw_path, raw_authority = raw_target(r)
     if r.method == "PRI" or r.path == "*":
         problem: str | None = "not a proxy request"
-    elif (too_large := size_problem(r.data.path, r.headers.fields)) is not None:
+    elif (too_large := size_problem(raw_path, r.headers.fields)) is not None:
         status, problem = too_large  # HTTP/2 (an HTTP/1 head is bounded while it arrives)
     else:
         # Framing a lenient upstream could read differently (line folding, bare CR, control bytes,
         # a target that is not a plain path) is refused, never forwarded.
-        absolute_form = tunnel is not None and bool(r.data.authority) and r.http_version.startswith("HTTP/1")
+        absolute_form = tunnel is not None and bool(raw_authority) and r.http_version.startswith("HTTP/1")
         problem = request_problem(
-            r.data.method, r.scheme, r.data.path, r.headers.fields, absolute_form=absolute_form
+            raw_method, r.scheme, raw_path, r.headers.fields, absolute_form=absolute_form
         )
     return Incoming(
         layer=Layer.INSPECTED if tunnel is not None else Layer.HTTP,

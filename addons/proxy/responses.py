@@ -9,6 +9,7 @@ from mitmproxy import http
 
 from addons.pipeline.model import Outcome
 from addons.policy.model import Reason
+from addons.proxy.mitm_compat import http1_bytes
 
 DECISION_HEADER = "X-Portcullis-Decision"
 REASON_HEADER = "X-Portcullis-Reason"
@@ -141,8 +142,6 @@ def error_body(status_code: int, message: str) -> bytes:
 
 def http1_error_response(status_code: int, message: str = "") -> bytes:
     """Replacement for mitmproxy's HTML error page on HTTP/1 connections (JSON, our headers)."""
-    from mitmproxy.net.http import http1
-
     decision, reason = _error_verdict(status_code)
     resp = http.Response.make(
         status_code,
@@ -157,8 +156,7 @@ def http1_error_response(status_code: int, message: str = "") -> bytes:
     )
     if decision == "deny":
         resp.reason = f"Blocked by Portcullis: {reason} (none)"
-    out: bytes = http1.assemble_response(resp)  # type: ignore[no-untyped-call]
-    return out
+    return http1_bytes(resp)
 
 
 def h2_error_headers(status_code: int) -> list[tuple[bytes, bytes]]:

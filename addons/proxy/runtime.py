@@ -43,7 +43,6 @@ from addons.proxy import mitm_backpressure, mitm_compat
 from addons.proxy.addon import Portcullis
 from addons.proxy.reload import PolicyHolder
 from addons.proxy.responses import error_body, h2_error_headers, http1_error_response
-from addons.proxy.tunnel import TunnelAwareNextLayer
 from addons.redisbus import RedisBus
 from addons.telemetry.events import Telemetry
 
@@ -212,7 +211,7 @@ class Runtime:
         m.addons.add(
             core.Core(),
             proxy_server(),
-            TunnelAwareNextLayer(self.addon.tunnel_next_layer),
+            mitm_compat.TunnelAwareNextLayer(self.addon.tunnel_next_layer),
             tlsconfig.TlsConfig(),
             self.addon,
             Lifecycle(self),
@@ -233,7 +232,7 @@ class Runtime:
     async def on_running(self) -> None:
         assert self.master is not None
         ps = self.master.addons.get("proxyserver")
-        addrs = list(ps.listen_addrs()) if ps else []
+        addrs = mitm_compat.listen_addresses(ps)
         if not addrs:
             print(f"portcullis: cannot listen on {self.p.listen[0]}:{self.p.listen[1]}", file=sys.stderr)
             self.exit_code = 1

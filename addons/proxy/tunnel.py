@@ -1,4 +1,5 @@
-"""CONNECT tunnels in mitmproxy: the first-layer choice, byte-counting relays, and a closing layer."""
+"""CONNECT tunnels in mitmproxy: the first-layer choice, byte-counting relays, and a closing layer
+(the layers themselves, built on mitmproxy's, and the NextLayer addon are in mitm_compat.layers)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from mitmproxy.addons import next_layer
 from mitmproxy.proxy import layer
 from mitmproxy.proxy.context import Context
 
@@ -30,23 +30,6 @@ class Tunnel:
     @property
     def inspect(self) -> bool:
         return self.outcome.inspect
-
-
-class TunnelAwareNextLayer(next_layer.NextLayer):
-    """mitmproxy's NextLayer addon, asking Portcullis first about the first layer of a tunnel.
-
-    One addon, so mitmproxy never builds (and leaves on the context's layer stack) TLS layers that
-    Portcullis then replaces; while Portcullis waits for a whole ClientHello, nothing is chosen.
-    """
-
-    def __init__(self, first: Callable[[layer.NextLayer], bool]) -> None:
-        super().__init__()
-        self._first = first
-
-    def next_layer(self, nextlayer: layer.NextLayer) -> None:
-        if self._first(nextlayer):
-            return
-        super().next_layer(nextlayer)
 
 
 def first_layer(context: Context, t: Tunnel, relay: Relay) -> layer.Layer:

@@ -1,9 +1,15 @@
-"""The event stream: one structured event per decision and per lifecycle fact, built with structlog."""
+"""The event stream: one structured event per decision and per lifecycle fact.
+
+Every event is one document (schema, timestamp, event name, then its fields, nested and cleaned by
+`fields.clean`), handed to the OTLP bridge when it is on and written as one ASCII JSON line
+(`render.dumps_ascii`) to every sink. A decision's document is built directly from its `Outcome`
+(`decision_doc`: the same document the generic path would build from `decision_fields`, without its
+generic walks), because one is written for every request and every tunnel.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import sys
 import threading
@@ -17,23 +23,31 @@ import structlog
 
 from addons.config.models import TelemetryConfig
 from addons.pipeline.model import Outcome
-from addons.policy import hosts as policy_hosts
-from addons.policy.model import Reason
-from addons.telemetry.fields import clean, escape_all, nest
+from addons.policy.model import Action, Reason
+from addons.telemetry.documents import (  # noqa: F401 - SCHEMA and the builders are this module's API too
+    SCHEMA,
+    _c,
+    _envelope,
+    _head,
+    decision_doc,
+    decision_fields,
+    now_rfc3339,
+    registered_domain,
+)
+from addons.telemetry.fields import escape_all
 from addons.telemetry.metrics import Metrics
 from addons.telemetry.otel import OtelBridge
 from addons.telemetry.pipesink import PipeSink, StallStats, usable_fd
+from addons.telemetry.render import dumps_ascii
 from addons.telemetry.sinks import FileSink, StreamSink
 from addons.telemetry.syslog import SyslogSink
 
-SCHEMA = "portcullis.event/v1"
 EVENT_TYPES = (
     "egress.decision", "tunnel.closed", "approval.requested", "approval.decided",
     "rules.reloaded", "rules.reload_failed", "webhook.failed", "proxy.started", "proxy.stopped",
     "worker.exited", "credential.minted", "credential.revoked", "credential.expired", "store.unreachable",
     "store.reconnected", "event_sink.resumed",
 )
-_ENVELOPE = ("schema", "timestamp", "event")
 _WARN_EVENTS = frozenset({"rules.reload_failed", "webhook.failed", "worker.exited", "store.unreachable"})
 # close(): what the network sinks (OTLP, syslog) may still deliver at shutdown, together, in seconds.
 CLOSE_BUDGET_S = 0.9
@@ -105,48 +119,44 @@ class Telemetry:
         self._console: Processor | None = None
         if self._format == "console" and _isatty(self.stream):
             self._console = structlog.dev.ConsoleRenderer(colors=True)
-        self._json = structlog.processors.JSONRenderer(
-            serializer=json.dumps, ensure_ascii=True, separators=(",", ":"), default=str,
-        )
         self.otel = otel
         if self.otel is None and self.config.otlp:
             self.otel = OtelBridge.from_env(on_error=self._otel_dropped)
-        processors: list[Processor] = [_envelope]
-        if self.otel is not None:
-            processors.append(self.otel)
-        processors.append(_to_doc)
-        # A private BoundLogger: no global structlog configuration, which other code may own.
-        context = {} if worker is None else {"worker": worker}
-        self._log = structlog.BoundLogger(_Dispatch(self._write), processors, context)
+        self._counted: dict[tuple[str, str, str], Any] = {}  # requests counter children by labels
+        self._worker = worker
 
     # ---- public API -------------------------------------------------------------------
 
     def decision(self, o: Outcome) -> None:
         """Exactly one `egress.decision` event and the request metrics for one outcome."""
         try:
-            enforced = "true" if o.enforced else "false"
-            self.metrics.requests.labels(o.action.value, o.reason.value, enforced).inc()
+            labels = (o.action._value_, o.reason._value_, "true" if o.enforced else "false")
+            child = self._counted.get(labels)
+            if child is None:
+                child = self._counted[labels] = self.metrics.requests.labels(*labels)
+            child.inc()
             if o.latency_s is not None:
                 self.metrics.decision_seconds.observe(o.latency_s)
         except Exception:  # noqa: BLE001 - metrics must never break the decision path
             self._dropped("metrics")
         try:
-            fields = decision_fields(o)
-        except Exception:  # noqa: BLE001
+            doc = decision_doc(o, self._worker)
+            level = "error" if o.reason is Reason.INTERNAL_ERROR else (
+                "warning" if o.action is Action.DENY else "info")
+            if o.reason is Reason.EVENT_SINK_STALLED and isinstance(self._stdout, PipeSink):
+                # stdout's queue is full: counted there and summarised by event_sink.resumed; the file
+                # sink (if any) still gets this decision.
+                with self._lock:
+                    self._stdout.refused()
+                    self._skip_stdout = True
+                    try:
+                        self._emit_doc(doc, level)
+                    finally:
+                        self._skip_stdout = False
+                return
+            self._emit_doc(doc, level)
+        except Exception:  # noqa: BLE001 - an event that cannot be built is counted, never raised
             self._dropped("render")
-            return
-        if o.reason is Reason.EVENT_SINK_STALLED and isinstance(self._stdout, PipeSink):
-            # stdout's queue is full: counted there and summarised by event_sink.resumed; the file
-            # sink (if any) still gets this decision.
-            with self._lock:
-                self._stdout.refused()
-                self._skip_stdout = True
-                try:
-                    self.emit("egress.decision", **fields)
-                finally:
-                    self._skip_stdout = False
-            return
-        self.emit("egress.decision", **fields)
 
     def tunnel_opened(self) -> None:
         self.metrics.tunnels_open.inc()
@@ -158,18 +168,20 @@ class Telemetry:
     def tunnel_closed(self, o: Outcome, bytes_up: int, bytes_down: int, duration_s: float) -> None:
         """The close of an allowed tunnel (`o` is its CONNECT's outcome): one `tunnel.closed` event."""
         self.tunnel_ended()
-        c = o.request.client
-        self.emit(
-            "tunnel.closed",
-            flow_id=o.request.flow_id,
-            client={"address": c.address, "port": c.port, "name": o.client_name, "user": c.user,
-                    "task_id": c.task_id, "profile": c.profile},
-            destination={"host": o.request.host, "port": o.request.port, "ip": o.ip},
-            bytes_up=bytes_up,
-            bytes_down=bytes_down,
-            duration_s=round(duration_s, 3),
-            inspected=o.inspect,
-        )
+        r, c = o.request, o.request.client
+        try:
+            doc = _head("tunnel.closed", self._worker)
+            doc.update({
+                "flow_id": _c(r.flow_id),
+                "client": {"address": _c(c.address), "port": _c(c.port), "name": _c(o.client_name),
+                           "user": _c(c.user), "task_id": _c(c.task_id), "profile": _c(c.profile)},
+                "destination": {"host": _c(r.host), "port": _c(r.port), "ip": _c(o.ip)},
+                "bytes_up": _c(bytes_up), "bytes_down": _c(bytes_down),
+                "duration_s": _c(round(duration_s, 3)), "inspected": _c(o.inspect),
+            })
+            self._emit_doc(doc, "info")
+        except Exception:  # noqa: BLE001
+            self._dropped("render")
 
     def emit(self, event: str, **fields: Any) -> None:
         """Any event: adds schema, timestamp and event name; writes one line per sink.
@@ -178,9 +190,7 @@ class Telemetry:
         (`**{"client.address": ...}`); both are written as nested objects.
         """
         try:
-            level = _level(event, fields)
-            with self._lock:
-                getattr(self._log, level)(event, **fields)
+            self._emit_doc(_envelope(event, fields, self._worker), _level(event, fields))
         except Exception:  # noqa: BLE001 - an event that cannot be built is counted, never raised
             self._dropped("render")
 
@@ -246,9 +256,15 @@ class Telemetry:
 
     # ---- internals --------------------------------------------------------------------
 
+    def _emit_doc(self, doc: dict[str, Any], level: str) -> None:
+        with self._lock:
+            if self.otel is not None:
+                self.otel(None, level, doc)  # catches and counts its own errors
+            self._write(doc, level)
+
     def _write(self, doc: dict[str, Any], level: str) -> None:
         out = self._to_ocsf(doc) if self._to_ocsf is not None else doc
-        line = str(self._json(None, "info", dict(out)))
+        line = dumps_ascii(out)
         why = ""
         sinks: list[StreamSink | PipeSink | FileSink] = [] if self._skip_stdout else [self._stdout]
         if self._file is not None:
@@ -321,87 +337,12 @@ class Telemetry:
         return self._syslog.buffered if self._syslog is not None else 0
 
 
-class _Dispatch:
-    """The structlog 'logger': receives the finished event dict and hands it to the sinks."""
-
-    def __init__(self, write: Callable[[dict[str, Any], str], None]) -> None:
-        self._write = write
-
-    def info(self, doc: dict[str, Any]) -> None:
-        self._write(doc, "info")
-
-    def warning(self, doc: dict[str, Any]) -> None:
-        self._write(doc, "warning")
-
-    def error(self, doc: dict[str, Any]) -> None:
-        self._write(doc, "error")
-
-    msg = info
-
-
-def _envelope(_logger: Any, _method: str, ed: MutableMapping[str, Any]) -> dict[str, Any]:
-    """schema, timestamp, event first; then the caller's fields, nested and cleaned."""
-    event = str(ed.pop("event", ""))
-    for key in _ENVELOPE:
-        ed.pop(key, None)
-    body = clean(nest(ed))
-    return {"schema": SCHEMA, "timestamp": now_rfc3339(), "event": clean(event), **body}
-
-
-def _to_doc(_logger: Any, _method: str, ed: MutableMapping[str, Any]) -> tuple[tuple[()], dict[str, Any]]:
-    return (), {"doc": dict(ed)}
-
-
 def _level(event: str, fields: Mapping[str, Any]) -> str:
     if fields.get("reason") == "internal_error":
         return "error"
     if event in _WARN_EVENTS or fields.get("decision") == "deny":
         return "warning"
     return "info"
-
-
-def decision_fields(o: Outcome) -> dict[str, Any]:
-    """The `egress.decision` fields of one outcome (nested, in schema order)."""
-    r, c = o.request, o.request.client
-    return {
-        "decision": o.action.value,
-        "reason": o.reason.value,
-        "enforced": o.enforced,
-        "rule": o.rule.name if o.rule else None,
-        "rule_file": o.rule.file if o.rule else None,
-        "rule_line": o.rule.line if o.rule else None,
-        "matched_rules": [m.name for m in o.matched],
-        "client": {"address": c.address, "port": c.port, "name": o.client_name, "user": c.user,
-                   "task_id": c.task_id, "profile": c.profile,
-                   "labels": dict(c.labels) if c.task_id else None},
-        "destination": {"host": r.host or None, "port": r.port or None, "ip": o.ip,
-                        "registered_domain": registered_domain(r.host)},
-        "request": {"scheme": r.scheme, "method": r.method, "path": r.path},  # clean() drops any query
-        "approval_id": o.approval_id,
-        "flow_id": r.flow_id,
-        "layer": r.layer.value,
-        "status": o.status,
-        "latency_ms": _ms(o.latency_s),
-        "approval_wait_ms": _ms(o.approval_wait_s),
-        # For a private destination the event names the class ("loopback", "metadata", "self" ...).
-        "detail": o.private_class if o.private_class is not None else o.detail,
-        "credential": o.credential,  # a name, never the value (the Outcome's injection is not rendered)
-    }
-
-
-def registered_domain(host: str | None) -> str | None:
-    """The registrable domain (offline PSL, its default rule for unlisted suffixes); None for IP
-    literals, bare suffixes and hosts that could not be read."""
-    if not host:
-        return None
-    try:
-        return policy_hosts.registered_domain(host)
-    except Exception:  # noqa: BLE001 - an odd host never breaks an event
-        return None
-
-
-def _ms(seconds: float | None) -> float | None:
-    return None if seconds is None else round(seconds * 1000.0, 3)
 
 
 def _flat(doc: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -420,7 +361,3 @@ def _isatty(stream: TextIO) -> bool:
         return bool(stream.isatty())
     except (AttributeError, ValueError):
         return False
-
-
-def now_rfc3339() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from addons.policy.hosts import registered_domain
-from addons.telemetry.events import SCHEMA
+from addons.telemetry.documents import SCHEMA
 from addons.telemetry.fields import escape_controls
 from addons.telemetry.report_credentials import CredentialUse
 from addons.telemetry.report_tasks import build_by_task, write_by_task

@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 
-from addons.config.fastyaml import parse_rule_file
+from addons.config import fastyaml
+from addons.config.fastyaml import parse_rule_file, read_rules
 from tests.policy.pol_helpers import REPO
 
 
@@ -39,9 +40,52 @@ def same(a: Any, b: Any, path: str = "") -> None:
         assert a == b, path
 
 
+def plain_of(value: Any) -> Any:
+    """ruamel's tree as the plain values read_rules gives (dicts, lists, the same scalar types)."""
+    if isinstance(value, CommentedMap):
+        return {k: plain_of(v) for k, v in value.items()}
+    if isinstance(value, CommentedSeq):
+        return [plain_of(v) for v in value]
+    return value
+
+
+def same_plain(a: Any, b: Any) -> None:
+    assert type(a) is type(b), (a, b)
+    if isinstance(a, dict):
+        assert list(a) == list(b)
+        for k in a:
+            same_plain(a[k], b[k])
+    elif isinstance(a, list):
+        assert len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            same_plain(x, y)
+    else:
+        assert a == b
+
+
+def check_plain(text: str, tree: Any) -> None:
+    """read_rules (and its simplest-spelling reader) agree with the tree: values, lines, name positions."""
+    plain = read_rules(text)
+    if tree is None:
+        assert plain is None and fastyaml._read_simplest(text) is None, text
+        return
+    assert plain is not None, text
+    seq = tree["rules"]
+    assert len(plain) == len(seq)
+    for i, (rule, line, name_pos) in enumerate(plain):
+        same_plain(rule, plain_of(seq[i]))
+        assert line == seq.lc.item(i)[0] + 1
+        node = seq[i]
+        want = (node.lc.value("name")[0] + 1, node.lc.value("name")[1] + 1) if "name" in node else (line, 1)
+        assert name_pos == want
+    simplest = fastyaml._read_simplest(text)
+    assert simplest is None or simplest == plain
+
+
 def check(text: str) -> bool:
     """True when the fast reader accepted the text (and then matched ruamel exactly)."""
     fast = parse_rule_file(text)
+    check_plain(text, fast)
     if fast is None:
         return False
     same(fast, ruamel(text))
@@ -160,6 +204,7 @@ def test_accepted_shapes_match_ruamel(text: str) -> None:
 @pytest.mark.parametrize("text", DECLINED)
 def test_everything_else_is_declined(text: str) -> None:
     assert parse_rule_file(text) is None
+    assert read_rules(text) is None and fastyaml._read_simplest(text) is None
 
 
 SCALARS = st.one_of(
@@ -255,6 +300,7 @@ def test_fast_reader_agrees_with_ruamel() -> None:
     def agrees(rules: list[list[tuple[str, Any, str]]], indent: int) -> None:
         text = _rule_text(rules, indent)
         fast = parse_rule_file(text)
+        check_plain(text, fast)
         if fast is None:
             seen["declined"] += 1
             return
@@ -298,6 +344,36 @@ def test_keys_yaml_reads_as_other_types_are_declined(key: str) -> None:
     assert parse_rule_file(f"rules:\n  - name: a\n    {key}: b\n") is None
 
 
+SIMPLE_VALUES = st.one_of(
+    st.sampled_from(["a.test", "r1", "allow", "deny", "443", "8443", "10.1.2.0/24", "1.2.3.4", "1.5", "0",
+                     "no", "true", "/v1/*", "POST", "Bücher.de", "x_y-z", "1.2.3", "2026-01-02", "0x1f"]),
+    st.text(alphabet="ab.0123456789/-_*", min_size=1, max_size=8),
+)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.lists(st.tuples(st.sampled_from(["name", "action", "hosts", "ports", "paths", "raw_tcp"]),
+                                   st.one_of(st.tuples(SIMPLE_VALUES, styles),
+                                             st.lists(st.tuples(SIMPLE_VALUES, styles), max_size=3)),
+                                   st.just("")), min_size=1, max_size=4), min_size=1, max_size=4),
+       st.sampled_from([0, 2]), st.sampled_from(["", "# generated\n\n"]))
+def test_the_simplest_spelling_reads_like_the_tree(rules: list[list[tuple[str, Any, str]]], indent: int,
+                                                  header: str) -> None:
+    """What generators write (no comments after values, `[a, b]` lists): the one-regex reader's domain."""
+    text = header + _rule_text(rules, indent)
+    check(text)
+
+
+def test_a_generated_policy_takes_the_simplest_reader(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    from bench_policy import rule_text
+
+    text = "# generated\nrules:\n" + "".join(rule_text(i) for i in range(2000))
+    simplest = fastyaml._read_simplest(text)
+    assert simplest is not None and len(simplest) == 2000
+    check(text)
+
+
 @pytest.mark.parametrize(
     "text",
     [
@@ -309,3 +385,4 @@ def test_keys_yaml_reads_as_other_types_are_declined(key: str) -> None:
 def test_credential_rules_are_left_to_ruamel(text: str) -> None:
     """A `credentials:` section (and the nested mappings it needs) is not the fast reader's shape."""
     assert parse_rule_file(text) is None
+    assert fastyaml.read_rules(text) is None  # nor the plain-values reader's (load.py then reads it whole)

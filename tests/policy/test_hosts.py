@@ -4,6 +4,7 @@ the pattern grammar; and hypothesis properties (idempotent normalisation, IP spe
 from __future__ import annotations
 
 import ipaddress
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
@@ -456,3 +457,27 @@ def test_ip_spellings_canonicalise_to_one_address(
         text += "."
     assert normalize_host(text) == want
 
+
+# ---- parse_pattern's shortcut for plain names --------------------------------------------------------
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(alphabet="abcxn-_.019AZ*", min_size=1, max_size=20))
+def test_the_plain_name_shortcut_agrees_with_normalize_host(text: str) -> None:
+    from addons.policy import hosts
+
+    def slow(raw: str) -> Any:
+        try:
+            return ("ok", normalize_host(raw))
+        except HostError:
+            return ("error",)
+
+    if hosts._PLAIN_NAME.fullmatch(text) and len(text) <= 253 and "xn--" not in text:
+        assert slow(text) == ("ok", text)
+    for raw in (text, f"*.{text}", f"**.{text}"):
+        try:
+            p = parse_pattern(raw)
+        except HostError:
+            continue
+        if p.kind in ("exact", "below", "apex_below"):
+            assert slow(raw.lstrip("*").lstrip(".")) == ("ok", p.value)

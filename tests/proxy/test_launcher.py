@@ -21,8 +21,8 @@ from addons.proxy.launcher import (
     run_command,
     upstream_bundle,
 )
+from addons.proxy.mitm_compat import TunnelAwareNextLayer
 from addons.proxy.runtime import Runtime, local_addresses
-from addons.proxy.tunnel import TunnelAwareNextLayer
 from tests.policy.pol_helpers import write_config
 
 

@@ -1,6 +1,6 @@
 """addons/proxy/tunnel.py: the allowed tunnel's state, mitmproxy's NextLayer asking Portcullis first, and
 the layer built for each way the pipeline judged a tunnel's first bytes (the relays themselves are
-mitmproxy subclasses: tests/proxy/test_mitm_compat.py)."""
+mitmproxy subclasses: tests/proxy/mitm_compat/test_layers.py)."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ from addons.pipeline.clienthello import HandshakeWatch
 from addons.pipeline.firstbytes import Relay
 from addons.pipeline.model import Outcome
 from addons.policy.model import Action, Client, Layer, Reason, Request
-from addons.proxy.mitm_compat import CloseBoth, CountingRelay, CountingServerTLSLayer
-from addons.proxy.tunnel import Tunnel, TunnelAwareNextLayer, closing_layer, first_layer
+from addons.proxy.mitm_compat import CloseBoth, CountingRelay, CountingServerTLSLayer, TunnelAwareNextLayer
+from addons.proxy.tunnel import Tunnel, closing_layer, first_layer
 
 REQ = Request("public.test", 443, Client("10.0.0.1"), None, "CONNECT", None, Layer.CONNECT, "t1")
 
