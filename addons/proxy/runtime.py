@@ -39,7 +39,7 @@ from addons.credentials.stores import open_credential_store
 from addons.pipeline.decide import Pipeline
 from addons.pipeline.dns import system_lookup
 from addons.pipeline.identity import ProxyAuth
-from addons.proxy import mitm_backpressure, mitm_compat
+from addons.proxy import mitm_compat
 from addons.proxy.addon import Portcullis
 from addons.proxy.reload import PolicyHolder
 from addons.proxy.responses import error_body, h2_error_headers, http1_error_response
@@ -337,7 +337,6 @@ async def serve(rt: Runtime) -> int:
         return 2
     mitm_compat.install(http1_error_response, error_body, h2_error_headers, rt.addon.record_refusal)
     mitm_compat.set_head_timeout(rt.p.loaded.config.network.header_timeout)
-    mitm_backpressure.install()  # a held client is not read past a bound (SECURITY.md §4)
     if rt.worker is not None:
         mitm_compat.listen_on(socket.socket(fileno=rt.worker.listen_fd))
     m = rt.build_master()

@@ -15,6 +15,8 @@ Nothing else in addons/ imports mitmproxy's internals; import the names below fr
   pinned upstream given its name back once connected.
 - `sockets`: the listening sockets: their accept queue, their addresses, accepting on a socket
   inherited from the supervisor.
+- `backpressure`: a client connection with a hook pending (a request held for a person) is not
+  read past a bound, so its sender blocks instead of the proxy's memory growing.
 - `speed`: what is changed for speed: mitmproxy's debug-mode type checks of every Request and
   Response dropped, and hook dispatch without walking every addon for every hook.
 """
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from addons.proxy.mitm_compat import parsing, refusals, speed
+from addons.proxy.mitm_compat import backpressure, parsing, refusals, speed
 from addons.proxy.mitm_compat.layers import (
     CloseBoth,
     CountingRelay,
@@ -94,8 +96,8 @@ def install(
     reporter: Reporter,
 ) -> None:
     """Swap mitmproxy's error pages for ours, report every refusal (4xx page or GOAWAY) it makes,
-    harden and bound its request reading, and speed up its hook dispatch. Idempotent (the reporter
-    is replaced).
+    harden and bound its request reading, stop reading held clients past a bound, and speed up its
+    hook dispatch. Idempotent (the reporter is replaced).
 
     `http1_page(status, message)` is a whole HTTP/1 response; `body(status, message)` an HTTP/2 body;
     `h2_headers(status)` the headers for that body (besides `:status`).
@@ -108,4 +110,5 @@ def install(
     parsing.install()  # first: refusals then tracks the bounded reader (its 414/431 are reported)
     refusals.install(http1_page, body, h2_headers)
     speed.install()
+    backpressure.install()
     _http1._portcullis_installed = True  # type: ignore[attr-defined]

@@ -1,4 +1,4 @@
-"""A held client is not read past a bound (addons/proxy/mitm_backpressure.py), through the real proxy:
+"""A held client is not read past a bound (addons/proxy/mitm_compat/backpressure.py), through the real proxy:
 a 200 MiB upload held for an approval blocks its sender while the proxy's memory stays flat, then arrives
 upstream intact once allowed (or not at all once denied); bytes pipelined behind a held GET likewise;
 other connections flow meanwhile. Run with -s to see the measured RSS."""

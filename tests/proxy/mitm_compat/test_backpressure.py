@@ -1,4 +1,4 @@
-"""addons/proxy/mitm_backpressure.py: every mitmproxy internal it relies on (each test breaks when an
+"""addons/proxy/mitm_compat/backpressure.py: every mitmproxy internal it relies on (each test breaks when an
 upgrade changes one), and the gate's behaviour on real sockets.
 End-to-end: tests/proxy/e2e/test_backpressure.py."""
 
@@ -21,7 +21,7 @@ from mitmproxy.proxy.mode_servers import ProxyConnectionHandler
 from mitmproxy.proxy.mode_specs import ProxyMode
 from mitmproxy.proxy.server_hooks import ClientConnectedHook
 
-from addons.proxy import mitm_backpressure as bp
+from addons.proxy.mitm_compat import backpressure as bp
 
 
 async def _pair() -> tuple[asyncio.StreamReader, asyncio.StreamWriter, socket.socket, Any]:
