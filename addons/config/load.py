@@ -12,6 +12,7 @@ from typing import Any
 from pydantic import TypeAdapter, ValidationError
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 
+from addons.config import rulefiles
 from addons.config.credentials import CredentialEntry, compile_credentials
 from addons.config.fastyaml import read_rules
 from addons.config.gcpause import FREEZE_RULES, collector_paused
@@ -59,60 +60,6 @@ class LoadedConfig:
 
 # ---------------------------------------------------------------------------------------------
 # Rule files
-
-
-def _rule_paths(config: Config, base_dir: Path, data: Any, shown_cfg: str,
-                errors: ErrorList) -> list[tuple[Path, str]]:
-    """(path, shown path) of every rule file, in order. Folders: *.yaml/*.yml, sorted, not recursive."""
-    out: list[tuple[Path, str]] = []
-    seen: set[Path] = set()
-    for i, entry in enumerate(config.rules):
-        path = base_dir / entry
-        shown = str(Path(shown_cfg).parent / entry)
-        if path.is_dir() and Path(entry).suffix in RULE_SUFFIXES:
-            errors.add(shown_cfg, *pos(data, ("rules", i), value=True),
-                       f"rules: {entry!r} is a folder, not a rule file")
-        elif path.is_dir():
-            named = sorted(p for p in path.iterdir() if p.suffix in RULE_SUFFIXES)
-            for p in named:  # a rule file that cannot be read must not quietly take its rules away
-                if not p.is_file():
-                    errors.add_plain(str(Path(shown) / p.name), f"cannot read: {_not_a_file(p)}")
-            files = [p for p in named if p.is_file()]
-            out.extend((p, str(Path(shown) / p.name)) for p in files if p.resolve() not in seen)
-            seen.update(p.resolve() for p in files)
-        elif path.is_file():
-            if path.resolve() not in seen:  # the same file named twice is loaded once
-                out.append((path, shown))
-            seen.add(path.resolve())
-        else:
-            errors.add(shown_cfg, *pos(data, ("rules", i), value=True),
-                       f"rules: {entry!r}: no such file or folder")
-    # scope=always grants are written to persist_to; load it even when no rules entry covers it.
-    if config.approvals.persist_to:
-        persist = base_dir / config.approvals.persist_to
-        if persist.is_file() and persist.resolve() not in seen:
-            out.append((persist, str(Path(shown_cfg).parent / config.approvals.persist_to)))
-    return out
-
-
-RULE_SUFFIXES = (".yaml", ".yml")
-
-
-def _not_a_file(p: Path) -> str:
-    """Why a *.yaml entry of a rule folder is not a rule file (it is never opened: it may be a FIFO)."""
-    if p.is_symlink() and not p.exists():
-        return "a symbolic link to nothing"
-    if p.is_dir():
-        return "a folder, not a rule file"
-    return "not a regular file"
-
-
-def _ref_file(path: Path, base_dir: Path) -> str:
-    """The rule file as named in decisions and events: relative to the config folder if inside it."""
-    try:
-        return path.resolve().relative_to(base_dir.resolve()).as_posix()
-    except ValueError:
-        return str(path)
 
 
 def _compile_rule(m: RuleModel, node: Any, order: int, line: int, ref_file: str, shown: str,
@@ -239,7 +186,7 @@ def _fast_file_result(path: Path, shown: str, text: str, base_dir: Path,
         models = _RULE_LIST.validate_python([rule for rule, _, _ in plain])
     except ValidationError:
         return None
-    ref_file = _ref_file(path, base_dir)
+    ref_file = rulefiles.ref_file(path, base_dir)
     scratch = ErrorList()
     entries: list[_Entry] = []
     for i, (m, (raw, line, name_pos)) in enumerate(zip(models, plain, strict=True)):
@@ -273,7 +220,7 @@ def _file_result(path: Path, shown: str, text: str, base_dir: Path, settings: Se
     if seq is not None and not isinstance(seq, CommentedSeq):
         errors.add(shown, *pos(data, ("rules",), value=True), "rules: must be a list of rules")
         seq = None
-    ref_file = _ref_file(path, base_dir)
+    ref_file = rulefiles.ref_file(path, base_dir)
     for i, node in enumerate(seq or ()):
         name = node.get("name") if isinstance(node, CommentedMap) else None
         label = f"rule {name!r}" if isinstance(name, str) and name else f"rules.{i}"
@@ -376,7 +323,7 @@ def load_policy(config: Config, base_dir: Path, *, config_shown: str | None = No
 
 def _build(config: Config, data: Any, base_dir: Path, shown_cfg: str, settings: Settings,
            errors: ErrorList, secrets: bool = True) -> tuple[Policy, _RuleLoad]:
-    paths = _rule_paths(config, base_dir, data, shown_cfg, errors)
+    paths = rulefiles.rule_paths(config, base_dir, data, shown_cfg, errors)
     explicit = frozenset(base_dir / e for e in config.rules if (base_dir / e).is_file())
     with collector_paused() as pause:
         loaded = _load_rules(paths, base_dir, settings, errors, explicit)

@@ -10,13 +10,13 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import unquote
 
+from addons.policy.addresses import classify_ip
 from addons.policy.credentials import CredentialSet
 from addons.policy.hosts import (
     HostError,
     HostPattern,
     IPAddress,
     IPNetwork,
-    classify_ip,
     is_ip,
     parse_ip,
 )

@@ -10,7 +10,8 @@ from fuzz_support import SPECIAL, bounded, hostile_text
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from addons.policy.hosts import HostError, classify_address, is_ip, normalize_host, parse_ip, parse_pattern
+from addons.policy.addresses import classify_address
+from addons.policy.hosts import HostError, is_ip, normalize_host, parse_ip, parse_pattern
 
 FORBIDDEN_IN_RESULT = set("/@\\?# \t\r\n%[]")
 
