@@ -143,7 +143,9 @@ async def test_422_for_always_without_persist_to(make_service, admin_server):
 async def test_a_broken_store_is_a_json_500_not_a_crash(setup):
     svc, client = setup
     pend = await svc.resolve(request(), alive)
-    svc.store._db.close()  # the disk went away under the service
+    # The disk went away under the service: the connection is closed on the store's own thread (its
+    # calls run there one at a time; closing it from another thread mid-call would crash SQLite).
+    await asyncio.get_running_loop().run_in_executor(svc.store._pool, svc.store._db.close)
     r = await client.post(f"/approvals/{pend.approval_id}", json={"decision": "allow"})
     assert r.status_code == 500 and r.json()["error"] == "internal_error"
     assert (await client.get("/approvals")).status_code == 500

@@ -271,7 +271,8 @@ async def test_always_refuses_to_clobber_a_broken_rule_file(make_service, tmp_pa
 
 async def test_resolve_fails_closed_on_internal_error(make_service):
     svc = await make_service()
-    svc.store._db.close()  # a broken store must deny, never allow or raise into the proxy
+    # A broken store must deny, never allow or raise into the proxy (closed on the store's thread).
+    await asyncio.get_running_loop().run_in_executor(svc.store._pool, svc.store._db.close)
     out = await svc.resolve(request(), alive)
     assert (out.allowed, out.reason) == (False, Reason.INTERNAL_ERROR)
 
