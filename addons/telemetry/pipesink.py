@@ -1,9 +1,10 @@
 """stdout when it is a pipe, a file or a terminal: a bounded queue drained by one writer thread.
 
 A reader that stops reading (a log shipper that hangs, a `| less` left open) fills the pipe; a
-blocking write on the event loop would then stall every connection of the proxy. Here the loop only
-queues the line; the writer thread writes whole batches of whole lines with `os.write` (one writer,
-so lines never tear or interleave) and blocks alone while the pipe is full.
+blocking write on the event loop would then stall every connection of the proxy. With nothing queued
+and room in the pipe, a line is written at once (so an event is normally out before the answer it
+records); otherwise the loop only queues it, and the writer thread writes whole batches of whole
+lines with `os.write` (lines never tear or interleave) and blocks alone while the pipe is full.
 
 `stalled` turns True when `capacity` lines are waiting and False again once the writer has brought
 the queue down to half of it; the proxy refuses new requests meanwhile (reason
@@ -76,6 +77,8 @@ class PipeSink:
     def write(self, line: str) -> None:
         with self._cond:
             n = len(self._q)
+            if n == 0 and not self._busy and not self._closing and self._write_now(line + "\n"):
+                return
             if n >= 2 * self.capacity:
                 self._dropped += 1
                 raise SinkFull(errno.EAGAIN, "stdout is not being read and its buffer is full")
@@ -85,6 +88,33 @@ class PipeSink:
                 _note(f"portcullis: stdout is not being read ({self.capacity} events waiting); new requests "
                       "are refused (event_sink_stalled) until it is read again")
             self._cond.notify()
+
+    def _write_now(self, text: str) -> bool:
+        """The common case, nothing queued: the line is written at once from the caller's thread when
+        the descriptor has room for it (a pipe takes up to PIPE_BUF bytes whole, without blocking), so
+        an event is out before the answer it records. Anything else goes through the queue."""
+        data = text.encode("utf-8", "backslashreplace")
+        if len(data) > select.PIPE_BUF:
+            return False
+        try:
+            if not select.select([], [self.fd], [], 0)[1]:
+                return False
+            n = os.write(self.fd, data)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:  # EPIPE, EBADF, EIO: lost and counted, as when the writer thread meets it
+            self.failed = True
+            if self.on_error is not None:
+                with contextlib.suppress(Exception):
+                    self.on_error(1)
+            return True
+        except ValueError:  # a descriptor select cannot watch: the writer thread takes it
+            return False
+        self.failed = False
+        if n < len(data):  # a file or terminal took part of it: the writer thread writes the rest
+            self._q.append(data[n:].decode("utf-8", "replace"))
+            self._cond.notify()
+        return True
 
     @property
     def stalled(self) -> bool:

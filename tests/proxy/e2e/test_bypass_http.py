@@ -177,10 +177,13 @@ def test_inside_an_inspected_tunnel_only_origin_form_targets_pass(proxy, clean, 
 
 
 def test_a_connect_inside_an_inspected_tunnel_is_answered_and_logged_alike(proxy, clean):
+    inner = {"request.method": "CONNECT", "layer": "inspected"}
+    n = len(proxy.decisions(**inner))
     with _inspected(proxy, clean.record_tls_port) as tls:
         tls.sendall(b"CONNECT blocked.test:443 HTTP/1.1\r\nHost: blocked.test:443\r\n\r\n")
         reply = read_reply(tls)
-    ev = proxy.decisions(**{"request.method": "CONNECT", "layer": "inspected"})[-1]
+    # stdout is written by its own thread: the answer may arrive a moment before its event does
+    ev = proxy.wait_event("egress.decision", count=n + 1, **inner)
     assert reply.status in (400, 403)
     assert reply.headers["x-portcullis-reason"] == ev["reason"] == "bad_request"
     _nothing_arrived(clean)

@@ -85,7 +85,7 @@ def test_mint_use_and_the_task_in_every_event(proxy, upstreams):
     assert m["proxy_url"].startswith("http://build-1:") and m["password"] in m["proxy_url"]
     status, _ = get(proxy, "api.public.test", upstreams.http_port, m["user"], m["password"])
     assert status == 200
-    ev = proxy.decisions(**{"client.task_id": "build-1"})[-1]
+    ev = proxy.wait_event("egress.decision", **{"client.task_id": "build-1"})  # stdout has its own thread
     assert ev["client"]["profile"] == "frontend" and ev["client"]["labels"] == {"repo": "web", "team": "ui"}
     assert ev["rule"] == "fe-api"
     minted = proxy.wait_event("credential.minted", task_id="build-1")
