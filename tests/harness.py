@@ -558,16 +558,20 @@ class PortcullisProc:
     def _read(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None
         for line in self.proc.stdout:
-            with self._cond:
-                self.raw_lines.append(line.decode("utf-8", "replace"))
-            try:
-                doc = json.loads(line)
-            except ValueError:
-                continue
-            with self._cond:
-                self.events.append(doc)
-                self._cond.notify_all()
+            self._take(line)
         with self._cond:
+            self._cond.notify_all()
+
+    def _take(self, line: bytes) -> None:
+        """One stdout line: kept as text, and as an event when it is JSON (waiters are woken)."""
+        with self._cond:
+            self.raw_lines.append(line.decode("utf-8", "replace"))
+        try:
+            doc = json.loads(line)
+        except ValueError:
+            return
+        with self._cond:
+            self.events.append(doc)
             self._cond.notify_all()
 
     def stop(self, sig: int = signal.SIGTERM) -> int:

@@ -12,6 +12,7 @@ from ruamel.yaml.comments import CommentedMap, CommentedSeq
 
 from addons.config import fastyaml
 from addons.config.fastyaml import parse_rule_file, read_rules
+from tests.fuzz.fuzz_support import same_tree as same
 from tests.policy.pol_helpers import REPO
 
 
@@ -19,25 +20,6 @@ def ruamel(text: str) -> Any:
     y = YAML(typ="rt")
     y.allow_duplicate_keys = False
     return y.load(text)
-
-
-def same(a: Any, b: Any, path: str = "") -> None:
-    """Equal values, equal Python types, equal line/column data at every node."""
-    assert type(a) is type(b), (path, type(a), type(b))
-    if isinstance(a, CommentedMap):
-        assert list(a) == list(b), path
-        assert (a.lc.line, a.lc.col) == (b.lc.line, b.lc.col), path
-        for k in a:
-            assert list(a.lc.data[k]) == list(b.lc.data[k]), (path, k)
-            same(a[k], b[k], f"{path}.{k}")
-    elif isinstance(a, CommentedSeq):
-        assert len(a) == len(b), path
-        assert (a.lc.line, a.lc.col) == (b.lc.line, b.lc.col), path
-        for i in range(len(a)):
-            assert list(a.lc.data[i]) == list(b.lc.data[i]), (path, i)
-            same(a[i], b[i], f"{path}[{i}]")
-    else:
-        assert a == b, path
 
 
 def plain_of(value: Any) -> Any:

@@ -50,15 +50,7 @@ class GatedProc(PortcullisProc):
             line = out.readline()
             if not line:
                 break
-            with self._cond:
-                self.raw_lines.append(line.decode("utf-8", "replace"))
-            try:
-                doc = json.loads(line)
-            except ValueError:
-                continue
-            with self._cond:
-                self.events.append(doc)
-                self._cond.notify_all()
+            self._take(line)
         with self._cond:
             self._cond.notify_all()
 
