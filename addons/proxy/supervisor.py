@@ -31,6 +31,7 @@ from addons.approvals.stores import is_redis
 from addons.approvals.stores.redis import safe_url
 from addons.background import spawn
 from addons.bus import Bus, LocalHub, Message
+from addons.proxy.relay import LineRelay
 from addons.proxy.runtime import Prepared, admin_routes, credential_service, fmt_host
 from addons.redisbus import RedisBus
 from addons.telemetry.events import Telemetry
@@ -39,8 +40,6 @@ from addons.telemetry.metrics import multiprocess_render, use_multiprocess
 READY_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
 RESTARTS_PER_MINUTE = 5  # a worker that dies more often than this stops the proxy (exit 1)
-MAX_LINE = 1 << 20
-RELAY_PAUSE_S = 0.05  # how often a relay paused by a stalled stdout looks again
 
 
 def usable_cores() -> int:
@@ -81,6 +80,7 @@ class Supervisor:
         self._ready_event = asyncio.Event()
         self._done = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
+        self.relays: list[LineRelay] = []  # one per worker process started; a finished one leaves
 
     # ---- start ---------------------------------------------------------------------------------
     async def run(self) -> int:
@@ -176,11 +176,18 @@ class Supervisor:
             "--worker-bus",
             str(self.hub.path),
         ]
-        proc = await asyncio.create_subprocess_exec(
-            *cmd, stdout=asyncio.subprocess.PIPE, pass_fds=(fd,), limit=MAX_LINE, env=os.environ.copy()
-        )
+        r, w = os.pipe()
+        try:
+            proc = await asyncio.create_subprocess_exec(*cmd, stdout=w, pass_fds=(fd,), env=os.environ.copy())
+        except BaseException:
+            os.close(r)
+            raise
+        finally:
+            os.close(w)
+        relay = LineRelay(f"worker {i}", self.telemetry.relay_line, self.telemetry.stdout_stalled)
+        await asyncio.get_running_loop().connect_read_pipe(lambda: relay, os.fdopen(r, "rb", buffering=0))
         self.procs[i] = proc
-        self._tasks.append(spawn(self._relay(i, proc), f"relay-{i}"))
+        self.relays = [x for x in self.relays if not x.done.done()] + [relay]
         self._tasks.append(spawn(self._watch(i, proc), f"watch-{i}"))
 
     # ---- while running ------------------------------------------------------------------------
@@ -189,19 +196,6 @@ class Supervisor:
             self.ready.add(m["worker"])
             if len(self.ready) == self.n:
                 self._ready_event.set()
-
-    async def _relay(self, i: int, proc: asyncio.subprocess.Process) -> None:
-        """The worker's events, one whole line at a time, onto the supervisor's stdout.
-
-        While stdout's reader has stopped reading (its queue full), the relay stops reading the
-        worker's pipe too: the worker's own queue then fills and the worker refuses new requests
-        (event_sink_stalled), so nothing piles up here without bound and no decision is lost."""
-        assert proc.stdout is not None
-        with contextlib.suppress(ValueError, ConnectionError):
-            while line := await proc.stdout.readline():
-                self.telemetry.relay_line(line.decode("utf-8", "replace"))
-                while self.telemetry.stdout_stalled() and not self._done.is_set():
-                    await asyncio.sleep(RELAY_PAUSE_S)
 
     async def _watch(self, i: int, proc: asyncio.subprocess.Process) -> None:
         code = await proc.wait()
@@ -242,6 +236,9 @@ class Supervisor:
         self._done.set()
 
     async def _shutdown(self) -> int:
+        deadline = time.monotonic() + STOP_TIMEOUT_S  # how long a stalled stdout may hold the last events
+        for relay in self.relays:
+            relay.finish_by(deadline)
         for proc in self.procs.values():
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGTERM)
@@ -252,7 +249,10 @@ class Supervisor:
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
                 await proc.wait()
-        for t in self._tasks:  # the relays finish once every pipe is at EOF
+        for relay in self.relays:  # a relay is done once its pipe is at EOF and all is written
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(relay.done), max(0.0, deadline - time.monotonic()) + 2)
+        for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await asyncio.wait_for(t, 2)
         if self.admin is not None:
