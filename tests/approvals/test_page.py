@@ -187,7 +187,11 @@ async def test_the_page_names_the_credential_whose_first_use_is_asked(page_setup
     svc, client = page_setup
     task = asyncio.create_task(svc.resolve(dataclasses.replace(request(method="GET", path="/repos/x"),
                                                                credential="gh"), alive))
-    await wait_until(lambda: bool(svc.store.pending()))
+
+    async def held() -> bool:
+        return bool(await svc.store.pending())
+
+    await wait_until(held)
     await login(client)
     listing = await client.get("/")
     assert "GET https://unknown.example:443/repos/x using credential gh" in listing.text
