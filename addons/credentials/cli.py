@@ -1,4 +1,5 @@
-"""`portcullis credentials mint|list|revoke`: task credentials on a running proxy's admin API."""
+"""`portcullis credentials mint|list|revoke`: task credentials on a running proxy's admin API
+(through addons/admin/client.py)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,7 @@ from typing import Any
 
 import httpx
 
-from addons.approvals.cli import _target, _token
-from addons.approvals.errors import ApprovalError
+from addons.admin.client import call
 
 
 def credentials_command(args: argparse.Namespace) -> int:
@@ -22,39 +22,23 @@ def credentials_command(args: argparse.Namespace) -> int:
             print(f"portcullis credentials: bad --label {item!r} (use KEY=VALUE)", file=sys.stderr)
             return 2
         labels[key] = value
-    try:
-        base, token_env, config = _target(args)
-        token, source = _token(token_env, config)
-    except ApprovalError as e:
-        print(f"portcullis credentials: {e}", file=sys.stderr)
-        return 1
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    try:
-        with httpx.Client(base_url=base, headers=headers, timeout=15, trust_env=False) as client:
-            if args.action == "mint":
-                body: dict[str, Any] = {"task_id": args.task, "labels": labels}
-                if args.profile:
-                    body["profile"] = args.profile
-                if args.ttl:
-                    body["ttl"] = args.ttl
-                resp = client.post("/credentials", json=body)
-            elif args.action == "list":
-                resp = client.get("/credentials")
-            else:
-                resp = client.delete(f"/credentials/{args.task}")
-    except httpx.HTTPError as e:
-        print(f"portcullis credentials: cannot reach the admin API at {base}: {e}", file=sys.stderr)
-        return 1
-    try:
-        doc: Any = resp.json()
-    except ValueError:
-        doc = {"message": resp.text.strip()}
-    if resp.status_code not in (200, 201):
-        msg = doc.get("message") if isinstance(doc, dict) else None
-        hint = f" (check the token in {source})" if resp.status_code == 401 else ""
-        print(f"portcullis credentials: refused, HTTP {resp.status_code}: {msg or resp.reason_phrase}{hint}",
-              file=sys.stderr)
-        return 1
+
+    def send(client: httpx.Client) -> httpx.Response:
+        if args.action == "mint":
+            body: dict[str, Any] = {"task_id": args.task, "labels": labels}
+            if args.profile:
+                body["profile"] = args.profile
+            if args.ttl:
+                body["ttl"] = args.ttl
+            return client.post("/credentials", json=body)
+        if args.action == "list":
+            return client.get("/credentials")
+        return client.delete(f"/credentials/{args.task}")
+
+    answer = call("portcullis credentials", args, send, ok=(200, 201))
+    if answer.code:
+        return answer.code
+    doc = answer.doc
     if args.json or args.action == "mint":
         # The secret is shown once: print the whole answer (an orchestrator reads it as JSON).
         print(json.dumps(doc, indent=2))
