@@ -5,16 +5,10 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 DNS_TIMEOUT_S = 5.0
-# How long the system resolver's answers for a name are reused (every decision still checks them).
-# 0: not reused. Each new connection resolves again (tests/adversarial/test_adv_dns.py: a name that
-# rebinds to a private address is refused on the next connection, not served a kept public answer).
-DNS_CACHE_S = 0.0
-DNS_CACHE_MAX = 10_000
 
 Lookup = Callable[[str, int], Awaitable[list[str]]]
 
@@ -47,34 +41,21 @@ class _Abandoned(Exception):
     """The shared lookup was cancelled (its request went away), not failed."""
 
 
-class CachingLookup:
-    """A Lookup that reuses a name's answers for `ttl` seconds and shares one query among concurrent
-    lookups of the same name. Failures are not kept. The answers are data, not decisions: the policy
-    checks them on every decision, and each connection still goes to an address it checked.
+class SharedLookup:
+    """A Lookup that shares one query among concurrent lookups of the same name; no answer is kept
+    once its query is over, so each new connection resolves again (a name that rebinds to a private
+    address is refused on its next connection: tests/adversarial/test_adv_dns.py).
 
-    getaddrinfo runs in a thread: its hand-offs cost more than the rest of a tunnel's decision, and a
-    burst of new tunnels (a package install) asks for the same few names again and again.
+    getaddrinfo runs in a thread, and its hand-offs cost more than the rest of a tunnel's decision: a
+    burst of new tunnels to the same few names (a package install) then costs one query per name at
+    a time, not one per tunnel. Failures reach every waiter of that query and are not kept either.
     """
 
-    def __init__(self, inner: Lookup, ttl: float = DNS_CACHE_S, max_names: int = DNS_CACHE_MAX,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, inner: Lookup) -> None:
         self.inner = inner
-        self.ttl = ttl
-        self.max_names = max_names
-        self.clock = clock
-        self._answers: dict[str, tuple[float, list[str]]] = {}
         self._inflight: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Future[list[str]]]] = {}
 
-    def clear(self) -> None:
-        self._answers.clear()
-
     async def __call__(self, host: str, port: int) -> list[str]:
-        if self.ttl <= 0:
-            return await self.inner(host, port)
-        hit = self._answers.get(host)
-        now = self.clock()
-        if hit is not None and hit[0] > now:
-            return list(hit[1])
         loop = asyncio.get_running_loop()
         shared = self._inflight.get(host)
         if shared is not None and shared[0] is loop:
@@ -93,25 +74,14 @@ class CachingLookup:
             raise
         else:
             fut.set_result(answers)
-            self._remember(host, answers)
             return list(answers)
         finally:
             if self._inflight.get(host, (None, None))[1] is fut:
                 del self._inflight[host]
 
-    def _remember(self, host: str, answers: list[str]) -> None:
-        if len(self._answers) >= self.max_names:
-            now = self.clock()
-            for name in [n for n, (exp, _) in self._answers.items() if exp <= now]:
-                del self._answers[name]
-            while len(self._answers) >= self.max_names:
-                del self._answers[next(iter(self._answers))]  # the oldest entry
-        self._answers.pop(host, None)
-        self._answers[host] = (self.clock() + self.ttl, list(answers))
 
-
-# The proxy's resolver: the system's, with answers kept DNS_CACHE_S seconds (none by default).
-system_lookup = CachingLookup(getaddrinfo_lookup)
+# The proxy's resolver: the system's, one query at a time per name, nothing kept.
+system_lookup = SharedLookup(getaddrinfo_lookup)
 
 
 async def resolve(

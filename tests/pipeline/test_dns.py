@@ -11,10 +11,10 @@ import pytest
 
 from addons.pipeline import dns
 from addons.pipeline.dns import (
-    CachingLookup,
     Pin,
     PinStore,
     ResolveError,
+    SharedLookup,
     canonical_ip,
     resolve,
     system_lookup,
@@ -141,15 +141,7 @@ def test_a_new_pin_for_the_same_destination_replaces_the_old_one() -> None:
     assert len(pins) == 0
 
 
-# ---- the answer cache: names reused a few seconds, one query for concurrent lookups, failures never kept
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+# ---- the shared lookup: one query for concurrent lookups of a name, nothing kept after it
 
 
 class Inner:
@@ -164,75 +156,60 @@ class Inner:
     async def __call__(self, host: str, port: int) -> list[str]:
         self.calls.append(host)
         self.serial += 1
+        serial = self.serial  # this query's number, whatever others start while it waits
         if self.gate is not None:
             await self.gate.wait()
         if host in self.fail:
             raise ResolveError(f"cannot resolve {host}: NXDOMAIN")
-        return [f"203.0.113.{self.serial}"]
+        return [f"203.0.113.{serial}"]
 
 
-async def test_answers_are_reused_until_the_ttl_ends() -> None:
-    inner, clock = Inner(), Clock()
-    cache = CachingLookup(inner, ttl=5.0, clock=clock)
-    a = await cache("a.example", 443)
-    assert await cache("a.example", 80) == a  # the port does not change A/AAAA answers
-    assert inner.calls == ["a.example"]
-    clock.now += 4.9
-    assert await cache("a.example", 443) == a
-    clock.now += 0.2
-    b = await cache("a.example", 443)
-    assert b != a and inner.calls == ["a.example", "a.example"]
-
-
-async def test_names_are_cached_separately_and_callers_get_copies() -> None:
+async def test_one_lookup_after_another_asks_every_time() -> None:
+    # Nothing is kept: a name that answers differently now (rebinding) is seen on the next lookup.
     inner = Inner()
-    cache = CachingLookup(inner, ttl=5.0, clock=Clock())
-    a, b = await cache("a.example", 443), await cache("b.example", 443)
-    assert a != b
-    a.append("10.0.0.1")  # a caller changing its list must not change what the next one gets
-    assert await cache("a.example", 443) == ["203.0.113.1"]
+    shared = SharedLookup(inner)
+    assert await shared("a.example", 443) == ["203.0.113.1"]
+    assert await shared("a.example", 443) == ["203.0.113.2"]
+    assert inner.calls == ["a.example", "a.example"]
 
 
-async def test_failures_are_not_kept() -> None:
-    inner = Inner()
-    inner.fail.add("nx.example")
-    cache = CachingLookup(inner, ttl=5.0, clock=Clock())
-    for _ in range(2):
-        with pytest.raises(ResolveError):
-            await cache("nx.example", 443)
-    assert inner.calls == ["nx.example", "nx.example"]
-
-
-async def test_concurrent_lookups_share_one_query() -> None:
+async def test_concurrent_lookups_share_one_query_and_callers_get_copies() -> None:
     gate = asyncio.Event()
     inner = Inner(gate)
-    cache = CachingLookup(inner, ttl=5.0, clock=Clock())
-    tasks = [asyncio.ensure_future(cache("a.example", 443)) for _ in range(20)]
+    shared = SharedLookup(inner)
+    tasks = [asyncio.ensure_future(shared("a.example", 443)) for _ in range(20)]
+    other = asyncio.ensure_future(shared("b.example", 443))
     await asyncio.sleep(0)
     gate.set()
     results = await asyncio.gather(*tasks)
-    assert inner.calls == ["a.example"] and all(r == results[0] for r in results)
+    assert inner.calls == ["a.example", "b.example"] and all(r == ["203.0.113.1"] for r in results)
+    assert await other == ["203.0.113.2"]
+    results[0].append("10.0.0.1")  # a caller changing its list changes nobody else's
+    assert results[1] == ["203.0.113.1"]
 
 
-async def test_a_shared_failure_reaches_every_waiter_once() -> None:
+async def test_a_shared_failure_reaches_every_waiter_once_and_is_not_kept() -> None:
     gate = asyncio.Event()
     inner = Inner(gate)
     inner.fail.add("nx.example")
-    cache = CachingLookup(inner, ttl=5.0, clock=Clock())
-    tasks = [asyncio.ensure_future(cache("nx.example", 443)) for _ in range(5)]
+    shared = SharedLookup(inner)
+    tasks = [asyncio.ensure_future(shared("nx.example", 443)) for _ in range(5)]
     await asyncio.sleep(0)
     gate.set()
     results = await asyncio.gather(*tasks, return_exceptions=True)
     assert inner.calls == ["nx.example"] and all(isinstance(r, ResolveError) for r in results)
+    with pytest.raises(ResolveError):
+        await shared("nx.example", 443)
+    assert inner.calls == ["nx.example", "nx.example"]
 
 
 async def test_a_cancelled_lookup_does_not_fail_the_others() -> None:
     gate = asyncio.Event()
     inner = Inner(gate)
-    cache = CachingLookup(inner, ttl=5.0, clock=Clock())
-    first = asyncio.ensure_future(cache("a.example", 443))
+    shared = SharedLookup(inner)
+    first = asyncio.ensure_future(shared("a.example", 443))
     await asyncio.sleep(0)
-    second = asyncio.ensure_future(cache("a.example", 443))
+    second = asyncio.ensure_future(shared("a.example", 443))
     await asyncio.sleep(0)
     first.cancel()
     await asyncio.sleep(0)
@@ -243,28 +220,6 @@ async def test_a_cancelled_lookup_does_not_fail_the_others() -> None:
         await first
 
 
-async def test_the_cache_is_bounded() -> None:
-    inner, clock = Inner(), Clock()
-    cache = CachingLookup(inner, ttl=5.0, max_names=3, clock=clock)
-    for name in ("a", "b", "c", "d"):
-        await cache(f"{name}.example", 443)
-    await cache("a.example", 443)  # the oldest went first
-    assert inner.calls == ["a.example", "b.example", "c.example", "d.example", "a.example"]
-    await cache("d.example", 443)
-    assert inner.calls[-1] == "a.example"  # d was still there
-
-
-async def test_a_zero_ttl_asks_every_time() -> None:
-    inner = Inner()
-    cache = CachingLookup(inner, ttl=0, clock=Clock())
-    await cache("a.example", 443)
-    await cache("a.example", 443)
-    assert inner.calls == ["a.example", "a.example"]
-
-
-def test_the_proxy_resolver_is_the_system_one_and_keeps_no_answers() -> None:
-    # Each new connection resolves again: the rebinding tests (tests/adversarial/test_adv_dns.py)
-    # expect a name that now answers privately to be refused on its next connection.
-    assert isinstance(dns.system_lookup, CachingLookup)
+def test_the_proxy_resolver_is_the_system_one_shared() -> None:
+    assert isinstance(dns.system_lookup, SharedLookup)
     assert dns.system_lookup.inner is dns.getaddrinfo_lookup
-    assert dns.system_lookup.ttl == 0
