@@ -173,7 +173,9 @@ class CredentialService:
         return user not in self.reserved and TASK_ID.fullmatch(user) is not None
 
     async def verify(self, task_id: str, secret: str) -> tuple[Check, Credential | None]:
-        """A presented task credential: OK with the credential, or why not. Never raises."""
+        """A presented task credential: OK with the credential, or why not. Never raises. A revoked or
+        expired credential whose secret matches comes back too (who it was, for the refusal's event);
+        without the secret nothing is said about a task."""
         now = self.clock()
         try:
             hit = self._cache.get(task_id)
@@ -191,9 +193,9 @@ class CredentialService:
             return Check.WRONG_SECRET, None
         state = c.state(now)
         if state is State.REVOKED:
-            return Check.REVOKED, None
+            return Check.REVOKED, c
         if state is State.EXPIRED:
-            return Check.EXPIRED, None
+            return Check.EXPIRED, c
         return Check.OK, c
 
     def still_valid(self, task_id: str) -> bool:

@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
+from addons.credentials.model import Check
 from addons.pipeline import inject
 from addons.pipeline.dns import Lookup, Pin, PinStore, ResolveError, resolve
 from addons.pipeline.identity import ProxyAuth, TaskCredentials, parse_basic
@@ -129,9 +130,9 @@ class Pipeline:
                           "the event stream is not being read", latency_s=time.monotonic() - t0)
             return replace(out, retry_after=STALLED_RETRY_S)
         # 1. Who asks.
-        client = given or await self._identify(inc)
-        if isinstance(client, str):
-            return refusal(_as_received(inc, _peer(inc)), Reason.PROXY_AUTH, client)
+        client, refused = (given, None) if given is not None else await self._identify(inc)
+        if refused is not None:
+            return refusal(_as_received(inc, client), Reason.PROXY_AUTH, refused)
         name = groups[0] if groups else policy.client_name(client.address, client.user)
         # 2. What it names: one destination, well formed.
         req = _as_received(inc, client)
@@ -194,36 +195,41 @@ class Pipeline:
         name = self.policies.policy.client_name(client.address, client.user)
         return Outcome(req, Action.DENY, Reason.BAD_REQUEST, status=status, detail=detail, client_name=name)
 
-    async def _identify(self, inc: Incoming) -> Client | str:
-        """The client, or why its credentials are refused (a 407 the agent can read)."""
+    async def _identify(self, inc: Incoming) -> tuple[Client, str | None]:
+        """The client, and why its credentials are refused (a 407 the agent can read) or None. A
+        refused client is named only as far as it proved who it is: a revoked or expired task whose
+        secret matched is named (the event says which task tried), a wrong secret is not."""
         t = inc.tunnel
         if t is not None:  # inside a tunnel the CONNECT's identity applies, while it lasts
             c = t.request.client
             if c.task_id and self.credentials is not None and not self.credentials.still_valid(c.task_id):
-                return "the task credential of this tunnel was revoked or has expired"
-            return c
-        address, port = _peer(inc).address, _peer(inc).port
+                return c, "the task credential of this tunnel was revoked or has expired"
+            return c, None
+        peer = _peer(inc)
+        address, port = peer.address, peer.port
+        anonymous = Client(address, port, None, inc.conn_id)
         if inc.credentials is None:
             if self.require_credentials:
-                return "a task credential is required (Proxy-Authorization: Basic task_id:secret)"
+                return anonymous, "a task credential is required (Proxy-Authorization: Basic task_id:secret)"
             if self.auth is not None and self.auth.requires(address):
-                return "this client group needs proxy credentials"
-            return Client(address, port, None, inc.conn_id)
+                return anonymous, "this client group needs proxy credentials"
+            return anonymous, None
         parsed = parse_basic(inc.credentials)
         if parsed is None:
-            return "the Proxy-Authorization header is not Basic user:password"
+            return anonymous, "the Proxy-Authorization header is not Basic user:password"
         user, secret = parsed
         if self.auth is not None and self.auth.is_user(user):
             if not self.auth.verify(user, secret):
-                return "wrong password"
-            return Client(address, port, user, inc.conn_id)
+                return anonymous, "wrong password"
+            return Client(address, port, user, inc.conn_id), None
         if self.credentials is not None and self.credentials.knows(user):
             check, cred = await self.credentials.verify(user, secret)
-            if cred is not None:
-                return Client(address, port, user, inc.conn_id, cred.task_id, cred.profile, cred.labels,
-                              cred.expires_at)
-            return check.value
-        return "unknown proxy user"
+            if cred is None:
+                return anonymous, check.value
+            task = Client(address, port, user, inc.conn_id, cred.task_id, cred.profile, cred.labels,
+                          cred.expires_at)
+            return task, None if check is Check.OK else check.value
+        return anonymous, "unknown proxy user"
 
     async def _judge(
         self, policy: Policy, req: Request, groups: Sequence[str] | None, approved: bool = False

@@ -19,7 +19,7 @@ from addons.pipeline.model import Incoming, Outcome
 from addons.policy.evaluate import Policy
 from addons.policy.model import Action, Layer, Reason
 from tests.pipeline import pipe_helpers as ph
-from tests.pipeline.pipe_helpers import Approvals, Lookup, Source, connect, http, inner, pipeline
+from tests.pipeline.pipe_helpers import PEER, Approvals, Lookup, Source, connect, http, inner, pipeline
 from tests.policy.pol_helpers import make_policy
 
 
@@ -650,7 +650,9 @@ class _Tasks:
     async def verify(self, task_id: str, secret: str) -> tuple[Any, Any]:
         from addons.credentials.model import Check
 
-        return (Check.OK, self.cred) if self.live and secret == "s3cret" else (Check.REVOKED, None)
+        if secret != "s3cret":
+            return Check.WRONG_SECRET, None
+        return (Check.OK, self.cred) if self.live else (Check.REVOKED, self.cred)
 
     def still_valid(self, task_id: str) -> bool:
         return self.live
@@ -661,6 +663,24 @@ def test_a_task_credential_names_the_task_and_its_expiry(pol: Policy) -> None:
     o = decide(p, http(credentials=_basic("build-7", "s3cret")))
     c = o.request.client
     assert (c.task_id, c.labels, c.task_until, c.key) == ("build-7", (("repo", "web"),), 4e9, "task:build-7")
+
+
+@pytest.mark.parametrize(("secret", "live", "named"), [
+    ("s3cret", False, True),   # revoked, its secret proven: the refusal's event says which task tried
+    ("guess", True, False),    # a wrong secret proves nothing: the claimed name is not recorded
+    ("guess", False, False),
+])
+def test_a_refused_task_credential_is_named_only_when_its_secret_matched(
+    pol: Policy, secret: str, live: bool, named: bool
+) -> None:
+    tasks = _Tasks()
+    tasks.live = live
+    p, _, _ = pipeline(pol, credentials=tasks)
+    o = decide(p, http(credentials=_basic("build-7", secret)))
+    assert summary(o)[:3] == ("deny", "proxy_auth", 407)
+    c = o.request.client
+    assert (c.user, c.task_id) == (("build-7", "build-7") if named else (None, None))
+    assert c.address == PEER[0] and not p.pins.get("c1", "public.test", 80)
 
 
 def test_a_task_revoked_while_its_request_was_held_is_refused_after_the_approval(pol: Policy) -> None:

@@ -15,6 +15,7 @@ import urllib.request
 
 import pytest
 
+from addons.credentials.model import Check
 from tests.harness import REPO, PortcullisProc, base_config
 
 pytestmark = pytest.mark.e2e
@@ -139,6 +140,14 @@ def test_revocation_takes_effect_on_the_next_request(proxy, upstreams):
     assert status == 200 and doc["state"] == "revoked"
     status, body = get(proxy, "api.public.test", upstreams.http_port, "rev-4", m["password"])
     assert status == 407 and "revoked" in body["message"]
+    # The refusal's event names the task that tried (its secret matched); a wrong secret is not named.
+    proxy.wait_event("egress.decision", reason="proxy_auth", **{"client.user": "rev-4",
+                                                                 "client.task_id": "rev-4"})
+    wrong_secret = {"reason": "proxy_auth", "detail": Check.WRONG_SECRET.value}
+    before = len(proxy.find("egress.decision", **wrong_secret))
+    assert get(proxy, "api.public.test", upstreams.http_port, "rev-4", "guess")[0] == 407
+    wrong = proxy.wait_event("egress.decision", count=before + 1, **wrong_secret)
+    assert wrong["client"].get("user") is None and wrong["client"].get("task_id") is None
     assert admin(proxy, "DELETE", "/credentials/rev-4")[0] == 404
     proxy.wait_event("credential.revoked", task_id="rev-4")
     # A new credential for the same task is a new secret: the old one stays refused.
