@@ -200,7 +200,7 @@ class Upstreams:
     async def _start(self) -> None:
         from aiohttp import web
 
-        async def handle(request: web.Request) -> web.StreamResponse:
+        async def handle(request: web.Request, name: str) -> web.StreamResponse:
             if request.path == "/ws":
                 ws = web.WebSocketResponse()
                 await ws.prepare(request)
@@ -222,7 +222,7 @@ class Upstreams:
             body = await request.read()
             peer = request.transport.get_extra_info("peername") if request.transport else None
             info = {
-                "server": request.app["name"],
+                "server": name,
                 "method": request.method,
                 "path": request.path_qs,
                 "host": request.headers.get("Host"),
@@ -236,8 +236,11 @@ class Upstreams:
 
         def app(name: str) -> web.Application:
             a = web.Application(client_max_size=64 * 1024 * 1024)
-            a["name"] = name
-            a.router.add_route("*", "/{tail:.*}", handle)
+
+            async def named(request: web.Request) -> web.StreamResponse:
+                return await handle(request, name)
+
+            a.router.add_route("*", "/{tail:.*}", named)
             return a
 
         def tls_ctx(tag: str) -> ssl.SSLContext:

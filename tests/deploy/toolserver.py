@@ -26,6 +26,8 @@ from pathlib import Path
 
 from aiohttp import web
 
+SITE_KEY = web.AppKey("site", str)  # which upstream an aiohttp app is
+
 WHEEL = "tinypkg-0.1.0-py3-none-any.whl"
 TARBALL = "tinypkg-1.0.0.tgz"
 
@@ -205,7 +207,7 @@ class ToolServer:
     async def _start(self) -> None:
         for site, ip, tag in (("public.test", "127.0.0.2", "public"), ("other.test", "127.0.0.3", "other")):
             app = web.Application(client_max_size=16 * 1024 * 1024)
-            app["site"] = site
+            app[SITE_KEY] = site
             app.router.add_route("*", "/{tail:.*}", self._handle)
             ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             ctx.load_cert_chain(self.pki[tag + "_cert"], self.pki[tag + "_key"])
@@ -217,7 +219,7 @@ class ToolServer:
             self.ports[site] = int(tcp._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
-        site = request.app["site"]
+        site = request.app[SITE_KEY]
         with self._lock:
             self.seen.append((site, request.method, request.path))
         base = f"https://{request.host}"

@@ -28,6 +28,8 @@ from aiohttp import web
 
 from tests.harness import OTHER_IP, PUBLIC_IP, Upstreams
 
+NAME_KEY = web.AppKey("name", str)  # which upstream an aiohttp app is
+
 
 class Recorder:
     """Recording upstreams in a background event loop; `start()`, then `stop()`."""
@@ -108,7 +110,7 @@ class Recorder:
     async def _start(self) -> None:
         def app(name: str) -> web.Application:
             a = web.Application(client_max_size=64 * 1024 * 1024)
-            a["name"] = name
+            a[NAME_KEY] = name
             a.router.add_route("*", "/{tail:.*}", self._record)
             return a
 
@@ -119,7 +121,7 @@ class Recorder:
     async def _record(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         entry = {
-            "server": request.app["name"],
+            "server": request.app[NAME_KEY],
             "method": request.method,
             "path": request.path_qs,
             "host": request.headers.get("Host"),
