@@ -17,6 +17,8 @@ Nothing else in addons/ imports mitmproxy's internals; import the names below fr
   inherited from the supervisor.
 - `backpressure`: a client connection with a hook pending (a request held for a person) is not
   read past a bound, so its sender blocks instead of the proxy's memory growing.
+- `closing`: a connection a layer closes is closed even when its reader was cancelled while
+  waiting to hand mitmproxy more bytes (mitmproxy then left the socket open and unread).
 - `speed`: what is changed for speed: mitmproxy's debug-mode type checks of every Request and
   Response dropped, and hook dispatch without walking every addon for every hook.
 """
@@ -25,7 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from addons.proxy.mitm_compat import backpressure, parsing, refusals, speed
+from addons.proxy.mitm_compat import backpressure, closing, parsing, refusals, speed
 from addons.proxy.mitm_compat.layers import (
     CloseBoth,
     CountingRelay,
@@ -96,8 +98,8 @@ def install(
     reporter: Reporter,
 ) -> None:
     """Swap mitmproxy's error pages for ours, report every refusal (4xx page or GOAWAY) it makes,
-    harden and bound its request reading, stop reading held clients past a bound, and speed up its
-    hook dispatch. Idempotent (the reporter is replaced).
+    harden and bound its request reading, stop reading held clients past a bound, close what its
+    layers close, and speed up its hook dispatch. Idempotent (the reporter is replaced).
 
     `http1_page(status, message)` is a whole HTTP/1 response; `body(status, message)` an HTTP/2 body;
     `h2_headers(status)` the headers for that body (besides `:status`).
@@ -111,4 +113,5 @@ def install(
     refusals.install(http1_page, body, h2_headers)
     speed.install()
     backpressure.install()
+    closing.install()
     _http1._portcullis_installed = True  # type: ignore[attr-defined]
