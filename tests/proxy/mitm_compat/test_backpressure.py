@@ -18,32 +18,18 @@ from mitmproxy.proxy import commands, events, layer, server
 from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.layers.http import HttpLayer
 from mitmproxy.proxy.mode_servers import ProxyConnectionHandler
-from mitmproxy.proxy.mode_specs import ProxyMode
 from mitmproxy.proxy.server_hooks import ClientConnectedHook
 
 from addons.proxy.mitm_compat import backpressure as bp
-
-
-async def _pair() -> tuple[asyncio.StreamReader, asyncio.StreamWriter, socket.socket, Any]:
-    """A real loopback TCP connection: the server side as asyncio streams, the client as a socket."""
-    got: asyncio.Future[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Future()
-    srv = await asyncio.start_server(lambda r, w: got.set_result((r, w)), "127.0.0.1", 0)
-    peer = socket.create_connection(srv.sockets[0].getsockname()[:2])
-    r, w = await got
-    return r, w, peer, srv
-
-
-def _handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> ProxyConnectionHandler:
-    return ProxyConnectionHandler(None, r, w, options.Options(), ProxyMode.parse("regular"))
-
+from tests.proxy.mitm_compat.compat_support import loopback_pair, proxy_handler
 
 # ---- the internals relied on ------------------------------------------------------------------------
 
 
 def test_the_handler_keeps_the_client_reader_in_transports_and_handle_connection_reads_it():
     async def main() -> None:
-        r, w, peer, srv = await _pair()
-        h = _handler(r, w)
+        r, w, peer, srv = await loopback_pair()
+        h = proxy_handler(r, w)
         io = h.transports[h.client]
         reader = io.reader._inner if isinstance(io.reader, bp.GatedReader) else io.reader  # once installed
         assert isinstance(io, server.ConnectionIO) and reader is r and io.writer is w
@@ -90,7 +76,7 @@ def test_http2_is_chosen_by_the_client_alpn():
 def test_tcp_info_starts_with_the_state_and_tells_a_closed_or_reset_peer():
     async def main() -> None:
         for how in ("fin", "rst"):
-            r, w, peer, srv = await _pair()
+            r, w, peer, srv = await loopback_pair()
             sock = w.get_extra_info("socket")
             assert not bp.peer_closed(sock)
             if how == "rst":
@@ -115,8 +101,8 @@ def test_install_gates_the_client_reader_and_counts_blocking_hooks_only():
     bp.install()  # idempotent
 
     async def main() -> None:
-        r, w, peer, srv = await _pair()
-        h = _handler(r, w)
+        r, w, peer, srv = await loopback_pair()
+        h = proxy_handler(r, w)
         reader = h.transports[h.client].reader
         gate = getattr(h, bp._ATTR)
         assert isinstance(reader, bp.GatedReader) and isinstance(gate, bp.Gate)
@@ -151,7 +137,7 @@ class _Paused:
 
 def test_a_held_client_is_read_up_to_the_bound_then_again_when_the_hook_ends():
     async def main() -> None:
-        r, w, peer, srv = await _pair()
+        r, w, peer, srv = await loopback_pair()
         gate = bp.Gate(multiplexed=lambda: False)
         reader = bp.GatedReader(r, gate, w.get_extra_info("socket"))
         peer.sendall(b"a" * 1000)
@@ -197,7 +183,7 @@ def test_a_paused_reader_reads_again_once_its_peer_is_gone(how, monkeypatch):
     monkeypatch.setattr(bp, "PROBE_EVERY", 0.05)
 
     async def main() -> None:
-        r, w, peer, srv = await _pair()
+        r, w, peer, srv = await loopback_pair()
         gate = bp.Gate(multiplexed=lambda: False)
         reader = bp.GatedReader(r, gate, w.get_extra_info("socket"))
         gate.begin(_Paused())

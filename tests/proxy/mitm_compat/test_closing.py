@@ -6,23 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import socket
 from typing import Any
 
-from mitmproxy import options
 from mitmproxy.proxy import server
-from mitmproxy.proxy.mode_servers import ProxyConnectionHandler
-from mitmproxy.proxy.mode_specs import ProxyMode
 
 from addons.proxy.mitm_compat import closing
-
-
-async def _pair() -> tuple[asyncio.StreamReader, asyncio.StreamWriter, socket.socket, Any]:
-    got: asyncio.Future[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Future()
-    srv = await asyncio.start_server(lambda r, w: got.set_result((r, w)), "127.0.0.1", 0)
-    peer = socket.create_connection(srv.sockets[0].getsockname()[:2])
-    r, w = await got
-    return r, w, peer, srv
+from tests.proxy.mitm_compat.compat_support import loopback_pair, proxy_handler
 
 
 def test_handle_connection_closes_the_writer_and_unregisters_at_its_end_only():
@@ -41,8 +30,8 @@ def test_a_reader_cancelled_while_waiting_for_the_event_lock_still_closes_its_co
     closing.install()
 
     async def main() -> None:
-        r, w, peer, srv = await _pair()
-        h = ProxyConnectionHandler(None, r, w, options.Options(), ProxyMode.parse("regular"))
+        r, w, peer, srv = await loopback_pair()
+        h = proxy_handler(r, w)
         await h._server_event_lock.acquire()  # another event (a hook's replay) is being handled
         task = asyncio.ensure_future(h.handle_connection(h.client))
         peer.sendall(b"more bytes")  # read, then handed to server_event: it waits for the lock
