@@ -177,9 +177,7 @@ def _read_simplest(text: str) -> list[PlainRule] | None:
     if _ODD_CHARS.search(text):
         return None
     lines = text.split("\n")
-    first = 0
-    while first < len(lines) and _skip(lines[first]):
-        first += 1
+    first = _first_content(lines)
     if first >= len(lines) or lines[first] != "rules:":
         return None
     body = "\n".join(lines[first + 1:])
@@ -243,6 +241,14 @@ def _skip(line: str) -> bool:
     return not s or s.startswith("#")
 
 
+def _first_content(lines: list[str]) -> int:
+    """The index of the first line that is neither blank nor a comment (len(lines) when none is)."""
+    i = 0
+    while i < len(lines) and _skip(lines[i]):
+        i += 1
+    return i
+
+
 # Anything but LF and printable characters (ruamel treats NEL, LS, PS as line breaks; BOMs, CR, tabs
 # and control characters are left to it as well).
 _ODD_CHARS = re.compile(
@@ -254,9 +260,7 @@ def _parse(text: str, plain: list[PlainRule] | None) -> CommentedMap:
     if _ODD_CHARS.search(text):
         raise _Unsure
     lines = text.split("\n")
-    i = 0
-    while i < len(lines) and _skip(lines[i]):
-        i += 1
+    i = _first_content(lines)
     if i >= len(lines) or lines[i].rstrip(" ") != "rules:":
         raise _Unsure
     root = CommentedMap()
