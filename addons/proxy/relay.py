@@ -28,10 +28,12 @@ PAUSE_S = 0.05  # how often a relay paused by a stalled stdout looks again
 class LineRelay(asyncio.Protocol):
     """The protocol for `loop.connect_read_pipe` on one worker's stdout."""
 
-    def __init__(self, name: str, write: Callable[[str], None], stalled: Callable[[], bool]) -> None:
+    def __init__(self, name: str, write: Callable[[str], None], stalled: Callable[[], bool],
+                 dropped: Callable[[], None] = lambda: None) -> None:
         self.name = name
         self._write = write
         self._stalled = stalled
+        self._dropped = dropped  # one event line lost (cut off or over-long): counted by the caller
         self._buf = bytearray()
         self._transport: asyncio.ReadTransport | None = None
         self._paused = False
@@ -80,6 +82,7 @@ class LineRelay(asyncio.Protocol):
             if end < 0:
                 if len(self._buf) > MAX_LINE:
                     log.warning("%s: a line longer than %d bytes was dropped", self.name, MAX_LINE)
+                    self._dropped()
                     self._buf.clear()
                     self._skipping = True
                 break
@@ -98,6 +101,7 @@ class LineRelay(asyncio.Protocol):
         if self._eof and not self.done.done():
             if self._buf and not self._skipping:
                 log.warning("%s: its last line was cut off (%d bytes): dropped", self.name, len(self._buf))
+                self._dropped()
             self._buf.clear()
             self.done.set_result(None)
 

@@ -184,7 +184,8 @@ class Supervisor:
             raise
         finally:
             os.close(w)
-        relay = LineRelay(f"worker {i}", self.telemetry.relay_line, self.telemetry.stdout_stalled)
+        relay = LineRelay(f"worker {i}", self.telemetry.relay_line, self.telemetry.stdout_stalled,
+                          self.telemetry.metrics.events_dropped.labels("stdout").inc)
         await asyncio.get_running_loop().connect_read_pipe(lambda: relay, os.fdopen(r, "rb", buffering=0))
         self.procs[i] = proc
         self.relays = [x for x in self.relays if not x.done.done()] + [relay]

@@ -20,6 +20,10 @@ class Out:
     def __init__(self) -> None:
         self.lines: list[str] = []
         self.stalled = False
+        self.dropped = 0
+
+    def drop(self) -> None:
+        self.dropped += 1
 
     def write(self, line: str) -> None:
         assert not self.stalled or self.overdue, "a line was written while stdout was stalled"
@@ -32,7 +36,7 @@ class Out:
 async def piped(out: Out) -> AsyncIterator[tuple[int, LineRelay]]:
     r, w = os.pipe()
     os.set_blocking(w, False)
-    relay = LineRelay("worker 0", out.write, lambda: out.stalled)
+    relay = LineRelay("worker 0", out.write, lambda: out.stalled, out.drop)
     loop = asyncio.get_running_loop()
     transport, _ = await loop.connect_read_pipe(lambda: relay, os.fdopen(r, "rb", buffering=0))
     try:
@@ -71,7 +75,7 @@ async def test_lines_arrive_whole_and_in_order_however_the_bytes_are_split() -> 
             await asyncio.sleep(0.01)
         os.close(w)
         await asyncio.wait_for(relay.done, 5)
-    assert out.lines == ['{"a":1}\n', '{"b":2}\n', '{"c":3}\n', '{"d":4}\n']
+    assert out.lines == ['{"a":1}\n', '{"b":2}\n', '{"c":3}\n', '{"d":4}\n'] and out.dropped == 0
 
 
 async def test_a_stalled_stdout_stops_the_relay_reading_so_the_workers_pipe_fills() -> None:
@@ -129,7 +133,7 @@ async def test_a_cut_off_last_line_is_dropped_not_written_half(caplog: pytest.Lo
         os.write(w, b'{"whole":1}\n{"cut')
         os.close(w)
         await asyncio.wait_for(relay.done, 5)
-    assert out.lines == ['{"whole":1}\n']
+    assert out.lines == ['{"whole":1}\n'] and out.dropped == 1
     assert "cut off" in caplog.text
 
 
@@ -144,5 +148,5 @@ async def test_an_over_long_line_is_dropped_and_the_next_lines_still_arrive(
         os.write(w, b"y" * 50 + b"\nb\n")
         os.close(w)
         await asyncio.wait_for(relay.done, 5)
-    assert out.lines == ["a\n", "b\n"]
+    assert out.lines == ["a\n", "b\n"] and out.dropped == 1
     assert "longer than 100 bytes" in caplog.text
